@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: BSL-1.0
+// Bridges between weft cancel tokens and Asio's per-operation cancellation.
+//
+//  - weft::async_wait(token, completion_token): completes when a weft token
+//    is cancelled (Go's `<-ctx.Done()` in a select), for coroutines.
+//  - weft::cancel_source_for(slot): a weft source cancelled when an Asio
+//    cancellation slot is emitted, to hand an Asio operation's cancellation
+//    to code that takes weft tokens.
+//  - weft::cancellation_bridge: an Asio cancellation slot emitted when a weft
+//    token is cancelled, so an Asio operation (a timer, a socket read) stops
+//    with a weft deadline or request cancellation.
+//
+// Asio requires a cancellation signal to be emitted where it cannot race the
+// operation (its strand or executor); a weft token is cancelled on any
+// thread, so the bridge posts the emission to the executor it is given
+// instead of emitting inline.
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/detail/asio_waiter.hpp>
+#include <weft/detail/cancel_state.hpp>
+
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/prefer.hpp>
+#include <boost/asio/system_executor.hpp>
+#include <boost/system/error_code.hpp>
+
+#include <atomic>
+#include <memory>
+#include <stdexcept>
+#include <utility>
+
+namespace weft {
+namespace detail {
+
+// Completes once: when the token is cancelled (success) or when the
+// handler's slot is emitted (errc::cancelled), whichever comes first.
+template <class Handler>
+class token_waiter final : public callback_node, public context_bound_waiter {
+ public:
+  token_waiter(Handler handler, cancel_state* state)
+      : handler_(std::move(handler)),
+        state_(state),
+        work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, boost::asio::system_executor{}),
+                                  boost::asio::execution::outstanding_work.tracked)),
+        service_(&waiter_service::of(work_)) {
+    state_->ref();
+    invoke = [](callback_node& node) noexcept { static_cast<token_waiter&>(node).claim({}); };
+    service_->add(*this);
+  }
+
+  ~token_waiter() {
+    service_->remove(*this);
+    state_->unref();
+  }
+
+  void withdraw() noexcept override {
+    if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
+    boost::asio::get_associated_cancellation_slot(handler_).clear();
+    state_->remove_callback(*this);
+    delete this;
+  }
+
+  static void start(std::unique_ptr<token_waiter> waiter) {
+    auto* self = waiter.release();  // freed by its completion
+    auto slot = boost::asio::get_associated_cancellation_slot(self->handler_);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(self);
+    self->state_->add_callback(*self);
+  }
+
+ private:
+  struct cancel_handler {
+    explicit cancel_handler(token_waiter* target) noexcept : waiter(target) {}
+    token_waiter* waiter;
+    void operator()(boost::asio::cancellation_type_t type) const noexcept {
+      if (type != boost::asio::cancellation_type::none) {
+        waiter->claim(make_error_code(errc::cancelled));
+      }
+    }
+  };
+
+  struct completion {
+    std::unique_ptr<token_waiter> waiter;
+    void operator()() {
+      boost::asio::get_associated_cancellation_slot(waiter->handler_).clear();
+      // Waits for the token callback if it is still returning on another thread.
+      waiter->state_->remove_callback(*waiter);
+      auto handler = std::move(waiter->handler_);
+      const auto error = waiter->error_;
+      waiter.reset();
+      std::move(handler)(error);
+    }
+  };
+
+  void claim(std::error_code error) noexcept {
+    if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
+    error_ = boost::system::error_code(error);
+    auto executor = work_;
+    boost::asio::post(std::move(executor), completion{std::unique_ptr<token_waiter>(this)});
+  }
+
+  Handler handler_;
+  cancel_state* state_;
+  std::atomic<bool> claimed_{false};
+  boost::system::error_code error_;
+  std::decay_t<decltype(boost::asio::prefer(
+      std::declval<boost::asio::associated_executor_t<Handler, boost::asio::system_executor>>(),
+      boost::asio::execution::outstanding_work.tracked))>
+      work_;
+  waiter_service* service_;
+};
+
+}  // namespace detail
+
+// Completes with an empty error code once `token` is cancelled (at once,
+// through the executor, if it already is), or with weft::errc::cancelled if
+// the wait itself is cancelled through the handler's cancellation slot.
+// A token that can never be cancelled throws std::logic_error.
+template <class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+auto async_wait(const cancel_token& token, CompletionToken&& completion_token = {}) {
+  if (!token.can_be_cancelled()) {
+    throw std::logic_error(
+        "weft::async_wait(cancel_token): this token can never be cancelled (default-constructed), "
+        "so the wait would never end");
+  }
+  return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
+      [](auto handler, detail::cancel_state* state) {
+        using waiter_type = detail::token_waiter<decltype(handler)>;
+        waiter_type::start(std::make_unique<waiter_type>(std::move(handler), state));
+      },
+      completion_token, detail::state_of(token));
+}
+
+// A source that is cancelled (errc::cancelled) when `slot` is emitted with
+// any cancellation type. It installs a handler into the slot, replacing the
+// one there (an Asio slot holds one handler); the source stays valid after
+// the slot is cleared or its signal destroyed.
+[[nodiscard]] inline cancel_source cancel_source_for(boost::asio::cancellation_slot slot) {
+  cancel_source source;
+  if (slot.is_connected()) {
+    struct forward_cancel {
+      explicit forward_cancel(cancel_source target) noexcept : source(std::move(target)) {}
+      cancel_source source;
+      void operator()(boost::asio::cancellation_type_t type) {
+        if (type != boost::asio::cancellation_type::none) source.cancel();
+      }
+    };
+    slot.template emplace<forward_cancel>(forward_cancel{source});
+  }
+  return source;
+}
+
+// Emits an Asio cancellation signal, on `executor`, when a weft token is
+// cancelled. Bind slot() to an Asio operation's handler:
+//
+//   weft::cancellation_bridge bridge{request_token, socket.get_executor()};
+//   co_await socket.async_read_some(buffer,
+//       asio::bind_cancellation_slot(bridge.slot(), asio::use_awaitable));
+//
+// The bridge may be destroyed at any time; a pending emission then finds the
+// signal alive (it is shared) and does nothing harmful.
+template <class Executor>
+class cancellation_bridge {
+ public:
+  cancellation_bridge(const cancel_token& token, Executor executor,
+                      boost::asio::cancellation_type_t type = boost::asio::cancellation_type::terminal)
+      : shared_(std::make_shared<shared>()), link_(token, emit_later{shared_, std::move(executor), type}) {}
+
+  cancellation_bridge(const cancellation_bridge&) = delete;
+  cancellation_bridge& operator=(const cancellation_bridge&) = delete;
+
+  [[nodiscard]] boost::asio::cancellation_slot slot() { return shared_->signal.slot(); }
+
+ private:
+  struct shared {
+    boost::asio::cancellation_signal signal;
+  };
+
+  struct emit_later {
+    std::shared_ptr<shared> target;
+    Executor executor;
+    boost::asio::cancellation_type_t type;
+    void operator()() noexcept {
+      boost::asio::post(executor, [target = target, type = type] { target->signal.emit(type); });
+    }
+  };
+
+  std::shared_ptr<shared> shared_;
+  cancel_callback<emit_later> link_;
+};
+
+template <class Executor>
+cancellation_bridge(const cancel_token&, Executor) -> cancellation_bridge<Executor>;
+
+}  // namespace weft

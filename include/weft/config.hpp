@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: BSL-1.0
+// The macros a user may define before including any weft header.
+//
+// WEFT_ASSERT(condition)
+//   Checks an internal invariant or a precondition that is too costly to check
+//   with an exception on a hot path (for example: a semaphore destroyed while
+//   threads still wait on it). Defaults to assert(), so it is active unless
+//   NDEBUG is defined. Define it to nothing to remove the checks, or to your
+//   own handler to log them in release builds.
+//
+// WEFT_SPIN_LIMIT
+//   How many times a waiter polls (with a pause instruction) before it parks
+//   its thread in the kernel. Waking a parked thread costs 5-20 us on virtual
+//   machines, while the thing a waiter waits for usually arrives within a
+//   microsecond on a busy system; a short bounded spin avoids most parks.
+//   Default 256; 0 parks at once (useful when threads outnumber cores badly).
+#pragma once
+
+#ifndef WEFT_ASSERT
+#include <cassert>
+#define WEFT_ASSERT(condition) assert(condition)
+#endif
+
+#ifndef WEFT_SPIN_LIMIT
+#define WEFT_SPIN_LIMIT 256
+#endif
+
+// Internal: keeps a slow path out of the fast path it belongs to.
+#if defined(__GNUC__) || defined(__clang__)
+#define WEFT_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define WEFT_NOINLINE __declspec(noinline)
+#else
+#define WEFT_NOINLINE
+#endif

@@ -1,0 +1,464 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::semaphore: a weighted, FIFO-fair counting semaphore.
+//
+// Go analogues: golang.org/x/sync/semaphore.Weighted, and the buffered
+// channel used as a semaphore (`sem := make(chan struct{}, N)`). The standard
+// analogue is std::counting_semaphore, which has no weights, no fairness, no
+// cancellation, and (in libstdc++ 12) a system call on every release.
+//
+// Guarantees:
+//  - Weighted: acquire(n) takes n permits at once, or none.
+//  - FIFO and fair across weights: waiters are served strictly in arrival
+//    order. A waiter for many permits at the head is not overtaken by later,
+//    smaller requests, so it cannot starve; the price is head-of-line
+//    blocking: while it waits, smaller requests behind it wait too, even if
+//    enough permits for them are free (as in x/sync). try_acquire never jumps
+//    ahead of queued waiters.
+//  - A waiter that gives up (token cancelled, deadline passed, Asio
+//    cancellation) leaves the queue; if it was at the head, the permits it
+//    was waiting for pass on to the waiters behind it.
+//  - A permit is never lost or doubled when a cancellation races a release
+//    that would satisfy the same waiter: exactly one of them removes the
+//    waiter, and the waiter reports what happened (ok: it holds the permits).
+//  - A token already cancelled acquires nothing, even if permits are free.
+//  - Threads and Asio coroutines (weft/asio.hpp: async_acquire) share one
+//    queue and one FIFO order.
+//
+// Errors (std::invalid_argument / std::logic_error, thrown at once): a
+// capacity below 1; a negative n; n greater than the capacity (it could
+// never be granted); releasing more permits than are held.
+//
+// Thread safety: every member may be called concurrently. Destroying the
+// semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
+// pending async waits are destroyed without being completed, as Asio does at
+// shutdown.
+//
+// Memory ordering: a release() happens-before the acquire() it satisfies.
+//
+// Cost: when nobody waits, acquire and release are each one compare-and-swap
+// on the state word and never take a lock or make a system call. A waiter
+// spins briefly (WEFT_SPIN_LIMIT) before it queues; queueing and waking take
+// the queue's mutex, and a parked thread costs one futex wake. Waiting
+// allocates nothing (thread waiters live on the waiting thread's stack).
+//
+// Example:
+//   weft::semaphore db_slots{10};
+//   void handle(const weft::cancel_token& request) {
+//     auto slot = db_slots.acquire_permit(1, request);
+//     if (!slot) return reply_busy();   // cancelled or timed out
+//     query();                          // at most 10 at once
+//   }                                   // the permit goes back here
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/config.hpp>
+#include <weft/detail/futex.hpp>
+#include <weft/detail/wait_queue.hpp>
+#include <weft/wait_status.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace weft {
+
+struct semaphore_stats {
+  std::ptrdiff_t capacity = 0;
+  std::ptrdiff_t available = 0;
+  std::size_t waiters = 0;
+  std::uint64_t acquisitions = 0;   // successful acquires, of any weight
+  std::uint64_t timeouts = 0;       // waits that ended by a deadline
+  std::uint64_t cancellations = 0;  // waits that ended by cancellation
+  std::chrono::nanoseconds total_wait{0};  // time spent queued, summed over waits
+  std::chrono::nanoseconds max_wait{0};
+};
+
+namespace detail {
+struct semaphore_access;
+}
+
+template <class Clock = std::chrono::steady_clock>
+class basic_semaphore {
+ public:
+  using clock = Clock;
+
+  // Permits held until destroyed, moved from, or released. Empty (false)
+  // when the acquire that made it did not succeed.
+  class [[nodiscard]] permit {
+   public:
+    permit() noexcept = default;
+    permit(permit&& other) noexcept
+        : semaphore_(std::exchange(other.semaphore_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+    permit& operator=(permit&& other) noexcept {
+      if (this != &other) {
+        release();
+        semaphore_ = std::exchange(other.semaphore_, nullptr);
+        count_ = std::exchange(other.count_, 0);
+      }
+      return *this;
+    }
+    permit(const permit&) = delete;
+    permit& operator=(const permit&) = delete;
+    ~permit() { release(); }
+
+    explicit operator bool() const noexcept { return semaphore_ != nullptr; }
+    std::ptrdiff_t count() const noexcept { return count_; }
+
+    // Returns the permits now, rather than at destruction.
+    void release() noexcept {
+      if (semaphore_ != nullptr) std::exchange(semaphore_, nullptr)->release(count_);
+      count_ = 0;
+    }
+
+    // Stops owning the permits without returning them; returns how many the
+    // caller must now release() by hand.
+    std::ptrdiff_t detach() noexcept {
+      semaphore_ = nullptr;
+      return std::exchange(count_, 0);
+    }
+
+   private:
+    friend class basic_semaphore;
+    friend struct detail::semaphore_access;
+    permit(basic_semaphore* semaphore, std::ptrdiff_t count) noexcept : semaphore_(semaphore), count_(count) {}
+
+    basic_semaphore* semaphore_ = nullptr;
+    std::ptrdiff_t count_ = 0;
+  };
+
+  explicit basic_semaphore(std::ptrdiff_t capacity)
+      : capacity_(checked_capacity(capacity)), state_(static_cast<std::uint64_t>(capacity)),
+        queue_(this, &on_waiter_removed) {}
+
+  basic_semaphore(const basic_semaphore&) = delete;
+  basic_semaphore& operator=(const basic_semaphore&) = delete;
+
+  // Takes n permits if they are free and nobody is queued; never blocks.
+  [[nodiscard]] bool try_acquire(std::ptrdiff_t n = 1) {
+    check_weight(n, "try_acquire");
+    const auto amount = static_cast<std::uint64_t>(n);
+    if (try_take(amount)) return true;
+    if (!folding_due(state_.load(std::memory_order_relaxed))) return false;
+    auto lock = queue_.lock();
+    return take_locked(amount);
+  }
+
+  // Waits as long as it takes.
+  void acquire(std::ptrdiff_t n = 1) {
+    check_weight(n, "acquire");
+    if (try_take(static_cast<std::uint64_t>(n))) return;
+    acquire_slow(n);
+  }
+
+  // Waits until the permits are granted (ok) or the token is cancelled
+  // (cancelled; timeout when the token's own deadline cancelled it).
+  wait_status acquire(std::ptrdiff_t n, const cancel_token& token) {
+    check_weight(n, "acquire");
+    if (token.cancelled()) return count_failure(status_of(detail::state_of(token)));
+    if (spin_take(static_cast<std::uint64_t>(n))) return wait_status::ok;
+    return wait_in_queue<Clock, typename Clock::duration>(n, detail::state_of(token), nullptr);
+  }
+
+  template <class Rep, class Period>
+  wait_status acquire_for(std::ptrdiff_t n, std::chrono::duration<Rep, Period> timeout) {
+    return acquire_until(n, Clock::now() + timeout);
+  }
+
+  template <class Duration>
+  wait_status acquire_until(std::ptrdiff_t n, const std::chrono::time_point<Clock, Duration>& deadline) {
+    check_weight(n, "acquire_until");
+    if (spin_take(static_cast<std::uint64_t>(n))) return wait_status::ok;
+    if (Clock::now() >= deadline) return count_failure(wait_status::timeout);
+    return wait_in_queue(n, nullptr, &deadline);
+  }
+
+  // Returns n permits and hands them to queued waiters in FIFO order.
+  void release(std::ptrdiff_t n = 1) {
+    check_weight(n, "release");
+    const auto amount = static_cast<std::uint64_t>(n);
+    auto state = state_.load(std::memory_order_relaxed);
+    while ((state & waiters_mark) == 0 && (state & count_mask) + amount <= static_cast<std::uint64_t>(capacity_)) {
+      if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release, std::memory_order_relaxed)) {
+        return;
+      }
+    }
+    release_slow(n);
+  }
+
+ private:
+  WEFT_NOINLINE void acquire_slow(std::ptrdiff_t n) {
+    if (spin_take(static_cast<std::uint64_t>(n))) return;
+    wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
+  }
+
+  // Waiters are queued, or the release is too large (which throws).
+  WEFT_NOINLINE void release_slow(std::ptrdiff_t n) {
+    const auto amount = static_cast<std::uint64_t>(n);
+    for (;;) {
+      auto state = state_.load(std::memory_order_relaxed);
+      while ((state & waiters_mark) == 0) {
+        if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
+          throw_over_release(n, state & count_mask);
+        }
+        if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release,
+                                         std::memory_order_relaxed)) {
+          return;
+        }
+      }
+      detail::completion_list granted;  // completed after the lock below is released
+      auto lock = queue_.lock();
+      state = state_.load(std::memory_order_relaxed);
+      if ((state & waiters_mark) == 0) continue;  // the queue emptied meanwhile: fast path again
+      if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
+        throw_over_release(n, state & count_mask);
+      }
+      state_.store(state + amount, std::memory_order_release);
+      grant(granted);
+      return;
+    }
+  }
+
+ public:
+  permit acquire_permit(std::ptrdiff_t n = 1) {
+    acquire(n);
+    return permit{this, n};
+  }
+  permit try_acquire_permit(std::ptrdiff_t n = 1) {
+    return try_acquire(n) ? permit{this, n} : permit{};
+  }
+  permit acquire_permit(std::ptrdiff_t n, const cancel_token& token) {
+    return acquire(n, token) == wait_status::ok ? permit{this, n} : permit{};
+  }
+  template <class Rep, class Period>
+  permit acquire_permit_for(std::ptrdiff_t n, std::chrono::duration<Rep, Period> timeout) {
+    return acquire_for(n, timeout) == wait_status::ok ? permit{this, n} : permit{};
+  }
+  template <class Duration>
+  permit acquire_permit_until(std::ptrdiff_t n, const std::chrono::time_point<Clock, Duration>& deadline) {
+    return acquire_until(n, deadline) == wait_status::ok ? permit{this, n} : permit{};
+  }
+
+  std::ptrdiff_t capacity() const noexcept { return capacity_; }
+
+  // A snapshot: may be stale by the time it is read.
+  std::ptrdiff_t available() const noexcept {
+    return static_cast<std::ptrdiff_t>(state_.load(std::memory_order_relaxed) & count_mask);
+  }
+
+  // Takes the queue's mutex (briefly) for a consistent acquisition count.
+  semaphore_stats stats() const {
+    semaphore_stats s;
+    s.capacity = capacity_;
+    {
+      auto lock = queue_.lock();
+      const auto state = state_.load(std::memory_order_relaxed);
+      s.available = static_cast<std::ptrdiff_t>(state & count_mask);
+      s.acquisitions = acquisitions_folded_.load(std::memory_order_relaxed) + ((state & acquisitions_mask) >> acquisitions_shift);
+    }
+    s.waiters = queue_.size();
+    s.timeouts = counters_.timeouts.load(std::memory_order_relaxed);
+    s.cancellations = counters_.cancellations.load(std::memory_order_relaxed);
+    s.total_wait = std::chrono::nanoseconds{counters_.total_wait_ns.load(std::memory_order_relaxed)};
+    s.max_wait = std::chrono::nanoseconds{counters_.max_wait_ns.load(std::memory_order_relaxed)};
+    return s;
+  }
+
+ private:
+  friend struct detail::semaphore_access;
+
+  // The state word:
+  //   bit 63      "waiters are queued": set and cleared with the queue's
+  //               mutex held; while it is set only holders of that mutex
+  //               change the state, so the fast paths (which require it
+  //               clear) never race a grant.
+  //   bits 40-62  the low bits of the acquisition count. Counting in the
+  //               same compare-and-swap that takes the permits keeps the
+  //               fast path at one atomic operation; when the field is full
+  //               the next acquire takes the slow path, which folds it into
+  //               acquisitions_folded_ under the mutex, so stats() (which
+  //               reads both under the mutex) never sees a wrap.
+  //   bits 0-39   the free permits (so the capacity is at most 2^40 - 1).
+  static constexpr std::uint64_t waiters_mark = std::uint64_t{1} << 63;
+  static constexpr unsigned acquisitions_shift = 40;
+  static constexpr std::uint64_t acquisition_one = std::uint64_t{1} << acquisitions_shift;
+  static constexpr std::uint64_t acquisitions_mask = waiters_mark - acquisition_one;
+  static constexpr std::uint64_t count_mask = acquisition_one - 1;
+
+  static bool folding_due(std::uint64_t state) noexcept {
+    return (state & acquisitions_mask) == acquisitions_mask;
+  }
+
+  // `state` with n permits taken and the acquisition counted; a full count
+  // field restarts at zero (the caller then calls fold_acquisitions).
+  static std::uint64_t taken(std::uint64_t state, std::uint64_t n) noexcept {
+    return folding_due(state) ? (state & ~acquisitions_mask) - n : state - n + acquisition_one;
+  }
+
+  // With the queue's mutex held, after a full count field was reset.
+  void fold_acquisitions() noexcept {
+    acquisitions_folded_.store(
+        acquisitions_folded_.load(std::memory_order_relaxed) + (acquisitions_mask >> acquisitions_shift) + 1,
+        std::memory_order_relaxed);
+  }
+
+  // With the queue's mutex held: takes n permits if free and nobody is queued.
+  bool take_locked(std::uint64_t n) noexcept {
+    auto state = state_.load(std::memory_order_relaxed);
+    while ((state & waiters_mark) == 0 && (state & count_mask) >= n) {
+      if (state_.compare_exchange_weak(state, taken(state, n), std::memory_order_acquire,
+                                       std::memory_order_relaxed)) {
+        if (folding_due(state)) fold_acquisitions();
+        return true;
+      }
+    }
+    return false;
+  }
+
+  static std::ptrdiff_t checked_capacity(std::ptrdiff_t capacity) {
+    if (capacity < 1) {
+      throw std::invalid_argument("weft::semaphore: capacity must be at least 1, got " +
+                                  std::to_string(capacity));
+    }
+    if (static_cast<std::uint64_t>(capacity) > count_mask) {
+      throw std::invalid_argument("weft::semaphore: capacity must be at most 2^40 - 1, got " +
+                                  std::to_string(capacity));
+    }
+    return capacity;
+  }
+
+  void check_weight(std::ptrdiff_t n, const char* operation) const {
+    if (n < 0 || n > capacity_) [[unlikely]] throw_bad_weight(n, operation);
+  }
+
+  // Out of line, so the checks on the fast paths stay two compares.
+  [[noreturn]] WEFT_NOINLINE void throw_bad_weight(std::ptrdiff_t n, const char* operation) const {
+    if (n < 0) {
+      throw std::invalid_argument(std::string("weft::semaphore::") + operation + ": n must not be negative, got " +
+                                  std::to_string(n));
+    }
+    throw std::invalid_argument(std::string("weft::semaphore::") + operation + ": n (" + std::to_string(n) +
+                                ") is larger than the capacity (" + std::to_string(capacity_) +
+                                "), so it could never be granted");
+  }
+
+  [[noreturn]] WEFT_NOINLINE void throw_over_release(std::ptrdiff_t n, std::uint64_t available) const {
+    throw std::logic_error("weft::semaphore::release(" + std::to_string(n) + "): only " +
+                           std::to_string(capacity_ - static_cast<std::ptrdiff_t>(available)) +
+                           " permits are held; release what was acquired, no more");
+  }
+
+  // The fast path: one compare-and-swap that takes the permits and counts
+  // the acquisition; declines when waiters are queued or a fold is due.
+  bool try_take(std::uint64_t n) noexcept {
+    auto state = state_.load(std::memory_order_relaxed);
+    while ((state & waiters_mark) == 0 && (state & count_mask) >= n && !folding_due(state)) {
+      if (state_.compare_exchange_weak(state, state - n + acquisition_one, std::memory_order_acquire,
+                                       std::memory_order_relaxed)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // The holder usually releases within a microsecond on a busy system, far
+  // sooner than a park and wake; spin while nobody is queued.
+  bool spin_take(std::uint64_t n) noexcept {
+    for (int spin = 0;; ++spin) {
+      if (try_take(n)) return true;
+      const auto state = state_.load(std::memory_order_relaxed);
+      if (spin >= WEFT_SPIN_LIMIT || (state & waiters_mark) != 0 || folding_due(state)) return false;
+      detail::cpu_relax();
+    }
+  }
+
+  // With the queue's mutex held: takes n permits if free and nobody is
+  // queued, else marks the state and queues `node`. Returns true if taken.
+  bool take_or_enqueue(detail::wait_node& node) noexcept {
+    const auto n = static_cast<std::uint64_t>(node.request);
+    for (;;) {
+      if (take_locked(n)) return true;
+      auto state = state_.load(std::memory_order_relaxed);
+      if ((state & count_mask) >= n && (state & waiters_mark) == 0) continue;  // lost a race to a fast path
+      if ((state & waiters_mark) != 0 ||
+          state_.compare_exchange_strong(state, state | waiters_mark, std::memory_order_relaxed)) {
+        queue_.push_back(node);
+        return false;
+      }
+    }
+  }
+
+  // With the queue's mutex held: hands free permits to waiters from the
+  // head, and clears the mark once nobody is left.
+  void grant(detail::completion_list& granted) noexcept {
+    while (detail::wait_node* head = queue_.front()) {
+      const auto state = state_.load(std::memory_order_relaxed);
+      const auto n = static_cast<std::uint64_t>(head->request);
+      if ((state & count_mask) < n) return;
+      state_.store(taken(state, n), std::memory_order_relaxed);
+      if (folding_due(state)) fold_acquisitions();
+      queue_.remove(*head, wait_status::ok, granted);
+    }
+    state_.fetch_and(~waiters_mark, std::memory_order_release);
+  }
+
+  static void on_waiter_removed(void* self, detail::completion_list& granted) noexcept {
+    static_cast<basic_semaphore*>(self)->grant(granted);
+  }
+
+  template <class WaitClock, class Duration>
+  wait_status wait_in_queue(std::ptrdiff_t n, detail::cancel_state* cancel,
+                            const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    detail::thread_waiter waiter;
+    waiter.request = n;
+    auto lock = queue_.lock();
+    if (take_or_enqueue(waiter)) return wait_status::ok;
+    const auto queued_at = Clock::now();
+    const auto status = queue_.wait(waiter, lock, cancel, deadline);
+    record_wait(status, Clock::now() - queued_at);
+    return status;
+  }
+
+  static wait_status status_of(const detail::cancel_state* cancelled) noexcept {
+    return cancelled->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+  }
+
+  wait_status count_failure(wait_status status) noexcept {
+    (status == wait_status::timeout ? counters_.timeouts : counters_.cancellations)
+        .fetch_add(1, std::memory_order_relaxed);
+    return status;
+  }
+
+  template <class Duration>
+  void record_wait(wait_status status, Duration waited) noexcept {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count();
+    counters_.total_wait_ns.fetch_add(ns, std::memory_order_relaxed);
+    auto max = counters_.max_wait_ns.load(std::memory_order_relaxed);
+    while (ns > max && !counters_.max_wait_ns.compare_exchange_weak(max, ns, std::memory_order_relaxed)) {
+    }
+    if (status != wait_status::ok) count_failure(status);
+  }
+
+  struct alignas(64) counters {
+    std::atomic<std::uint64_t> timeouts{0};
+    std::atomic<std::uint64_t> cancellations{0};
+    std::atomic<std::int64_t> total_wait_ns{0};
+    std::atomic<std::int64_t> max_wait_ns{0};
+  };
+
+  const std::ptrdiff_t capacity_;
+  alignas(64) std::atomic<std::uint64_t> state_;
+  mutable detail::wait_queue queue_;
+  // Acquisitions folded out of the state word; written under the queue's mutex.
+  std::atomic<std::uint64_t> acquisitions_folded_{0};
+  counters counters_;
+};
+
+using semaphore = basic_semaphore<>;
+using permit = semaphore::permit;
+
+}  // namespace weft

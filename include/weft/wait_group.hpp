@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::wait_group: wait for a collection of tasks to finish. Go's
+// sync.WaitGroup; in the standard library, a std::latch whose count can also
+// go up.
+//
+// add(n) before starting n tasks, done() as each finishes, wait() until the
+// count is zero. The count may return to zero and go up again (reuse);
+// every wait that began while the count was above zero ends when it next
+// reaches zero, even if another add() raises it again before the waiter runs.
+//
+// Errors: done() or add(-n) that would take the count below zero throws
+// std::logic_error and leaves the count unchanged; a count above 2^32 - 1
+// throws std::overflow_error.
+//
+// Thread safety: every member may be called concurrently. Destroying the
+// wait_group while a thread waits on it is undefined (WEFT_ASSERT); pending
+// async waits are destroyed without being completed.
+//
+// Memory ordering: everything a task did before its done() is visible to a
+// waiter once wait() returns ok.
+//
+// Cost: add/done are one compare-and-swap; the last done() takes the queue's
+// mutex only when someone waits. wait() on a zero count is one load.
+//
+// Example:
+//   weft::wait_group pending;
+//   for (auto& shard : shards) {
+//     pending.add(1);
+//     pool.post([&] { flush(shard); pending.done(); });
+//   }
+//   pending.wait();
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/detail/wait_queue.hpp>
+#include <weft/wait_status.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace weft {
+
+struct wait_group_stats {
+  std::int64_t count = 0;
+  std::size_t waiters = 0;
+};
+
+namespace detail {
+struct wait_group_access;
+}
+
+template <class Clock = std::chrono::steady_clock>
+class basic_wait_group {
+ public:
+  using clock = Clock;
+
+  basic_wait_group() noexcept : queue_(this, &on_waiter_removed) {}
+  basic_wait_group(const basic_wait_group&) = delete;
+  basic_wait_group& operator=(const basic_wait_group&) = delete;
+
+  void add(std::int64_t delta = 1) {
+    auto state = state_.load(std::memory_order_relaxed);
+    std::int64_t count = 0;
+    std::uint64_t next = 0;
+    do {
+      count = count_of(state) + delta;
+      if (count < 0) {
+        throw std::logic_error("weft::wait_group: the count would go negative (" + std::to_string(count_of(state)) +
+                               " + " + std::to_string(delta) + "); call done() once per add(1)");
+      }
+      if (count > max_count) {
+        throw std::overflow_error("weft::wait_group: the count would exceed 2^32 - 1");
+      }
+      next = (state & ~count_bits) | (static_cast<std::uint64_t>(count) << count_shift);
+      // Reaching zero with waiters starts a new epoch: the waiters queued in
+      // the old one are released, later ones are not.
+      if (count == 0 && (state & waiters_mark) != 0) next += epoch_one;
+    } while (!state_.compare_exchange_weak(state, next, std::memory_order_acq_rel,
+                                           std::memory_order_relaxed));
+    if (count == 0 && (state & waiters_mark) != 0) release_waiters();
+  }
+
+  void done() { add(-1); }
+
+  // Blocks until the count is zero.
+  void wait() {
+    if (is_zero()) return;
+    wait_in_queue<Clock, typename Clock::duration>(nullptr, nullptr);
+  }
+
+  // ok when the count reached zero; cancelled (or timeout, for a token's own
+  // deadline) when the token was cancelled first.
+  wait_status wait(const cancel_token& token) {
+    if (is_zero()) return wait_status::ok;
+    if (token.cancelled()) {
+      return detail::state_of(token)->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+    }
+    return wait_in_queue<Clock, typename Clock::duration>(detail::state_of(token), nullptr);
+  }
+
+  template <class Rep, class Period>
+  wait_status wait_for(std::chrono::duration<Rep, Period> timeout) {
+    return wait_until(Clock::now() + timeout);
+  }
+
+  template <class Duration>
+  wait_status wait_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+    if (is_zero()) return wait_status::ok;
+    if (Clock::now() >= deadline) return wait_status::timeout;
+    return wait_in_queue(nullptr, &deadline);
+  }
+
+  // A snapshot.
+  std::int64_t count() const noexcept { return count_of(state_.load(std::memory_order_relaxed)); }
+
+  wait_group_stats stats() const noexcept { return {count(), queue_.size()}; }
+
+ private:
+  friend struct detail::wait_group_access;
+
+  // Bit 0: waiters are queued (set and cleared under the queue's mutex).
+  // Bits 1-32: the count. Bits 33-63: the epoch, bumped each time the count
+  // reaches zero while waiters are queued.
+  static constexpr std::uint64_t waiters_mark = 1;
+  static constexpr unsigned count_shift = 1;
+  static constexpr std::int64_t max_count = 0xFFFF'FFFF;
+  static constexpr std::uint64_t count_bits = std::uint64_t{0xFFFF'FFFF} << count_shift;
+  static constexpr unsigned epoch_shift = 33;
+  static constexpr std::uint64_t epoch_one = std::uint64_t{1} << epoch_shift;
+
+  static std::int64_t count_of(std::uint64_t state) noexcept {
+    return static_cast<std::int64_t>((state & count_bits) >> count_shift);
+  }
+
+  bool is_zero() const noexcept { return count_of(state_.load(std::memory_order_acquire)) == 0; }
+
+  // With the queue's mutex held: true if the count is zero, else marks the
+  // state and queues `node`, tagged with the current epoch.
+  bool ready_or_enqueue(detail::wait_node& node) noexcept {
+    auto state = state_.load(std::memory_order_acquire);
+    for (;;) {
+      if (count_of(state) == 0) return true;
+      if ((state & waiters_mark) != 0 ||
+          state_.compare_exchange_weak(state, state | waiters_mark, std::memory_order_acquire)) {
+        node.request = static_cast<std::ptrdiff_t>(state >> epoch_shift);
+        queue_.push_back(node);
+        return false;
+      }
+    }
+  }
+
+  void release_waiters() {
+    detail::completion_list released;
+    auto lock = queue_.lock();
+    const auto epoch = static_cast<std::ptrdiff_t>(state_.load(std::memory_order_acquire) >> epoch_shift);
+    while (detail::wait_node* head = queue_.front()) {
+      if (head->request == epoch) break;  // queued after the count went up again
+      queue_.remove(*head, wait_status::ok, released);
+    }
+    if (queue_.empty()) state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
+  }
+
+  static void on_waiter_removed(void* self, detail::completion_list&) noexcept {
+    auto& group = *static_cast<basic_wait_group*>(self);
+    if (group.queue_.empty()) group.state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
+  }
+
+  template <class WaitClock, class Duration>
+  wait_status wait_in_queue(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    detail::thread_waiter waiter;
+    auto lock = queue_.lock();
+    if (ready_or_enqueue(waiter)) return wait_status::ok;
+    return queue_.wait(waiter, lock, cancel, deadline);
+  }
+
+  std::atomic<std::uint64_t> state_{0};
+  detail::wait_queue queue_;
+};
+
+using wait_group = basic_wait_group<>;
+
+}  // namespace weft

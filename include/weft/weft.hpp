@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft: Go's concurrency patterns for C++ services. This umbrella header
+// includes every public header except the Boost.Asio layer (weft/asio.hpp).
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/config.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/semaphore.hpp>
+#include <weft/version.hpp>
+#include <weft/wait_group.hpp>
+#include <weft/wait_status.hpp>

@@ -1,0 +1,1064 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft::semaphore (weft/semaphore.hpp): weights, bad input, FIFO
+// fairness across weights, cancellation and deadlines (on weft::manual_clock,
+// never by sleeping), permits, stats, and the race between a cancellation and
+// the release that would satisfy the same waiter.
+//
+// Hand-offs: a test knows that a thread has queued when sem.stats().waiters
+// goes up (the count changes under the queue's mutex when the waiter is
+// pushed), and that a grant happened when release() returns (grants are made
+// inside release(), under that mutex). Nothing here sleeps.
+#include <weft/cancel.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/semaphore.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <latch>
+#include <mutex>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+using namespace std::chrono_literals;
+
+namespace weft {
+// Lets doctest print a wait_status by name (found by argument-dependent
+// lookup). Internal linkage, so other test files may have their own.
+[[maybe_unused]] static doctest::String toString(wait_status status) { return to_string(status); }
+}  // namespace weft
+
+namespace {
+
+using weft::wait_status;
+using manual_semaphore = weft::basic_semaphore<weft::manual_clock>;
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+constexpr bool slow_build = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+constexpr bool slow_build = true;
+#else
+constexpr bool slow_build = false;
+#endif
+#else
+constexpr bool slow_build = false;
+#endif
+
+// The thread counts that concurrent cases run over: 1, 2, 3, 8, and more
+// than the cores.
+std::vector<int> thread_counts() {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return {1, 2, 3, 8, std::max(16, 2 * cores + 1)};
+}
+
+// Yields until `condition` holds. The 30 s bound only turns a lost wake-up
+// into a failure instead of a hang; no test relies on it for timing.
+template <class Condition>
+[[nodiscard]] bool eventually(Condition&& condition) {
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+template <class Semaphore>
+[[nodiscard]] bool waiters_reach(const Semaphore& sem, std::size_t count) {
+  return eventually([&] { return sem.stats().waiters == count; });
+}
+
+[[nodiscard]] bool pending_timers_reach(std::size_t count) {
+  return eventually([&] { return weft::manual_clock::pending_timers() == count; });
+}
+
+// Who got permits, in the order they were granted, with the permits they
+// hold until the test drops them.
+template <class Semaphore = weft::semaphore>
+class grant_log {
+ public:
+  void record(int who, typename Semaphore::permit permit = {}) {
+    std::lock_guard lock(mutex_);
+    order_.push_back(who);
+    permits_.push_back(std::move(permit));
+  }
+  std::vector<int> order() const {
+    std::lock_guard lock(mutex_);
+    return order_;
+  }
+  std::size_t size() const {
+    std::lock_guard lock(mutex_);
+    return order_.size();
+  }
+  // Takes the permits of the grant at `index` out of the log.
+  typename Semaphore::permit take(std::size_t index) {
+    std::lock_guard lock(mutex_);
+    return std::move(permits_.at(index));
+  }
+  void drop_permits() {
+    std::lock_guard lock(mutex_);
+    permits_.clear();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<int> order_;
+  std::vector<typename Semaphore::permit> permits_;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Basics and bad input
+
+TEST_CASE("a semaphore hands out permits by weight and takes them back" * doctest::timeout(60)) {
+  weft::semaphore sem{5};
+  CHECK(sem.capacity() == 5);
+  CHECK(sem.available() == 5);
+
+  sem.acquire(2);
+  CHECK(sem.available() == 3);
+  CHECK(sem.try_acquire(3));
+  CHECK(sem.available() == 0);
+  CHECK_FALSE(sem.try_acquire(1));
+  CHECK(sem.try_acquire(0));  // nothing to take, nobody queued
+  sem.release(3);
+  CHECK(sem.available() == 3);
+  CHECK_FALSE(sem.try_acquire(4));
+  CHECK(sem.available() == 3);
+  sem.release(2);
+  CHECK(sem.available() == 5);
+
+  sem.acquire();  // n defaults to 1
+  CHECK(sem.available() == 4);
+  sem.release();
+  CHECK(sem.acquire(5, weft::cancel_token{}) == wait_status::ok);  // a token nothing cancels
+  CHECK(sem.available() == 0);
+  sem.release(5);
+  CHECK(sem.acquire_for(5, 1h) == wait_status::ok);
+  sem.release(5);
+  CHECK(sem.available() == 5);
+  CHECK(sem.stats().waiters == 0);
+}
+
+TEST_CASE("a semaphore with a capacity below one is rejected with invalid_argument" *
+          doctest::timeout(60)) {
+  CHECK_THROWS_AS(weft::semaphore{0}, std::invalid_argument);
+  CHECK_THROWS_AS(weft::semaphore{-1}, std::invalid_argument);
+  CHECK_THROWS_AS(weft::semaphore{PTRDIFF_MIN}, std::invalid_argument);
+  CHECK_THROWS_AS(manual_semaphore{0}, std::invalid_argument);
+  try {
+    weft::semaphore sem{0};
+    FAIL("capacity 0 was accepted");
+  } catch (const std::invalid_argument& error) {
+    CHECK(std::string(error.what()).find("capacity") != std::string::npos);
+  }
+  weft::semaphore smallest{1};
+  CHECK(smallest.available() == 1);
+}
+
+TEST_CASE("a negative weight or one above the capacity is rejected by every operation" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{3};
+  weft::cancel_source source;
+  const auto token = source.token();
+
+  for (const std::ptrdiff_t n : {std::ptrdiff_t{-1}, std::ptrdiff_t{4}, PTRDIFF_MIN, PTRDIFF_MAX}) {
+    CAPTURE(n);
+    CHECK_THROWS_AS(sem.acquire(n), std::invalid_argument);
+    CHECK_THROWS_AS((void)sem.try_acquire(n), std::invalid_argument);
+    CHECK_THROWS_AS(sem.acquire(n, token), std::invalid_argument);
+    CHECK_THROWS_AS(sem.acquire_for(n, 1s), std::invalid_argument);
+    CHECK_THROWS_AS(sem.acquire_until(n, std::chrono::steady_clock::now() + 1s),
+                    std::invalid_argument);
+    CHECK_THROWS_AS(sem.release(n), std::invalid_argument);
+    CHECK_THROWS_AS((void)sem.acquire_permit(n), std::invalid_argument);
+    CHECK_THROWS_AS((void)sem.try_acquire_permit(n), std::invalid_argument);
+    CHECK_THROWS_AS((void)sem.acquire_permit(n, token), std::invalid_argument);
+    CHECK_THROWS_AS((void)sem.acquire_permit_for(n, 1s), std::invalid_argument);
+  }
+  // n > capacity can never be granted: it must throw, not wait forever,
+  // even when the semaphore is full and waiters are queued.
+  sem.acquire(3);
+  CHECK_THROWS_AS(sem.acquire(4), std::invalid_argument);
+  CHECK_THROWS_AS(sem.acquire(4, token), std::invalid_argument);
+  // A bad weight is reported even when the token is already cancelled.
+  source.cancel();
+  CHECK_THROWS_AS(sem.acquire(-1, token), std::invalid_argument);
+  CHECK_THROWS_AS(sem.acquire(4, token), std::invalid_argument);
+  sem.release(3);
+
+  try {
+    sem.acquire(4);
+    FAIL("n > capacity was accepted");
+  } catch (const std::invalid_argument& error) {
+    CHECK(std::string(error.what()).find("capacity") != std::string::npos);
+  }
+
+  // Nothing changed.
+  const auto stats = sem.stats();
+  CHECK(stats.available == 3);
+  CHECK(stats.waiters == 0);
+  CHECK(stats.acquisitions == 1);
+  CHECK(stats.timeouts == 0);
+  CHECK(stats.cancellations == 0);
+}
+
+TEST_CASE("releasing more permits than are held throws logic_error and changes nothing" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{3};
+  CHECK_THROWS_AS(sem.release(1), std::logic_error);  // nothing held
+  CHECK(sem.available() == 3);
+
+  sem.acquire(2);
+  CHECK_THROWS_AS(sem.release(3), std::logic_error);
+  CHECK(sem.available() == 1);
+  try {
+    sem.release(3);
+    FAIL("over-release was accepted");
+  } catch (const std::invalid_argument&) {
+    FAIL("over-release must be a logic_error about what is held, not a bad argument");
+  } catch (const std::logic_error& error) {
+    CHECK(std::string(error.what()).find("held") != std::string::npos);
+  }
+  sem.release(2);
+  CHECK(sem.available() == 3);
+  CHECK_THROWS_AS(sem.release(1), std::logic_error);
+  CHECK(sem.available() == 3);
+
+  SUBCASE("with waiters queued (the release takes the queue's lock)") {
+    sem.acquire(3);
+    int result = -1;
+    std::thread waiter([&] {
+      sem.acquire(2);
+      result = 0;
+    });
+    REQUIRE(waiters_reach(sem, 1));
+    sem.release(1);
+    CHECK_THROWS_AS(sem.release(3), std::logic_error);  // 2 held, 1 free
+    CHECK(sem.available() == 1);
+    CHECK(sem.stats().waiters == 1);  // the waiter is still there
+    sem.release(2);                   // grants the waiter its 2
+    waiter.join();
+    CHECK(result == 0);
+    CHECK(sem.available() == 1);
+    CHECK_THROWS_AS(sem.release(3), std::logic_error);
+    sem.release(2);
+    CHECK(sem.available() == 3);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// FIFO fairness across weights (go#56910, x/sync's semaphore)
+
+TEST_CASE("a large waiter at the head is not overtaken by later small requests" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{4};
+  sem.acquire(4);
+  grant_log<> log;
+  std::vector<std::thread> threads;
+  const std::ptrdiff_t weights[] = {3, 1, 1, 2};
+  for (int id = 0; id < 4; ++id) {
+    threads.emplace_back([&, id] { log.record(id, sem.acquire_permit(weights[id])); });
+    REQUIRE(waiters_reach(sem, static_cast<std::size_t>(id) + 1));  // queued in this order
+  }
+
+  // Free permits one at a time. Two free permits would satisfy either small
+  // request, but the waiter for 3 is first in line.
+  sem.release(1);
+  CHECK(sem.stats().waiters == 4);
+  sem.release(1);
+  CHECK(sem.stats().waiters == 4);
+  CHECK(sem.available() == 2);
+  CHECK(log.size() == 0);
+
+  sem.release(1);  // 3 free: the head is granted, inside this release()
+  CHECK(sem.stats().waiters == 3);
+  CHECK(sem.available() == 0);
+  REQUIRE(eventually([&] { return log.size() == 1; }));
+
+  sem.release(1);  // the main thread's last permit: the first small request
+  CHECK(sem.stats().waiters == 2);
+  REQUIRE(eventually([&] { return log.size() == 2; }));
+
+  // Pass on the head's 3 permits one at a time.
+  auto head = log.take(0);
+  REQUIRE(head.count() == 3);
+  const auto count = head.detach();
+  CHECK(count == 3);
+  sem.release(1);  // the second small request
+  CHECK(sem.stats().waiters == 1);
+  REQUIRE(eventually([&] { return log.size() == 3; }));
+  sem.release(1);  // 1 free; the waiter for 2 waits
+  CHECK(sem.stats().waiters == 1);
+  sem.release(1);
+  CHECK(sem.stats().waiters == 0);
+  REQUIRE(eventually([&] { return log.size() == 4; }));
+
+  for (auto& t : threads) t.join();
+  CHECK(log.order() == std::vector<int>{0, 1, 2, 3});
+  log.drop_permits();
+  CHECK(sem.available() == 4);
+}
+
+TEST_CASE("waiters of equal weight are granted in arrival order" * doctest::timeout(60)) {
+  for (const int waiters : thread_counts()) {
+    CAPTURE(waiters);
+    weft::semaphore sem{1};
+    sem.acquire();
+    grant_log<> log;
+    std::vector<std::thread> threads;
+    for (int id = 0; id < waiters; ++id) {
+      threads.emplace_back([&, id] { log.record(id, sem.acquire_permit(1)); });
+      REQUIRE(waiters_reach(sem, static_cast<std::size_t>(id) + 1));
+    }
+    sem.release();
+    for (int i = 1; i < waiters; ++i) {
+      REQUIRE(eventually([&] { return log.size() == static_cast<std::size_t>(i); }));
+      log.take(static_cast<std::size_t>(i) - 1).release();  // grants the next one
+    }
+    for (auto& t : threads) t.join();
+    std::vector<int> expected(static_cast<std::size_t>(waiters));
+    for (int id = 0; id < waiters; ++id) expected[static_cast<std::size_t>(id)] = id;
+    CHECK(log.order() == expected);
+    log.drop_permits();
+    CHECK(sem.available() == 1);
+    CHECK(sem.stats().waiters == 0);
+  }
+}
+
+TEST_CASE("try_acquire does not jump ahead of queued waiters even when enough permits are free" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{4};
+  sem.acquire(4);
+  std::thread waiter([&] { sem.acquire(3); });
+  REQUIRE(waiters_reach(sem, 1));
+
+  sem.release(2);  // 2 free: enough for try_acquire(1) or (2), not for the waiter
+  CHECK(sem.available() == 2);
+  CHECK_FALSE(sem.try_acquire(1));
+  CHECK_FALSE(sem.try_acquire(2));
+  CHECK_FALSE(sem.try_acquire(0));
+  CHECK_FALSE(sem.try_acquire_permit(1));
+  // Neither does a timed acquire whose deadline has passed.
+  CHECK(sem.acquire_for(1, 0s) == wait_status::timeout);
+  CHECK(sem.available() == 2);
+  CHECK(sem.stats().waiters == 1);
+
+  sem.release(2);  // the waiter takes 3 of 4
+  waiter.join();
+  CHECK(sem.available() == 1);
+  CHECK(sem.try_acquire(1));  // nobody queued now
+  sem.release(4);
+  CHECK(sem.available() == 4);
+}
+
+// ---------------------------------------------------------------------------
+// Cancellation
+
+TEST_CASE("a waiter cancelled at the head passes the free permits to the waiters behind it" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{4};
+  sem.acquire(3);  // 1 free
+  weft::cancel_source head_source;
+  wait_status head_status = wait_status::ok;
+  std::thread head([&] { head_status = sem.acquire(3, head_source.token()); });
+  REQUIRE(waiters_reach(sem, 1));
+  std::atomic<int> granted{0};
+  std::thread behind([&] {
+    sem.acquire(1);
+    granted.fetch_add(1);
+  });
+  REQUIRE(waiters_reach(sem, 2));
+  CHECK(granted.load() == 0);  // 1 free, but the head is first
+
+  head_source.cancel();  // the head leaves; its free permit goes to the next waiter
+  head.join();
+  behind.join();
+  CHECK(head_status == wait_status::cancelled);
+  CHECK(granted.load() == 1);
+  const auto stats = sem.stats();
+  CHECK(stats.available == 0);
+  CHECK(stats.waiters == 0);
+  CHECK(stats.cancellations == 1);
+  sem.release(4);
+  CHECK(sem.available() == 4);
+}
+
+TEST_CASE("a waiter that times out at the head passes the free permits on" * doctest::timeout(60)) {
+  manual_semaphore sem{4};
+  sem.acquire(3);
+  const auto timers = weft::manual_clock::pending_timers();
+  wait_status head_status = wait_status::ok;
+  std::thread head([&] { head_status = sem.acquire_for(4, 5s); });
+  REQUIRE(waiters_reach(sem, 1));
+  REQUIRE(pending_timers_reach(timers + 1));
+  std::thread behind([&] { sem.acquire(1); });
+  REQUIRE(waiters_reach(sem, 2));
+
+  weft::manual_clock::advance(5s);
+  head.join();
+  behind.join();
+  CHECK(head_status == wait_status::timeout);
+  CHECK(sem.stats().waiters == 0);
+  CHECK(sem.available() == 0);
+  CHECK(sem.stats().timeouts == 1);
+  sem.release(4);
+}
+
+TEST_CASE("a cancelled token acquires nothing even when permits are free" * doctest::timeout(60)) {
+  weft::semaphore sem{2};
+  weft::cancel_source source;
+  source.cancel();
+
+  CHECK(sem.acquire(1, source.token()) == wait_status::cancelled);
+  CHECK(sem.acquire(0, source.token()) == wait_status::cancelled);
+  CHECK_FALSE(sem.acquire_permit(2, source.token()));
+  auto stats = sem.stats();
+  CHECK(stats.available == 2);
+  CHECK(stats.acquisitions == 0);
+  CHECK(stats.cancellations == 3);
+
+  SUBCASE("a child of a cancelled token is cancelled too") {
+    auto child = source.token().child();
+    CHECK(sem.acquire(1, child.token()) == wait_status::cancelled);
+    CHECK(sem.available() == 2);
+  }
+  SUBCASE("a token whose deadline has passed reports timeout") {
+    auto expired = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now());
+    REQUIRE(expired.token().cancelled());
+    CHECK(sem.acquire(2, expired.token()) == wait_status::timeout);
+    CHECK(sem.available() == 2);
+    CHECK(sem.stats().timeouts == 1);
+  }
+  SUBCASE("a token cancelled with a cause reports cancelled") {
+    weft::cancel_source with_cause;
+    with_cause.cancel(std::make_error_code(std::errc::connection_aborted));
+    CHECK(sem.acquire(1, with_cause.token()) == wait_status::cancelled);
+    CHECK(sem.available() == 2);
+  }
+}
+
+TEST_CASE(
+    "blocked acquires return cancelled when another thread cancels their token, and no permit is "
+    "lost" *
+    doctest::timeout(60)) {
+  for (const int waiters : thread_counts()) {
+    CAPTURE(waiters);
+    weft::semaphore sem{5};
+    sem.acquire(4);  // 1 free; every waiter asks for more
+    weft::cancel_source source;
+    std::atomic<int> cancelled{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < waiters; ++i) {
+      threads.emplace_back([&, i] {
+        if (sem.acquire(2 + i % 4, source.token()) == wait_status::cancelled)
+          cancelled.fetch_add(1);
+      });
+    }
+    REQUIRE(waiters_reach(sem, static_cast<std::size_t>(waiters)));
+    std::thread canceller([&] { source.cancel(); });
+    canceller.join();
+    for (auto& t : threads) t.join();
+    CHECK(cancelled.load() == waiters);
+    const auto stats = sem.stats();
+    CHECK(stats.available == 1);
+    CHECK(stats.waiters == 0);
+    CHECK(stats.cancellations == static_cast<std::uint64_t>(waiters));
+    sem.release(4);
+    CHECK(sem.available() == 5);
+  }
+}
+
+TEST_CASE("cancelling one waiter leaves the others queued in order" * doctest::timeout(60)) {
+  weft::semaphore sem{1};
+  sem.acquire();
+  weft::cancel_source middle;
+  grant_log<> log;
+  wait_status middle_status = wait_status::ok;
+  std::thread first([&] { log.record(0, sem.acquire_permit(1)); });
+  REQUIRE(waiters_reach(sem, 1));
+  std::thread second([&] { middle_status = sem.acquire(1, middle.token()); });
+  REQUIRE(waiters_reach(sem, 2));
+  std::thread third([&] { log.record(2, sem.acquire_permit(1)); });
+  REQUIRE(waiters_reach(sem, 3));
+
+  middle.cancel();
+  second.join();
+  CHECK(middle_status == wait_status::cancelled);
+  CHECK(sem.stats().waiters == 2);
+  CHECK(sem.available() == 0);
+
+  sem.release();
+  REQUIRE(eventually([&] { return log.size() == 1; }));
+  log.take(0).release();
+  third.join();
+  first.join();
+  CHECK(log.order() == std::vector<int>{0, 2});
+  log.drop_permits();
+  CHECK(sem.available() == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Deadlines, on the manual clock
+
+TEST_CASE("a token's own deadline ends a blocked acquire with timeout" * doctest::timeout(60)) {
+  // The token's deadline runs on the clock given to with_deadline, whatever
+  // the semaphore's clock is.
+  weft::semaphore sem{2};
+  sem.acquire(2);
+  const auto timers = weft::manual_clock::pending_timers();
+  auto request = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now() + 5s);
+  CHECK(weft::manual_clock::pending_timers() == timers + 1);  // the token's deadline
+  wait_status status = wait_status::ok;
+  std::thread waiter([&] { status = sem.acquire(1, request.token()); });
+  REQUIRE(waiters_reach(sem, 1));
+
+  weft::manual_clock::advance(4s);
+  CHECK(sem.stats().waiters == 1);
+  CHECK_FALSE(request.token().cancelled());
+  weft::manual_clock::advance(1s);
+  waiter.join();
+  CHECK(status == wait_status::timeout);
+  CHECK(request.token().cause().is_deadline());
+  const auto stats = sem.stats();
+  CHECK(stats.timeouts == 1);
+  CHECK(stats.cancellations == 0);
+  CHECK(stats.available == 0);
+  CHECK(stats.waiters == 0);
+  CHECK(weft::manual_clock::pending_timers() == timers);
+  sem.release(2);
+}
+
+TEST_CASE("a token deadline on a manual-clock semaphore ends the wait with timeout" *
+          doctest::timeout(60)) {
+  manual_semaphore sem{3};
+  sem.acquire(3);
+  auto request = weft::with_timeout<weft::manual_clock>(weft::cancel_token{}, 2s);
+  wait_status status = wait_status::ok;
+  std::thread waiter([&] { status = sem.acquire(2, request.token()); });
+  REQUIRE(waiters_reach(sem, 1));
+  weft::manual_clock::advance(2s);
+  waiter.join();
+  CHECK(status == wait_status::timeout);
+  CHECK(sem.available() == 0);
+  sem.release(3);
+}
+
+TEST_CASE("acquire_for and acquire_until time out when the manual clock passes their deadline" *
+          doctest::timeout(60)) {
+  for (const int waiters : thread_counts()) {
+    CAPTURE(waiters);
+    manual_semaphore sem{3};
+    sem.acquire(3);
+    const auto timers = weft::manual_clock::pending_timers();
+    const auto start = weft::manual_clock::now();
+    std::atomic<int> timed_out{0};
+    std::vector<std::thread> threads;
+    // Waiter i gives up (i + 1) seconds from start: even ones through
+    // acquire_for, odd ones through acquire_until.
+    for (int i = 0; i < waiters; ++i) {
+      threads.emplace_back([&, i] {
+        const auto status = i % 2 == 0
+                                ? sem.acquire_for(1 + i % 3, std::chrono::seconds(i + 1))
+                                : sem.acquire_until(1 + i % 3, start + std::chrono::seconds(i + 1));
+        if (status == wait_status::timeout) timed_out.fetch_add(1);
+      });
+      REQUIRE(pending_timers_reach(timers + static_cast<std::size_t>(i) +
+                                   1));  // it has begun its timed wait
+    }
+    CHECK(sem.stats().waiters == static_cast<std::size_t>(waiters));
+    for (int second = 1; second <= waiters; ++second) {
+      weft::manual_clock::advance(1s);
+      // Exactly the waiters whose deadline has come are gone.
+      REQUIRE(eventually([&] { return timed_out.load() == second; }));
+      REQUIRE(waiters_reach(sem, static_cast<std::size_t>(waiters - second)));
+    }
+    for (auto& t : threads) t.join();
+    const auto stats = sem.stats();
+    CHECK(stats.timeouts == static_cast<std::uint64_t>(waiters));
+    CHECK(stats.available == 0);
+    CHECK(stats.waiters == 0);
+    CHECK(stats.max_wait >= std::chrono::seconds(waiters));  // manual time, not real time
+    CHECK(weft::manual_clock::pending_timers() == timers);
+    sem.release(3);
+  }
+}
+
+TEST_CASE("a timed acquire granted before its deadline returns ok and leaves no timer behind" *
+          doctest::timeout(60)) {
+  manual_semaphore sem{2};
+  sem.acquire(2);
+  const auto timers = weft::manual_clock::pending_timers();
+  wait_status status = wait_status::timeout;
+  std::thread waiter([&] { status = sem.acquire_for(2, 10s); });
+  REQUIRE(pending_timers_reach(timers + 1));
+  weft::manual_clock::advance(9s);
+  CHECK(sem.stats().waiters == 1);
+  sem.release(2);
+  waiter.join();
+  CHECK(status == wait_status::ok);
+  CHECK(weft::manual_clock::pending_timers() == timers);
+  weft::manual_clock::advance(5s);  // the old deadline passes: nothing happens
+  CHECK(sem.available() == 0);
+  sem.release(2);
+  CHECK(sem.available() == 2);
+  CHECK(sem.stats().timeouts == 0);
+}
+
+TEST_CASE("a deadline already passed times out at once without queueing" * doctest::timeout(60)) {
+  manual_semaphore sem{1};
+  sem.acquire();
+  const auto now = weft::manual_clock::now();
+  CHECK(sem.acquire_until(1, now) == wait_status::timeout);
+  CHECK(sem.acquire_until(1, now - 1s) == wait_status::timeout);
+  CHECK(sem.acquire_for(1, 0s) == wait_status::timeout);
+  CHECK(sem.acquire_for(1, -1s) == wait_status::timeout);
+  CHECK_FALSE(sem.acquire_permit_for(1, 0s));
+  CHECK_FALSE(sem.acquire_permit_until(1, now));
+  const auto stats = sem.stats();
+  CHECK(stats.timeouts == 6);
+  CHECK(stats.waiters == 0);
+  // Free permits are still taken by a timed acquire whose deadline has passed.
+  sem.release();
+  CHECK(sem.acquire_for(1, 0s) == wait_status::ok);
+  sem.release();
+}
+
+// ---------------------------------------------------------------------------
+// Permits (RAII)
+
+TEST_CASE("a permit returns its permits when it is destroyed" * doctest::timeout(60)) {
+  weft::semaphore sem{3};
+  {
+    auto permit = sem.acquire_permit(2);
+    CHECK(static_cast<bool>(permit));
+    CHECK(permit.count() == 2);
+    CHECK(sem.available() == 1);
+  }
+  CHECK(sem.available() == 3);
+  {
+    auto permit = sem.try_acquire_permit(3);
+    CHECK(permit);
+    CHECK(sem.available() == 0);
+  }
+  CHECK(sem.available() == 3);
+  {
+    weft::cancel_source source;
+    auto permit = sem.acquire_permit(1, source.token());
+    CHECK(permit);
+    auto timed = sem.acquire_permit_for(1, 1h);
+    CHECK(timed);
+    auto until = sem.acquire_permit_until(1, std::chrono::steady_clock::now() + 1h);
+    CHECK(until);
+    CHECK(sem.available() == 0);
+  }
+  CHECK(sem.available() == 3);
+}
+
+TEST_CASE("moving a permit moves the ownership and empties the source" * doctest::timeout(60)) {
+  weft::semaphore sem{4};
+  auto first = sem.acquire_permit(2);
+  weft::permit second{std::move(first)};
+  CHECK_FALSE(first);  // NOLINT(bugprone-use-after-move): moved-from is empty by contract
+  CHECK(first.count() == 0);
+  CHECK(second.count() == 2);
+  CHECK(sem.available() == 2);
+  first.release();  // an empty permit releases nothing
+  CHECK(sem.available() == 2);
+
+  auto third = sem.acquire_permit(1);
+  CHECK(sem.available() == 1);
+  third = std::move(second);  // third's own permit goes back first
+  CHECK(third.count() == 2);
+  CHECK_FALSE(second);  // NOLINT(bugprone-use-after-move)
+  CHECK(sem.available() == 2);
+
+  auto& same = third;
+  third = std::move(same);  // self-move keeps the permits
+  CHECK(third.count() == 2);
+  CHECK(sem.available() == 2);
+
+  weft::permit empty;
+  third = std::move(empty);
+  CHECK_FALSE(third);
+  CHECK(sem.available() == 4);
+}
+
+TEST_CASE("permit::release returns the permits early, once" * doctest::timeout(60)) {
+  weft::semaphore sem{2};
+  auto permit = sem.acquire_permit(2);
+  permit.release();
+  CHECK_FALSE(permit);
+  CHECK(permit.count() == 0);
+  CHECK(sem.available() == 2);
+  permit.release();
+  CHECK(sem.available() == 2);
+}
+
+TEST_CASE("permit::detach keeps the permits taken and says how many to release by hand" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{3};
+  std::ptrdiff_t owed = 0;
+  {
+    auto permit = sem.acquire_permit(2);
+    owed = permit.detach();
+    CHECK_FALSE(permit);
+    CHECK(permit.count() == 0);
+  }
+  CHECK(owed == 2);
+  CHECK(sem.available() == 1);
+  sem.release(owed);
+  CHECK(sem.available() == 3);
+}
+
+TEST_CASE("an acquire that fails gives an empty permit that releases nothing" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{2};
+  sem.acquire(2);
+  {
+    auto failed = sem.try_acquire_permit(1);
+    CHECK_FALSE(failed);
+    CHECK(failed.count() == 0);
+    weft::cancel_source source;
+    source.cancel();
+    auto cancelled = sem.acquire_permit(1, source.token());
+    CHECK_FALSE(cancelled);
+    auto timed_out = sem.acquire_permit_for(1, 0s);
+    CHECK_FALSE(timed_out);
+  }
+  CHECK(sem.available() == 0);  // destroying them gave nothing back
+  sem.release(2);
+  CHECK(sem.available() == 2);
+}
+
+// ---------------------------------------------------------------------------
+// Stats
+
+TEST_CASE("stats count acquisitions, timeouts, cancellations and waiting time consistently" *
+          doctest::timeout(60)) {
+  manual_semaphore sem{4};
+  auto previous = sem.stats();
+  CHECK(previous.capacity == 4);
+  CHECK(previous.available == 4);
+  CHECK(previous.waiters == 0);
+  CHECK(previous.acquisitions == 0);
+  CHECK(previous.timeouts == 0);
+  CHECK(previous.cancellations == 0);
+  CHECK(previous.total_wait == 0ns);
+  CHECK(previous.max_wait == 0ns);
+
+  // Every step: the counters only grow, and max_wait <= total_wait.
+  const auto step = [&](std::uint64_t acquisitions, std::uint64_t timeouts,
+                        std::uint64_t cancellations) {
+    const auto now = sem.stats();
+    CHECK(now.capacity == 4);
+    CHECK(now.acquisitions == previous.acquisitions + acquisitions);
+    CHECK(now.timeouts == previous.timeouts + timeouts);
+    CHECK(now.cancellations == previous.cancellations + cancellations);
+    CHECK(now.total_wait >= previous.total_wait);
+    CHECK(now.max_wait >= previous.max_wait);
+    CHECK(now.max_wait <= now.total_wait);
+    previous = now;
+  };
+
+  sem.acquire(1);
+  CHECK(sem.try_acquire(1));
+  auto permit = sem.acquire_permit(1);
+  step(3, 0, 0);
+  CHECK(sem.stats().available == 1);
+  CHECK_FALSE(sem.try_acquire(2));  // a failed try is no timeout
+  step(0, 0, 0);
+
+  // A wait that ends in a grant, after 3 s of manual time.
+  const auto timers = weft::manual_clock::pending_timers();
+  std::thread waiter([&] { CHECK(sem.acquire_for(3, 1h) == wait_status::ok); });
+  REQUIRE(pending_timers_reach(timers + 1));
+  CHECK(sem.stats().waiters == 1);
+  weft::manual_clock::advance(3s);
+  sem.release(2);
+  permit.release();
+  waiter.join();
+  step(1, 0, 0);
+  CHECK(previous.max_wait >= 3s);
+  CHECK(previous.available == 1);
+
+  // A timeout, after 2 s.
+  std::thread timing_out([&] { CHECK(sem.acquire_for(2, 2s) == wait_status::timeout); });
+  REQUIRE(pending_timers_reach(timers + 1));
+  weft::manual_clock::advance(2s);
+  timing_out.join();
+  step(0, 1, 0);
+
+  // A cancellation.
+  weft::cancel_source source;
+  std::thread cancelled([&] { CHECK(sem.acquire(2, source.token()) == wait_status::cancelled); });
+  REQUIRE(waiters_reach(sem, 1));
+  source.cancel();
+  cancelled.join();
+  step(0, 0, 1);
+  CHECK(previous.waiters == 0);
+
+  // Immediate failures count too.
+  CHECK(sem.acquire(1, source.token()) == wait_status::cancelled);
+  CHECK(sem.acquire_for(2, 0s) == wait_status::timeout);
+  step(0, 1, 1);
+
+  sem.release(3);
+  CHECK(sem.stats().available == 4);
+}
+
+TEST_CASE("stats stay consistent while threads contend" * doctest::timeout(60)) {
+  for (const int threads_count : thread_counts()) {
+    CAPTURE(threads_count);
+    weft::semaphore sem{2};
+    const int rounds = slow_build ? 50 : 300;
+    std::atomic<std::ptrdiff_t> held{0};
+    std::atomic<int> over_capacity{0};
+    std::atomic<bool> stop_reading{false};
+    std::atomic<int> inconsistent{0};
+    std::thread reader([&] {
+      weft::semaphore_stats last;
+      while (!stop_reading.load()) {
+        const auto now = sem.stats();
+        if (now.acquisitions < last.acquisitions || now.total_wait < last.total_wait ||
+            now.max_wait < last.max_wait || now.available < 0 || now.available > 2 ||
+            now.capacity != 2) {
+          inconsistent.fetch_add(1);
+        }
+        last = now;
+        std::this_thread::yield();
+      }
+    });
+    std::vector<std::thread> threads;
+    for (int t = 0; t < threads_count; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < rounds; ++i) {
+          const std::ptrdiff_t n = 1 + (t + i) % 2;
+          auto permit = sem.acquire_permit(n);
+          if (held.fetch_add(n) + n > 2) over_capacity.fetch_add(1);
+          held.fetch_sub(n);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    stop_reading.store(true);
+    reader.join();
+    CHECK(over_capacity.load() == 0);
+    CHECK(inconsistent.load() == 0);
+    const auto stats = sem.stats();
+    CHECK(stats.acquisitions ==
+          static_cast<std::uint64_t>(threads_count) * static_cast<std::uint64_t>(rounds));
+    CHECK(stats.available == 2);
+    CHECK(stats.waiters == 0);
+    CHECK(stats.max_wait <= stats.total_wait);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Cancellation racing a release (x/sync: "pretend we didn't notice the
+// cancelation")
+
+TEST_CASE(
+    "a cancellation racing the release that would satisfy the same waiter neither loses nor "
+    "doubles permits" *
+    doctest::timeout(60)) {
+  constexpr std::ptrdiff_t capacity = 4;
+  const int iterations = slow_build ? 60 : 400;
+  for (const std::uint64_t seed : {1u, 2u, 3u, 0x5eedu, 0xdecafu}) {
+    CAPTURE(seed);
+    std::mt19937_64 rng{seed};
+    weft::semaphore sem{capacity};
+    int granted = 0;
+    int cancelled = 0;
+    for (int iteration = 0; iteration < iterations; ++iteration) {
+      CAPTURE(iteration);
+      const std::ptrdiff_t n = std::uniform_int_distribution<std::ptrdiff_t>{1, capacity}(rng);
+      const bool release_first = (rng() & 1) != 0;
+      const int release_spin = static_cast<int>(rng() % 64);
+      const int cancel_spin = static_cast<int>(rng() % 64);
+      CAPTURE(n);
+      CAPTURE(release_first);
+
+      sem.acquire(capacity);
+      weft::cancel_source source;
+      wait_status status = wait_status::closed;
+      std::thread waiter([&] { status = sem.acquire(n, source.token()); });
+      REQUIRE(waiters_reach(sem, 1));
+
+      std::latch start{2};
+      const auto spin = [](int count) {
+        for (int i = 0; i < count; ++i) std::atomic_signal_fence(std::memory_order_seq_cst);
+      };
+      auto releaser = [&] {
+        start.arrive_and_wait();
+        spin(release_spin);
+        sem.release(n);
+      };
+      auto canceller = [&] {
+        start.arrive_and_wait();
+        spin(cancel_spin);
+        source.cancel();
+      };
+      std::thread first = release_first ? std::thread(releaser) : std::thread(canceller);
+      std::thread second = release_first ? std::thread(canceller) : std::thread(releaser);
+      first.join();
+      second.join();
+      waiter.join();
+
+      REQUIRE((status == wait_status::ok || status == wait_status::cancelled));
+      CHECK(sem.stats().waiters == 0);
+      if (status == wait_status::ok) {
+        ++granted;
+        CHECK(sem.available() == 0);  // the waiter holds n, the main thread capacity - n
+        sem.release(n);
+      } else {
+        ++cancelled;
+        CHECK(sem.available() == n);  // the released permits are free
+      }
+      sem.release(capacity - n);
+      REQUIRE(sem.available() == capacity);
+      REQUIRE(sem.stats().waiters == 0);
+    }
+    const auto stats = sem.stats();
+    CHECK(stats.cancellations == static_cast<std::uint64_t>(cancelled));
+    CHECK(stats.acquisitions == static_cast<std::uint64_t>(iterations + granted));
+  }
+}
+
+TEST_CASE("cancelling many waiters while their permits are released one by one loses none" *
+          doctest::timeout(60)) {
+  const int iterations = slow_build ? 15 : 60;
+  for (const int waiters : thread_counts()) {
+    CAPTURE(waiters);
+    std::mt19937_64 rng{static_cast<std::uint64_t>(waiters) * 7919u};
+    const std::ptrdiff_t capacity = waiters;
+    weft::semaphore sem{capacity};
+    for (int iteration = 0; iteration < iterations; ++iteration) {
+      CAPTURE(iteration);
+      const int cancel_after = static_cast<int>(rng() % static_cast<std::uint64_t>(waiters + 1));
+      sem.acquire(capacity);
+      weft::cancel_source source;
+      std::vector<wait_status> statuses(static_cast<std::size_t>(waiters), wait_status::closed);
+      std::vector<std::thread> threads;
+      for (int i = 0; i < waiters; ++i) {
+        threads.emplace_back(
+            [&, i] { statuses[static_cast<std::size_t>(i)] = sem.acquire(1, source.token()); });
+      }
+      REQUIRE(waiters_reach(sem, static_cast<std::size_t>(waiters)));
+      std::latch start{2};
+      std::thread releaser([&] {
+        start.arrive_and_wait();
+        for (int i = 0; i < waiters; ++i) sem.release(1);
+      });
+      std::thread canceller([&] {
+        start.arrive_and_wait();
+        for (int i = 0; i < cancel_after; ++i) std::this_thread::yield();
+        source.cancel();
+      });
+      releaser.join();
+      canceller.join();
+      for (auto& t : threads) t.join();
+      std::ptrdiff_t kept = 0;
+      for (const auto status : statuses) {
+        REQUIRE((status == wait_status::ok || status == wait_status::cancelled));
+        if (status == wait_status::ok) ++kept;
+      }
+      CHECK(sem.stats().waiters == 0);
+      CHECK(sem.available() == capacity - kept);
+      sem.release(kept);
+      REQUIRE(sem.available() == capacity);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Contention
+
+TEST_CASE("threads contending for weighted permits never hold more than the capacity" *
+          doctest::timeout(60)) {
+  for (const int threads_count : thread_counts()) {
+    CAPTURE(threads_count);
+    constexpr std::ptrdiff_t capacity = 5;
+    weft::semaphore sem{capacity};
+    const int rounds = slow_build ? 100 : 1000;
+    std::atomic<std::ptrdiff_t> held{0};
+    std::atomic<std::ptrdiff_t> most{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < threads_count; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng{static_cast<unsigned>(t)};
+        for (int i = 0; i < rounds; ++i) {
+          const std::ptrdiff_t n = std::uniform_int_distribution<std::ptrdiff_t>{1, capacity}(rng);
+          bool got = true;
+          switch (i % 3) {
+            case 0:
+              sem.acquire(n);
+              break;
+            case 1:
+              got = sem.try_acquire(n);
+              break;
+            default:
+              got = sem.acquire_for(n, 1h) == wait_status::ok;
+              break;
+          }
+          if (!got) continue;
+          const auto now = held.fetch_add(n) + n;
+          auto seen = most.load();
+          while (now > seen && !most.compare_exchange_weak(seen, now)) {
+          }
+          held.fetch_sub(n);
+          sem.release(n);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(most.load() <= capacity);
+    CHECK(sem.available() == capacity);
+    CHECK(sem.stats().waiters == 0);
+  }
+}
+
+TEST_CASE("the acquisition count stays exact when its low bits in the state word fill up and fold" *
+          doctest::timeout(120)) {
+  // The fast path counts acquisitions in 23 bits of the state word; the
+  // acquire that finds them full goes through the slow path and folds them.
+  constexpr std::uint64_t field_size = std::uint64_t{1} << 23;
+  weft::semaphore sem{3};
+  std::uint64_t expected = 0;
+  for (std::uint64_t i = 0; i < field_size - 2; ++i) {
+    sem.acquire();
+    sem.release();
+    ++expected;
+  }
+  CHECK(sem.stats().acquisitions == expected);
+  // The blocking acquire of round 0 finds the field full and folds it; every
+  // path that takes permits (try_acquire, acquire, a grant to a queued
+  // waiter) then keeps counting on top of the folded part.
+  for (int round = 0; round < 3; ++round) {
+    REQUIRE(sem.try_acquire(2));
+    ++expected;
+    sem.release(2);
+    sem.acquire(3);
+    ++expected;
+    std::thread waiter([&] {
+      sem.acquire(1);
+      sem.release(1);
+    });
+    while (sem.stats().waiters == 0) std::this_thread::yield();
+    sem.release(3);
+    waiter.join();
+    ++expected;
+    CHECK(sem.stats().acquisitions == expected);
+  }
+  CHECK(sem.available() == 3);
+}
