@@ -18,7 +18,10 @@
 //   moodycamel_lightweight   moodycamel::LightweightSemaphore: an atomic count
 //                            in front of a POSIX semaphore, spinning up to
 //                            10,000 times before it sleeps; unfair (barging)
-//   bare_mutex               std::mutex lock+unlock: a floor, not a semaphore
+//   bare_mutex               std::mutex lock+unlock: a floor, not a semaphore;
+//                            in uncontended_acquire_release and contended_cap1
+//                            (a capacity-1 semaphore competes with a mutex),
+//                            not in contended_half
 //
 // Contention model (read this before reading the numbers):
 //   uncontended_acquire_release
@@ -39,10 +42,18 @@
 //     oversubscribe the cores on purpose (preemption while holding a permit).
 //     Wake-up heavy: noisy (±10-50%).
 //   contended_half
-//     T threads (2, 4, 8) on a semaphore of capacity T/2, with a few
-//     nanoseconds of thread-local work while holding a permit: a connection
-//     or worker-slot limiter that is full about half the time, closer to how
-//     a service uses a counting semaphore. Also noisy.
+//     T threads (2, 4, 8) on a semaphore of capacity T/2 (so 1, 2, 4), with a
+//     few nanoseconds of thread-local work while holding a permit: a
+//     connection or worker-slot limiter where half the callers can hold a
+//     slot at once, closer to how a service uses a counting semaphore than
+//     contended_cap1. Also noisy.
+//
+// The multi-threaded numbers depend on the machine being otherwise idle: when
+// other processes share the cores, the benchmark's threads rarely run at the
+// same moment, and every impl looks nearly uncontended (we saw weft's
+// contended_cap1 at 2 threads move from ~2.5M/s on an idle 2-core machine to
+// ~50M/s on a busy one). Compare impls only within one run, and check the
+// machine's load.
 #include <weft/semaphore.hpp>
 
 // lightweightsemaphore.h uses macros that concurrentqueue.h defines.

@@ -254,6 +254,14 @@ class [[nodiscard]] cancel_callback {
     state_->add_callback(link_);
   }
 
+  // Adopts the token's reference: `on_cancel(source.token(), f)` costs no
+  // extra reference count update.
+  template <class G>
+  cancel_callback(cancel_token&& token, G&& callback) noexcept(std::is_nothrow_constructible_v<F, G>)
+      : link_(std::forward<G>(callback)), state_(std::exchange(token.state_, nullptr)) {
+    if (state_ != nullptr) state_->add_callback(link_);
+  }
+
   cancel_callback(const cancel_callback&) = delete;
   cancel_callback& operator=(const cancel_callback&) = delete;
 
@@ -277,10 +285,11 @@ class [[nodiscard]] cancel_callback {
 };
 
 // Registers `callback` to run when `token` is cancelled (at once if it is).
-template <class F>
-[[nodiscard]] cancel_callback<std::decay_t<F>> on_cancel(const cancel_token& token, F&& callback) {
+template <class Token, class F>
+  requires std::is_same_v<std::remove_cvref_t<Token>, cancel_token>
+[[nodiscard]] cancel_callback<std::decay_t<F>> on_cancel(Token&& token, F&& callback) {
   static_assert(std::is_invocable_v<std::decay_t<F>&>, "on_cancel: the callback must be callable as f()");
-  return cancel_callback<std::decay_t<F>>(token, std::forward<F>(callback));
+  return cancel_callback<std::decay_t<F>>(std::forward<Token>(token), std::forward<F>(callback));
 }
 
 namespace detail {

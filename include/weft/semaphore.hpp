@@ -52,7 +52,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
-#include <weft/detail/futex.hpp>
+#include <weft/detail/backoff.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
 
@@ -368,11 +368,10 @@ class basic_semaphore {
   // The holder usually releases within a microsecond on a busy system, far
   // sooner than a park and wake; spin while nobody is queued.
   bool spin_take(std::uint64_t n) noexcept {
-    for (int spin = 0;; ++spin) {
+    for (detail::backoff pause;;) {
       if (try_take(n)) return true;
       const auto state = state_.load(std::memory_order_relaxed);
-      if (spin >= WEFT_SPIN_LIMIT || (state & waiters_mark) != 0 || folding_due(state)) return false;
-      detail::cpu_relax();
+      if ((state & waiters_mark) != 0 || folding_due(state) || !pause.wait()) return false;
     }
   }
 

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <weft/config.hpp>
+#include <weft/detail/backoff.hpp>
 #include <weft/detail/futex.hpp>
 
 #include <atomic>
@@ -69,9 +70,8 @@ class parker {
 
  private:
   std::uint32_t wait_for_change(std::uint32_t done, const std::chrono::nanoseconds* timeout) noexcept {
-    for (int spin = 0; spin < WEFT_SPIN_LIMIT; ++spin) {
+    for (backoff pause; pause.wait();) {
       if (const auto word = word_.load(std::memory_order_acquire); word & done) return word;
-      cpu_relax();
     }
     auto word = word_.fetch_or(sleeping_bit, std::memory_order_acq_rel) | sleeping_bit;
     if ((word & done) == 0) {
