@@ -31,6 +31,8 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+
+#include "support.hpp"
 #include <boost/asio.hpp>
 
 namespace asio = boost::asio;
@@ -46,17 +48,7 @@ namespace {
 
 using error_code = boost::system::error_code;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool slow_build = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool slow_build = true;
-#else
-constexpr bool slow_build = false;
-#endif
-#else
-constexpr bool slow_build = false;
-#endif
+using weft_test::under_sanitizer;
 
 int more_than_cores() {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -909,7 +901,7 @@ TEST_CASE(
     CAPTURE(s.plain_threads);
     constexpr std::ptrdiff_t capacity = 3;
     constexpr int coroutines = 8;
-    const int rounds = slow_build ? 40 : 200;
+    const int rounds = under_sanitizer ? 40 : 200;
     weft::semaphore sem{capacity};
     asio::io_context io;
     std::atomic<std::ptrdiff_t> held{0};

@@ -13,6 +13,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 #include <atomic>
 #include <barrier>
 #include <chrono>
@@ -41,26 +43,10 @@ using weft::wait_status;
 
 namespace {
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool under_sanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool under_sanitizer = true;
-#else
-constexpr bool under_sanitizer = false;
-#endif
-#else
-constexpr bool under_sanitizer = false;
-#endif
+using weft_test::spin_until;
+using weft_test::under_sanitizer;
 
 constexpr int thread_counts[] = {1, 2, 3, 8, 16};
-
-// Waits (yielding) until `condition` holds. Never sleeps; a hang is caught by
-// the test's timeout.
-template <class Condition>
-void spin_until(Condition condition) {
-  while (!condition()) std::this_thread::yield();
-}
 
 // Like spin_until, but polls without giving up the core (a yield now and
 // then, in case the other thread needs it): for lockstep races whose windows

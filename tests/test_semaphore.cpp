@@ -28,6 +28,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support.hpp"
+
 using namespace std::chrono_literals;
 
 namespace weft {
@@ -41,17 +43,7 @@ namespace {
 using weft::wait_status;
 using manual_semaphore = weft::basic_semaphore<weft::manual_clock>;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool slow_build = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool slow_build = true;
-#else
-constexpr bool slow_build = false;
-#endif
-#else
-constexpr bool slow_build = false;
-#endif
+using weft_test::under_sanitizer;
 
 // The thread counts that concurrent cases run over: 1, 2, 3, 8, and more
 // than the cores.
@@ -821,7 +813,7 @@ TEST_CASE("stats stay consistent while threads contend" * doctest::timeout(60)) 
   for (const int threads_count : thread_counts()) {
     CAPTURE(threads_count);
     weft::semaphore sem{2};
-    const int rounds = slow_build ? 50 : 300;
+    const int rounds = under_sanitizer ? 50 : 300;
     std::atomic<std::ptrdiff_t> held{0};
     std::atomic<int> over_capacity{0};
     std::atomic<bool> stop_reading{false};
@@ -873,7 +865,7 @@ TEST_CASE(
     "doubles permits" *
     doctest::timeout(60)) {
   constexpr std::ptrdiff_t capacity = 4;
-  const int iterations = slow_build ? 60 : 400;
+  const int iterations = under_sanitizer ? 60 : 400;
   for (const std::uint64_t seed : {1u, 2u, 3u, 0x5eedu, 0xdecafu}) {
     CAPTURE(seed);
     std::mt19937_64 rng{seed};
@@ -937,7 +929,7 @@ TEST_CASE(
 
 TEST_CASE("cancelling many waiters while their permits are released one by one loses none" *
           doctest::timeout(60)) {
-  const int iterations = slow_build ? 15 : 60;
+  const int iterations = under_sanitizer ? 15 : 60;
   for (const int waiters : thread_counts()) {
     CAPTURE(waiters);
     std::mt19937_64 rng{static_cast<std::uint64_t>(waiters) * 7919u};
@@ -990,7 +982,7 @@ TEST_CASE("threads contending for weighted permits never hold more than the capa
     CAPTURE(threads_count);
     constexpr std::ptrdiff_t capacity = 5;
     weft::semaphore sem{capacity};
-    const int rounds = slow_build ? 100 : 1000;
+    const int rounds = under_sanitizer ? 100 : 1000;
     std::atomic<std::ptrdiff_t> held{0};
     std::atomic<std::ptrdiff_t> most{0};
     std::vector<std::thread> threads;

@@ -36,10 +36,15 @@
 // Memory ordering: a release() happens-before the acquire() it satisfies.
 //
 // Cost: when nobody waits, acquire and release are each one compare-and-swap
-// on the state word and never take a lock or make a system call. A waiter
-// spins briefly (WEFT_SPIN_LIMIT) before it queues; queueing and waking take
-// the queue's mutex, and a parked thread costs one futex wake. Waiting
+// on the state word (which also counts acquisitions for stats()) and never
+// take a lock or make a system call. A waiter spins and yields briefly
+// (WEFT_SPIN_LIMIT, WEFT_YIELD_LIMIT) before it queues; queueing and waking
+// take the queue's mutex, and a parked thread costs one futex wake. Waiting
 // allocates nothing (thread waiters live on the waiting thread's stack).
+//
+// Under heavy contention with more threads than cores, strict FIFO hand-off
+// makes every acquisition wait for the chosen waiter to be scheduled (a lock
+// convoy): use a semaphore to bound slow operations, not as a spin lock.
 //
 // Example:
 //   weft::semaphore db_slots{10};
