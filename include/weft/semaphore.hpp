@@ -61,7 +61,6 @@
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -195,40 +194,6 @@ class basic_semaphore {
     release_slow(n);
   }
 
- private:
-  WEFT_NOINLINE void acquire_slow(std::ptrdiff_t n) {
-    if (spin_take(static_cast<std::uint64_t>(n))) return;
-    wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
-  }
-
-  // Waiters are queued, or the release is too large (which throws).
-  WEFT_NOINLINE void release_slow(std::ptrdiff_t n) {
-    const auto amount = static_cast<std::uint64_t>(n);
-    for (;;) {
-      auto state = state_.load(std::memory_order_relaxed);
-      while ((state & waiters_mark) == 0) {
-        if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
-          throw_over_release(n, state & count_mask);
-        }
-        if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release,
-                                         std::memory_order_relaxed)) {
-          return;
-        }
-      }
-      detail::completion_list granted;  // completed after the lock below is released
-      auto lock = queue_.lock();
-      state = state_.load(std::memory_order_relaxed);
-      if ((state & waiters_mark) == 0) continue;  // the queue emptied meanwhile: fast path again
-      if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
-        throw_over_release(n, state & count_mask);
-      }
-      state_.store(state + amount, std::memory_order_release);
-      grant(granted);
-      return;
-    }
-  }
-
- public:
   permit acquire_permit(std::ptrdiff_t n = 1) {
     acquire(n);
     return permit{this, n};
@@ -275,6 +240,38 @@ class basic_semaphore {
 
  private:
   friend struct detail::semaphore_access;
+
+  WEFT_NOINLINE void acquire_slow(std::ptrdiff_t n) {
+    if (spin_take(static_cast<std::uint64_t>(n))) return;
+    wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
+  }
+
+  // Waiters are queued, or the release is too large (which throws).
+  WEFT_NOINLINE void release_slow(std::ptrdiff_t n) {
+    const auto amount = static_cast<std::uint64_t>(n);
+    for (;;) {
+      auto state = state_.load(std::memory_order_relaxed);
+      while ((state & waiters_mark) == 0) {
+        if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
+          throw_over_release(n, state & count_mask);
+        }
+        if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release,
+                                         std::memory_order_relaxed)) {
+          return;
+        }
+      }
+      detail::completion_list granted;  // completed after the lock below is released
+      auto lock = queue_.lock();
+      state = state_.load(std::memory_order_relaxed);
+      if ((state & waiters_mark) == 0) continue;  // the queue emptied meanwhile: fast path again
+      if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
+        throw_over_release(n, state & count_mask);
+      }
+      state_.store(state + amount, std::memory_order_release);
+      grant(granted);
+      return;
+    }
+  }
 
   // The state word:
   //   bit 63      "waiters are queued": set and cleared with the queue's
