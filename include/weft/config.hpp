@@ -13,12 +13,12 @@
 //   its thread in the kernel. Waking a parked thread costs 5-20 us on virtual
 //   machines, while the thing a waiter waits for usually arrives within a
 //   microsecond on a busy system; a short bounded spin avoids most parks.
-//   Default 64.
+//   Default 16.
 //
 // WEFT_YIELD_LIMIT
 //   How many times a waiter then yields its core (std::this_thread::yield)
 //   before it parks: when threads outnumber cores, the thread that will wake
-//   it often needs this core to run. Default 32. Both limits 0 park at once.
+//   it often needs this core to run. Default 64. Both limits 0 park at once.
 #pragma once
 
 #ifndef WEFT_ASSERT
@@ -27,11 +27,11 @@
 #endif
 
 #ifndef WEFT_SPIN_LIMIT
-#define WEFT_SPIN_LIMIT 64
+#define WEFT_SPIN_LIMIT 16
 #endif
 
 #ifndef WEFT_YIELD_LIMIT
-#define WEFT_YIELD_LIMIT 32
+#define WEFT_YIELD_LIMIT 64
 #endif
 
 // Internal: keeps a slow path out of the fast path it belongs to.

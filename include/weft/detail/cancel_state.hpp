@@ -12,8 +12,9 @@
 //    cause (code_, exception_) is written; readers load it with acquire and
 //    may then read the cause without the mutex.
 //  - Callbacks are intrusive nodes in a doubly linked list guarded by
-//    mutex_. cancel() unlinks and invokes them one by one, in registration
-//    order, outside the mutex. remove_callback() waits for a callback running
+//    mutex_ (a spin_mutex: it is held for a few instructions at a time).
+//    cancel() unlinks and invokes them one by one, in registration order,
+//    outside the mutex. remove_callback() waits for a callback running
 //    on another thread (invocation_tracker), and returns at once from inside
 //    the callback itself.
 //  - A child holds a reference to its parent and a callback node in the
@@ -22,6 +23,7 @@
 #pragma once
 
 #include <weft/detail/invocation_tracker.hpp>
+#include <weft/detail/spin_mutex.hpp>
 #include <weft/detail/timer_queue.hpp>
 #include <weft/wait_status.hpp>
 
@@ -195,7 +197,7 @@ class cancel_state {
 
   std::atomic<std::uint32_t> refs_{1};
   std::atomic<bool> cancelled_{false};
-  std::mutex mutex_;
+  spin_mutex mutex_;
   callback_node* head_ = nullptr;
   callback_node* tail_ = nullptr;
   invocation_tracker tracker_;

@@ -41,7 +41,8 @@ class invocation_tracker {
   // Called by a remover that did not find `node` in the container. Returns
   // once `node`'s callback is not running, or at once when the caller is that
   // callback. May unlock and relock `lock` while it waits.
-  void wait_until_not_running(const void* node, std::unique_lock<std::mutex>& lock) noexcept {
+  template <class Mutex>
+  void wait_until_not_running(const void* node, std::unique_lock<Mutex>& lock) noexcept {
     while (running_ == node && running_thread_ != std::this_thread::get_id()) {
       const auto seen = finished_.load(std::memory_order_acquire);
       ++waiting_removers_;
