@@ -368,12 +368,15 @@ class basic_semaphore {
   }
 
   // The holder usually releases within a microsecond on a busy system, far
-  // sooner than a park and wake; spin while nobody is queued.
+  // sooner than a park and wake, so spin (then yield) before queueing. Keep
+  // doing so while others are queued, too: try_take cannot overtake them,
+  // but not joining the queue at once lets a queue of parked threads drain
+  // instead of growing into a convoy, where every release waits for the
+  // next queued thread to be scheduled.
   bool spin_take(std::uint64_t n) noexcept {
     for (detail::backoff pause;;) {
       if (try_take(n)) return true;
-      const auto state = state_.load(std::memory_order_relaxed);
-      if ((state & waiters_mark) != 0 || folding_due(state) || !pause.wait()) return false;
+      if (folding_due(state_.load(std::memory_order_relaxed)) || !pause.wait()) return false;
     }
   }
 
