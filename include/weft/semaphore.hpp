@@ -42,9 +42,11 @@
 // take the queue's mutex, and a parked thread costs one futex wake. Waiting
 // allocates nothing (thread waiters live on the waiting thread's stack).
 //
-// Under heavy contention with more threads than cores, strict FIFO hand-off
-// makes every acquisition wait for the chosen waiter to be scheduled (a lock
-// convoy): use a semaphore to bound slow operations, not as a spin lock.
+// A queued waiter is served strictly in order, so permits released to a
+// parked waiter sit unused until it is scheduled. Acquirers therefore spin
+// and yield before they queue, and keep doing so while others are queued,
+// so a busy semaphore seldom queues anyone and its queue drains instead of
+// turning into a convoy; what does queue costs a futex wake per waiter.
 //
 // Example:
 //   weft::semaphore db_slots{10};
