@@ -21,13 +21,10 @@
 #include <weft/detail/cancel_state.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
-#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/cancellation_type.hpp>
-#include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/prefer.hpp>
 #include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
 
@@ -47,8 +44,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   token_waiter(Handler handler, cancel_state* state)
       : handler_(std::move(handler)),
         state_(state),
-        work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, boost::asio::system_executor{}),
-                                  boost::asio::execution::outstanding_work.tracked)),
+        work_(tracked_executor(handler_)),
         service_(&waiter_service::of(work_)) {
     state_->ref();
     invoke = [](callback_node& node) noexcept { static_cast<token_waiter&>(node).claim({}); };
@@ -109,10 +105,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   cancel_state* state_;
   std::atomic<bool> claimed_{false};
   boost::system::error_code error_;
-  std::decay_t<decltype(boost::asio::prefer(
-      std::declval<boost::asio::associated_executor_t<Handler, boost::asio::system_executor>>(),
-      boost::asio::execution::outstanding_work.tracked))>
-      work_;
+  tracked_executor_t<Handler> work_;
   waiter_service* service_;
 };
 

@@ -49,6 +49,17 @@
 
 namespace weft::detail {
 
+// The handler's associated executor (system_executor when it has none),
+// holding outstanding work so the context does not run out while we wait.
+template <class Handler>
+auto tracked_executor(const Handler& handler) {
+  return boost::asio::prefer(boost::asio::get_associated_executor(handler, boost::asio::system_executor{}),
+                             boost::asio::execution::outstanding_work.tracked);
+}
+
+template <class Handler>
+using tracked_executor_t = decltype(tracked_executor(std::declval<const Handler&>()));
+
 // What waiter_service needs of an async operation.
 class context_bound_waiter {
  public:
@@ -139,8 +150,7 @@ class async_waiter final : public wait_node, public context_bound_waiter {
       : handler_(std::move(handler)),
         result_(std::move(result)),
         queue_(&queue),
-        work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, boost::asio::system_executor{}),
-                                  boost::asio::execution::outstanding_work.tracked)),
+        work_(tracked_executor(handler_)),
         service_(&waiter_service::of(work_)) {
     complete = &post_completion;
     abandon = &destroy;
@@ -207,10 +217,7 @@ class async_waiter final : public wait_node, public context_bound_waiter {
   Handler handler_;
   Result result_;
   wait_queue* queue_;
-  std::decay_t<decltype(boost::asio::prefer(
-      std::declval<boost::asio::associated_executor_t<Handler, boost::asio::system_executor>>(),
-      boost::asio::execution::outstanding_work.tracked))>
-      work_;
+  tracked_executor_t<Handler> work_;
   waiter_service* service_;
 };
 
