@@ -9,10 +9,11 @@
 //   own handler to log them in release builds.
 //
 // WEFT_SPIN_LIMIT
-//   How many times a waiter polls (with a pause instruction) before it parks
-//   its thread in the kernel. Waking a parked thread costs 5-20 us on virtual
-//   machines, while the thing a waiter waits for usually arrives within a
-//   microsecond on a busy system; a short bounded spin avoids most parks.
+//   How many times a waiter polls (with a pause instruction) before it
+//   yields, queues, or parks its thread in the kernel. Waking a parked thread
+//   costs 5-20 us on virtual machines, while the thing a waiter waits for
+//   usually arrives within a microsecond on a busy system; a short bounded
+//   spin avoids most parks.
 //   Default 16.
 //
 // WEFT_YIELD_LIMIT

@@ -5,12 +5,12 @@
 // publish a cause, never while a callback runs. For that, std::mutex's
 // unlock (an atomic read-modify-write, to learn whether to wake a sleeper)
 // is a third of the cost of a cancel cycle; here unlock is a plain release
-// store. A waiter polls with a pause instruction, then yields its core, so a
-// holder preempted mid-section gets to run. Meets Lockable, so
+// store. A waiter backs off like every weft waiter (detail::backoff), then
+// keeps yielding its core, so a holder preempted mid-section gets to run. Meets Lockable, so
 // std::lock_guard and std::unique_lock work with it.
 #pragma once
 
-#include <weft/detail/futex.hpp>
+#include <weft/detail/backoff.hpp>
 
 #include <atomic>
 #include <thread>
@@ -24,13 +24,9 @@ class spin_mutex {
   spin_mutex& operator=(const spin_mutex&) = delete;
 
   void lock() noexcept {
-    for (int attempt = 0; !try_lock(); ++attempt) {
+    for (backoff pause; !try_lock();) {
       while (locked_.load(std::memory_order_relaxed)) {
-        if (attempt < 16) {
-          cpu_relax();
-        } else {
-          std::this_thread::yield();
-        }
+        if (!pause.wait()) std::this_thread::yield();  // past the budget: keep yielding
       }
     }
   }
