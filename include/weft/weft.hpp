@@ -5,8 +5,11 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
+#include <weft/fan.hpp>
 #include <weft/manual_clock.hpp>
 #include <weft/semaphore.hpp>
+#include <weft/task_group.hpp>
 #include <weft/version.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/wait_status.hpp>
+#include <weft/worker_pool.hpp>

@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: BSL-1.0
+// detail::bounded_ring: a fixed ring of slots, multi-producer
+// multi-consumer, lock-free, that never allocates after construction.
+//
+// The design is the bounded MPMC queue widely published since 2010: each
+// slot carries a sequence number that says whose turn it is. A producer
+// claims position p with one compare-and-swap on the tail when slot p's
+// sequence is p, writes the value, and publishes it by storing p + 1; a
+// consumer claims position p on the head when the sequence is p + 1, takes
+// the value, and frees the slot for the next lap by storing p + capacity.
+// Producers and consumers meet only in the slot they hand over, and the head
+// and the tail live on separate cache lines.
+//
+// try_pop fails both when the ring is empty and when the producer that
+// claimed the next position has not published it yet; callers that sleep on
+// emptiness must therefore be woken by the producer after it publishes
+// (which is what worker_pool's wake protocol does).
+//
+// The capacity is exact and may be any positive number.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <utility>
+
+namespace weft::detail {
+
+template <class T>
+class bounded_ring {
+ public:
+  explicit bounded_ring(std::size_t capacity) : capacity_(capacity), slots_(new slot[capacity]) {
+    for (std::size_t i = 0; i < capacity; ++i) slots_[i].sequence.store(i, std::memory_order_relaxed);
+  }
+
+  bounded_ring(const bounded_ring&) = delete;
+  bounded_ring& operator=(const bounded_ring&) = delete;
+
+  ~bounded_ring() {
+    T discarded;
+    while (try_pop(discarded)) {
+    }
+  }
+
+  // Moves `value` in and returns true, or returns false (leaving `value`
+  // untouched) when the ring is full. `position`, when given, receives the
+  // value's position: how many values were pushed before it.
+  bool try_push(T& value, std::uint64_t* position = nullptr) noexcept {
+    auto pos = tail_.load(std::memory_order_relaxed);
+    for (;;) {
+      slot& s = slots_[pos % capacity_];
+      const auto sequence = s.sequence.load(std::memory_order_acquire);
+      const auto lag = static_cast<std::int64_t>(sequence - pos);
+      if (lag == 0) {
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+          ::new (static_cast<void*>(s.storage)) T(std::move(value));
+          s.sequence.store(pos + 1, std::memory_order_release);
+          if (position != nullptr) *position = pos;
+          return true;
+        }
+      } else if (lag < 0) {
+        return false;  // the slot still holds the value from one lap ago
+      } else {
+        pos = tail_.load(std::memory_order_relaxed);
+      }
+    }
+  }
+
+  // Moves the oldest value into `out` and returns true, or returns false.
+  bool try_pop(T& out) noexcept {
+    auto pos = head_.load(std::memory_order_relaxed);
+    for (;;) {
+      slot& s = slots_[pos % capacity_];
+      const auto sequence = s.sequence.load(std::memory_order_acquire);
+      const auto lag = static_cast<std::int64_t>(sequence - (pos + 1));
+      if (lag == 0) {
+        if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+          T* value = std::launder(reinterpret_cast<T*>(s.storage));
+          out = std::move(*value);
+          value->~T();
+          s.sequence.store(pos + capacity_, std::memory_order_release);
+          return true;
+        }
+      } else if (lag < 0) {
+        return false;
+      } else {
+        pos = head_.load(std::memory_order_relaxed);
+      }
+    }
+  }
+
+  std::size_t capacity() const noexcept { return capacity_; }
+
+  // Counts since construction; each may be stale as soon as it is read.
+  std::uint64_t pushed() const noexcept { return tail_.load(std::memory_order_relaxed); }
+  std::uint64_t popped() const noexcept { return head_.load(std::memory_order_relaxed); }
+
+  std::size_t size() const noexcept {
+    const auto popped_count = popped();
+    const auto pushed_count = pushed();
+    return pushed_count > popped_count ? static_cast<std::size_t>(pushed_count - popped_count) : 0;
+  }
+
+  // True when a value is published at the head; a value being pushed right
+  // now may not show yet.
+  bool has_ready() const noexcept {
+    const auto pos = head_.load(std::memory_order_relaxed);
+    return slots_[pos % capacity_].sequence.load(std::memory_order_acquire) == pos + 1;
+  }
+
+ private:
+  struct alignas(64) slot {
+    std::atomic<std::uint64_t> sequence;
+    alignas(T) unsigned char storage[sizeof(T)];
+  };
+
+  const std::size_t capacity_;
+  std::unique_ptr<slot[]> slots_;
+  alignas(64) std::atomic<std::uint64_t> tail_{0};
+  alignas(64) std::atomic<std::uint64_t> head_{0};
+};
+
+}  // namespace weft::detail

@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: BSL-1.0
+// Fan-out / fan-in as calls: gather, parallel_map, for_each.
+//
+// Go analogue: an errgroup whose goroutines write into a results slice, the
+// pattern an API handler uses to call three backends at once. C++
+// alternatives: std::async per call and future::get, tbb::parallel_for /
+// tbb::task_group, a latch over asio::thread_pool.
+//
+//   auto [user, orders, prefs] = weft::gather_for(50ms, request,
+//       [&](weft::cancel_token t) { return users.get(id, t); },
+//       [&](weft::cancel_token t) { return orders.list(id, t); },
+//       [&] { return prefs.load(id); });
+//
+//   std::vector<thumb> thumbs = weft::parallel_map(images, make_thumbnail, {.limit = 4});
+//
+// Semantics (all three are built on task_group, and inherit its rules):
+//  - Each call may take a weft::cancel_token as its last parameter; the
+//    token is cancelled by the caller's token, by the deadline, or by the
+//    first call that throws. The first exception is rethrown to the caller
+//    after every call has finished or been skipped; calls not yet started
+//    when the token is cancelled are skipped, and a cancellation with no
+//    exception is reported by throwing the token's cause (std::system_error
+//    with errc::cancelled or errc::deadline_exceeded).
+//  - The calling thread does not sit idle: it runs calls itself while it
+//    waits, so a fan-out of small calls needs no wake-up round trip.
+//  - parallel_map and for_each keep at most `limit` calls in flight (by
+//    default one per worker of the executor, plus the caller). They do not
+//    post a task per element: `limit` tasks each take the next element until
+//    none is left, so a million elements cost a million calls, not a
+//    million posts.
+//  - gather returns a std::tuple of the calls' results in argument order; a
+//    call returning void gives std::monostate.
+//
+// Thread safety: each call is independent; the range must not change while
+// parallel_map or for_each runs, and f is called concurrently from several
+// threads.
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/task_group.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <iterator>
+#include <optional>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace weft {
+
+struct fan_options {
+  // Calls in flight at most; 0 means one per worker of the executor plus
+  // the calling thread.
+  std::size_t limit = 0;
+  cancel_token token{};
+  // The default executor when empty.
+  std::optional<pool_executor> executor{};
+};
+
+namespace detail {
+
+template <class F, class... Args>
+decltype(auto) invoke_maybe_with_token(F& f, const cancel_token& token, Args&&... args) {
+  if constexpr (std::is_invocable_v<F&, Args..., const cancel_token&>) {
+    return f(std::forward<Args>(args)..., token);
+  } else {
+    static_assert(std::is_invocable_v<F&, Args...>,
+                  "weft: the function must be callable with the element (and optionally a weft::cancel_token)");
+    return f(std::forward<Args>(args)...);
+  }
+}
+
+// Calls f (with the token if it takes one); void becomes std::monostate,
+// so every call has a value to put in gather's tuple.
+template <class F>
+auto call_for_result(F& f, const cancel_token& token) {
+  if constexpr (std::is_void_v<decltype(invoke_with_token(f, token))>) {
+    invoke_with_token(f, token);
+    return std::monostate{};
+  } else {
+    return invoke_with_token(f, token);
+  }
+}
+
+template <class F>
+concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, const cancel_token&>;
+
+// Runs body(i) for every i in [0, count) on at most `limit` tasks of a group
+// (the caller helping), each taking the next index until none is left.
+template <class Body>
+void run_indexed(std::size_t count, const fan_options& options, Body body) {
+  if (count == 0) return;
+  const pool_executor executor = options.executor.value_or(default_executor());
+  task_group group{executor, options.token};
+  const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size() + 1;
+  std::atomic<std::size_t> next{0};
+  const auto workers = std::min(count, limit);
+  for (std::size_t w = 0; w < workers; ++w) {
+    group.go([&](const cancel_token& token) {
+      for (std::size_t i = next.fetch_add(1, std::memory_order_relaxed); i < count && !token.cancelled();
+           i = next.fetch_add(1, std::memory_order_relaxed)) {
+        body(i, token);
+      }
+    });
+  }
+  group.wait();
+  // The loop above stops early only on cancellation, which wait() reports
+  // by throwing; getting here means every index ran.
+}
+
+// The elements of a range, addressable by index: the range's own iterator
+// when it is random-access, else its iterators, collected once.
+template <class Iterator>
+struct random_access_elements {
+  Iterator first;
+  std::size_t count;
+  std::size_t size() const noexcept { return count; }
+  decltype(auto) operator[](std::size_t i) const {
+    return first[static_cast<std::iter_difference_t<Iterator>>(i)];
+  }
+};
+
+template <class Iterator>
+struct collected_elements {
+  std::vector<Iterator> iterators;
+  std::size_t size() const noexcept { return iterators.size(); }
+  decltype(auto) operator[](std::size_t i) const { return *iterators[i]; }
+};
+
+template <class Range>
+auto elements_of(Range& range) {
+  using iterator = std::ranges::iterator_t<Range>;
+  if constexpr (std::ranges::random_access_range<Range> && std::ranges::sized_range<Range>) {
+    return random_access_elements<iterator>{std::ranges::begin(range), static_cast<std::size_t>(std::ranges::size(range))};
+  } else {
+    collected_elements<iterator> elements;
+    for (auto it = std::ranges::begin(range); it != std::ranges::end(range); ++it) elements.iterators.push_back(it);
+    return elements;
+  }
+}
+
+}  // namespace detail
+
+// Calls f on every element, concurrently; returns the results in input order.
+template <class Range, class F>
+auto parallel_map(Range&& range, F&& f, const fan_options& options = {}) {
+  using element = std::ranges::range_reference_t<Range>;
+  using result = std::remove_cvref_t<decltype(detail::invoke_maybe_with_token(
+      std::declval<std::decay_t<F>&>(), std::declval<const cancel_token&>(), std::declval<element>()))>;
+  static_assert(!std::is_void_v<result>, "weft::parallel_map: f returns void; use weft::for_each");
+  auto elements = detail::elements_of(range);
+  std::vector<std::optional<result>> slots(elements.size());
+  detail::run_indexed(elements.size(), options, [&](std::size_t i, const cancel_token& token) {
+    slots[i].emplace(detail::invoke_maybe_with_token(f, token, elements[i]));
+  });
+  std::vector<result> out;
+  out.reserve(slots.size());
+  for (auto& slot : slots) out.push_back(std::move(*slot));
+  return out;
+}
+
+// Calls f on every element, concurrently.
+template <class Range, class F>
+void for_each(Range&& range, F&& f, const fan_options& options = {}) {
+  auto elements = detail::elements_of(range);
+  detail::run_indexed(elements.size(), options, [&](std::size_t i, const cancel_token& token) {
+    detail::invoke_maybe_with_token(f, token, elements[i]);
+  });
+}
+
+// Runs every call concurrently on `executor` under `token`; returns their
+// results as a tuple.
+template <class... F>
+auto gather(pool_executor executor, const cancel_token& token, F&&... calls) {
+  std::tuple<std::optional<decltype(detail::call_for_result(std::declval<std::decay_t<F>&>(),
+                                                            std::declval<const cancel_token&>()))>...>
+      slots;
+  {
+    task_group group{executor, token};
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (group.go([&slot = std::get<I>(slots), &call = calls](const cancel_token& t) {
+         slot.emplace(detail::call_for_result(call, t));
+       }),
+       ...);
+    }(std::index_sequence_for<F...>{});
+    group.wait();
+  }
+  return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);
+}
+
+template <class... F>
+  requires(sizeof...(F) > 0 && (detail::group_callable<std::decay_t<F>> && ...))
+auto gather(F&&... calls) {
+  return gather(default_executor(), cancel_token{}, std::forward<F>(calls)...);
+}
+
+template <class... F>
+auto gather(const cancel_token& token, F&&... calls) {
+  return gather(default_executor(), token, std::forward<F>(calls)...);
+}
+
+// gather with a deadline `timeout` from now (on the steady clock): calls
+// still running then see their token cancelled with errc::deadline_exceeded.
+template <class Rep, class Period, class... F>
+auto gather_for(std::chrono::duration<Rep, Period> timeout, const cancel_token& token, F&&... calls) {
+  const cancel_source deadline = with_timeout(token, timeout);
+  return gather(default_executor(), deadline.token(), std::forward<F>(calls)...);
+}
+
+}  // namespace weft

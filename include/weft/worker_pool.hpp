@@ -1,0 +1,766 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::worker_pool: a fixed set of worker threads fed by one bounded task
+// queue.
+//
+// Go analogue: N worker goroutines ranging over a buffered channel of jobs.
+// C++ alternatives: boost::asio::thread_pool (unbounded queue), tbb::task_arena,
+// a hand-written mutex + condition_variable + std::deque pool.
+//
+// Bounded: the queue holds at most queue_capacity tasks. What post() does
+// when it is full is the pool's overflow policy:
+//   block        wait for room (backpressure on the producer)
+//   reject       throw weft::rejected (try_post returns false instead)
+//   caller_runs  run the task on the posting thread, now
+// A worker of this pool that posts into its own full queue runs the task
+// itself, whatever the policy says, except that `reject` still rejects: when
+// every worker waited for room that only workers can make, the pool would
+// deadlock.
+//
+// Errors: a task that throws never kills its worker. For submit() the
+// exception reaches the future; for post() it goes to the error handler
+// (set_error_handler; by default it writes one line to stderr), and both
+// count in stats().failed. Posting after shutdown throws weft::rejected.
+// Zero workers or a zero queue capacity throw std::invalid_argument.
+//
+// Shutdown: shutdown() stops intake; the workers run what is queued, then
+// exit. shutdown_now() stops intake and destroys what is queued without
+// running it, returning how many tasks that was. join() waits for the
+// workers to exit. The destructor is shutdown() + join(). Producers blocked
+// on a full queue wake with weft::rejected. A post that races shutdown()
+// either throws weft::rejected or its task runs (if the workers have already
+// exited, on the thread that calls join()).
+//
+// Thread safety: every member may be called concurrently, except that the
+// destructor and join() must not run on one of the pool's own workers (the
+// worker would wait for itself; join() throws std::logic_error).
+//
+// Memory ordering: everything before a post() happens-before the task runs.
+//
+// Cost: a task is a move-only callable kept inline up to five pointers of
+// captures (no allocation per post). A post is one compare-and-swap on the
+// queue's tail and a check (a fence and two loads) that some worker is awake
+// to take it; it makes a system call only to wake a parked worker, and only
+// when no worker is already awake and looking for work. A worker that runs
+// out of work spins briefly before it parks, and the worker that finds work
+// first wakes the next one only if more is queued, so adding workers does
+// not make producers pay for more wake-ups. Queue wait is timed on one task
+// in 16 (two clock reads each would cost a quarter of the throughput).
+//
+// Example:
+//   weft::worker_pool db{{.workers = 8, .queue_capacity = 1024, .name = "db"}};
+//   db.post([&] { write(record); });                 // waits while 1024 are queued
+//   std::future<row> r = db.submit([&] { return read(key); });
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/config.hpp>
+#include <weft/detail/backoff.hpp>
+#include <weft/detail/bounded_ring.hpp>
+#include <weft/detail/futex.hpp>
+#include <weft/detail/spin_mutex.hpp>
+#include <weft/detail/task.hpp>
+#include <weft/detail/wait_queue.hpp>
+#include <weft/wait_status.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#endif
+
+namespace weft {
+
+// Thrown when a pool cannot take a task: it is shut down, or it is full and
+// its policy is overflow::reject.
+class rejected : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class overflow { block, reject, caller_runs };
+
+inline std::size_t hardware_threads() noexcept {
+  return std::max<std::size_t>(1, std::thread::hardware_concurrency());
+}
+
+struct worker_pool_options {
+  std::size_t workers = hardware_threads();
+  std::size_t queue_capacity = 1024;
+  overflow on_full = overflow::block;
+  std::string name = "worker_pool";
+};
+
+struct worker_pool_stats {
+  std::size_t workers = 0;
+  std::size_t busy = 0;            // workers running a task now
+  std::size_t queued = 0;          // tasks waiting in the queue now
+  std::size_t peak_queued = 0;     // sampled every 64 posts, exact when the queue filled
+  std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
+  std::uint64_t completed = 0;     // finished running, with or without an exception
+  std::uint64_t failed = 0;        // of those, ended by an exception
+  std::uint64_t rejected = 0;      // refused: full under overflow::reject, or shut down
+  std::uint64_t dropped = 0;       // destroyed unrun by shutdown_now()
+  // Time from queue to start, measured on every 16th queued task: the total
+  // is the sampled sum times 16 (an estimate), the max is over the sample.
+  std::chrono::nanoseconds total_queue_wait{0};
+  std::chrono::nanoseconds max_queue_wait{0};
+};
+
+class worker_pool;
+namespace detail {
+struct worker_pool_access;
+}
+
+// A cheap, copyable handle that posts to a pool; weft/asio.hpp makes it an
+// Asio executor. It does not keep the pool alive.
+class pool_executor {
+ public:
+  pool_executor() = delete;
+  explicit pool_executor(worker_pool& pool) noexcept : pool_(&pool) {}
+
+  template <class F>
+  void post(F&& task) const;
+  template <class F>
+  void execute(F&& task) const;
+
+  worker_pool& context() const noexcept { return *pool_; }
+  bool running_in_this_thread() const noexcept;
+
+  friend bool operator==(const pool_executor&, const pool_executor&) noexcept = default;
+
+ private:
+  worker_pool* pool_;
+};
+
+namespace detail {
+// The pool whose worker this thread is, if any.
+inline thread_local const worker_pool* current_worker_pool = nullptr;
+}  // namespace detail
+
+class worker_pool {
+ public:
+  using executor_type = pool_executor;
+  using clock = std::chrono::steady_clock;
+
+  explicit worker_pool(worker_pool_options options = {})
+      : options_(checked(std::move(options))), ring_(options_.queue_capacity),
+        workers_(new worker[options_.workers]), room_(this, nullptr) {
+    idle_.reserve(options_.workers);
+    started_.reserve(options_.workers);
+    try {
+      for (std::size_t i = 0; i < options_.workers; ++i) {
+        workers_[i].thread = std::thread([this, i] { run_worker(workers_[i], i); });
+        started_.push_back(&workers_[i]);
+      }
+    } catch (...) {
+      shutdown();
+      join();
+      throw;
+    }
+  }
+
+  worker_pool(const worker_pool&) = delete;
+  worker_pool& operator=(const worker_pool&) = delete;
+
+  ~worker_pool() {
+    WEFT_ASSERT(!running_in_this_thread() && "a worker_pool was destroyed by one of its own tasks");
+    shutdown();
+    join();
+    extensions_.clear();
+  }
+
+  // Queues f; a full queue gets the overflow policy. Throws weft::rejected
+  // after shutdown (and when full under overflow::reject).
+  template <class F>
+  void post(F&& f) {
+    detail::task work = make_task(std::forward<F>(f));
+    check_open();
+    if (enqueue(work)) return;
+    post_to_full(work);
+  }
+
+  // Queues f if there is room now; never blocks, never runs f here. False
+  // when the queue is full; throws weft::rejected after shutdown.
+  template <class F>
+  [[nodiscard]] bool try_post(F&& f) {
+    detail::task work = make_task(std::forward<F>(f));
+    check_open();
+    if (enqueue(work)) return true;
+    note_full();
+    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+
+  // Waits for room whatever the policy; ok once queued (or, on a worker of
+  // this pool, run here), cancelled or timeout when the token stopped the
+  // wait first (f is then destroyed unrun). Throws weft::rejected after
+  // shutdown.
+  template <class F>
+  wait_status post(F&& f, const cancel_token& token) {
+    detail::task work = make_task(std::forward<F>(f));
+    check_open();
+    if (token.cancelled()) return status_of(token);
+    if (enqueue(work)) return wait_status::ok;
+    note_full();
+    if (running_in_this_thread()) {
+      run_here(work);
+      return wait_status::ok;
+    }
+    return wait_for_room(work, detail::state_of(token));
+  }
+
+  // Queues f and returns a future for its result or its exception.
+  template <class F>
+  auto submit(F&& f) -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
+    using result = std::invoke_result_t<std::decay_t<F>&>;
+    std::promise<result> promise;
+    auto future = promise.get_future();
+    post([this, promise = std::move(promise), f = std::forward<F>(f)]() mutable {
+      try {
+        if constexpr (std::is_void_v<result>) {
+          f();
+          promise.set_value();
+        } else {
+          promise.set_value(f());
+        }
+      } catch (...) {
+        counters_.failed.fetch_add(1, std::memory_order_relaxed);
+        promise.set_exception(std::current_exception());
+      }
+    });
+    return future;
+  }
+
+  // Stops intake; queued tasks still run. Returns at once.
+  void shutdown() noexcept { close(false); }
+
+  // Stops intake and destroys the queued tasks unrun; returns how many.
+  // Tasks already running finish.
+  std::size_t shutdown_now() noexcept {
+    close(true);
+    std::size_t dropped = 0;
+    for (entry item; ring_.try_pop(item);) ++dropped;
+    counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
+    return dropped;
+  }
+
+  // Waits for the workers to exit (call shutdown() first, or it waits
+  // forever). Runs, here, any task that a post racing shutdown() queued
+  // after the workers left.
+  void join() {
+    if (running_in_this_thread()) {
+      throw std::logic_error("weft::worker_pool::join: called from one of the pool's own workers, "
+                             "which would wait for itself");
+    }
+    std::lock_guard guard(join_mutex_);
+    for (worker* w : started_) {
+      if (w->thread.joinable()) w->thread.join();
+    }
+    for (entry item; ring_.try_pop(item);) {
+      if (discarding_.load(std::memory_order_relaxed)) {
+        counters_.dropped.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        run_entry(item, caller_counters_);
+      }
+    }
+  }
+
+  bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }
+
+  // Replaces the handler that receives exceptions thrown by posted tasks.
+  // It runs on the worker that ran the task; an empty handler restores the
+  // default (one line to stderr).
+  void set_error_handler(std::function<void(std::exception_ptr)> handler) {
+    std::lock_guard guard(handler_mutex_);
+    error_handler_ = std::move(handler);
+  }
+
+  executor_type executor() noexcept { return executor_type{*this}; }
+
+  bool running_in_this_thread() const noexcept { return detail::current_worker_pool == this; }
+
+  std::size_t size() const noexcept { return options_.workers; }
+  std::size_t queue_capacity() const noexcept { return options_.queue_capacity; }
+  overflow overflow_policy() const noexcept { return options_.on_full; }
+  const std::string& name() const noexcept { return options_.name; }
+
+  worker_pool_stats stats() const noexcept {
+    worker_pool_stats s;
+    s.workers = options_.workers;
+    s.queued = ring_.size();
+    s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
+    s.submitted = ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed);
+    s.rejected = counters_.rejected.load(std::memory_order_relaxed);
+    s.dropped = counters_.dropped.load(std::memory_order_relaxed);
+    s.failed = counters_.failed.load(std::memory_order_relaxed);
+    std::int64_t total_wait = 0;
+    std::int64_t max_wait = 0;
+    auto add = [&](const task_counters& c) {
+      s.completed += c.completed.load(std::memory_order_relaxed);
+      s.failed += c.failed.load(std::memory_order_relaxed);
+      total_wait += c.total_wait_ns.load(std::memory_order_relaxed);
+      max_wait = std::max(max_wait, c.max_wait_ns.load(std::memory_order_relaxed));
+    };
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      add(workers_[i].counters);
+      if (workers_[i].busy.load(std::memory_order_relaxed)) ++s.busy;
+    }
+    add(caller_counters_);
+    s.total_queue_wait = std::chrono::nanoseconds{total_wait * static_cast<std::int64_t>(queue_wait_sampling)};
+    s.max_queue_wait = std::chrono::nanoseconds{max_wait};
+    return s;
+  }
+
+ private:
+  friend struct detail::worker_pool_access;
+
+  // Reading the clock twice per task would cost a quarter of a tiny task's
+  // throughput, so queue wait is sampled.
+  static constexpr std::uint64_t queue_wait_sampling = 16;
+
+  struct entry {
+    detail::task work;
+    clock::time_point queued_at;  // the epoch when this task is not timed
+  };
+
+  // Counted by one thread (a worker) with plain load + store, read by
+  // stats() from any thread; the caller's set is shared and uses RMWs.
+  struct task_counters {
+    explicit task_counters(bool shared_by_threads = false) noexcept : shared(shared_by_threads) {}
+    const bool shared;
+    std::atomic<std::uint64_t> completed{0};
+    std::atomic<std::uint64_t> failed{0};
+    std::atomic<std::int64_t> total_wait_ns{0};
+    std::atomic<std::int64_t> max_wait_ns{0};
+  };
+
+  struct alignas(64) worker {
+    std::thread thread;
+    // Set to 1 by the thread that takes this worker off the idle list.
+    std::atomic<std::uint32_t> wake_signal{0};
+    std::atomic<bool> busy{false};
+    task_counters counters;
+  };
+
+  static worker_pool_options checked(worker_pool_options options) {
+    if (options.workers == 0) {
+      throw std::invalid_argument("weft::worker_pool \"" + options.name +
+                                  "\": workers must be at least 1 (weft::hardware_threads() is the machine's)");
+    }
+    if (options.queue_capacity == 0) {
+      throw std::invalid_argument("weft::worker_pool \"" + options.name +
+                                  "\": queue_capacity must be at least 1; overflow::caller_runs "
+                                  "gives a pool that runs overflow in the caller");
+    }
+    return options;
+  }
+
+  template <class F>
+  static detail::task make_task(F&& f) {
+    static_assert(std::is_invocable_v<std::decay_t<F>&>, "weft::worker_pool: a task must be callable as f()");
+    return detail::task(std::forward<F>(f));
+  }
+
+  static wait_status status_of(const cancel_token& token) noexcept {
+    return detail::state_of(token)->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+  }
+
+  void check_open() {
+    if (closed_.load(std::memory_order_relaxed)) [[unlikely]] throw_closed();
+  }
+
+  [[noreturn]] WEFT_NOINLINE void throw_closed() {
+    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    throw rejected("weft::worker_pool \"" + options_.name + "\": shut down, no longer takes tasks");
+  }
+
+  // Queues `work` (moving it) if there is room, and makes sure a worker is
+  // awake to take it.
+  bool enqueue(detail::task& work) noexcept {
+    // One task in queue_wait_sampling is timed, chosen by the tail before
+    // the push (racing producers make the sample a little uneven).
+    const bool timed = ring_.pushed() % queue_wait_sampling == 0;
+    entry item{std::move(work), timed ? clock::now() : clock::time_point{}};
+    std::uint64_t position = 0;
+    if (!ring_.try_push(item, &position)) {
+      work = std::move(item.work);
+      return false;
+    }
+    if (position % 64 == 0) note_queued(ring_.size());
+    // Pairs with the fence a worker makes between going idle (or dropping
+    // its spinning mark) and looking at the queue once more: either this
+    // thread sees that worker idle, or the worker sees this task.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    wake_idle_worker();
+    return true;
+  }
+
+  void note_queued(std::size_t queued) noexcept {
+    auto peak = peak_queued_.load(std::memory_order_relaxed);
+    while (queued > peak && !peak_queued_.compare_exchange_weak(peak, queued, std::memory_order_relaxed)) {
+    }
+  }
+
+  void note_full() noexcept { note_queued(options_.queue_capacity); }
+
+  WEFT_NOINLINE void post_to_full(detail::task& work) {
+    note_full();
+    switch (options_.on_full) {
+      case overflow::reject:
+        counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+        throw rejected("weft::worker_pool \"" + options_.name + "\": the queue is full (" +
+                       std::to_string(options_.queue_capacity) + " tasks) and the policy is overflow::reject");
+      case overflow::caller_runs:
+        run_here(work);
+        return;
+      case overflow::block:
+        if (running_in_this_thread()) {
+          run_here(work);
+          return;
+        }
+        wait_for_room(work, nullptr);
+        return;
+    }
+  }
+
+  void run_here(detail::task& work) {
+    counters_.ran_by_caller.fetch_add(1, std::memory_order_relaxed);
+    entry item{std::move(work), clock::time_point{}};
+    run_entry(item, caller_counters_);
+  }
+
+  // The blocking part of post: spin briefly, then queue on room_ until a
+  // worker frees a slot, the token is cancelled, or the pool shuts down.
+  wait_status wait_for_room(detail::task& work, detail::cancel_state* cancel) {
+    for (detail::backoff pause; pause.wait();) {
+      if (enqueue(work)) return wait_status::ok;
+    }
+    for (;;) {
+      detail::thread_waiter waiter;
+      auto lock = room_.lock();
+      room_waiters_.fetch_add(1, std::memory_order_relaxed);
+      // Pairs with the fence a worker makes after freeing a slot: either it
+      // sees this waiter counted, or this thread sees the slot free.
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (closed_.load(std::memory_order_relaxed)) {
+        room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+        lock.unlock();
+        throw_closed();
+      }
+      if (enqueue(work)) {
+        room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+        return wait_status::ok;
+      }
+      room_.push_back(waiter);
+      const auto status = room_.wait(waiter, lock, cancel);
+      room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+      if (status == wait_status::closed) throw_closed();
+      if (status != wait_status::ok) return status;
+      if (enqueue(work)) return wait_status::ok;  // else another producer took the slot: queue again
+    }
+  }
+
+  // After a worker frees a slot: hands it to one blocked producer.
+  void notify_room() noexcept {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (room_waiters_.load(std::memory_order_relaxed) == 0) return;
+    detail::completion_list woken;
+    auto lock = room_.lock();
+    if (detail::wait_node* first = room_.front()) room_.remove(*first, wait_status::ok, woken);
+  }
+
+  void close(bool discard) noexcept {
+    if (discard) discarding_.store(true, std::memory_order_relaxed);
+    closed_.store(true, std::memory_order_seq_cst);
+    {
+      detail::completion_list woken;
+      auto lock = room_.lock();
+      while (detail::wait_node* first = room_.front()) room_.remove(*first, wait_status::closed, woken);
+    }
+    // Wake every parked worker so it sees the pool closed. Each is handed a
+    // spinning mark, which it gives back as it would after any wake-up.
+    std::lock_guard guard(idle_mutex_);
+    for (worker* w : idle_) {
+      spinning_.fetch_add(1, std::memory_order_relaxed);
+      signal(*w);
+    }
+    idle_.clear();
+    idle_count_.store(0, std::memory_order_relaxed);
+  }
+
+  static void signal(worker& w) noexcept {
+    w.wake_signal.store(1, std::memory_order_release);
+    detail::futex_wake_one(w.wake_signal);
+  }
+
+  // Called after a seq_cst fence, once a task is queued. Wakes one parked
+  // worker, and only when no worker is awake and looking for work: that one
+  // will find the task, and wakes the next if more are queued (Go's
+  // scheduler does the same with its count of spinning threads).
+  void wake_idle_worker() noexcept {
+    if (spinning_.load(std::memory_order_relaxed) != 0 || idle_count_.load(std::memory_order_relaxed) == 0) return;
+    int none = 0;
+    if (!spinning_.compare_exchange_strong(none, 1, std::memory_order_seq_cst)) return;
+    worker* woken = nullptr;
+    {
+      std::lock_guard guard(idle_mutex_);
+      if (!idle_.empty()) {
+        woken = idle_.back();
+        idle_.pop_back();
+        idle_count_.store(idle_.size(), std::memory_order_relaxed);
+      }
+    }
+    if (woken == nullptr) {
+      spinning_.fetch_sub(1, std::memory_order_seq_cst);
+      return;
+    }
+    signal(*woken);  // the woken worker inherits the spinning mark
+  }
+
+  // Parks `self` until another thread takes it off the idle list. Returns
+  // true when it was woken that way (it then holds a spinning mark), false
+  // when it found work before parking and took itself off again.
+  bool park(worker& self) noexcept {
+    {
+      std::lock_guard guard(idle_mutex_);
+      idle_.push_back(&self);
+      idle_count_.store(idle_.size(), std::memory_order_relaxed);
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (ring_.has_ready() || closed_.load(std::memory_order_relaxed)) {
+      std::lock_guard guard(idle_mutex_);
+      if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
+        idle_.erase(it);
+        idle_count_.store(idle_.size(), std::memory_order_relaxed);
+        return false;
+      }
+      // Someone took this worker off the list already; its signal is coming.
+    }
+    while (self.wake_signal.exchange(0, std::memory_order_acquire) == 0) {
+      detail::futex_wait(self.wake_signal, 0);
+    }
+    return true;
+  }
+
+  void run_worker(worker& self, std::size_t index) {
+    detail::current_worker_pool = this;
+    name_thread(index);
+    bool spinning = false;
+    entry item;
+    for (;;) {
+      if (!discarding_.load(std::memory_order_relaxed) && ring_.try_pop(item)) {
+        if (spinning) {
+          spinning = false;
+          // The last searcher to find work hands the search on.
+          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && ring_.has_ready()) wake_idle_worker();
+        }
+        notify_room();
+        self.busy.store(true, std::memory_order_relaxed);
+        run_entry(item, self.counters);
+        self.busy.store(false, std::memory_order_relaxed);
+        continue;
+      }
+      if (!spinning && 2 * static_cast<std::size_t>(spinning_.load(std::memory_order_relaxed)) < options_.workers) {
+        spinning_.fetch_add(1, std::memory_order_relaxed);
+        spinning = true;
+      }
+      if (spinning) {
+        bool found = false;
+        for (detail::backoff pause; !found && pause.wait();) found = ring_.has_ready();
+        if (found) continue;
+        spinning = false;
+        spinning_.fetch_sub(1, std::memory_order_seq_cst);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (ring_.has_ready()) continue;
+      }
+      if (closed_.load(std::memory_order_acquire) && (discarding_.load(std::memory_order_relaxed) || ring_.size() == 0)) {
+        break;
+      }
+      spinning = park(self);
+    }
+    if (spinning) spinning_.fetch_sub(1, std::memory_order_relaxed);
+    detail::current_worker_pool = nullptr;
+  }
+
+  void name_thread([[maybe_unused]] std::size_t index) noexcept {
+#if defined(__linux__)
+    // Linux keeps 15 characters; keep the index, cut the name.
+    const std::string suffix = "-" + std::to_string(index);
+    const std::string label = options_.name.substr(0, 15 - std::min<std::size_t>(15, suffix.size())) + suffix;
+    pthread_setname_np(pthread_self(), label.c_str());
+#endif
+  }
+
+  void run_entry(entry& item, task_counters& counters) noexcept {
+    if (item.queued_at != clock::time_point{}) {
+      const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - item.queued_at);
+      record_wait(counters, waited.count());
+    }
+    try {
+      item.work();
+    } catch (...) {
+      add(counters.failed, counters);
+      report(std::current_exception());
+    }
+    item.work.reset();
+    add(counters.completed, counters);
+  }
+
+  // A worker's counters have one writer, which adds with a load and a store;
+  // the caller's set is shared by every posting thread and needs RMWs.
+  static void add(std::atomic<std::uint64_t>& counter, const task_counters& owner) noexcept {
+    if (owner.shared) {
+      counter.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+  }
+
+  static void record_wait(task_counters& counters, std::int64_t waited_ns) noexcept {
+    if (counters.shared) {
+      counters.total_wait_ns.fetch_add(waited_ns, std::memory_order_relaxed);
+    } else {
+      counters.total_wait_ns.store(counters.total_wait_ns.load(std::memory_order_relaxed) + waited_ns,
+                                   std::memory_order_relaxed);
+    }
+    auto max = counters.max_wait_ns.load(std::memory_order_relaxed);
+    while (waited_ns > max && !counters.max_wait_ns.compare_exchange_weak(max, waited_ns, std::memory_order_relaxed)) {
+    }
+  }
+
+  void report(std::exception_ptr error) noexcept {
+    std::function<void(std::exception_ptr)> handler;
+    {
+      std::lock_guard guard(handler_mutex_);
+      handler = error_handler_;
+    }
+    try {
+      if (handler) {
+        handler(error);
+        return;
+      }
+    } catch (...) {
+      error = std::current_exception();
+      std::fprintf(stderr, "weft::worker_pool \"%s\": the error handler threw\n", options_.name.c_str());
+    }
+    print_error(error);
+  }
+
+  void print_error(const std::exception_ptr& error) const noexcept {
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "weft::worker_pool \"%s\": a posted task threw %s: %s\n", options_.name.c_str(),
+                   typeid(e).name(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "weft::worker_pool \"%s\": a posted task threw a non-standard exception\n",
+                   options_.name.c_str());
+    }
+  }
+
+  const worker_pool_options options_;
+  detail::bounded_ring<entry> ring_;
+  std::unique_ptr<worker[]> workers_;
+  std::vector<worker*> started_;
+
+  // Workers awake and looking for work without having found it yet.
+  alignas(64) std::atomic<int> spinning_{0};
+  std::atomic<std::size_t> idle_count_{0};
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> discarding_{false};
+  detail::spin_mutex idle_mutex_;
+  std::vector<worker*> idle_;  // parked workers, under idle_mutex_
+
+  // Producers waiting for room (overflow::block, post with a token).
+  alignas(64) std::atomic<std::uint32_t> room_waiters_{0};
+  detail::wait_queue room_;
+
+  alignas(64) std::atomic<std::size_t> peak_queued_{0};
+  struct {
+    std::atomic<std::uint64_t> ran_by_caller{0};
+    std::atomic<std::uint64_t> rejected{0};
+    std::atomic<std::uint64_t> dropped{0};
+    std::atomic<std::uint64_t> failed{0};  // submit() tasks, whose exception goes to the future
+  } counters_;
+  task_counters caller_counters_{true};
+
+  std::mutex join_mutex_;
+  std::mutex extensions_mutex_;
+  std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
+  mutable detail::spin_mutex handler_mutex_;
+  std::function<void(std::exception_ptr)> error_handler_;
+};
+
+namespace detail {
+// What weft's own layers (weft/asio.hpp) need of a pool.
+struct worker_pool_access {
+  // Asio's execute: like post, except that work handed over after shutdown
+  // (a timer firing for a coroutine that still waits) is destroyed and
+  // counted in stats().dropped, as io_context destroys what is posted after
+  // stop(), instead of throwing into the thread that completed it.
+  template <class F>
+  static void execute(worker_pool& pool, F&& f) {
+    if (pool.closed_.load(std::memory_order_acquire)) {
+      pool.counters_.dropped.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    pool.post(std::forward<F>(f));
+  }
+
+  // An object of type T, made from the pool on first use, that lives until
+  // the pool's workers have been joined (the pool's Asio execution_context).
+  template <class T>
+  static T& extension(worker_pool& pool) {
+    static const char key = 0;
+    std::lock_guard guard(pool.extensions_mutex_);
+    for (auto& [k, object] : pool.extensions_) {
+      if (k == &key) return *static_cast<T*>(object.get());
+    }
+    auto object = std::make_shared<T>(pool);
+    T& result = *object;
+    pool.extensions_.emplace_back(&key, std::move(object));
+    return result;
+  }
+};
+}  // namespace detail
+
+template <class F>
+void pool_executor::post(F&& task) const {
+  pool_->post(std::forward<F>(task));
+}
+
+template <class F>
+void pool_executor::execute(F&& task) const {
+  detail::worker_pool_access::execute(*pool_, std::forward<F>(task));
+}
+
+inline bool pool_executor::running_in_this_thread() const noexcept { return pool_->running_in_this_thread(); }
+
+// The process-wide pool behind task groups and fan-out calls that name no
+// executor: one worker per hardware thread, a queue of 4096 that applies
+// backpressure, started on first use and joined when the program exits.
+inline worker_pool& default_pool() {
+  static worker_pool pool{{.workers = hardware_threads(), .queue_capacity = 4096, .name = "weft-default"}};
+  return pool;
+}
+
+inline pool_executor default_executor() { return default_pool().executor(); }
+
+}  // namespace weft
