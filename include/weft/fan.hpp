@@ -99,7 +99,7 @@ void run_indexed(std::size_t count, const fan_options& options, Body body) {
   if (count == 0) return;
   const pool_executor executor = options.executor.value_or(default_executor());
   task_group group{executor, options.token};
-  const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size() + 1;
+  const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size();
   std::atomic<std::size_t> next{0};
   const auto workers = std::min(count, limit);
   for (std::size_t w = 0; w < workers; ++w) {
@@ -146,6 +146,20 @@ auto elements_of(Range& range) {
   }
 }
 
+// Starts call I of a gather, which fills slot I of the tuple. (A lambda
+// with a pack init-capture would be shorter, but crashes Clang 14.)
+template <std::size_t I, class Slots, class F>
+void gather_one(task_group& group, Slots& slots, F& call) {
+  group.go([&slot = std::get<I>(slots), &call](const cancel_token& token) {
+    slot.emplace(call_for_result(call, token));
+  });
+}
+
+template <class Slots, std::size_t... I, class... F>
+void gather_into(task_group& group, Slots& slots, std::index_sequence<I...>, F&... calls) {
+  (gather_one<I>(group, slots, calls), ...);
+}
+
 }  // namespace detail
 
 // Calls f on every element, concurrently; returns the results in input order.
@@ -184,12 +198,7 @@ auto gather(pool_executor executor, const cancel_token& token, F&&... calls) {
       slots;
   {
     task_group group{executor, token};
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      (group.go([&slot = std::get<I>(slots), &call = calls](const cancel_token& t) {
-         slot.emplace(detail::call_for_result(call, t));
-       }),
-       ...);
-    }(std::index_sequence_for<F...>{});
+    detail::gather_into(group, slots, std::index_sequence_for<F...>{}, calls...);
     group.wait();
   }
   return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);

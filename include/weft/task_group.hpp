@@ -55,6 +55,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
+#include <weft/detail/bounded_ring.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/detail/task.hpp>
 #include <weft/semaphore.hpp>
@@ -110,22 +111,24 @@ class task_group {
   task_group() : task_group(default_executor(), cancel_token{}) {}
   explicit task_group(const cancel_token& parent) : task_group(default_executor(), parent) {}
   explicit task_group(pool_executor executor, const cancel_token& parent = {})
-      : executor_(executor), source_(parent.child()) {}
+      : core_(new core(executor, parent.child())) {}
 
   task_group(const task_group&) = delete;
   task_group& operator=(const task_group&) = delete;
 
   ~task_group() {
-    if (started_since_wait_.load(std::memory_order_relaxed)) source_.cancel();
+    if (started_since_wait_.load(std::memory_order_relaxed)) core_->source.cancel();
     join();
-    if (failed_.load(std::memory_order_acquire) && !error_delivered_) report_undelivered();
+    if (core_->failed.load(std::memory_order_acquire) && !error_delivered_) report_undelivered();
+    core_->unref();
   }
 
   // Starts f on the executor; waits for a slot first when a limit is set.
   // Throws weft::rejected when the executor's pool is shut down.
   template <class F>
   void go(F&& f) {
-    if (limit_) limit_->acquire();
+    check_open();
+    if (core_->limit) core_->limit->acquire();
     start(std::forward<F>(f));
   }
 
@@ -133,7 +136,8 @@ class task_group {
   // never waits for a slot.
   template <class F>
   [[nodiscard]] bool try_go(F&& f) {
-    if (limit_ && !limit_->try_acquire()) return false;
+    check_open();
+    if (core_->limit && !core_->limit->try_acquire()) return false;
     start(std::forward<F>(f));
     return true;
   }
@@ -143,10 +147,10 @@ class task_group {
     if (n < 1) {
       throw std::invalid_argument("weft::task_group::set_limit: n must be at least 1, got " + std::to_string(n));
     }
-    if (pending_.count() != 0) {
+    if (core_->pending.count() != 0) {
       throw std::logic_error("weft::task_group::set_limit: tasks are in flight; set the limit before go()");
     }
-    limit_ = std::make_unique<semaphore>(n);
+    core_->limit = std::make_unique<semaphore>(n);
   }
 
   // Joins every task started so far (helping to run those not yet started),
@@ -158,150 +162,235 @@ class task_group {
   }
 
   // Cancelled by the first failure, by cancel(), or by the parent token.
-  [[nodiscard]] cancel_token token() const noexcept { return source_.token(); }
+  [[nodiscard]] cancel_token token() const noexcept { return core_->source.token(); }
 
   // Asks the group's tasks to stop (those not started are skipped).
-  void cancel() noexcept { source_.cancel(); }
+  void cancel() noexcept { core_->source.cancel(); }
 
-  pool_executor executor() const noexcept { return executor_; }
+  pool_executor executor() const noexcept { return core_->executor; }
 
   // Tasks started and not yet finished; a snapshot.
-  std::int64_t in_flight() const noexcept { return pending_.count(); }
+  std::int64_t in_flight() const noexcept { return core_->pending.count(); }
 
  private:
   friend struct detail::task_group_access;
 
-  // A started task, shared by the runner posted to the executor and the
-  // group's list of unstarted tasks, until both let go. Whoever claims it
-  // first (a worker through the runner, or the waiting thread helping) runs
-  // it; the other only lets go.
-  struct node {
-    static constexpr std::uint32_t claimed = 1;
-    static constexpr std::uint32_t one_holder = 2;
+  // What the group shares with the runners it posts; freed by whichever of
+  // them (or the group) lets go last, so a runner that an executor runs
+  // late, after the group's tasks are done and the group is gone, is
+  // harmless.
+  //
+  // Tasks wait in `unstarted`, a lock-free ring (the pool's kind), and past
+  // its capacity in a locked overflow vector. They are run by runners, at most one per
+  // worker of the pool, each taking tasks until none is left, and by the
+  // waiting thread. So a group of a thousand tasks costs a few posts, not a
+  // thousand, and a waiter runs only its own group's tasks.
+  struct core {
+    static constexpr std::size_t ring_capacity = 64;
 
-    node(task_group* owner, detail::task work) noexcept : group(owner), task(std::move(work)) {}
+    core(pool_executor pool, cancel_source group_source)
+        : executor(pool),
+          source(std::move(group_source)),
+          max_runners(std::max<std::size_t>(1, pool.context().size() - 1)) {}
 
-    bool claim() noexcept { return (state.fetch_or(claimed, std::memory_order_acq_rel) & claimed) == 0; }
-    void let_go() noexcept {
-      if ((state.fetch_sub(one_holder, std::memory_order_acq_rel) & ~claimed) == one_holder) delete this;
+    void unref() noexcept {
+      if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
     }
 
-    std::atomic<std::uint32_t> state{2 * one_holder};
-    node* next = nullptr;  // in the group's list of unstarted tasks
-    task_group* group;
-    detail::task task;
+    void push(detail::task&& work) {
+      if (unstarted.try_push(work)) return;
+      std::lock_guard guard(overflow_mutex);
+      overflow.push_back(std::move(work));
+      overflow_size.store(overflow.size() - overflow_head, std::memory_order_release);
+    }
+
+    bool pop(detail::task& work) noexcept {
+      if (unstarted.try_pop(work)) return true;
+      if (overflow_size.load(std::memory_order_acquire) == 0) return false;
+      std::lock_guard guard(overflow_mutex);
+      if (overflow_head == overflow.size()) return false;
+      work = std::move(overflow[overflow_head]);
+      if (++overflow_head == overflow.size()) {
+        overflow.clear();  // keeps the capacity
+        overflow_head = 0;
+      }
+      overflow_size.store(overflow.size() - overflow_head, std::memory_order_release);
+      return true;
+    }
+
+    // Counts tasks being pushed right now too, so a runner that sees one
+    // keeps going until it is published.
+    bool has_unstarted() const noexcept {
+      return unstarted.size() != 0 || overflow_size.load(std::memory_order_acquire) != 0;
+    }
+
+    // Runs one task; counts its completion in `finished` (the caller
+    // subtracts those from `pending` in a batch).
+    void run(detail::task& work) noexcept {
+      if (source.cancelled()) {
+        skipped.store(true, std::memory_order_relaxed);
+      } else {
+        try {
+          work();
+        } catch (...) {
+          record_failure(std::current_exception());
+        }
+      }
+      work.reset();
+      if (limit) limit->release();
+    }
+
+    void record_failure(std::exception_ptr error) noexcept {
+      {
+        std::lock_guard guard(error_mutex);
+        if (!failed.load(std::memory_order_relaxed)) {
+          first_error = error;
+          failed.store(true, std::memory_order_release);
+        }
+      }
+      source.cancel(std::move(error));
+    }
+
+    // Posts a runner if fewer than max_runners are out. A full or shut-down
+    // pool gets none: the waiting thread runs the tasks instead.
+    void add_runner() noexcept {
+      auto out = runners.load(std::memory_order_relaxed);
+      do {
+        if (out >= max_runners) return;
+      } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
+      refs.fetch_add(1, std::memory_order_relaxed);
+      bool posted = false;
+      try {
+        posted = executor.context().try_post(runner{this});
+      } catch (...) {  // weft::rejected: shut down
+      }
+      if (!posted) {
+        runners.fetch_sub(1, std::memory_order_relaxed);
+        unref();
+      }
+    }
+
+    // The body of a runner, on a pool worker.
+    void drain() noexcept {
+      detail::task work;
+      for (;;) {
+        std::int64_t finished = 0;
+        while (pop(work)) {
+          run(work);
+          // Completions are published in batches; wait() needs them all,
+          // and every runner publishes before it stops.
+          if (++finished == 32) {
+            pending.add(-finished);
+            finished = 0;
+          }
+        }
+        if (finished != 0) pending.add(-finished);
+        runners.fetch_sub(1, std::memory_order_seq_cst);
+        // Pairs with the fence in start(): either go() sees this runner
+        // gone and posts another, or this runner sees the new task.
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (!has_unstarted()) return;
+        auto out = runners.load(std::memory_order_relaxed);
+        do {
+          if (out >= max_runners) return;
+        } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
+      }
+    }
+
+    std::atomic<std::uint32_t> refs{1};
+    pool_executor executor;
+    cancel_source source;
+    wait_group pending;
+    std::unique_ptr<semaphore> limit;
+    const std::size_t max_runners;
+    std::atomic<std::size_t> runners{0};
+
+    detail::bounded_ring<detail::task> unstarted{ring_capacity};
+    // Tasks beyond the ring's capacity: a vector used as a FIFO, under a
+    // lock, allocation-free once grown.
+    std::atomic<std::size_t> overflow_size{0};
+    detail::spin_mutex overflow_mutex;
+    std::vector<detail::task> overflow;
+    std::size_t overflow_head = 0;
+
+    std::atomic<bool> skipped{false};
+    std::atomic<bool> failed{false};
+    detail::spin_mutex error_mutex;
+    std::exception_ptr first_error;
   };
 
-  // What the executor runs: 8 bytes, so it stays inline in the pool's slot.
-  // A runner destroyed unrun (by shutdown_now) only lets go of its node; the
-  // waiting thread runs the task instead.
+  // What the executor runs: 8 bytes, inline in the pool's slot. A runner
+  // destroyed unrun (shutdown_now) lets go of the core and its count; the
+  // waiting thread runs the tasks instead.
   class runner {
    public:
-    explicit runner(node* n) noexcept : node_(n) {}
-    runner(runner&& other) noexcept : node_(std::exchange(other.node_, nullptr)) {}
+    explicit runner(core* c) noexcept : core_(c) {}
+    runner(runner&& other) noexcept : core_(std::exchange(other.core_, nullptr)) {}
     runner& operator=(runner&&) = delete;
     ~runner() {
-      if (node_ != nullptr) node_->let_go();
+      if (core_ != nullptr) {
+        core_->runners.fetch_sub(1, std::memory_order_relaxed);
+        core_->unref();
+      }
     }
-    void operator()() {
-      node* n = std::exchange(node_, nullptr);
-      if (n->claim()) n->group->run(*n);
-      n->let_go();
+    void operator()() noexcept {
+      core* c = std::exchange(core_, nullptr);
+      c->drain();
+      c->unref();
     }
 
    private:
-    node* node_;
+    core* core_;
   };
+
+  void check_open() const {
+    if (core_->executor.context().is_shutdown()) {
+      throw rejected("weft::task_group: its executor's pool \"" + core_->executor.context().name() +
+                     "\" is shut down");
+    }
+  }
 
   template <class F>
   void start(F&& f) {
-    pending_.add(1);
-    started_since_wait_.store(true, std::memory_order_relaxed);
-    node* n = nullptr;
+    core_->pending.add(1);
+    if (!started_since_wait_.load(std::memory_order_relaxed)) started_since_wait_.store(true, std::memory_order_relaxed);
     try {
-      n = new node(this, detail::task([this, f = std::forward<F>(f)]() mutable {
-                     detail::invoke_with_token(f, source_.token());
-                   }));
-      executor_.post(runner(n));
+      core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable {
+        detail::invoke_with_token(f, c->source.token());
+      }));
     } catch (...) {
-      if (n != nullptr) delete n;
-      finish_without_running();
+      if (core_->limit) core_->limit->release();
+      core_->pending.done();
       throw;
     }
-    push_unstarted(n);
-  }
-
-  void push_unstarted(node* n) noexcept {
-    n->next = unstarted_.load(std::memory_order_relaxed);
-    while (!unstarted_.compare_exchange_weak(n->next, n, std::memory_order_release, std::memory_order_relaxed)) {
-    }
-  }
-
-  // Runs the tasks in the unstarted list that nobody has claimed; true if
-  // the list was not empty.
-  bool help() {
-    node* n = unstarted_.exchange(nullptr, std::memory_order_acquire);
-    if (n == nullptr) return false;
-    while (n != nullptr) {
-      node* next = n->next;
-      if (n->claim()) run(*n);
-      n->let_go();
-      n = next;
-    }
-    return true;
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (core_->runners.load(std::memory_order_relaxed) < core_->max_runners) core_->add_runner();
   }
 
   void join() noexcept {
-    while (pending_.count() != 0) {
-      if (help()) continue;
-      pending_.wait();
-    }
-    while (help()) {
-    }
-  }
-
-  void run(node& n) noexcept {
-    if (source_.cancelled()) {
-      skipped_.store(true, std::memory_order_relaxed);
-    } else {
-      try {
-        n.task();
-      } catch (...) {
-        record_failure(std::current_exception());
+    detail::task work;
+    while (core_->pending.count() != 0) {
+      if (core_->pop(work)) {
+        core_->run(work);
+        core_->pending.done();
+        continue;
       }
+      core_->pending.wait();
     }
-    n.task.reset();
-    if (limit_) limit_->release();
-    pending_.done();  // the last touch of the group
-  }
-
-  void finish_without_running() noexcept {
-    if (limit_) limit_->release();
-    pending_.done();
-  }
-
-  void record_failure(std::exception_ptr error) noexcept {
-    {
-      std::lock_guard guard(error_mutex_);
-      if (!failed_.load(std::memory_order_relaxed)) {
-        first_error_ = error;
-        failed_.store(true, std::memory_order_release);
-      }
-    }
-    source_.cancel(std::move(error));
+    core_->pending.wait();  // the count is zero: one acquire load, after which the tasks' writes are visible
   }
 
   // After a join: what wait() reports (null for success). Marks the tasks
   // so far as waited for.
   std::exception_ptr outcome() {
     started_since_wait_.store(false, std::memory_order_relaxed);
-    if (failed_.load(std::memory_order_acquire)) {
+    if (core_->failed.load(std::memory_order_acquire)) {
       error_delivered_ = true;
-      return first_error_;
+      return core_->first_error;
     }
-    if (skipped_.exchange(false, std::memory_order_relaxed)) {
+    if (core_->skipped.exchange(false, std::memory_order_relaxed)) {
       try {
-        source_.token().cause().rethrow();
+        core_->source.token().cause().rethrow();
       } catch (...) {
         return std::current_exception();
       }
@@ -311,7 +400,7 @@ class task_group {
 
   void report_undelivered() const noexcept {
     try {
-      std::rethrow_exception(first_error_);
+      std::rethrow_exception(core_->first_error);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "weft::task_group: destroyed without wait(); a task's exception was lost: %s\n",
                    e.what());
@@ -320,34 +409,26 @@ class task_group {
     }
   }
 
-  pool_executor executor_;
-  cancel_source source_;
-  wait_group pending_;
-  std::unique_ptr<semaphore> limit_;
-  std::atomic<node*> unstarted_{nullptr};
+  core* core_;
   std::atomic<bool> started_since_wait_{false};
-  std::atomic<bool> skipped_{false};
-  std::atomic<bool> failed_{false};
   bool error_delivered_ = false;
-  detail::spin_mutex error_mutex_;
-  std::exception_ptr first_error_;
 };
 
 namespace detail {
-inline wait_group& task_group_access::pending(task_group& group) noexcept { return group.pending_; }
+inline wait_group& task_group_access::pending(task_group& group) noexcept { return group.core_->pending; }
 inline std::exception_ptr task_group_access::outcome(task_group& group) { return group.outcome(); }
 inline bool task_group_access::begin(task_group& group) {
-  if (group.source_.cancelled()) {
-    group.skipped_.store(true, std::memory_order_relaxed);
+  if (group.core_->source.cancelled()) {
+    group.core_->skipped.store(true, std::memory_order_relaxed);
     return false;
   }
-  group.pending_.add(1);
+  group.core_->pending.add(1);
   group.started_since_wait_.store(true, std::memory_order_relaxed);
   return true;
 }
 inline void task_group_access::end(task_group& group, std::exception_ptr error) noexcept {
-  if (error) group.record_failure(std::move(error));
-  group.pending_.done();
+  if (error) group.core_->record_failure(std::move(error));
+  group.core_->pending.done();
 }
 }  // namespace detail
 
