@@ -5,9 +5,12 @@
 // The design is the bounded MPMC queue widely published since 2010: each
 // slot carries a sequence number that says whose turn it is. A producer
 // claims position p with one compare-and-swap on the tail when slot p's
-// sequence is p, writes the value, and publishes it by storing p + 1; a
-// consumer claims position p on the head when the sequence is p + 1, takes
-// the value, and frees the slot for the next lap by storing p + capacity.
+// sequence says "free for p" (2p), writes the value, and publishes it by
+// storing "holds p" (2p + 1); a consumer claims position p on the head when
+// the sequence holds p, takes the value, and frees the slot for the next
+// lap by storing 2(p + capacity). (The usual encoding, p + 1 and
+// p + capacity, cannot tell "holds p" from "free for p + 1" in a ring of
+// one slot.)
 // Producers and consumers meet only in the slot they hand over, and the head
 // and the tail live on separate cache lines.
 //
@@ -32,7 +35,7 @@ template <class T>
 class bounded_ring {
  public:
   explicit bounded_ring(std::size_t capacity) : capacity_(capacity), slots_(new slot[capacity]) {
-    for (std::size_t i = 0; i < capacity; ++i) slots_[i].sequence.store(i, std::memory_order_relaxed);
+    for (std::size_t i = 0; i < capacity; ++i) slots_[i].sequence.store(free_for(i), std::memory_order_relaxed);
   }
 
   bounded_ring(const bounded_ring&) = delete;
@@ -52,11 +55,11 @@ class bounded_ring {
     for (;;) {
       slot& s = slots_[pos % capacity_];
       const auto sequence = s.sequence.load(std::memory_order_acquire);
-      const auto lag = static_cast<std::int64_t>(sequence - pos);
+      const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
       if (lag == 0) {
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
           ::new (static_cast<void*>(s.storage)) T(std::move(value));
-          s.sequence.store(pos + 1, std::memory_order_release);
+          s.sequence.store(holds(pos), std::memory_order_release);
           if (position != nullptr) *position = pos;
           return true;
         }
@@ -74,13 +77,13 @@ class bounded_ring {
     for (;;) {
       slot& s = slots_[pos % capacity_];
       const auto sequence = s.sequence.load(std::memory_order_acquire);
-      const auto lag = static_cast<std::int64_t>(sequence - (pos + 1));
+      const auto lag = static_cast<std::int64_t>(sequence - holds(pos));
       if (lag == 0) {
         if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
           T* value = std::launder(reinterpret_cast<T*>(s.storage));
           out = std::move(*value);
           value->~T();
-          s.sequence.store(pos + capacity_, std::memory_order_release);
+          s.sequence.store(free_for(pos + capacity_), std::memory_order_release);
           return true;
         }
       } else if (lag < 0) {
@@ -107,10 +110,13 @@ class bounded_ring {
   // now may not show yet.
   bool has_ready() const noexcept {
     const auto pos = head_.load(std::memory_order_relaxed);
-    return slots_[pos % capacity_].sequence.load(std::memory_order_acquire) == pos + 1;
+    return slots_[pos % capacity_].sequence.load(std::memory_order_acquire) == holds(pos);
   }
 
  private:
+  static constexpr std::uint64_t free_for(std::uint64_t position) noexcept { return 2 * position; }
+  static constexpr std::uint64_t holds(std::uint64_t position) noexcept { return 2 * position + 1; }
+
   struct alignas(64) slot {
     std::atomic<std::uint64_t> sequence;
     alignas(T) unsigned char storage[sizeof(T)];
