@@ -45,9 +45,11 @@ struct gate {
 void occupy(weft::worker_pool& pool, const gate& g) {
   std::latch running{static_cast<std::ptrdiff_t>(pool.size())};
   for (std::size_t i = 0; i < pool.size(); ++i) {
-    pool.post([&running, &g] {
+    // A copy of the future: the test may destroy the gate while a worker
+    // is still on its way out of the wait.
+    pool.post([&running, opened = g.open_future] {
       running.count_down();
-      g.wait();
+      opened.wait();
     });
   }
   running.wait();
