@@ -259,14 +259,11 @@ class task_group {
         if (out >= max_runners) return;
       } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
       refs.fetch_add(1, std::memory_order_relaxed);
-      bool posted = false;
+      // A runner that is not queued (full, or shut down: weft::rejected) is
+      // destroyed unrun, which gives back its count and its reference.
       try {
-        posted = executor.context().try_post(runner{this});
-      } catch (...) {  // weft::rejected: shut down
-      }
-      if (!posted) {
-        runners.fetch_sub(1, std::memory_order_relaxed);
-        unref();
+        (void)executor.context().try_post(runner{this});
+      } catch (...) {
       }
     }
 

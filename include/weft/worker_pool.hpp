@@ -565,7 +565,9 @@ class worker_pool {
     bool spinning = false;
     entry item;
     for (;;) {
-      if (!discarding_.load(std::memory_order_relaxed) && ring_.try_pop(item)) {
+      // After shutdown_now() the queue is not for workers: join() drops what is left.
+      if (discarding_.load(std::memory_order_relaxed)) break;
+      if (ring_.try_pop(item)) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on.
@@ -590,9 +592,7 @@ class worker_pool {
         std::atomic_thread_fence(std::memory_order_seq_cst);
         if (ring_.has_ready()) continue;
       }
-      if (closed_.load(std::memory_order_acquire) && (discarding_.load(std::memory_order_relaxed) || ring_.size() == 0)) {
-        break;
-      }
+      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0) break;
       spinning = park(self);
     }
     if (spinning) spinning_.fetch_sub(1, std::memory_order_relaxed);

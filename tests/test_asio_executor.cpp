@@ -1,0 +1,414 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for the pool as an Asio executor (weft/asio/executor.hpp) and for
+// coroutines in task groups (weft/asio/task_group.hpp): post / dispatch /
+// defer onto a pool, co_spawn with timers, any_io_executor, the pool's
+// execution_context and its lifetime, weft::co_spawn(group, ...) failures,
+// cancellation of a coroutine's timer through the group's token,
+// async_wait(group) with every kind of completion, and cancelling that wait
+// through a cancellation slot.
+//
+// Hand-offs: latches, promises and futures (use_future). Timers are either of
+// 0 ms (they complete at once; no duration is asserted) or of a day and
+// always cancelled, never waited out. A coroutine that a test cancels runs
+// on a pool of one worker (or a strand), so the cancellation, which the
+// group posts to the coroutine's executor, cannot run beside the coroutine.
+#include <weft/asio.hpp>
+#include <weft/cancel.hpp>
+#include <weft/task_group.hpp>
+#include <weft/wait_group.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <exception>
+#include <future>
+#include <latch>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+#include <boost/asio.hpp>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+namespace {
+
+using error_code = boost::system::error_code;
+
+// Counts live objects, so a test can tell a coroutine frame was destroyed.
+struct frame_marker {
+  frame_marker() { ++live; }
+  frame_marker(const frame_marker&) = delete;
+  frame_marker& operator=(const frame_marker&) = delete;
+  ~frame_marker() { --live; }
+  static inline std::atomic<int> live{0};
+};
+
+// Opened once by the test; tasks block on it (through a copy of the future).
+struct gate {
+  std::promise<void> opened;
+  std::shared_future<void> future = opened.get_future().share();
+  void open() { opened.set_value(); }
+};
+
+std::string message_of(const std::exception_ptr& error) {
+  if (!error) return "no exception";
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+  }
+  return "not a std::exception";
+}
+
+// A 0 ms timer (it expires at once), then x * 2; also says whether it ran
+// on `pool` after the timer.
+asio::awaitable<std::pair<int, bool>> double_after_timer(weft::worker_pool& pool, int x) {
+  frame_marker marker;
+  asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
+  co_await timer.async_wait(asio::use_awaitable);
+  co_return std::pair{2 * x, pool.running_in_this_thread()};
+}
+
+// Waits on a day-long timer; reports how the wait ended.
+asio::awaitable<void> wait_a_day(std::latch& started, std::promise<error_code>& ended) {
+  frame_marker marker;
+  asio::steady_timer timer{co_await asio::this_coro::executor, 24h};
+  started.count_down();
+  auto [ec] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+  ended.set_value(ec);
+}
+
+asio::awaitable<void> fail_after_timer(std::string what) {
+  frame_marker marker;
+  asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
+  co_await timer.async_wait(asio::use_awaitable);
+  throw std::runtime_error(what);
+}
+
+asio::awaitable<void> count_after_timer(std::atomic<int>& done) {
+  frame_marker marker;
+  asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
+  co_await timer.async_wait(asio::use_awaitable);
+  done.fetch_add(1);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// The executor.
+
+TEST_CASE("asio executor: post, dispatch and defer run handlers on the pool's workers" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  const auto test_thread = std::this_thread::get_id();
+  weft::wait_group pending;
+  std::atomic<int> on_pool{0};
+  std::atomic<int> on_test_thread{0};
+  auto handler = [&] {
+    if (pool.running_in_this_thread()) on_pool.fetch_add(1);
+    if (std::this_thread::get_id() == test_thread) on_test_thread.fetch_add(1);
+    pending.done();
+  };
+  for (int i = 0; i < 30; ++i) {
+    pending.add(3);
+    asio::post(pool.executor(), handler);
+    asio::dispatch(pool.executor(), handler);  // not a worker here: must not run inline
+    asio::defer(pool.executor(), handler);
+  }
+  pending.wait();
+  CHECK(on_pool.load() == 90);
+  CHECK(on_test_thread.load() == 0);
+}
+
+TEST_CASE("asio executor: the pool's execution_context is one per pool, and blocking is never" *
+          doctest::timeout(30)) {
+  weft::worker_pool a{{.workers = 1}};
+  weft::worker_pool b{{.workers = 1}};
+  asio::execution_context& ca = asio::query(a.executor(), asio::execution::context);
+  asio::execution_context& ca_again = asio::query(a.executor(), asio::execution::context);
+  asio::execution_context& cb = asio::query(b.executor(), asio::execution::context);
+  CHECK(&ca == &ca_again);
+  CHECK(&ca != &cb);
+  CHECK(asio::query(a.executor(), asio::execution::blocking) == asio::execution::blocking.never);
+  static_assert(asio::execution::is_executor_v<weft::pool_executor>);
+}
+
+TEST_CASE("asio executor: co_spawn with use_future runs a coroutine with a timer on the pool" *
+          doctest::timeout(30)) {
+  {
+    weft::worker_pool pool{{.workers = 2}};
+    auto result = asio::co_spawn(pool.executor(), double_after_timer(pool, 21), asio::use_future);
+    const auto [value, on_pool] = result.get();
+    CHECK(value == 42);
+    CHECK(on_pool);
+    // Many at once.
+    std::vector<std::future<std::pair<int, bool>>> results;
+    for (int i = 0; i < 50; ++i) {
+      results.push_back(asio::co_spawn(pool.executor(), double_after_timer(pool, i), asio::use_future));
+    }
+    for (int i = 0; i < 50; ++i) {
+      const auto [v, p] = results[static_cast<std::size_t>(i)].get();
+      CHECK(v == 2 * i);
+      CHECK(p);
+    }
+  }
+  CHECK(frame_marker::live.load() == 0);
+}
+
+TEST_CASE("asio executor: any_io_executor converts from pool.executor() and still runs on the pool" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  asio::any_io_executor any = pool.executor();
+  REQUIRE(any.target<weft::pool_executor>() != nullptr);
+  CHECK(*any.target<weft::pool_executor>() == pool.executor());
+  CHECK(&asio::query(any, asio::execution::context) == &asio::query(pool.executor(), asio::execution::context));
+  std::promise<bool> ran_on_pool;
+  asio::post(any, [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
+  CHECK(ran_on_pool.get_future().get());
+  CHECK(asio::co_spawn(any, double_after_timer(pool, 5), asio::use_future).get() == std::pair{10, true});
+  // A timer made directly from the converted executor.
+  asio::steady_timer timer{any, 0ms};
+  std::promise<error_code> waited;
+  timer.async_wait([&](error_code ec) { waited.set_value(ec); });
+  CHECK_FALSE(waited.get_future().get());
+}
+
+TEST_CASE("asio executor: a pool destroyed after its coroutines finished frees them and its context" *
+          doctest::timeout(30)) {
+  // ASan's leak check covers the execution_context and the timer service in
+  // it; the marker covers the coroutine frames.
+  for (int round = 0; round < 5; ++round) {
+    {
+      weft::worker_pool pool{{.workers = 2}};
+      std::vector<std::future<std::pair<int, bool>>> results;
+      for (int i = 0; i < 10; ++i) {
+        results.push_back(asio::co_spawn(pool.executor(), double_after_timer(pool, i), asio::use_future));
+      }
+      weft::task_group group{pool.executor()};
+      std::atomic<int> done{0};
+      for (int i = 0; i < 10; ++i) weft::co_spawn(group, count_after_timer(done));
+      for (auto& r : results) r.get();
+      group.wait();
+      CHECK(done.load() == 10);
+    }
+    CHECK(frame_marker::live.load() == 0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Coroutines in a group.
+
+TEST_CASE("asio task_group: co_spawned coroutines are joined by wait and by async_wait" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  std::atomic<int> done{0};
+  for (int i = 0; i < 20; ++i) weft::co_spawn(group, count_after_timer(done));
+  std::atomic<int> thread_tasks{0};
+  for (int i = 0; i < 20; ++i) group.go([&] { thread_tasks.fetch_add(1); });
+  std::promise<std::exception_ptr> waited;
+  weft::async_wait(group, asio::bind_executor(pool.executor(), [&](std::exception_ptr error) {
+                     waited.set_value(error);
+                   }));
+  CHECK(waited.get_future().get() == nullptr);
+  CHECK(done.load() == 20);
+  CHECK(thread_tasks.load() == 20);
+  CHECK_NOTHROW(group.wait());
+}
+
+TEST_CASE("asio task_group: a coroutine's exception reaches async_wait as exception_ptr, and wait rethrows it" *
+          doctest::timeout(30)) {
+  {
+    weft::worker_pool pool{{.workers = 2}};
+    weft::task_group group{pool.executor()};
+    weft::co_spawn(group, fail_after_timer("coroutine failed"));
+    std::promise<std::exception_ptr> waited;
+    weft::async_wait(group, asio::bind_executor(pool.executor(), [&](std::exception_ptr error) {
+                       waited.set_value(error);
+                     }));
+    CHECK(message_of(waited.get_future().get()) == "coroutine failed");
+    CHECK(group.token().cancelled());
+    CHECK_THROWS_WITH_AS(group.wait(), "coroutine failed", std::runtime_error);
+    // ...every time.
+    CHECK_THROWS_WITH_AS(group.wait(), "coroutine failed", std::runtime_error);
+  }
+  CHECK(frame_marker::live.load() == 0);
+}
+
+TEST_CASE("asio task_group: co_await async_wait(group, use_awaitable) rethrows a task's exception" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  group.go([] { throw std::invalid_argument("thread task failed"); });
+  auto outcome = asio::co_spawn(
+      pool.executor(),
+      [&]() -> asio::awaitable<std::string> {
+        try {
+          co_await weft::async_wait(group, asio::use_awaitable);
+        } catch (const std::invalid_argument& e) {
+          co_return e.what();
+        }
+        co_return "no exception";
+      },
+      asio::use_future);
+  CHECK(outcome.get() == "thread task failed");
+  CHECK_THROWS_AS(group.wait(), std::invalid_argument);
+}
+
+TEST_CASE("asio task_group: async_wait(group, use_awaitable) completes only after pending tasks finish" *
+          doctest::timeout(30)) {
+  // Three workers: the group's two runners (blocked on the gate) and one for
+  // the waiting coroutine.
+  weft::worker_pool pool{{.workers = 3}};
+  weft::task_group group{pool.executor()};
+  gate held;
+  std::atomic<int> finished{0};
+  for (int i = 0; i < 4; ++i) {
+    group.go([&finished, f = held.future] {
+      f.wait();
+      finished.fetch_add(1);
+    });
+  }
+  std::latch waiting{1};
+  auto seen = asio::co_spawn(
+      pool.executor(),
+      [&]() -> asio::awaitable<int> {
+        waiting.count_down();
+        co_await weft::async_wait(group, asio::use_awaitable);
+        co_return finished.load();
+      },
+      asio::use_future);
+  waiting.wait();
+  CHECK(seen.wait_for(0s) != std::future_status::ready);  // a snapshot: the gate is still closed
+  held.open();
+  CHECK(seen.get() == 4);
+  CHECK_NOTHROW(group.wait());
+}
+
+TEST_CASE("asio task_group: cancelling the group aborts a coroutine's day-long timer, and the group joins" *
+          doctest::timeout(60)) {
+  enum class how { group_cancel, parent_cancel, sibling_throws };
+  for (const how way : {how::group_cancel, how::parent_cancel, how::sibling_throws}) {
+    CAPTURE(static_cast<int>(way));
+    {
+      // One worker: the cancellation, posted to the coroutine's executor,
+      // runs once the coroutine is suspended on its timer.
+      weft::worker_pool pool{{.workers = 1}};
+      weft::cancel_source parent;
+      weft::task_group group{pool.executor(), parent.token()};
+      std::latch started{1};
+      std::promise<error_code> ended;
+      weft::co_spawn(group, wait_a_day(started, ended));
+      started.wait();
+      switch (way) {
+        case how::group_cancel: group.cancel(); break;
+        case how::parent_cancel: parent.cancel(); break;
+        case how::sibling_throws: group.go([] { throw std::runtime_error("sibling failed"); }); break;
+      }
+      CHECK(ended.get_future().get() == asio::error::operation_aborted);
+      if (way == how::sibling_throws) {
+        CHECK_THROWS_WITH_AS(group.wait(), "sibling failed", std::runtime_error);
+      } else {
+        CHECK_NOTHROW(group.wait());  // the coroutine returned normally; nothing was skipped
+      }
+    }
+    CHECK(frame_marker::live.load() == 0);
+  }
+}
+
+TEST_CASE("asio task_group: the three-argument co_spawn runs the coroutine on the executor it names" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  asio::io_context io;
+  auto work = asio::make_work_guard(io);
+  std::thread io_thread([&] { io.run(); });
+  {
+    weft::task_group group{pool.executor()};
+    std::promise<bool> on_io;
+    weft::co_spawn(group, io.get_executor(), [&]() -> asio::awaitable<void> {
+      asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
+      co_await timer.async_wait(asio::use_awaitable);
+      on_io.set_value(io.get_executor().running_in_this_thread());
+    }());
+    CHECK(on_io.get_future().get());
+    group.wait();
+
+    // Cancellation reaches it on its own executor (one io thread: no race).
+    std::latch started{1};
+    std::promise<error_code> ended;
+    weft::co_spawn(group, io.get_executor(), wait_a_day(started, ended));
+    started.wait();
+    group.cancel();
+    CHECK(ended.get_future().get() == asio::error::operation_aborted);
+    CHECK_NOTHROW(group.wait());
+  }
+  work.reset();
+  io_thread.join();
+  CHECK(frame_marker::live.load() == 0);
+}
+
+TEST_CASE("asio task_group: a group already cancelled starts no coroutine and wait reports it" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  group.cancel();
+  std::atomic<bool> body_ran{false};
+  weft::co_spawn(group, [&]() -> asio::awaitable<void> {
+    body_ran = true;
+    co_return;
+  }());
+  try {
+    group.wait();
+    FAIL("wait() must report the coroutine it did not start");
+  } catch (const std::system_error& e) {
+    CHECK(e.code() == weft::errc::cancelled);
+  }
+  CHECK_FALSE(body_ran.load());
+}
+
+TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception; tasks go on" *
+          doctest::timeout(30)) {
+  // Two workers: the group's runner (held by the gate) and one for the
+  // completion handler.
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  gate held;
+  std::atomic<int> finished{0};
+  for (int i = 0; i < 3; ++i) {
+    group.go([&finished, f = held.future] {
+      f.wait();
+      finished.fetch_add(1);
+    });
+  }
+  asio::cancellation_signal signal;
+  std::promise<std::exception_ptr> waited;
+  weft::async_wait(group, asio::bind_cancellation_slot(
+                              signal.slot(), asio::bind_executor(pool.executor(), [&](std::exception_ptr error) {
+                                waited.set_value(error);
+                              })));
+  // The wait is pending (the gate is closed); emit on the handler's
+  // executor, as Asio asks.
+  asio::post(pool.executor(), [&] { signal.emit(asio::cancellation_type::terminal); });
+  const std::exception_ptr error = waited.get_future().get();
+  REQUIRE(error != nullptr);
+  try {
+    std::rethrow_exception(error);
+  } catch (const boost::system::system_error& e) {
+    CHECK(e.code() == weft::errc::cancelled);
+  } catch (...) {
+    FAIL("expected a boost::system::system_error");
+  }
+  // The group itself was not cancelled: its tasks run to the end.
+  CHECK_FALSE(group.token().cancelled());
+  held.open();
+  CHECK_NOTHROW(group.wait());
+  CHECK(finished.load() == 3);
+}

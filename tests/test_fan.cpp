@@ -1,0 +1,475 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft's fan-out calls (weft/fan.hpp): gather's tuple of
+// heterogeneous results (void as std::monostate, move-only values, calls
+// taking a cancel_token), its first-failure and deadline behaviour, and
+// parallel_map / for_each: input order, the limit, ranges that are not
+// random-access, empty ranges, the first failure, each element once.
+//
+// Deadlines are on weft::manual_clock (with_deadline), moved by a helper
+// thread once the calls are known to wait: nothing sleeps. gather_for, which
+// reads the steady clock, is only used with timeouts that are either already
+// past or far away, so no result depends on timing.
+#include <weft/cancel.hpp>
+#include <weft/fan.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <forward_list>
+#include <future>
+#include <latch>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <ranges>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+using weft_test::spin_until;
+
+// Calls in flight now, and the most there ever were.
+struct high_water {
+  std::atomic<int> now{0};
+  std::atomic<int> most{0};
+  void enter() {
+    const int n = now.fetch_add(1) + 1;
+    for (int seen = most.load(); n > seen && !most.compare_exchange_weak(seen, n);) {
+    }
+  }
+  void leave() { now.fetch_sub(1); }
+};
+
+std::error_code code_of(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::system_error& e) {
+    return e.code();
+  } catch (...) {
+  }
+  return std::make_error_code(std::errc::invalid_argument);  // "not a system_error"
+}
+
+template <class F>
+std::exception_ptr thrown_by(F&& f) {
+  try {
+    f();
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// gather
+
+TEST_CASE("gather: heterogeneous results in argument order; void is monostate, move-only values move" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::atomic<bool> void_ran{false};
+  auto results = weft::gather(
+      pool.executor(), weft::cancel_token{}, [] { return 1; },
+      [](const weft::cancel_token& token) { return std::string(token.cancelled() ? "cancelled" : "two"); },
+      [&] { void_ran = true; }, [] { return std::make_unique<double>(3.5); },
+      [](weft::cancel_token) {});
+  static_assert(std::is_same_v<decltype(results), std::tuple<int, std::string, std::monostate,
+                                                             std::unique_ptr<double>, std::monostate>>);
+  auto& [number, text, nothing, pointer, nothing_either] = results;
+  CHECK(number == 1);
+  CHECK(text == "two");
+  CHECK(void_ran.load());
+  REQUIRE(pointer != nullptr);
+  CHECK(*pointer == 3.5);
+  (void)nothing;
+  (void)nothing_either;
+
+  // The other overloads: the default executor, with and without a token.
+  auto [a, b] = weft::gather([] { return 'a'; }, [](weft::cancel_token) { return 2L; });
+  CHECK(a == 'a');
+  CHECK(b == 2L);
+  weft::cancel_source request;
+  auto [c] = weft::gather(request.token(), [](const weft::cancel_token& token) { return token.cancelled(); });
+  CHECK_FALSE(c);
+}
+
+TEST_CASE("gather: the calls run concurrently (one waits for another's signal)" * doctest::timeout(30)) {
+  for (const std::size_t workers : {1u, 2u}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers}};
+    std::promise<int> from_second;
+    auto [first, second] = weft::gather(
+        pool.executor(), weft::cancel_token{}, [&] { return from_second.get_future().get() + 1; },
+        [&] {
+          from_second.set_value(41);
+          return 0;
+        });
+    CHECK(first == 42);
+    CHECK(second == 0);
+  }
+}
+
+TEST_CASE("gather: the first failure cancels the other calls and is rethrown" * doctest::timeout(30)) {
+  // Three workers: two runners and the calling thread, for three calls at
+  // once.
+  weft::worker_pool pool{{.workers = 3}};
+  std::latch both_waiting{2};
+  std::atomic<int> saw_failure_as_cause{0};
+  auto waiter = [&](const weft::cancel_token& token) {
+    both_waiting.count_down();
+    token.wait();
+    try {
+      token.cause().rethrow();
+    } catch (const std::runtime_error& e) {
+      if (std::string(e.what()) == "backend down") saw_failure_as_cause.fetch_add(1);
+    }
+    return 0;
+  };
+  const auto error = thrown_by([&] {
+    (void)weft::gather(pool.executor(), weft::cancel_token{}, waiter, waiter, [&]() -> std::string {
+      both_waiting.wait();
+      throw std::runtime_error("backend down");
+    });
+  });
+  REQUIRE(error != nullptr);
+  CHECK_THROWS_WITH_AS(std::rethrow_exception(error), "backend down", std::runtime_error);
+  CHECK(saw_failure_as_cause.load() == 2);
+}
+
+TEST_CASE("gather: a manual-clock deadline cancels the running calls with deadline_exceeded" *
+          doctest::timeout(30)) {
+  // Two workers: one runner and the calling thread, for two calls at once.
+  weft::worker_pool pool{{.workers = 2}};
+  auto deadline = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now() + 5s);
+  std::latch both_waiting{2};
+  std::thread clock([&] {
+    both_waiting.wait();
+    weft::manual_clock::advance(5s);
+  });
+  std::atomic<bool> returner_saw_deadline{false};
+  const auto error = thrown_by([&] {
+    (void)weft::gather(
+        pool.executor(), deadline.token(),
+        // One call notices and returns...
+        [&](const weft::cancel_token& token) {
+          both_waiting.count_down();
+          token.wait();
+          returner_saw_deadline = token.cause().is_deadline();
+          return 1;
+        },
+        // ...the other reports its cancellation as errors usually are.
+        [&](const weft::cancel_token& token) -> int {
+          both_waiting.count_down();
+          token.wait();
+          token.cause().rethrow();
+        });
+  });
+  clock.join();
+  CHECK(returner_saw_deadline.load());
+  REQUIRE(error != nullptr);
+  CHECK(code_of(error) == weft::errc::deadline_exceeded);
+}
+
+TEST_CASE("gather: under a token already cancelled or past its deadline, no call runs and gather says why" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::atomic<int> ran{0};
+  auto call = [&] { return ran.fetch_add(1); };
+
+  auto past = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now());
+  CHECK(code_of(thrown_by([&] { (void)weft::gather(pool.executor(), past.token(), call, call); })) ==
+        weft::errc::deadline_exceeded);
+
+  weft::cancel_source cancelled;
+  cancelled.cancel();
+  CHECK(code_of(thrown_by([&] { (void)weft::gather(pool.executor(), cancelled.token(), call); })) ==
+        weft::errc::cancelled);
+
+  // gather_for reads the steady clock: a zero timeout is already past.
+  CHECK(code_of(thrown_by([&] { (void)weft::gather_for(0ms, weft::cancel_token{}, call, call); })) ==
+        weft::errc::deadline_exceeded);
+  CHECK(ran.load() == 0);
+
+  // A far deadline changes nothing.
+  auto [x, y] = weft::gather_for(1h, weft::cancel_token{}, call, [] { return std::string("y"); });
+  CHECK(x == 0);
+  CHECK(y == "y");
+}
+
+TEST_CASE("gather: calls see the caller's token through theirs" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::cancel_source request;
+  std::latch waiting{1};
+  std::thread canceller([&] {
+    waiting.wait();
+    request.cancel(std::make_error_code(std::errc::connection_reset));
+  });
+  auto [code] = weft::gather(pool.executor(), request.token(), [&](const weft::cancel_token& token) {
+    waiting.count_down();
+    token.wait();
+    return token.cause().code();
+  });
+  canceller.join();
+  CHECK(code == std::errc::connection_reset);
+}
+
+// ---------------------------------------------------------------------------
+// parallel_map
+
+TEST_CASE("parallel_map: results in input order although calls finish in reverse" * doctest::timeout(30)) {
+  // Element i finishes only after element i + 1: four calls blocked at
+  // once, on three runners and the calling thread.
+  constexpr int count = 4;
+  weft::worker_pool pool{{.workers = 4}};
+  std::vector<std::promise<void>> finished(count);
+  std::vector<std::shared_future<void>> finished_future;
+  for (auto& p : finished) finished_future.push_back(p.get_future().share());
+  std::mutex order_mutex;
+  std::vector<int> finish_order;
+  std::vector<int> input{0, 1, 2, 3};
+  auto out = weft::parallel_map(
+      input,
+      [&](int i) {
+        if (i + 1 < count) finished_future[static_cast<std::size_t>(i + 1)].wait();
+        {
+          std::lock_guard lock(order_mutex);
+          finish_order.push_back(i);
+        }
+        finished[static_cast<std::size_t>(i)].set_value();
+        return std::to_string(i);
+      },
+      {.limit = count, .executor = pool.executor()});
+  CHECK(finish_order == std::vector<int>{3, 2, 1, 0});
+  CHECK(out == std::vector<std::string>{"0", "1", "2", "3"});
+}
+
+TEST_CASE("parallel_map: many elements keep their order, with and without a token parameter" *
+          doctest::timeout(30)) {
+  for (const std::size_t workers : {1u, 2u, 3u, 8u}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers}};
+    std::vector<int> input(1000);
+    std::iota(input.begin(), input.end(), 0);
+    auto squares = weft::parallel_map(input, [](int x) { return x * x; }, {.executor = pool.executor()});
+    auto tokened = weft::parallel_map(
+        input, [](const int& x, const weft::cancel_token& token) { return token.cancelled() ? -1 : x + 1; },
+        {.executor = pool.executor()});
+    REQUIRE(squares.size() == input.size());
+    REQUIRE(tokened.size() == input.size());
+    bool in_order = true;
+    for (std::size_t i = 0; i < input.size(); ++i) {
+      in_order = in_order && squares[i] == input[i] * input[i] && tokened[i] == input[i] + 1;
+    }
+    CHECK(in_order);
+  }
+}
+
+TEST_CASE("parallel_map: .limit is never exceeded, and is reached" * doctest::timeout(60)) {
+  for (const std::size_t limit : {1u, 2u, 3u}) {
+    CAPTURE(limit);
+    // More workers than the limit, so the limit is what holds calls back.
+    weft::worker_pool pool{{.workers = limit + 3}};
+    high_water tracker;
+    std::latch first_ones{static_cast<std::ptrdiff_t>(limit)};
+    std::atomic<int> arrived{0};
+    std::vector<int> input(200);
+    std::iota(input.begin(), input.end(), 0);
+    auto out = weft::parallel_map(
+        input,
+        [&](int x) {
+          tracker.enter();
+          // The first `limit` calls meet, so the limit is really reached...
+          if (arrived.fetch_add(1) < static_cast<int>(limit)) first_ones.arrive_and_wait();
+          // ...and every call stays a while in flight (yielding) so that
+          // one over the limit would be seen.
+          for (int y = 0; y < 10; ++y) std::this_thread::yield();
+          tracker.leave();
+          return x;
+        },
+        {.limit = limit, .executor = pool.executor()});
+    CHECK(out == input);
+    CHECK(tracker.most.load() == static_cast<int>(limit));
+  }
+}
+
+TEST_CASE("parallel_map: the default limit is about the pool's size" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  high_water tracker;
+  std::vector<int> input(300, 1);
+  auto out = weft::parallel_map(
+      input,
+      [&](int x) {
+        tracker.enter();
+        for (int y = 0; y < 10; ++y) std::this_thread::yield();
+        tracker.leave();
+        return x;
+      },
+      {.executor = pool.executor()});
+  CHECK(out.size() == 300);
+  // One per worker plus the calling thread, at most (fan.hpp).
+  CHECK(tracker.most.load() <= 3);
+  CHECK(tracker.most.load() >= 1);
+}
+
+TEST_CASE("parallel_map: ranges that are not random-access, views, and empty ranges" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  const weft::fan_options on_pool{.executor = pool.executor()};
+
+  std::list<std::string> words{"a", "bb", "ccc", "dddd", "eeeee"};
+  CHECK(weft::parallel_map(words, [](const std::string& w) { return w.size(); }, on_pool) ==
+        std::vector<std::size_t>{1, 2, 3, 4, 5});
+
+  std::forward_list<int> singly{5, 6, 7};
+  CHECK(weft::parallel_map(singly, [](int x) { return -x; }, on_pool) == std::vector<int>{-5, -6, -7});
+
+  std::vector<int> numbers(50);
+  std::iota(numbers.begin(), numbers.end(), 0);
+  auto evens = numbers | std::views::filter([](int x) { return x % 2 == 0; });
+  auto halves = weft::parallel_map(evens, [](int x) { return x / 2; }, on_pool);
+  REQUIRE(halves.size() == 25);
+  for (int i = 0; i < 25; ++i) CHECK(halves[static_cast<std::size_t>(i)] == i);
+
+  CHECK(weft::parallel_map(std::views::iota(0, 10), [](int x) { return x * 3; }, on_pool) ==
+        std::vector<int>{0, 3, 6, 9, 12, 15, 18, 21, 24, 27});
+
+  std::atomic<int> calls{0};
+  auto count_call = [&](int x) {
+    calls.fetch_add(1);
+    return x;
+  };
+  CHECK(weft::parallel_map(std::vector<int>{}, count_call, on_pool).empty());
+  CHECK(weft::parallel_map(std::list<int>{}, count_call, on_pool).empty());
+  weft::for_each(std::list<int>{}, count_call, on_pool);
+  CHECK(calls.load() == 0);
+}
+
+TEST_CASE("parallel_map: the first failure stops the rest and is rethrown" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 3}};
+  std::vector<int> input(100);
+  std::iota(input.begin(), input.end(), 0);
+
+  // With one call in flight, a failure on the first element stops all.
+  std::atomic<int> calls{0};
+  CHECK_THROWS_WITH_AS(weft::parallel_map(
+                           input,
+                           [&](int) -> int {
+                             calls.fetch_add(1);
+                             throw std::runtime_error("element failed");
+                           },
+                           {.limit = 1, .executor = pool.executor()}),
+                       "element failed", std::runtime_error);
+  CHECK(calls.load() == 1);
+
+  // With three, the others see the group cancelled and take no new element.
+  calls = 0;
+  std::atomic<int> saw_cancel{0};
+  CHECK_THROWS_WITH_AS(weft::parallel_map(
+                           input,
+                           [&](int x, const weft::cancel_token& token) -> int {
+                             calls.fetch_add(1);
+                             if (x == 0) throw std::runtime_error("element 0 failed");
+                             // The others wait for the failure, then stop.
+                             token.wait();
+                             saw_cancel.fetch_add(1);
+                             return x;
+                           },
+                           {.limit = 3, .executor = pool.executor()}),
+                       "element 0 failed", std::runtime_error);
+  CHECK(calls.load() <= 3);
+  CHECK(saw_cancel.load() == calls.load() - 1);
+}
+
+TEST_CASE("parallel_map: a token cancelled before the call runs nothing and throws its cause" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::cancel_source request;
+  request.cancel(std::make_error_code(std::errc::timed_out));
+  std::atomic<int> calls{0};
+  const auto error = thrown_by([&] {
+    (void)weft::parallel_map(
+        std::vector<int>{1, 2, 3},
+        [&](int x) {
+          calls.fetch_add(1);
+          return x;
+        },
+        {.token = request.token(), .executor = pool.executor()});
+  });
+  REQUIRE(error != nullptr);
+  CHECK(code_of(error) == std::errc::timed_out);
+  CHECK(calls.load() == 0);
+}
+
+// ---------------------------------------------------------------------------
+// for_each
+
+TEST_CASE("for_each: visits each element exactly once, by reference" * doctest::timeout(30)) {
+  for (const std::size_t workers : {1u, 2u, 3u, 8u}) {
+    for (const std::size_t limit : {0u, 1u, 2u, 5u}) {
+      CAPTURE(workers);
+      CAPTURE(limit);
+      weft::worker_pool pool{{.workers = workers}};
+      std::vector<std::atomic<int>> visits(500);
+      std::vector<std::size_t> indices(visits.size());
+      std::iota(indices.begin(), indices.end(), std::size_t{0});
+      weft::for_each(indices, [&](std::size_t i) { visits[i].fetch_add(1); },
+                     {.limit = limit, .executor = pool.executor()});
+      bool each_once = true;
+      for (const auto& v : visits) each_once = each_once && v.load() == 1;
+      CHECK(each_once);
+
+      std::list<int> linked{1, 2, 3, 4};
+      weft::for_each(linked, [](int& x) { x *= 10; }, {.limit = limit, .executor = pool.executor()});
+      CHECK(linked == std::list<int>{10, 20, 30, 40});
+    }
+  }
+}
+
+TEST_CASE("for_each: the first failure stops the rest; with limit 1, after exactly one call" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<int> input(100, 0);
+  std::atomic<int> calls{0};
+  CHECK_THROWS_AS(weft::for_each(
+                      input,
+                      [&](int) {
+                        calls.fetch_add(1);
+                        throw std::logic_error("stop");
+                      },
+                      {.limit = 1, .executor = pool.executor()}),
+                  std::logic_error);
+  CHECK(calls.load() == 1);
+
+  // A failure half-way, limit 1: the elements before it ran, none after.
+  calls = 0;
+  std::vector<int> seen;
+  std::iota(input.begin(), input.end(), 0);
+  CHECK_THROWS_AS(weft::for_each(
+                      input,
+                      [&](int x) {
+                        calls.fetch_add(1);
+                        seen.push_back(x);  // one call at a time
+                        if (x == 49) throw std::logic_error("half-way");
+                      },
+                      {.limit = 1, .executor = pool.executor()}),
+                  std::logic_error);
+  CHECK(calls.load() == 50);
+  REQUIRE(seen.size() == 50);
+  CHECK(seen.back() == 49);
+}

@@ -1,0 +1,1219 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft::worker_pool (weft/worker_pool.hpp): construction errors,
+// exactly-once execution, submit and its futures, the three overflow
+// policies on a queue made full deterministically, post with a token,
+// posting from a worker into its own full pool, the error handler, shutdown
+// and shutdown_now, destruction while idle or busy, join from a worker, the
+// executor, stats, and the default pool.
+//
+// Nothing here sleeps. A queue is made full by holding every worker inside a
+// task that waits on a gate (a promise the test fulfils), then posting
+// exactly queue_capacity tasks. A test knows that:
+//   - a worker is running a task when the task itself says so (a latch);
+//   - a producer is parked inside post(f, token) when the token's cancel
+//     state holds its callback (detail::cancel_state::callback_count, a
+//     hook for tests: the pool registers it only after it queued the
+//     producer for room);
+//   - a producer is parked inside a plain post() when its thread sleeps in
+//     the kernel (Linux: /proc/self/task/<tid>/stat says S). Elsewhere the
+//     probe says "asleep" at once and those checks become weaker, never
+//     wrong: every outcome a test asserts is forced by the hand-offs, not by
+//     how long anything took.
+#include <weft/cancel.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/wait_group.hpp>
+#include <weft/wait_status.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <fstream>
+#include <functional>
+#include <future>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+
+namespace weft {
+// Lets doctest print a wait_status by name (internal linkage: other test
+// files have their own).
+[[maybe_unused]] static doctest::String toString(wait_status status) { return to_string(status); }
+}  // namespace weft
+
+namespace {
+
+using weft::wait_status;
+using weft_test::spin_until;
+using weft_test::under_sanitizer;
+
+// 1, 2, 3, 8, and more than the cores.
+std::vector<std::size_t> worker_counts() {
+  const std::size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return {1, 2, 3, 8, std::max<std::size_t>(9, 2 * cores + 1)};
+}
+
+// Holds workers inside tasks until opened.
+struct gate {
+  std::promise<void> opened;
+  std::shared_future<void> open_future = opened.get_future().share();
+  void open() { opened.set_value(); }
+};
+
+// Occupies every worker of `pool` with a task that waits on `g`; returns
+// once all of them are running (so the queue is empty and stays so until
+// the test posts).
+void hold_all_workers(weft::worker_pool& pool, const gate& g) {
+  // Shared: a worker may still be inside count_down when wait() returns.
+  auto running = std::make_shared<std::latch>(static_cast<std::ptrdiff_t>(pool.size()));
+  for (std::size_t i = 0; i < pool.size(); ++i) {
+    pool.post([running, opened = g.open_future] {
+      running->count_down();
+      opened.wait();
+    });
+  }
+  running->wait();
+}
+
+// Live instances of `counted` made from one `instances`: proves that every
+// task object the pool took (run, dropped or rejected) was destroyed.
+struct instances {
+  std::atomic<int> live{0};
+  std::atomic<int> made{0};
+};
+
+class counted {
+ public:
+  explicit counted(instances& owner) noexcept : owner_(&owner) {
+    owner_->live.fetch_add(1);
+    owner_->made.fetch_add(1);
+  }
+  counted(const counted& other) noexcept : owner_(other.owner_) { owner_->live.fetch_add(1); }
+  counted(counted&& other) noexcept : owner_(other.owner_) { owner_->live.fetch_add(1); }
+  counted& operator=(const counted&) = delete;
+  counted& operator=(counted&&) = delete;
+  ~counted() { owner_->live.fetch_sub(1); }
+
+ private:
+  instances* owner_;
+};
+
+long current_tid() {
+#if defined(__linux__)
+  return static_cast<long>(::syscall(SYS_gettid));
+#else
+  return 0;
+#endif
+}
+
+// True when thread `tid` of this process sleeps in the kernel (parked on a
+// futex). Where that cannot be read, true.
+bool asleep(long tid) {
+#if defined(__linux__)
+  std::ifstream file("/proc/self/task/" + std::to_string(tid) + "/stat");
+  std::string line;
+  if (!file || !std::getline(file, line)) return true;
+  const auto name_end = line.rfind(')');
+  if (name_end == std::string::npos || name_end + 2 >= line.size()) return true;
+  const char state = line[name_end + 2];
+  return state == 'S' || state == 'D';
+#else
+  (void)tid;
+  return true;
+#endif
+}
+
+// A thread that runs one call that is expected to block, and tells when it
+// has returned or when it sleeps in the kernel.
+class blocking_call {
+ public:
+  template <class Body>
+  explicit blocking_call(Body body)
+      : thread_([this, body = std::move(body)]() mutable {
+          tid_.store(current_tid());
+          started_.store(true);
+          body();
+          returned_.store(true);
+        }) {}
+
+  blocking_call(const blocking_call&) = delete;
+  blocking_call& operator=(const blocking_call&) = delete;
+  ~blocking_call() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Waits until the call returned or its thread was seen asleep twice in a
+  // row (once could be a page fault on the way in).
+  void wait_until_parked_or_returned() const {
+    int asleep_in_a_row = 0;
+    spin_until([&] {
+      if (returned_.load()) return true;
+      if (!started_.load()) return false;
+      asleep_in_a_row = asleep(tid_.load()) ? asleep_in_a_row + 1 : 0;
+      return asleep_in_a_row >= 2;
+    });
+  }
+
+  bool returned() const { return returned_.load(); }
+  void join() { thread_.join(); }
+
+ private:
+  std::atomic<long> tid_{0};
+  std::atomic<bool> started_{false};
+  std::atomic<bool> returned_{false};
+  std::thread thread_;
+};
+
+// How many cancel callbacks are registered on `token`: a producer parked in
+// post(f, token) holds one.
+std::size_t callbacks_on(const weft::cancel_token& token) {
+  return weft::detail::state_of(token)->callback_count();
+}
+
+// Waits until `pool` has finished (completed counted, busy flag cleared)
+// `completed` tasks. Counters move right after the task body returns, so a
+// test that saw the body's effect waits for them here.
+void wait_for_completed(const weft::worker_pool& pool, std::uint64_t completed) {
+  spin_until([&] {
+    const auto s = pool.stats();
+    return s.completed >= completed && s.busy == 0;
+  });
+}
+
+struct task_error : std::runtime_error {
+  task_error(const char* what, int code_) : std::runtime_error(what), code(code_) {}
+  int code;
+};
+
+int forty_two() { return 42; }
+std::atomic<int> free_function_calls{0};
+void free_function() { free_function_calls.fetch_add(1); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Construction
+
+TEST_CASE("worker_pool with zero workers or zero queue capacity throws invalid_argument naming the option" *
+          doctest::timeout(60)) {
+  CHECK_THROWS_AS(weft::worker_pool({.workers = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(weft::worker_pool({.workers = 2, .queue_capacity = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(weft::worker_pool({.workers = 0, .queue_capacity = 0}), std::invalid_argument);
+  try {
+    weft::worker_pool pool{{.workers = 0, .name = "zero-workers"}};
+    FAIL("workers = 0 was accepted");
+  } catch (const std::invalid_argument& error) {
+    const std::string what = error.what();
+    CHECK(what.find("workers") != std::string::npos);
+    CHECK(what.find("zero-workers") != std::string::npos);
+  }
+  try {
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 0}};
+    FAIL("queue_capacity = 0 was accepted");
+  } catch (const std::invalid_argument& error) {
+    CHECK(std::string(error.what()).find("queue_capacity") != std::string::npos);
+  }
+}
+
+TEST_CASE("worker_pool reports the options it was built with" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 3, .queue_capacity = 5, .on_full = weft::overflow::caller_runs, .name = "opts"}};
+  CHECK(pool.size() == 3);
+  CHECK(pool.queue_capacity() == 5);
+  CHECK(pool.overflow_policy() == weft::overflow::caller_runs);
+  CHECK(pool.name() == "opts");
+  CHECK_FALSE(pool.is_shutdown());
+  const auto s = pool.stats();
+  CHECK(s.workers == 3);
+  CHECK(s.submitted == 0);
+  CHECK(s.completed == 0);
+  CHECK(s.queued == 0);
+
+  weft::worker_pool smallest{{.workers = 1, .queue_capacity = 1}};
+  CHECK(smallest.submit([] { return 1; }).get() == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Running tasks
+
+TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 to many workers and producers" *
+          doctest::timeout(120)) {
+  const int per_producer = under_sanitizer ? 150 : 1500;
+  for (const std::size_t workers : worker_counts()) {
+    for (const int producers : {1, 3, 8}) {
+      CAPTURE(workers);
+      CAPTURE(producers);
+      // A small queue, so producers also meet backpressure.
+      // Declared before the pool, so they outlive its workers.
+      weft::wait_group done;
+      const int total = producers * per_producer;
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(total));
+      std::atomic<int> off_pool{0};
+      weft::worker_pool pool{{.workers = workers, .queue_capacity = 4}};
+      done.add(total);
+      std::vector<std::thread> threads;
+      for (int p = 0; p < producers; ++p) {
+        threads.emplace_back([&, p] {
+          for (int i = 0; i < per_producer; ++i) {
+            const int id = p * per_producer + i;
+            pool.post([&, id] {
+              if (!pool.running_in_this_thread()) off_pool.fetch_add(1);
+              runs[static_cast<std::size_t>(id)].fetch_add(1);
+              done.done();
+            });
+          }
+        });
+      }
+      for (auto& t : threads) t.join();
+      done.wait();
+      int not_once = 0;
+      for (auto& r : runs) not_once += r.load() == 1 ? 0 : 1;
+      CHECK(not_once == 0);
+      CHECK(off_pool.load() == 0);
+      wait_for_completed(pool, static_cast<std::uint64_t>(total));
+      const auto s = pool.stats();
+      CHECK(s.submitted == static_cast<std::uint64_t>(total));
+      CHECK(s.completed == static_cast<std::uint64_t>(total));
+      CHECK(s.failed == 0);
+      CHECK(s.rejected == 0);
+      CHECK(s.dropped == 0);
+      CHECK(s.queued == 0);
+      CHECK(s.peak_queued <= 4);
+    }
+  }
+}
+
+TEST_CASE("worker_pool makes everything written before post visible inside the task" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 8}};
+  for (int round = 0; round < 50; ++round) {
+    std::vector<int> data(256);  // plain memory: TSan checks the ordering
+    std::iota(data.begin(), data.end(), round);
+    auto sum = pool.submit([&data] { return std::accumulate(data.begin(), data.end(), 0L); });
+    CHECK(sum.get() == 256L * round + 255L * 256L / 2);
+  }
+}
+
+TEST_CASE("worker_pool submit returns the value, completes a void future and carries the exception" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::atomic<int> handler_calls{0};
+  pool.set_error_handler([&](std::exception_ptr) { handler_calls.fetch_add(1); });
+
+  CHECK(pool.submit([] { return 42; }).get() == 42);
+  CHECK(pool.submit([] { return std::string("text"); }).get() == "text");
+
+  std::atomic<bool> ran{false};
+  std::future<void> done = pool.submit([&] { ran.store(true); });
+  done.get();
+  CHECK(ran.load());
+
+  auto failing = pool.submit([]() -> int { throw task_error("from submit", 17); });
+  try {
+    (void)failing.get();
+    FAIL("the exception did not reach the future");
+  } catch (const task_error& error) {
+    CHECK(std::string(error.what()) == "from submit");
+    CHECK(error.code == 17);
+  }
+  auto failing_void = pool.submit([] { throw 5; });
+  CHECK_THROWS_AS(failing_void.get(), int);
+
+  wait_for_completed(pool, 5);
+  const auto s = pool.stats();
+  CHECK(s.failed == 2);
+  CHECK(s.completed == 5);
+  // A submit() exception belongs to the future, not to the error handler.
+  CHECK(handler_calls.load() == 0);
+}
+
+TEST_CASE("worker_pool takes move-only callables and move-only results" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  auto owned = std::make_unique<int>(7);
+  CHECK(pool.submit([p = std::move(owned)] { return *p * 6; }).get() == 42);
+
+  std::unique_ptr<int> result = pool.submit([] { return std::make_unique<int>(9); }).get();
+  REQUIRE(result != nullptr);
+  CHECK(*result == 9);
+
+  std::promise<int> seen;
+  pool.post([p = std::make_unique<int>(3), &seen] { seen.set_value(*p); });
+  CHECK(seen.get_future().get() == 3);
+
+  // A promise is move-only too: the classic "packaged task in a pool" shape.
+  std::promise<std::string> promise;
+  auto future = promise.get_future();
+  pool.post([promise = std::move(promise)]() mutable { promise.set_value("through a moved promise"); });
+  CHECK(future.get() == "through a moved promise");
+}
+
+TEST_CASE("worker_pool runs plain functions and std::function objects" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  CHECK(pool.submit(forty_two).get() == 42);
+  CHECK(pool.submit(&forty_two).get() == 42);
+  const int before = free_function_calls.load();
+  pool.submit(free_function).get();
+  pool.post(&free_function);
+  std::function<void()> wrapped = free_function;
+  pool.post(wrapped);                      // copied from an lvalue
+  CHECK(static_cast<bool>(wrapped));       // the caller's copy is intact
+  pool.submit([] {}).get();                // one worker: everything before it ran
+  CHECK(free_function_calls.load() == before + 3);
+}
+
+TEST_CASE("worker_pool runs tasks with captures larger than the inline buffer and destroys them" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::array<std::uint64_t, 16> big{};  // 128 bytes, well past five pointers
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = i * i + 1;
+  const auto expected = std::accumulate(big.begin(), big.end(), std::uint64_t{0});
+  CHECK(pool.submit([big] { return std::accumulate(big.begin(), big.end(), std::uint64_t{0}); }).get() == expected);
+
+  // Just past the inline size (six pointers).
+  std::array<void*, 6> six{};
+  six[5] = &six;
+  CHECK(pool.submit([six] { return six[5]; }).get() == &six);
+
+  // Over-aligned captures keep their alignment.
+  struct alignas(64) wide {
+    std::uint64_t value[2];
+  };
+  wide w{{11, 22}};
+  auto misalignment = pool.submit([w] { return reinterpret_cast<std::uintptr_t>(&w) % 64 + (w.value[1] - 22); });
+  CHECK(misalignment.get() == 0);
+
+  // A capture whose move constructor may throw cannot stay inline.
+  struct throwing_move {
+    int value = 5;
+    throwing_move() = default;
+    throwing_move(const throwing_move&) = default;
+    throwing_move(throwing_move&& other) noexcept(false) : value(other.value) {}
+  };
+  throwing_move tm;
+  CHECK(pool.submit([tm] { return tm.value; }).get() == 5);
+
+  // Big captures are destroyed once the task has run.
+  instances inst;
+  weft::wait_group done;
+  done.add(20);
+  for (int i = 0; i < 20; ++i) {
+    pool.post([big, c = counted{inst}, &done] {
+      if (big[15] == 15 * 15 + 1) done.done();
+    });
+  }
+  done.wait();
+  spin_until([&] { return inst.live.load() == 0; });
+  CHECK(inst.made.load() == 20);
+}
+
+// ---------------------------------------------------------------------------
+// Overflow policies on a queue made full deterministically
+
+TEST_CASE("worker_pool with overflow::reject throws weft::rejected from post and try_post returns false when full" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 3, .on_full = weft::overflow::reject, .name = "rej"}};
+  gate g;
+  hold_all_workers(pool, g);
+  std::atomic<int> ran{0};
+  instances inst;
+  CHECK(pool.try_post([&] { ran++; }));
+  pool.post([&] { ran++; });
+  CHECK(pool.try_post([&] { ran++; }));
+  CHECK(pool.stats().queued == 3);
+
+  std::atomic<bool> refused_ran{false};
+  try {
+    pool.post([&, c = counted{inst}] { refused_ran = true; });
+    FAIL("post into a full reject pool returned");
+  } catch (const weft::rejected& error) {
+    CHECK(std::string(error.what()).find("full") != std::string::npos);
+  }
+  CHECK_FALSE(pool.try_post([&, c = counted{inst}] { refused_ran = true; }));
+  CHECK_THROWS_AS(pool.submit([] { return 1; }), weft::rejected);
+  CHECK(inst.live.load() == 0);  // refused tasks are destroyed at once
+
+  auto s = pool.stats();
+  CHECK(s.rejected == 3);
+  CHECK(s.queued == 3);
+  CHECK(s.submitted == 4);
+  CHECK(s.busy == 1);
+  CHECK(s.peak_queued == 3);
+
+  g.open();
+  pool.shutdown();
+  pool.join();
+  CHECK(ran.load() == 3);
+  CHECK_FALSE(refused_ran.load());
+  s = pool.stats();
+  CHECK(s.completed == 4);
+  CHECK(s.rejected == 3);
+}
+
+TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on the posting thread before post returns" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::caller_runs}};
+  gate g;
+  hold_all_workers(pool, g);
+  std::atomic<int> queued_ran{0};
+  pool.post([&] { queued_ran++; });
+  pool.post([&] { queued_ran++; });
+
+  std::thread::id ran_on;
+  bool on_a_worker = true;
+  pool.post([&] {
+    ran_on = std::this_thread::get_id();
+    on_a_worker = pool.running_in_this_thread();
+  });
+  // It ran here, and before post returned (the only worker is held).
+  CHECK(ran_on == std::this_thread::get_id());
+  CHECK_FALSE(on_a_worker);
+  CHECK(queued_ran.load() == 0);
+
+  // submit() through caller_runs gives a ready future.
+  auto here = pool.submit([] { return std::this_thread::get_id(); });
+  CHECK(here.wait_for(0s) == std::future_status::ready);
+  CHECK(here.get() == std::this_thread::get_id());
+
+  // try_post never runs the task here, whatever the policy.
+  bool tried_ran = false;
+  CHECK_FALSE(pool.try_post([&] { tried_ran = true; }));
+  CHECK_FALSE(tried_ran);
+
+  // A throwing overflow task goes to the error handler, on this thread, and
+  // post does not throw.
+  std::thread::id handler_on;
+  std::string handler_saw;
+  pool.set_error_handler([&](std::exception_ptr error) {
+    handler_on = std::this_thread::get_id();
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      handler_saw = e.what();
+    }
+  });
+  CHECK_NOTHROW(pool.post([] { throw std::runtime_error("overflow task failed"); }));
+  CHECK(handler_on == std::this_thread::get_id());
+  CHECK(handler_saw == "overflow task failed");
+
+  auto s = pool.stats();
+  CHECK(s.submitted == 6);  // the holder, two queued, three run here
+  CHECK(s.completed == 3);  // the three run here
+  CHECK(s.failed == 1);
+  CHECK(s.rejected == 1);   // the try_post
+  CHECK(s.queued == 2);
+
+  g.open();
+  pool.shutdown();
+  pool.join();
+  CHECK(queued_ran.load() == 2);
+  CHECK(pool.stats().completed == 6);
+}
+
+TEST_CASE("worker_pool with overflow::block holds producers in post until a worker frees a slot" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
+  gate g;
+  hold_all_workers(pool, g);
+  weft::wait_group done;
+  done.add(2);
+  pool.post([&] { done.done(); });
+  pool.post([&] { done.done(); });
+
+  constexpr int producers = 3;
+  std::vector<std::atomic<int>> runs(producers);
+  std::atomic<int> ran_off_pool{0};
+  done.add(producers);
+  std::vector<std::unique_ptr<blocking_call>> calls;
+  for (int p = 0; p < producers; ++p) {
+    calls.push_back(std::make_unique<blocking_call>([&, p] {
+      pool.post([&, p] {
+        if (!pool.running_in_this_thread()) ran_off_pool++;
+        runs[static_cast<std::size_t>(p)]++;
+        done.done();
+      });
+    }));
+  }
+  for (auto& call : calls) call->wait_until_parked_or_returned();
+  // The queue stays full until the gate opens: no post may have returned,
+  // run its task, or queued it.
+  for (auto& call : calls) CHECK_FALSE(call->returned());
+  for (auto& r : runs) CHECK(r.load() == 0);
+  auto s = pool.stats();
+  CHECK(s.submitted == 3);
+  CHECK(s.queued == 2);
+  CHECK(s.rejected == 0);
+
+  g.open();
+  for (auto& call : calls) call->join();
+  done.wait();
+  for (auto& r : runs) CHECK(r.load() == 1);
+  CHECK(ran_off_pool.load() == 0);
+  wait_for_completed(pool, 6);
+  s = pool.stats();
+  CHECK(s.submitted == 6);
+  CHECK(s.completed == 6);
+  CHECK(s.rejected == 0);
+  CHECK(s.peak_queued == 2);
+}
+
+// ---------------------------------------------------------------------------
+// post(f, token)
+
+TEST_CASE("worker_pool post with a pre-cancelled token queues nothing and destroys the task (PITFALLS: gkit PR#134)" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  weft::cancel_source source;
+  source.cancel();
+  instances inst;
+  std::atomic<bool> ran{false};
+
+  // With room in the queue...
+  CHECK(pool.post([&, c = counted{inst}] { ran = true; }, source.token()) == wait_status::cancelled);
+  CHECK(inst.live.load() == 0);
+
+  // ...and with the queue full.
+  gate g;
+  hold_all_workers(pool, g);
+  pool.post([] {});
+  CHECK(pool.post([&, c = counted{inst}] { ran = true; }, source.token()) == wait_status::cancelled);
+  CHECK(inst.live.load() == 0);
+
+  // A deadline already past reads as timeout.
+  auto expired = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now());
+  CHECK(pool.post([&, c = counted{inst}] { ran = true; }, expired.token()) == wait_status::timeout);
+  CHECK(inst.live.load() == 0);
+
+  g.open();
+  pool.shutdown();
+  pool.join();
+  CHECK_FALSE(ran.load());
+  const auto s = pool.stats();
+  CHECK(s.submitted == 2);  // the holder and the filler
+  CHECK(s.completed == 2);
+  CHECK(s.rejected == 0);   // a cancelled wait is not a rejection
+}
+
+TEST_CASE("worker_pool post with a token cancelled while it waits for room returns cancelled and never runs the task" *
+          doctest::timeout(60)) {
+  for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
+    CAPTURE(static_cast<int>(policy));
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
+    gate g;
+    hold_all_workers(pool, g);
+    pool.post([] {});
+    instances inst;
+    std::atomic<bool> ran{false};
+    weft::cancel_source source;
+    const auto token = source.token();
+    std::promise<wait_status> result;
+    std::thread::id producer_id;
+    std::thread producer([&] {
+      producer_id = std::this_thread::get_id();
+      result.set_value(pool.post([&, c = counted{inst}] { ran = true; }, token));
+    });
+    auto status = result.get_future();
+    // Parked: its cancel callback is registered (or it already returned,
+    // which the check below turns into a failure).
+    spin_until([&] { return callbacks_on(token) == 1 || status.wait_for(0s) == std::future_status::ready; });
+    CHECK(status.wait_for(0s) == std::future_status::timeout);
+    source.cancel();
+    CHECK(status.get() == wait_status::cancelled);
+    producer.join();
+    CHECK(inst.live.load() == 0);
+    CHECK(callbacks_on(token) == 0);
+
+    g.open();
+    pool.shutdown();
+    pool.join();
+    CHECK_FALSE(ran.load());
+    const auto s = pool.stats();
+    CHECK(s.submitted == 2);
+    CHECK(s.rejected == 0);
+  }
+}
+
+TEST_CASE("worker_pool post with a token returns ok once a slot frees, whatever the overflow policy" *
+          doctest::timeout(60)) {
+  for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
+    CAPTURE(static_cast<int>(policy));
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
+    gate g;
+    hold_all_workers(pool, g);
+    pool.post([] {});
+    weft::cancel_source source;
+    const auto token = source.token();
+    std::promise<bool> ran_on_worker;
+    std::promise<wait_status> result;
+    std::thread producer(
+        [&] { result.set_value(pool.post([&] { ran_on_worker.set_value(pool.running_in_this_thread()); }, token)); });
+    auto status = result.get_future();
+    spin_until([&] { return callbacks_on(token) == 1 || status.wait_for(0s) == std::future_status::ready; });
+    CHECK(status.wait_for(0s) == std::future_status::timeout);
+    g.open();
+    CHECK(status.get() == wait_status::ok);
+    producer.join();
+    CHECK(ran_on_worker.get_future().get());
+    CHECK(pool.stats().rejected == 0);
+  }
+}
+
+TEST_CASE("worker_pool post with a deadline token returns timeout when the deadline passes while it waits" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  gate g;
+  hold_all_workers(pool, g);
+  pool.post([] {});
+  auto deadline = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now() + 1s);
+  const auto token = deadline.token();
+  std::atomic<bool> ran{false};
+  std::promise<wait_status> result;
+  std::thread producer([&] { result.set_value(pool.post([&] { ran = true; }, token)); });
+  auto status = result.get_future();
+  spin_until([&] { return callbacks_on(token) == 1 || status.wait_for(0s) == std::future_status::ready; });
+  CHECK(status.wait_for(0s) == std::future_status::timeout);
+  weft::manual_clock::advance(1s);
+  CHECK(status.get() == wait_status::timeout);
+  producer.join();
+  g.open();
+  pool.shutdown();
+  pool.join();
+  CHECK_FALSE(ran.load());
+}
+
+// ---------------------------------------------------------------------------
+// A worker posting into its own full pool
+
+TEST_CASE("worker_pool: a worker posting into its own full one-worker pool with overflow::block runs the task "
+          "inline instead of deadlocking (PITFALLS: waiting on the pool from inside a task, Brion PR#186)" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::block}};
+  struct observed {
+    std::thread::id worker;
+    std::thread::id inline_on;
+    bool ran_before_post_returned = false;
+    wait_status token_status = wait_status::closed;
+    std::thread::id token_inline_on;
+  };
+  std::promise<observed> result;
+  std::promise<std::thread::id> queued_ran_on;
+  pool.post([&] {
+    observed o;
+    o.worker = std::this_thread::get_id();
+    pool.post([&] { queued_ran_on.set_value(std::this_thread::get_id()); });  // fills the queue
+    bool ran = false;
+    pool.post([&] {
+      ran = true;
+      o.inline_on = std::this_thread::get_id();
+    });
+    o.ran_before_post_returned = ran;
+    o.token_status = pool.post([&] { o.token_inline_on = std::this_thread::get_id(); }, weft::cancel_source{}.token());
+    result.set_value(o);
+  });
+  const observed o = result.get_future().get();
+  CHECK(o.ran_before_post_returned);
+  CHECK(o.inline_on == o.worker);
+  CHECK(o.token_status == wait_status::ok);
+  CHECK(o.token_inline_on == o.worker);
+  CHECK(queued_ran_on.get_future().get() == o.worker);
+  wait_for_completed(pool, 4);
+  const auto s = pool.stats();
+  CHECK(s.submitted == 4);
+  CHECK(s.completed == 4);
+  CHECK(s.rejected == 0);
+}
+
+TEST_CASE("worker_pool: a worker posting into its own full pool with overflow::reject is still rejected" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::reject}};
+  struct observed {
+    bool post_rejected = false;
+    bool try_post_declined = false;
+    bool refused_ran = false;
+  };
+  std::promise<observed> result;
+  pool.post([&] {
+    observed o;
+    pool.post([] {});  // fills the queue
+    try {
+      pool.post([&] { o.refused_ran = true; });
+    } catch (const weft::rejected&) {
+      o.post_rejected = true;
+    }
+    o.try_post_declined = !pool.try_post([&] { o.refused_ran = true; });
+    result.set_value(o);
+  });
+  const observed o = result.get_future().get();
+  CHECK(o.post_rejected);
+  CHECK(o.try_post_declined);
+  CHECK_FALSE(o.refused_ran);
+  CHECK(pool.stats().rejected == 2);
+}
+
+TEST_CASE("worker_pool: workers of a busy multi-worker pool posting into their own full queue all make progress" *
+          doctest::timeout(60)) {
+  // Every worker posts children into a one-slot queue that the others keep
+  // full: if a worker waited for room that only workers can make, this would
+  // hang.
+  for (const std::size_t workers : {std::size_t{1}, std::size_t{2}, std::size_t{4}}) {
+    CAPTURE(workers);
+    const int parents = 16;
+    const int children = 8;
+    std::atomic<int> ran{0};
+    weft::wait_group done;  // outlives the pool's workers
+    weft::worker_pool pool{{.workers = workers, .queue_capacity = 1, .on_full = weft::overflow::block}};
+    done.add(parents * (children + 1));
+    for (int p = 0; p < parents; ++p) {
+      pool.post([&] {
+        for (int c = 0; c < children; ++c) {
+          pool.post([&] {
+            ran++;
+            done.done();
+          });
+        }
+        ran++;
+        done.done();
+      });
+    }
+    done.wait();
+    CHECK(ran.load() == parents * (children + 1));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+TEST_CASE("worker_pool: a posted task that throws does not kill its worker; the handler gets that exception on the "
+          "worker and stats count it" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  std::mutex mutex;
+  std::vector<int> codes;
+  std::vector<std::string> messages;
+  int off_worker = 0;
+  weft::wait_group done;
+  pool.set_error_handler([&](std::exception_ptr error) {
+    std::lock_guard lock(mutex);
+    if (!pool.running_in_this_thread()) ++off_worker;
+    try {
+      std::rethrow_exception(error);
+    } catch (const task_error& e) {
+      codes.push_back(e.code);
+      messages.emplace_back(e.what());
+    } catch (...) {
+      codes.push_back(-1);
+    }
+    done.done();
+  });
+  std::atomic<int> normal_ran{0};
+  done.add(6);
+  for (int i = 1; i <= 3; ++i) {
+    pool.post([i] { throw task_error("task failed", i); });
+    pool.post([&] {
+      normal_ran++;
+      done.done();
+    });
+  }
+  done.wait();
+  CHECK(normal_ran.load() == 3);  // the single worker survived every throw
+  {
+    std::lock_guard lock(mutex);
+    CHECK(codes == std::vector<int>{1, 2, 3});
+    CHECK(messages == std::vector<std::string>(3, "task failed"));
+    CHECK(off_worker == 0);
+  }
+  wait_for_completed(pool, 6);
+  const auto s = pool.stats();
+  CHECK(s.failed == 3);
+  CHECK(s.completed == 6);
+  CHECK(pool.submit([] { return 1; }).get() == 1);
+}
+
+TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted and the worker lives" *
+          doctest::timeout(60)) {
+  // The default handler writes one line to stderr per failure.
+  weft::worker_pool pool{{.workers = 1, .name = "default-handler"}};
+  pool.post([] { throw std::runtime_error("expected in this test: default handler"); });
+  pool.post([] { throw 42; });
+  CHECK(pool.submit([] { return 2; }).get() == 2);
+  wait_for_completed(pool, 3);
+  CHECK(pool.stats().failed == 2);
+  CHECK(pool.stats().completed == 3);
+
+  // An empty handler restores the default.
+  std::atomic<int> calls{0};
+  pool.set_error_handler([&](std::exception_ptr) { calls++; });
+  pool.set_error_handler({});
+  pool.post([] { throw std::logic_error("expected in this test: handler reset"); });
+  CHECK(pool.submit([] { return 3; }).get() == 3);
+  wait_for_completed(pool, 5);
+  CHECK(calls.load() == 0);
+  CHECK(pool.stats().failed == 3);
+}
+
+TEST_CASE("worker_pool: an error handler that throws does not kill the worker" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .name = "throwing-handler"}};
+  std::atomic<int> calls{0};
+  pool.set_error_handler([&](std::exception_ptr) {
+    calls++;
+    throw std::runtime_error("expected in this test: the handler throws");
+  });
+  pool.post([] { throw std::runtime_error("expected in this test: task"); });
+  CHECK(pool.submit([] { return 4; }).get() == 4);
+  wait_for_completed(pool, 2);
+  CHECK(calls.load() == 1);
+  CHECK(pool.stats().failed == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown and destruction
+
+TEST_CASE("worker_pool shutdown returns at once, still runs queued tasks, then every post form throws weft::rejected" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 8, .name = "closing"}};
+  gate g;
+  hold_all_workers(pool, g);
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 5; ++i) pool.post([&] { ran++; });
+  pool.shutdown();  // returns although the only worker is held
+  CHECK(pool.is_shutdown());
+  instances inst;
+  std::atomic<bool> late_ran{false};
+  try {
+    pool.post([&, c = counted{inst}] { late_ran = true; });
+    FAIL("post after shutdown returned");
+  } catch (const weft::rejected& error) {
+    CHECK(std::string(error.what()).find("closing") != std::string::npos);
+  }
+  CHECK_THROWS_AS((void)pool.try_post([&, c = counted{inst}] { late_ran = true; }), weft::rejected);
+  CHECK_THROWS_AS(pool.post([&, c = counted{inst}] { late_ran = true; }, weft::cancel_source{}.token()),
+                  weft::rejected);
+  CHECK_THROWS_AS(pool.submit([] { return 1; }), weft::rejected);
+  CHECK_THROWS_AS(pool.executor().post([&] { late_ran = true; }), weft::rejected);
+  CHECK(inst.live.load() == 0);
+  CHECK(ran.load() == 0);  // still held
+
+  g.open();
+  pool.join();
+  pool.join();  // a second join returns too
+  CHECK(ran.load() == 5);
+  CHECK_FALSE(late_ran.load());
+  const auto s = pool.stats();
+  CHECK(s.submitted == 6);
+  CHECK(s.completed == 6);
+  CHECK(s.dropped == 0);
+  CHECK(s.rejected == 5);
+  CHECK(s.queued == 0);
+}
+
+TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them before returning, and counts them" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 8}};
+  CHECK(pool.submit([] { return 0; }).get() == 0);
+  gate g;
+  std::atomic<bool> running_finished{false};
+  std::latch running{1};
+  pool.post([&, opened = g.open_future] {
+    running.count_down();
+    opened.wait();
+    running_finished = true;
+  });
+  running.wait();
+  instances inst;
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 4; ++i) pool.post([&, c = counted{inst}] { ran++; });
+  CHECK(inst.live.load() == 4);
+
+  CHECK(pool.shutdown_now() == 4);
+  CHECK(inst.live.load() == 0);  // destroyed, before shutdown_now returned
+  CHECK(pool.is_shutdown());
+  CHECK(pool.stats().queued == 0);
+  CHECK(pool.stats().dropped == 4);
+  CHECK_THROWS_AS(pool.post([] {}), weft::rejected);
+  CHECK(pool.shutdown_now() == 0);  // nothing left
+
+  g.open();
+  pool.join();
+  CHECK(running_finished.load());  // the running task finished
+  CHECK(ran.load() == 0);
+  const auto s = pool.stats();
+  CHECK(s.submitted == 6);
+  CHECK(s.dropped == 4);
+  CHECK(s.completed == 2);
+  CHECK(s.completed == s.submitted - s.dropped);
+  CHECK(s.rejected == 1);
+}
+
+TEST_CASE("worker_pool shutdown_now on an idle pool drops nothing and its destructor returns" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 3}};
+  CHECK(pool.submit([] { return 1; }).get() == 1);
+  CHECK(pool.shutdown_now() == 0);
+  pool.join();
+  CHECK(pool.stats().dropped == 0);
+}
+
+TEST_CASE("worker_pool destructor runs every task queued before destruction" * doctest::timeout(60)) {
+  instances inst;
+  std::atomic<int> ran{0};
+  {
+    auto pool = std::make_unique<weft::worker_pool>(weft::worker_pool_options{.workers = 1, .queue_capacity = 8});
+    weft::worker_pool* raw = pool.get();
+    gate g;
+    hold_all_workers(*pool, g);
+    for (int i = 0; i < 8; ++i) pool->post([&, c = counted{inst}] { ran++; });
+    // The gate opens only once the destructor has stopped intake, so the
+    // destructor certainly starts with eight tasks queued.
+    std::thread opener([&] {
+      spin_until([&] { return raw->is_shutdown(); });
+      g.open();
+    });
+    pool.reset();
+    opener.join();
+  }
+  CHECK(ran.load() == 8);
+  CHECK(inst.live.load() == 0);
+}
+
+TEST_CASE("worker_pool shutdown wakes producers blocked on a full queue with weft::rejected (PITFALLS: shutdown "
+          "deadlock)" *
+          doctest::timeout(60)) {
+  for (const bool now : {false, true}) {
+    CAPTURE(now);
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
+    gate g;
+    hold_all_workers(pool, g);
+    std::atomic<int> queued_ran{0};
+    pool.post([&] { queued_ran++; });
+    pool.post([&] { queued_ran++; });
+
+    instances inst;
+    std::atomic<int> blocked_ran{0};
+    std::atomic<int> rejected{0};
+    std::atomic<int> returned_normally{0};
+    const auto attempt = [&](auto post_call) {
+      try {
+        post_call();
+        returned_normally++;
+      } catch (const weft::rejected&) {
+        rejected++;
+      }
+    };
+    std::vector<std::unique_ptr<blocking_call>> plain;
+    for (int p = 0; p < 3; ++p) {
+      plain.push_back(std::make_unique<blocking_call>(
+          [&] { attempt([&] { pool.post([&, c = counted{inst}] { blocked_ran++; }); }); }));
+    }
+    weft::cancel_source source;
+    const auto token = source.token();
+    std::thread with_token([&] {
+      attempt([&] { (void)pool.post([&, c = counted{inst}] { blocked_ran++; }, token); });
+    });
+    for (auto& call : plain) call->wait_until_parked_or_returned();
+    spin_until([&] { return callbacks_on(token) == 1 || returned_normally.load() + rejected.load() > 0; });
+    CHECK(returned_normally.load() == 0);
+    CHECK(rejected.load() == 0);
+
+    std::size_t dropped = 0;
+    if (now) {
+      dropped = pool.shutdown_now();
+    } else {
+      pool.shutdown();
+    }
+    for (auto& call : plain) call->join();
+    with_token.join();
+    CHECK(rejected.load() == 4);
+    CHECK(returned_normally.load() == 0);
+    CHECK(inst.live.load() == 0);
+
+    g.open();
+    pool.join();
+    CHECK(blocked_ran.load() == 0);
+    CHECK(queued_ran.load() == (now ? 0 : 2));
+    CHECK(dropped == (now ? 2u : 0u));
+    const auto s = pool.stats();
+    CHECK(s.rejected == 4);
+    CHECK(s.submitted == 3);
+    CHECK(s.dropped == dropped);
+    CHECK(s.completed == s.submitted - s.dropped);
+  }
+}
+
+TEST_CASE("worker_pool can be destroyed while its workers are idle, parked, or busy, without hanging or leaking "
+          "(PITFALLS: BS#93, ptsouchlos/thread-pool#52)" *
+          doctest::timeout(120)) {
+  const int rounds = under_sanitizer ? 12 : 60;
+  instances inst;
+  for (int round = 0; round < rounds; ++round) {
+    const std::size_t workers = 1 + static_cast<std::size_t>(round) % 4;
+    CAPTURE(round);
+    // Never used: workers may still be starting up.
+    { weft::worker_pool idle{{.workers = workers}}; }
+    // After one round trip: workers spinning or parked.
+    {
+      weft::worker_pool parked{{.workers = workers}};
+      CHECK(parked.submit([] { return 1; }).get() == 1);
+    }
+    // Busy: tasks running and queued when the destructor starts.
+    std::atomic<int> ran{0};
+    {
+      weft::worker_pool busy{{.workers = workers, .queue_capacity = 16}};
+      for (int i = 0; i < 32; ++i) {
+        busy.post([&, c = counted{inst}] {
+          for (int spin = 0; spin < 100; ++spin) std::atomic_signal_fence(std::memory_order_seq_cst);
+          ran++;
+        });
+      }
+    }
+    CHECK(ran.load() == 32);
+    CHECK(inst.live.load() == 0);
+    // Busy and then shut down hard.
+    {
+      weft::worker_pool hard{{.workers = workers, .queue_capacity = 16}};
+      for (int i = 0; i < 16; ++i) hard.post([c = counted{inst}] {});
+      (void)hard.shutdown_now();
+    }
+    CHECK(inst.live.load() == 0);
+  }
+}
+
+TEST_CASE("worker_pool join from one of its own workers throws logic_error and the worker carries on" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  auto joined = pool.submit([&] { pool.join(); });
+  try {
+    joined.get();
+    FAIL("join on a worker returned");
+  } catch (const std::logic_error& error) {
+    CHECK(std::string(error.what()).find("own workers") != std::string::npos);
+  }
+  CHECK(pool.submit([] { return 8; }).get() == 8);
+  CHECK_FALSE(pool.is_shutdown());
+}
+
+// ---------------------------------------------------------------------------
+// Executor, stats, default pool
+
+TEST_CASE("worker_pool executor posts to its pool, knows when it runs there, and compares by pool" *
+          doctest::timeout(60)) {
+  weft::worker_pool a{{.workers = 2}};
+  weft::worker_pool b{{.workers = 1}};
+  const auto ex = a.executor();
+  const auto copy = ex;
+  CHECK(ex == copy);
+  CHECK(a.executor() == a.executor());
+  CHECK_FALSE(a.executor() == b.executor());
+  CHECK(a.executor() != b.executor());
+  CHECK(&ex.context() == &a);
+  CHECK_FALSE(ex.running_in_this_thread());
+
+  std::promise<std::array<bool, 3>> inside;
+  ex.post([&] { inside.set_value({ex.running_in_this_thread(), a.running_in_this_thread(), b.running_in_this_thread()}); });
+  const auto seen = inside.get_future().get();
+  CHECK(seen[0]);
+  CHECK(seen[1]);
+  CHECK_FALSE(seen[2]);
+
+  std::promise<bool> executed;
+  ex.execute([&] { executed.set_value(a.running_in_this_thread()); });
+  CHECK(executed.get_future().get());
+  CHECK_FALSE(a.running_in_this_thread());
+}
+
+TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued, peak, submitted, completed, "
+          "rejected" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 4, .on_full = weft::overflow::reject}};
+  gate g;
+  hold_all_workers(pool, g);
+  auto s = pool.stats();
+  CHECK(s.workers == 2);
+  CHECK(s.busy == 2);
+  CHECK(s.queued == 0);
+  CHECK(s.submitted == 2);
+  CHECK(s.completed == 0);
+
+  weft::wait_group done;
+  done.add(4);
+  for (int k = 1; k <= 3; ++k) {
+    pool.post([&] { done.done(); });
+    CHECK(pool.stats().queued == static_cast<std::size_t>(k));
+  }
+  CHECK(pool.stats().peak_queued >= 3);
+  CHECK(pool.try_post([&] { done.done(); }));
+  CHECK_FALSE(pool.try_post([] {}));
+  CHECK_THROWS_AS(pool.post([] {}), weft::rejected);
+  s = pool.stats();
+  CHECK(s.queued == 4);
+  CHECK(s.peak_queued == 4);
+  CHECK(s.submitted == 6);
+  CHECK(s.rejected == 2);
+  CHECK(s.busy == 2);
+  CHECK(s.completed == 0);
+
+  g.open();
+  done.wait();
+  wait_for_completed(pool, 6);
+  s = pool.stats();
+  CHECK(s.busy == 0);
+  CHECK(s.queued == 0);
+  CHECK(s.peak_queued == 4);  // exact: the queue filled
+  CHECK(s.submitted == 6);
+  CHECK(s.completed == 6);
+  CHECK(s.completed == s.submitted - s.dropped);
+  CHECK(s.failed == 0);
+  CHECK(s.rejected == 2);
+  CHECK(s.dropped == 0);
+  CHECK(s.max_queue_wait <= s.total_queue_wait);
+  CHECK(s.total_queue_wait >= 0ns);
+}
+
+TEST_CASE("default_executor runs tasks on the process-wide pool, which has one worker per hardware thread" *
+          doctest::timeout(60)) {
+  weft::worker_pool& pool = weft::default_pool();
+  CHECK(&pool == &weft::default_pool());
+  CHECK(pool.size() == weft::hardware_threads());
+  CHECK(weft::hardware_threads() >= 1);
+  CHECK(pool.queue_capacity() == 4096);
+  CHECK(pool.overflow_policy() == weft::overflow::block);
+  const auto ex = weft::default_executor();
+  CHECK(&ex.context() == &pool);
+  CHECK(ex == pool.executor());
+
+  std::promise<bool> on_pool;
+  ex.post([&] { on_pool.set_value(ex.running_in_this_thread()); });
+  CHECK(on_pool.get_future().get());
+  CHECK_FALSE(ex.running_in_this_thread());
+
+  // The default pool outlives this test: what its tasks touch is shared.
+  constexpr int tasks = 100;
+  auto ran = std::make_shared<std::atomic<int>>(0);
+  auto done = std::make_shared<weft::wait_group>();
+  done->add(tasks);
+  for (int i = 0; i < tasks; ++i) {
+    ex.post([ran, done] {
+      ran->fetch_add(1);
+      done->done();
+    });
+  }
+  done->wait();
+  CHECK(ran->load() == tasks);
+  CHECK(pool.submit([] { return 6; }).get() == 6);
+}
