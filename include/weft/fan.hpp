@@ -6,7 +6,7 @@
 // alternatives: std::async per call and future::get, tbb::parallel_for /
 // tbb::task_group, a latch over asio::thread_pool.
 //
-//   auto [user, orders, prefs] = weft::gather_for(50ms, request,
+//   auto [account, history, settings] = weft::gather_for(50ms, request,
 //       [&](weft::cancel_token t) { return users.get(id, t); },
 //       [&](weft::cancel_token t) { return orders.list(id, t); },
 //       [&] { return prefs.load(id); });
