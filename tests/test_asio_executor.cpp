@@ -333,11 +333,14 @@ TEST_CASE("asio task_group: the three-argument co_spawn runs the coroutine on th
   {
     weft::task_group group{pool.executor()};
     std::promise<bool> on_io;
-    weft::co_spawn(group, io.get_executor(), [&]() -> asio::awaitable<void> {
+    // Named: a coroutine lambda's captures live in the closure, which must
+    // outlive the coroutine.
+    auto body = [&]() -> asio::awaitable<void> {
       asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
       co_await timer.async_wait(asio::use_awaitable);
       on_io.set_value(io.get_executor().running_in_this_thread());
-    }());
+    };
+    weft::co_spawn(group, io.get_executor(), body());
     CHECK(on_io.get_future().get());
     group.wait();
 
@@ -361,10 +364,11 @@ TEST_CASE("asio task_group: a group already cancelled starts no coroutine and wa
   weft::task_group group{pool.executor()};
   group.cancel();
   std::atomic<bool> body_ran{false};
-  weft::co_spawn(group, [&]() -> asio::awaitable<void> {
+  auto body = [&]() -> asio::awaitable<void> {
     body_ran = true;
     co_return;
-  }());
+  };
+  weft::co_spawn(group, body());
   try {
     group.wait();
     FAIL("wait() must report the coroutine it did not start");
@@ -374,7 +378,7 @@ TEST_CASE("asio task_group: a group already cancelled starts no coroutine and wa
   CHECK_FALSE(body_ran.load());
 }
 
-TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception; tasks go on" *
+TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception, tasks go on" *
           doctest::timeout(30)) {
   // Two workers: the group's runner (held by the gate) and one for the
   // completion handler.

@@ -176,7 +176,7 @@ TEST_CASE("worker_pool: a worker posting into its own full pool runs the task it
   CHECK(nested_on.get_future().get() == worker_id.get_future().get());
 }
 
-TEST_CASE("worker_pool: a throwing task does not kill its worker; the handler gets the exception") {
+TEST_CASE("worker_pool: a throwing task does not kill its worker, the handler gets the exception") {
   weft::worker_pool pool{{.workers = 1}};
   std::promise<std::string> seen;
   pool.set_error_handler([&](std::exception_ptr error) {
@@ -546,7 +546,7 @@ asio::awaitable<void> fail_in_coroutine() {
 
 }  // namespace
 
-TEST_CASE("asio: post and co_spawn run on the pool; any_io_executor converts") {
+TEST_CASE("asio: post and co_spawn run on the pool, any_io_executor converts") {
   weft::worker_pool pool{{.workers = 2}};
   std::promise<bool> on_pool;
   asio::post(pool.executor(), [&] { on_pool.set_value(pool.running_in_this_thread()); });

@@ -81,7 +81,7 @@ std::exception_ptr thrown_by(F&& f) {
 // ---------------------------------------------------------------------------
 // gather
 
-TEST_CASE("gather: heterogeneous results in argument order; void is monostate, move-only values move" *
+TEST_CASE("gather: heterogeneous results in argument order, void is monostate, move-only values move" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   std::atomic<bool> void_ran{false};
@@ -441,7 +441,7 @@ TEST_CASE("for_each: visits each element exactly once, by reference" * doctest::
   }
 }
 
-TEST_CASE("for_each: the first failure stops the rest; with limit 1, after exactly one call" *
+TEST_CASE("for_each: the first failure stops the rest, with limit 1, after exactly one call" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   std::vector<int> input(100, 0);

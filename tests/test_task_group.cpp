@@ -393,7 +393,7 @@ TEST_CASE("task_group: a group whose parent is already cancelled starts nothing 
 // ---------------------------------------------------------------------------
 // Limits.
 
-TEST_CASE("task_group: set_limit is never exceeded and is reached; try_go declines when full" *
+TEST_CASE("task_group: set_limit is never exceeded and is reached, try_go declines when full" *
           doctest::timeout(60)) {
   for (const std::ptrdiff_t limit : {1, 2, 3}) {
     CAPTURE(limit);
@@ -658,7 +658,7 @@ TEST_CASE("task_group: destroyed during unwinding, it cancels its token, skips t
   held.open();
 }
 
-TEST_CASE("task_group: destroyed without wait, it joins; destroyed after wait, it cancels nothing" *
+TEST_CASE("task_group: destroyed without wait, it joins, destroyed after wait, it cancels nothing" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   std::atomic<int> finished{0};

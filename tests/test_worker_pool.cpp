@@ -7,9 +7,9 @@
 // executor, stats, and the default pool.
 //
 // Nothing here sleeps. A queue is made full by holding every worker inside a
-// task that waits on a gate (a promise the test fulfils), then posting
+// task that waits on a gate (an atomic flag the test sets), then posting
 // exactly queue_capacity tasks. A test knows that:
-//   - a worker is running a task when the task itself says so (a latch);
+//   - a worker is running a task when the task itself says so (an atomic);
 //   - a producer is parked inside post(f, token) when the token's cancel
 //     state holds its callback (detail::cancel_state::callback_count, a
 //     hook for tests: the pool registers it only after it queued the
@@ -74,26 +74,32 @@ std::vector<std::size_t> worker_counts() {
   return {1, 2, 3, 8, std::max<std::size_t>(9, 2 * cores + 1)};
 }
 
-// Holds workers inside tasks until opened.
+// Holds workers inside tasks until opened. Plain atomics, and declared
+// before the pool in every test, so it outlives the workers that wait on it
+// (a gate on a std::shared_future would be freed through libc++'s shared
+// count, which ThreadSanitizer does not see).
 struct gate {
-  std::promise<void> opened;
-  std::shared_future<void> open_future = opened.get_future().share();
-  void open() { opened.set_value(); }
+  std::atomic<std::size_t> held{0};
+  std::atomic<bool> opened{false};
+  void wait() const { opened.wait(false); }
+  void open() {
+    opened.store(true);
+    opened.notify_all();
+  }
 };
 
 // Occupies every worker of `pool` with a task that waits on `g`; returns
 // once all of them are running (so the queue is empty and stays so until
 // the test posts).
-void hold_all_workers(weft::worker_pool& pool, const gate& g) {
-  // Shared: a worker may still be inside count_down when wait() returns.
-  auto running = std::make_shared<std::latch>(static_cast<std::ptrdiff_t>(pool.size()));
+void hold_all_workers(weft::worker_pool& pool, gate& g) {
+  const std::size_t before = g.held.load();
   for (std::size_t i = 0; i < pool.size(); ++i) {
-    pool.post([running, opened = g.open_future] {
-      running->count_down();
-      opened.wait();
+    pool.post([&g] {
+      g.held.fetch_add(1);
+      g.wait();
     });
   }
-  running->wait();
+  spin_until([&] { return g.held.load() == before + pool.size(); });
 }
 
 // Live instances of `counted` made from one `instances`: proves that every
@@ -430,8 +436,8 @@ TEST_CASE("worker_pool runs tasks with captures larger than the inline buffer an
 
 TEST_CASE("worker_pool with overflow::reject throws weft::rejected from post and try_post returns false when full" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 3, .on_full = weft::overflow::reject, .name = "rej"}};
-  gate g;
   hold_all_workers(pool, g);
   std::atomic<int> ran{0};
   instances inst;
@@ -470,8 +476,8 @@ TEST_CASE("worker_pool with overflow::reject throws weft::rejected from post and
 
 TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on the posting thread before post returns" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::caller_runs}};
-  gate g;
   hold_all_workers(pool, g);
   std::atomic<int> queued_ran{0};
   pool.post([&] { queued_ran++; });
@@ -530,8 +536,8 @@ TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on t
 
 TEST_CASE("worker_pool with overflow::block holds producers in post until a worker frees a slot" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
-  gate g;
   hold_all_workers(pool, g);
   weft::wait_group done;
   done.add(2);
@@ -580,6 +586,7 @@ TEST_CASE("worker_pool with overflow::block holds producers in post until a work
 
 TEST_CASE("worker_pool post with a pre-cancelled token queues nothing and destroys the task (PITFALLS: gkit PR#134)" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   weft::cancel_source source;
   source.cancel();
@@ -591,7 +598,6 @@ TEST_CASE("worker_pool post with a pre-cancelled token queues nothing and destro
   CHECK(inst.live.load() == 0);
 
   // ...and with the queue full.
-  gate g;
   hold_all_workers(pool, g);
   pool.post([] {});
   CHECK(pool.post([&, c = counted{inst}] { ran = true; }, source.token()) == wait_status::cancelled);
@@ -616,8 +622,8 @@ TEST_CASE("worker_pool post with a token cancelled while it waits for room retur
           doctest::timeout(60)) {
   for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
+    gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
-    gate g;
     hold_all_workers(pool, g);
     pool.post([] {});
     instances inst;
@@ -655,8 +661,8 @@ TEST_CASE("worker_pool post with a token returns ok once a slot frees, whatever 
           doctest::timeout(60)) {
   for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
+    gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
-    gate g;
     hold_all_workers(pool, g);
     pool.post([] {});
     weft::cancel_source source;
@@ -678,8 +684,8 @@ TEST_CASE("worker_pool post with a token returns ok once a slot frees, whatever 
 
 TEST_CASE("worker_pool post with a deadline token returns timeout when the deadline passes while it waits" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
-  gate g;
   hold_all_workers(pool, g);
   pool.post([] {});
   auto deadline = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now() + 1s);
@@ -801,7 +807,7 @@ TEST_CASE("worker_pool: workers of a busy multi-worker pool posting into their o
 // ---------------------------------------------------------------------------
 // Errors
 
-TEST_CASE("worker_pool: a posted task that throws does not kill its worker; the handler gets that exception on the "
+TEST_CASE("worker_pool: a posted task that throws does not kill its worker, the handler gets that exception on the "
           "worker and stats count it" *
           doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 1}};
@@ -888,8 +894,8 @@ TEST_CASE("worker_pool: an error handler that throws does not kill the worker" *
 
 TEST_CASE("worker_pool shutdown returns at once, still runs queued tasks, then every post form throws weft::rejected" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 8, .name = "closing"}};
-  gate g;
   hold_all_workers(pool, g);
   std::atomic<int> ran{0};
   for (int i = 0; i < 5; ++i) pool.post([&] { ran++; });
@@ -926,14 +932,14 @@ TEST_CASE("worker_pool shutdown returns at once, still runs queued tasks, then e
 
 TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them before returning, and counts them" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 8}};
   CHECK(pool.submit([] { return 0; }).get() == 0);
-  gate g;
   std::atomic<bool> running_finished{false};
   std::latch running{1};
-  pool.post([&, opened = g.open_future] {
+  pool.post([&] {
     running.count_down();
-    opened.wait();
+    g.wait();
     running_finished = true;
   });
   running.wait();
@@ -974,9 +980,9 @@ TEST_CASE("worker_pool destructor runs every task queued before destruction" * d
   instances inst;
   std::atomic<int> ran{0};
   {
+    gate g;  // outlives the pool's workers
     auto pool = std::make_unique<weft::worker_pool>(weft::worker_pool_options{.workers = 1, .queue_capacity = 8});
     weft::worker_pool* raw = pool.get();
-    gate g;
     hold_all_workers(*pool, g);
     for (int i = 0; i < 8; ++i) pool->post([&, c = counted{inst}] { ran++; });
     // The gate opens only once the destructor has stopped intake, so the
@@ -997,8 +1003,8 @@ TEST_CASE("worker_pool shutdown wakes producers blocked on a full queue with wef
           doctest::timeout(60)) {
   for (const bool now : {false, true}) {
     CAPTURE(now);
+    gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
-    gate g;
     hold_all_workers(pool, g);
     std::atomic<int> queued_ran{0};
     pool.post([&] { queued_ran++; });
@@ -1140,8 +1146,8 @@ TEST_CASE("worker_pool executor posts to its pool, knows when it runs there, and
 TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued, peak, submitted, completed, "
           "rejected" *
           doctest::timeout(60)) {
+  gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 4, .on_full = weft::overflow::reject}};
-  gate g;
   hold_all_workers(pool, g);
   auto s = pool.stats();
   CHECK(s.workers == 2);
@@ -1202,18 +1208,20 @@ TEST_CASE("default_executor runs tasks on the process-wide pool, which has one w
   CHECK(on_pool.get_future().get());
   CHECK_FALSE(ex.running_in_this_thread());
 
-  // The default pool outlives this test: what its tasks touch is shared.
+  // The default pool outlives this test, so what its tasks touch must too:
+  // a worker may still be inside done() when wait() returns.
   constexpr int tasks = 100;
-  auto ran = std::make_shared<std::atomic<int>>(0);
-  auto done = std::make_shared<weft::wait_group>();
-  done->add(tasks);
+  static std::atomic<int> ran{0};
+  static weft::wait_group done;
+  ran.store(0);
+  done.add(tasks);
   for (int i = 0; i < tasks; ++i) {
-    ex.post([ran, done] {
-      ran->fetch_add(1);
-      done->done();
+    ex.post([] {
+      ran.fetch_add(1);
+      done.done();
     });
   }
-  done->wait();
-  CHECK(ran->load() == tasks);
+  done.wait();
+  CHECK(ran.load() == tasks);
   CHECK(pool.submit([] { return 6; }).get() == 6);
 }

@@ -601,9 +601,11 @@ class worker_pool {
 
   void name_thread([[maybe_unused]] std::size_t index) noexcept {
 #if defined(__linux__)
-    // Linux keeps 15 characters; keep the index, cut the name.
-    const std::string suffix = "-" + std::to_string(index);
-    const std::string label = options_.name.substr(0, 15 - std::min<std::size_t>(15, suffix.size())) + suffix;
+    // Linux keeps 15 characters: the name, cut to leave room for "-<index>".
+    char suffix[24];
+    const auto suffix_length = static_cast<std::size_t>(std::snprintf(suffix, sizeof suffix, "-%zu", index));
+    std::string label(options_.name, 0, 15 - std::min<std::size_t>(15, suffix_length));
+    label.append(suffix, suffix_length);
     pthread_setname_np(pthread_self(), label.c_str());
 #endif
   }
