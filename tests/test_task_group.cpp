@@ -10,10 +10,9 @@
 //
 // How many tasks of one group can run at once matters to tests that make
 // tasks meet (a latch that needs k of them running together). A group posts
-// at most one runner per worker but one (the waiting thread is the last
-// one), so k tasks that must meet before anyone calls wait() need a pool of
-// k + 1 workers; once the test thread is inside wait() it helps, and k
-// workers do. Pools below are sized by that rule, and say so.
+// at most one runner per worker, so k tasks that must meet before anyone
+// calls wait() need k workers (once the test thread is inside wait() it
+// helps too). Pools below have k + 1, a spare that costs nothing.
 #include <weft/cancel.hpp>
 #include <weft/manual_clock.hpp>
 #include <weft/task_group.hpp>
@@ -63,12 +62,14 @@ class counted_error : public std::runtime_error {
   int id_;
 };
 
-// Opened once by the test; tasks block on it. Tasks take a copy of the
-// shared future, so the gate may be destroyed while one is leaving wait().
+// Opened once by the test; tasks block on it through a copy of `closed`, so
+// the gate may be destroyed while one is leaving wait(). (A cancel token,
+// not a std::shared_future: libc++'s reference count for the future's state
+// is in the uninstrumented runtime, and TSan then reports its free.)
 struct gate {
-  std::promise<void> opened;
-  std::shared_future<void> future = opened.get_future().share();
-  void open() { opened.set_value(); }
+  weft::cancel_source source;
+  weft::cancel_token closed = source.token();
+  void open() { source.cancel(); }
 };
 
 // Occupies `count` workers of `pool` with tasks blocked on `g`; returns once
@@ -76,7 +77,7 @@ struct gate {
 void occupy(weft::worker_pool& pool, std::size_t count, const gate& g) {
   std::latch running{static_cast<std::ptrdiff_t>(count)};
   for (std::size_t i = 0; i < count; ++i) {
-    pool.post([&running, f = g.future] {
+    pool.post([&running, f = g.closed] {
       running.count_down();
       f.wait();
     });
@@ -410,7 +411,7 @@ TEST_CASE("task_group: set_limit is never exceeded and is reached, try_go declin
     std::latch all_in{limit};
     // The first `limit` tasks meet and hold their slots.
     for (std::ptrdiff_t i = 0; i < limit; ++i) {
-      group.go([&tracker, &all_in, f = held.future] {
+      group.go([&tracker, &all_in, f = held.closed] {
         tracker.enter();
         all_in.count_down();
         f.wait();
@@ -538,7 +539,7 @@ TEST_CASE("task_group: tasks that post into their own small pool do not deadlock
   std::atomic<int> ran{0};
   gate all_spawned;  // keeps the pool's queue free while go() posts runners
   for (int i = 0; i < 8; ++i) {
-    group.go([&, f = all_spawned.future] {
+    group.go([&, f = all_spawned.closed] {
       f.wait();
       for (int j = 0; j < 16; ++j) {
         posted.add(1);
@@ -763,7 +764,7 @@ TEST_CASE("result_group: a task declined by try_go leaves no hole in the results
   group.set_limit(1);
   gate held;
   std::latch running{1};
-  group.go([&running, f = held.future] {
+  group.go([&running, f = held.closed] {
     running.count_down();
     f.wait();
     return 1;

@@ -26,6 +26,7 @@
 #include <weft/worker_pool.hpp>
 
 #include <algorithm>
+#include <any>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -42,6 +43,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -207,6 +209,43 @@ void wait_for_completed(const weft::worker_pool& pool, std::uint64_t completed) 
   });
 }
 
+// Runs f on `pool` and returns its result, through a promise that lives
+// here: the worker only sets it, and this thread frees it.
+template <class F>
+auto run_on(weft::worker_pool& pool, F f) {
+  using result = decltype(f());
+  std::promise<result> promise;
+  auto future = promise.get_future();
+  pool.post([&promise, &f] {
+    if constexpr (std::is_void_v<result>) {
+      f();
+      promise.set_value();
+    } else {
+      promise.set_value(f());
+    }
+  });
+  return future.get();
+}
+
+// Keeps what submit() returned alive until the end of the test. Declared
+// before the pool, it drops the last reference to each future's shared
+// state after the pool has joined its workers. Dropped first, the state
+// would be freed on a worker (by the task's promise) through libc++'s
+// reference count, which ThreadSanitizer cannot see, and TSan would report
+// a false race with this thread's earlier wait on that state.
+class future_keeper {
+ public:
+  template <class T>
+  std::shared_future<T> operator()(std::future<T> future) {
+    std::shared_future<T> shared = future.share();
+    kept_.emplace_back(shared);
+    return shared;
+  }
+
+ private:
+  std::vector<std::any> kept_;
+};
+
 struct task_error : std::runtime_error {
   task_error(const char* what, int code_) : std::runtime_error(what), code(code_) {}
   int code;
@@ -256,7 +295,7 @@ TEST_CASE("worker_pool reports the options it was built with" * doctest::timeout
   CHECK(s.queued == 0);
 
   weft::worker_pool smallest{{.workers = 1, .queue_capacity = 1}};
-  CHECK(smallest.submit([] { return 1; }).get() == 1);
+  CHECK(run_on(smallest, [] { return 1; }) == 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -310,30 +349,32 @@ TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 t
 }
 
 TEST_CASE("worker_pool makes everything written before post visible inside the task" * doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 8}};
   for (int round = 0; round < 50; ++round) {
     std::vector<int> data(256);  // plain memory: TSan checks the ordering
     std::iota(data.begin(), data.end(), round);
-    auto sum = pool.submit([&data] { return std::accumulate(data.begin(), data.end(), 0L); });
+    auto sum = kept(pool.submit([&data] { return std::accumulate(data.begin(), data.end(), 0L); }));
     CHECK(sum.get() == 256L * round + 255L * 256L / 2);
   }
 }
 
 TEST_CASE("worker_pool submit returns the value, completes a void future and carries the exception" *
           doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 2}};
   std::atomic<int> handler_calls{0};
   pool.set_error_handler([&](std::exception_ptr) { handler_calls.fetch_add(1); });
 
-  CHECK(pool.submit([] { return 42; }).get() == 42);
-  CHECK(pool.submit([] { return std::string("text"); }).get() == "text");
+  CHECK(kept(pool.submit([] { return 42; })).get() == 42);
+  CHECK(kept(pool.submit([] { return std::string("text"); })).get() == "text");
 
   std::atomic<bool> ran{false};
-  std::future<void> done = pool.submit([&] { ran.store(true); });
+  auto done = kept(pool.submit([&] { ran.store(true); }));
   done.get();
   CHECK(ran.load());
 
-  auto failing = pool.submit([]() -> int { throw task_error("from submit", 17); });
+  auto failing = kept(pool.submit([]() -> int { throw task_error("from submit", 17); }));
   try {
     (void)failing.get();
     FAIL("the exception did not reach the future");
@@ -341,7 +382,7 @@ TEST_CASE("worker_pool submit returns the value, completes a void future and car
     CHECK(std::string(error.what()) == "from submit");
     CHECK(error.code == 17);
   }
-  auto failing_void = pool.submit([] { throw 5; });
+  auto failing_void = kept(pool.submit([] { throw 5; }));
   CHECK_THROWS_AS(failing_void.get(), int);
 
   wait_for_completed(pool, 5);
@@ -353,11 +394,16 @@ TEST_CASE("worker_pool submit returns the value, completes a void future and car
 }
 
 TEST_CASE("worker_pool takes move-only callables and move-only results" * doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
+  // A promise is move-only too: the classic "packaged task in a pool" shape.
+  // Its future is shared and declared before the pool, like `kept`.
+  std::promise<std::string> promise;
+  const std::shared_future<std::string> future = promise.get_future().share();
   weft::worker_pool pool{{.workers = 1}};
   auto owned = std::make_unique<int>(7);
-  CHECK(pool.submit([p = std::move(owned)] { return *p * 6; }).get() == 42);
+  CHECK(kept(pool.submit([p = std::move(owned)] { return *p * 6; })).get() == 42);
 
-  std::unique_ptr<int> result = pool.submit([] { return std::make_unique<int>(9); }).get();
+  const std::unique_ptr<int>& result = kept(pool.submit([] { return std::make_unique<int>(9); })).get();
   REQUIRE(result != nullptr);
   CHECK(*result == 9);
 
@@ -365,46 +411,45 @@ TEST_CASE("worker_pool takes move-only callables and move-only results" * doctes
   pool.post([p = std::make_unique<int>(3), &seen] { seen.set_value(*p); });
   CHECK(seen.get_future().get() == 3);
 
-  // A promise is move-only too: the classic "packaged task in a pool" shape.
-  std::promise<std::string> promise;
-  auto future = promise.get_future();
   pool.post([promise = std::move(promise)]() mutable { promise.set_value("through a moved promise"); });
   CHECK(future.get() == "through a moved promise");
 }
 
 TEST_CASE("worker_pool runs plain functions and std::function objects" * doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 1}};
-  CHECK(pool.submit(forty_two).get() == 42);
-  CHECK(pool.submit(&forty_two).get() == 42);
+  CHECK(kept(pool.submit(forty_two)).get() == 42);
+  CHECK(kept(pool.submit(&forty_two)).get() == 42);
   const int before = free_function_calls.load();
-  pool.submit(free_function).get();
+  kept(pool.submit(free_function)).get();
   pool.post(&free_function);
   std::function<void()> wrapped = free_function;
   pool.post(wrapped);                      // copied from an lvalue
   CHECK(static_cast<bool>(wrapped));       // the caller's copy is intact
-  pool.submit([] {}).get();                // one worker: everything before it ran
+  kept(pool.submit([] {})).get();                // one worker: everything before it ran
   CHECK(free_function_calls.load() == before + 3);
 }
 
 TEST_CASE("worker_pool runs tasks with captures larger than the inline buffer and destroys them" *
           doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 2}};
   std::array<std::uint64_t, 16> big{};  // 128 bytes, well past five pointers
   for (std::size_t i = 0; i < big.size(); ++i) big[i] = i * i + 1;
   const auto expected = std::accumulate(big.begin(), big.end(), std::uint64_t{0});
-  CHECK(pool.submit([big] { return std::accumulate(big.begin(), big.end(), std::uint64_t{0}); }).get() == expected);
+  CHECK(kept(pool.submit([big] { return std::accumulate(big.begin(), big.end(), std::uint64_t{0}); })).get() == expected);
 
   // Just past the inline size (six pointers).
   std::array<void*, 6> six{};
   six[5] = &six;
-  CHECK(pool.submit([six] { return six[5]; }).get() == &six);
+  CHECK(kept(pool.submit([six] { return six[5]; })).get() == &six);
 
   // Over-aligned captures keep their alignment.
   struct alignas(64) wide {
     std::uint64_t value[2];
   };
   wide w{{11, 22}};
-  auto misalignment = pool.submit([w] { return reinterpret_cast<std::uintptr_t>(&w) % 64 + (w.value[1] - 22); });
+  auto misalignment = kept(pool.submit([w] { return reinterpret_cast<std::uintptr_t>(&w) % 64 + (w.value[1] - 22); }));
   CHECK(misalignment.get() == 0);
 
   // A capture whose move constructor may throw cannot stay inline.
@@ -415,7 +460,7 @@ TEST_CASE("worker_pool runs tasks with captures larger than the inline buffer an
     throwing_move(throwing_move&& other) noexcept(false) : value(other.value) {}
   };
   throwing_move tm;
-  CHECK(pool.submit([tm] { return tm.value; }).get() == 5);
+  CHECK(kept(pool.submit([tm] { return tm.value; })).get() == 5);
 
   // Big captures are destroyed once the task has run.
   instances inst;
@@ -850,7 +895,7 @@ TEST_CASE("worker_pool: a posted task that throws does not kill its worker, the 
   const auto s = pool.stats();
   CHECK(s.failed == 3);
   CHECK(s.completed == 6);
-  CHECK(pool.submit([] { return 1; }).get() == 1);
+  CHECK(run_on(pool, [] { return 1; }) == 1);
 }
 
 TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted and the worker lives" *
@@ -859,7 +904,7 @@ TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted
   weft::worker_pool pool{{.workers = 1, .name = "default-handler"}};
   pool.post([] { throw std::runtime_error("expected in this test: default handler"); });
   pool.post([] { throw 42; });
-  CHECK(pool.submit([] { return 2; }).get() == 2);
+  CHECK(run_on(pool, [] { return 2; }) == 2);
   wait_for_completed(pool, 3);
   CHECK(pool.stats().failed == 2);
   CHECK(pool.stats().completed == 3);
@@ -869,7 +914,7 @@ TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted
   pool.set_error_handler([&](std::exception_ptr) { calls++; });
   pool.set_error_handler({});
   pool.post([] { throw std::logic_error("expected in this test: handler reset"); });
-  CHECK(pool.submit([] { return 3; }).get() == 3);
+  CHECK(run_on(pool, [] { return 3; }) == 3);
   wait_for_completed(pool, 5);
   CHECK(calls.load() == 0);
   CHECK(pool.stats().failed == 3);
@@ -883,7 +928,7 @@ TEST_CASE("worker_pool: an error handler that throws does not kill the worker" *
     throw std::runtime_error("expected in this test: the handler throws");
   });
   pool.post([] { throw std::runtime_error("expected in this test: task"); });
-  CHECK(pool.submit([] { return 4; }).get() == 4);
+  CHECK(run_on(pool, [] { return 4; }) == 4);
   wait_for_completed(pool, 2);
   CHECK(calls.load() == 1);
   CHECK(pool.stats().failed == 1);
@@ -934,7 +979,7 @@ TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them 
           doctest::timeout(60)) {
   gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 8}};
-  CHECK(pool.submit([] { return 0; }).get() == 0);
+  CHECK(run_on(pool, [] { return 0; }) == 0);
   std::atomic<bool> running_finished{false};
   std::latch running{1};
   pool.post([&] {
@@ -970,7 +1015,7 @@ TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them 
 
 TEST_CASE("worker_pool shutdown_now on an idle pool drops nothing and its destructor returns" * doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 3}};
-  CHECK(pool.submit([] { return 1; }).get() == 1);
+  CHECK(run_on(pool, [] { return 1; }) == 1);
   CHECK(pool.shutdown_now() == 0);
   pool.join();
   CHECK(pool.stats().dropped == 0);
@@ -1075,7 +1120,7 @@ TEST_CASE("worker_pool can be destroyed while its workers are idle, parked, or b
     // After one round trip: workers spinning or parked.
     {
       weft::worker_pool parked{{.workers = workers}};
-      CHECK(parked.submit([] { return 1; }).get() == 1);
+      CHECK(run_on(parked, [] { return 1; }) == 1);
     }
     // Busy: tasks running and queued when the destructor starts.
     std::atomic<int> ran{0};
@@ -1102,15 +1147,16 @@ TEST_CASE("worker_pool can be destroyed while its workers are idle, parked, or b
 
 TEST_CASE("worker_pool join from one of its own workers throws logic_error and the worker carries on" *
           doctest::timeout(60)) {
+  future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 1}};
-  auto joined = pool.submit([&] { pool.join(); });
+  auto joined = kept(pool.submit([&] { pool.join(); }));
   try {
     joined.get();
     FAIL("join on a worker returned");
   } catch (const std::logic_error& error) {
     CHECK(std::string(error.what()).find("own workers") != std::string::npos);
   }
-  CHECK(pool.submit([] { return 8; }).get() == 8);
+  CHECK(run_on(pool, [] { return 8; }) == 8);
   CHECK_FALSE(pool.is_shutdown());
 }
 
@@ -1223,5 +1269,5 @@ TEST_CASE("default_executor runs tasks on the process-wide pool, which has one w
   }
   done.wait();
   CHECK(ran.load() == tasks);
-  CHECK(pool.submit([] { return 6; }).get() == 6);
+  CHECK(run_on(pool, [] { return 6; }) == 6);
 }

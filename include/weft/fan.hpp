@@ -99,20 +99,25 @@ void run_indexed(std::size_t count, const fan_options& options, Body body) {
   if (count == 0) return;
   const pool_executor executor = options.executor.value_or(default_executor());
   task_group group{executor, options.token};
-  const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size();
+  const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size() + 1;
   std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> done{0};
   const auto workers = std::min(count, limit);
   for (std::size_t w = 0; w < workers; ++w) {
     group.go([&](const cancel_token& token) {
+      std::size_t mine = 0;
       for (std::size_t i = next.fetch_add(1, std::memory_order_relaxed); i < count && !token.cancelled();
            i = next.fetch_add(1, std::memory_order_relaxed)) {
         body(i, token);
+        ++mine;
       }
+      done.fetch_add(mine, std::memory_order_relaxed);
     });
   }
   group.wait();
-  // The loop above stops early only on cancellation, which wait() reports
-  // by throwing; getting here means every index ran.
+  // A loop that saw the token cancelled stopped without an exception; the
+  // elements it left are reported, as skipped tasks are.
+  if (done.load(std::memory_order_relaxed) != count) group.token().cause().rethrow();
 }
 
 // The elements of a range, addressable by index: the range's own iterator

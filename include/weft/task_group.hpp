@@ -128,7 +128,7 @@ class task_group {
   template <class F>
   void go(F&& f) {
     check_open();
-    if (core_->limit) core_->limit->acquire();
+    if (core_->limit) acquire_slot();
     start(std::forward<F>(f));
   }
 
@@ -191,7 +191,7 @@ class task_group {
     core(pool_executor pool, cancel_source group_source)
         : executor(pool),
           source(std::move(group_source)),
-          max_runners(std::max<std::size_t>(1, pool.context().size() - 1)) {}
+          max_runners(pool.context().size()) {}
 
     void unref() noexcept {
       if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
@@ -201,7 +201,7 @@ class task_group {
       if (unstarted.try_push(work)) return;
       std::lock_guard guard(overflow_mutex);
       overflow.push_back(std::move(work));
-      overflow_size.store(overflow.size() - overflow_head, std::memory_order_release);
+      overflow_size.store(overflow.size() - overflow_head, std::memory_order_seq_cst);  // see start()
     }
 
     bool pop(detail::task& work) noexcept {
@@ -221,7 +221,7 @@ class task_group {
     // Counts tasks being pushed right now too, so a runner that sees one
     // keeps going until it is published.
     bool has_unstarted() const noexcept {
-      return unstarted.size() != 0 || overflow_size.load(std::memory_order_acquire) != 0;
+      return unstarted.claimed_unpopped() || overflow_size.load(std::memory_order_seq_cst) != 0;
     }
 
     // Runs one task; counts its completion in `finished` (the caller
@@ -251,20 +251,29 @@ class task_group {
       source.cancel(std::move(error));
     }
 
-    // Posts a runner if fewer than max_runners are out. A full or shut-down
-    // pool gets none: the waiting thread runs the tasks instead.
+    // Posts a runner if fewer than max_runners are out. If the pool is full
+    // and no other runner is out, waits for room whatever the pool's policy
+    // (as post(f, token) does; on one of the pool's own workers it runs the
+    // runner here), so queued tasks always have a runner coming. Only a shut
+    // down pool refuses; the runner is then destroyed unrun, which gives back
+    // its count and reference, and wait() runs the tasks.
     void add_runner() noexcept {
-      auto out = runners.load(std::memory_order_relaxed);
-      do {
-        if (out >= max_runners) return;
-      } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
-      refs.fetch_add(1, std::memory_order_relaxed);
-      // A runner that is not queued (full, or shut down: weft::rejected) is
-      // destroyed unrun, which gives back its count and its reference.
+      if (!claim_runner_slot()) return;
       try {
-        (void)executor.context().try_post(runner{this});
+        if (executor.context().try_post(runner{this})) return;
+        if (runners.load(std::memory_order_seq_cst) != 0 || !claim_runner_slot()) return;
+        (void)executor.context().post(runner{this}, cancel_token{});
       } catch (...) {
       }
+    }
+
+    bool claim_runner_slot() noexcept {
+      auto out = runners.load(std::memory_order_relaxed);
+      do {
+        if (out >= max_runners) return false;
+      } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
+      refs.fetch_add(1, std::memory_order_relaxed);
+      return true;
     }
 
     // The body of a runner, on a pool worker.
@@ -282,10 +291,9 @@ class task_group {
           }
         }
         if (finished != 0) pending.add(-finished);
-        runners.fetch_sub(1, std::memory_order_seq_cst);
-        // Pairs with the fence in start(): either go() sees this runner
+        // Seq_cst on both sides (see start()): either go() sees this runner
         // gone and posts another, or this runner sees the new task.
-        std::atomic_thread_fence(std::memory_order_seq_cst);
+        runners.fetch_sub(1, std::memory_order_seq_cst);
         if (!has_unstarted()) return;
         auto out = runners.load(std::memory_order_relaxed);
         do {
@@ -340,6 +348,20 @@ class task_group {
     core* core_;
   };
 
+  // Waits for a slot under the limit, running the group's own unstarted
+  // tasks meanwhile: the slots may be held by tasks no worker has taken yet.
+  void acquire_slot() {
+    detail::task work;
+    while (!core_->limit->try_acquire()) {
+      if (!core_->pop(work)) {
+        core_->limit->acquire();
+        return;
+      }
+      core_->run(work);
+      core_->pending.done();
+    }
+  }
+
   void check_open() const {
     if (core_->executor.context().is_shutdown()) {
       throw rejected("weft::task_group: its executor's pool \"" + core_->executor.context().name() +
@@ -360,8 +382,8 @@ class task_group {
       core_->pending.done();
       throw;
     }
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (core_->runners.load(std::memory_order_relaxed) < core_->max_runners) core_->add_runner();
+    // The push was a seq_cst claim (or store, past the ring); see drain().
+    if (core_->runners.load(std::memory_order_seq_cst) < core_->max_runners) core_->add_runner();
   }
 
   void join() noexcept {
@@ -464,7 +486,13 @@ class result_group {
   // The results in the order their go() calls returned; rethrows as
   // task_group::wait() does. The group may then be reused.
   std::vector<T> wait() {
-    group_.wait();
+    try {
+      group_.wait();
+    } catch (...) {
+      std::lock_guard guard(mutex_);
+      results_.clear();  // the tasks so far are reported; the next wait starts afresh
+      throw;
+    }
     std::vector<T> out;
     std::lock_guard guard(mutex_);
     out.reserve(results_.size());

@@ -404,10 +404,10 @@ class worker_pool {
       return false;
     }
     if (position % 64 == 0) note_queued(ring_.size());
-    // Pairs with the fence a worker makes between going idle (or dropping
-    // its spinning mark) and looking at the queue once more: either this
-    // thread sees that worker idle, or the worker sees this task.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // The push claimed its position with a seq_cst compare-and-swap; a
+    // worker going idle (or dropping its spinning mark) writes that with
+    // seq_cst and then reads the claims. Either this thread's seq_cst reads
+    // in wake_idle_worker see that worker, or the worker sees this task.
     wake_idle_worker();
     return true;
   }
@@ -455,16 +455,25 @@ class worker_pool {
     for (;;) {
       detail::thread_waiter waiter;
       auto lock = room_.lock();
-      room_waiters_.fetch_add(1, std::memory_order_relaxed);
-      // Pairs with the fence a worker makes after freeing a slot: either it
-      // sees this waiter counted, or this thread sees the slot free.
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      if (closed_.load(std::memory_order_relaxed)) {
-        room_waiters_.fetch_sub(1, std::memory_order_relaxed);
-        lock.unlock();
-        throw_closed();
+      // A worker frees a slot with a seq_cst claim of the head, then reads
+      // this count with seq_cst: either it sees this waiter, or the full()
+      // check below sees the freed slot.
+      room_waiters_.fetch_add(1, std::memory_order_seq_cst);
+      bool queued = false;
+      for (;;) {
+        if (closed_.load(std::memory_order_relaxed)) {
+          room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+          lock.unlock();
+          throw_closed();
+        }
+        if (enqueue(work)) {
+          queued = true;
+          break;
+        }
+        if (ring_.full()) break;
+        detail::cpu_relax();  // a slot is being freed right now
       }
-      if (enqueue(work)) {
+      if (queued) {
         room_waiters_.fetch_sub(1, std::memory_order_relaxed);
         return wait_status::ok;
       }
@@ -479,8 +488,7 @@ class worker_pool {
 
   // After a worker frees a slot: hands it to one blocked producer.
   void notify_room() noexcept {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (room_waiters_.load(std::memory_order_relaxed) == 0) return;
+    if (room_waiters_.load(std::memory_order_seq_cst) == 0) return;  // see wait_for_room
     detail::completion_list woken;
     auto lock = room_.lock();
     if (detail::wait_node* first = room_.front()) room_.remove(*first, wait_status::ok, woken);
@@ -515,7 +523,7 @@ class worker_pool {
   // will find the task, and wakes the next if more are queued (Go's
   // scheduler does the same with its count of spinning threads).
   void wake_idle_worker() noexcept {
-    if (spinning_.load(std::memory_order_relaxed) != 0 || idle_count_.load(std::memory_order_relaxed) == 0) return;
+    if (spinning_.load(std::memory_order_seq_cst) != 0 || idle_count_.load(std::memory_order_seq_cst) == 0) return;
     int none = 0;
     if (!spinning_.compare_exchange_strong(none, 1, std::memory_order_seq_cst)) return;
     worker* woken = nullptr;
@@ -541,10 +549,9 @@ class worker_pool {
     {
       std::lock_guard guard(idle_mutex_);
       idle_.push_back(&self);
-      idle_count_.store(idle_.size(), std::memory_order_relaxed);
+      idle_count_.store(idle_.size(), std::memory_order_seq_cst);  // see enqueue
     }
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (ring_.has_ready() || closed_.load(std::memory_order_relaxed)) {
+    if (ring_.claimed_unpopped() || closed_.load(std::memory_order_seq_cst)) {
       std::lock_guard guard(idle_mutex_);
       if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
         idle_.erase(it);
@@ -571,7 +578,9 @@ class worker_pool {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on.
-          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && ring_.has_ready()) wake_idle_worker();
+          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && ring_.claimed_unpopped()) {
+            wake_idle_worker();
+          }
         }
         notify_room();
         self.busy.store(true, std::memory_order_relaxed);
@@ -585,12 +594,11 @@ class worker_pool {
       }
       if (spinning) {
         bool found = false;
-        for (detail::backoff pause; !found && pause.wait();) found = ring_.has_ready();
+        for (detail::backoff pause; !found && pause.wait();) found = ring_.claimed_unpopped();
         if (found) continue;
         spinning = false;
-        spinning_.fetch_sub(1, std::memory_order_seq_cst);
-        std::atomic_thread_fence(std::memory_order_seq_cst);
-        if (ring_.has_ready()) continue;
+        spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
+        if (ring_.claimed_unpopped()) continue;
       }
       if (closed_.load(std::memory_order_acquire) && ring_.size() == 0) break;
       spinning = park(self);

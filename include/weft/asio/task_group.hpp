@@ -12,9 +12,9 @@
 // and cancels the group's token). When the group's token is cancelled, the
 // coroutine's pending Asio operation is cancelled (terminal), emitted on the
 // coroutine's executor; a group already cancelled starts no coroutine and
-// reports it at wait, as for tasks. By default the coroutine runs on the
-// group's executor; the three-argument form names another (an io_context's,
-// a strand).
+// reports it at wait, as for tasks. The coroutine runs on a strand of the
+// group's executor, or of the executor the three-argument form names (an
+// io_context's), so the cancellation can be emitted where it cannot race it.
 //
 // async_wait(group, token) completes with void(std::exception_ptr): null on
 // success, else what task_group::wait() would throw; cancelled through its
@@ -33,6 +33,7 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/compose.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/system_executor.hpp>
 #include <boost/system/system_error.hpp>
 
@@ -64,10 +65,15 @@ template <class Executor, class AwaitableExecutor>
 void co_spawn(task_group& group, const Executor& executor,
               boost::asio::awaitable<void, AwaitableExecutor> coroutine) {
   if (!detail::task_group_access::begin(group)) return;
-  auto bridge = std::make_unique<cancellation_bridge<Executor>>(group.token(), executor);
+  // The coroutine runs on a strand, and the group's cancellation is emitted
+  // on that strand: Asio requires a cancellation signal to be emitted where
+  // it cannot race the operation it cancels, and a pool runs a coroutine's
+  // steps on any of its workers.
+  auto strand = boost::asio::make_strand(executor);
+  auto bridge = std::make_unique<cancellation_bridge<decltype(strand)>>(group.token(), strand);
   auto slot = bridge->slot();
   try {
-    boost::asio::co_spawn(executor, std::move(coroutine),
+    boost::asio::co_spawn(strand, std::move(coroutine),
                           boost::asio::bind_cancellation_slot(
                               slot, [&group, bridge = std::move(bridge)](std::exception_ptr error) mutable {
                                 bridge.reset();  // unregisters from the token before the group may go

@@ -15,9 +15,11 @@
 // and the tail live on separate cache lines.
 //
 // try_pop fails both when the ring is empty and when the producer that
-// claimed the next position has not published it yet; callers that sleep on
-// emptiness must therefore be woken by the producer after it publishes
-// (which is what worker_pool's wake protocol does).
+// claimed the next position has not published it yet, and try_push fails
+// while the consumer that claimed a slot's last value is still taking it. A
+// caller that sleeps when the ring looks empty (or full) must decide by the
+// claim counters (claimed_unpopped, full), which move first, and spin while
+// a claim is in flight.
 //
 // The capacity is exact and may be any positive number.
 #pragma once
@@ -57,7 +59,7 @@ class bounded_ring {
       const auto sequence = s.sequence.load(std::memory_order_acquire);
       const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
       if (lag == 0) {
-        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst, std::memory_order_relaxed)) {
           ::new (static_cast<void*>(s.storage)) T(std::move(value));
           s.sequence.store(holds(pos), std::memory_order_release);
           if (position != nullptr) *position = pos;
@@ -79,7 +81,7 @@ class bounded_ring {
       const auto sequence = s.sequence.load(std::memory_order_acquire);
       const auto lag = static_cast<std::int64_t>(sequence - holds(pos));
       if (lag == 0) {
-        if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+        if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst, std::memory_order_relaxed)) {
           T* value = std::launder(reinterpret_cast<T*>(s.storage));
           out = std::move(*value);
           value->~T();
@@ -104,6 +106,20 @@ class bounded_ring {
     const auto popped_count = popped();
     const auto pushed_count = pushed();
     return pushed_count > popped_count ? static_cast<std::size_t>(pushed_count - popped_count) : 0;
+  }
+
+  // Seq_cst reads of the claim counters, for wake-up protocols without a
+  // fence: the compare-and-swap that claims a position is seq_cst (on x86
+  // it is a full barrier either way), so a thread that registers as a
+  // sleeper with a seq_cst write and then makes one of these reads either
+  // sees the claim or is seen by the claimer's seq_cst read of its mark.
+  //   claimed_unpopped: a value is pushed, or being pushed, and not popped.
+  //   full: every slot holds, or is about to hold, a value.
+  bool claimed_unpopped() const noexcept {
+    return tail_.load(std::memory_order_seq_cst) != head_.load(std::memory_order_relaxed);
+  }
+  bool full() const noexcept {
+    return tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_seq_cst) >= capacity_;
   }
 
   // True when a value is published at the head; a value being pushed right

@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: BSL-1.0
+// Regression tests for bugs found in the executors (task_group, fan-out,
+// co_spawn into a group) by a second reading of the code; each failed or
+// hung before its fix.
+#include <weft/asio.hpp>
+#include <weft/fan.hpp>
+#include <weft/task_group.hpp>
+#include <boost/asio.hpp>
+#include <doctest/doctest.h>
+#include <chrono>
+#include <future>
+#include <latch>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+// parallel_map / for_each stopped by a cancellation must say so.
+TEST_CASE("parallel_map and for_each report a cancellation that stopped them half-way" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::cancel_source request;
+  int calls = 0;
+  CHECK_THROWS_AS(weft::parallel_map(std::vector<int>{1, 2, 3, 4, 5},
+                                     [&](int x) { ++calls; request.cancel(); return x * 10; },
+                                     {.limit = 1, .token = request.token(), .executor = pool.executor()}),
+                  std::system_error);
+  CHECK(calls == 1);
+
+  weft::cancel_source request2;
+  calls = 0;
+  CHECK_THROWS_AS(weft::for_each(std::vector<int>{1, 2, 3, 4, 5}, [&](int) { ++calls; request2.cancel(); },
+                                 {.limit = 1, .token = request2.token(), .executor = pool.executor()}),
+                  std::system_error);
+}
+
+TEST_CASE("result_group: a second wait after a reported skip does not return an unfilled result" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::result_group<std::string> group{pool.executor()};
+  group.cancel();
+  group.go([] { return std::string("never runs"); });
+  CHECK_THROWS_AS(group.wait(), std::system_error);
+  std::vector<std::string> second;
+  CHECK_NOTHROW(second = group.wait());
+  CHECK(second.empty());
+}
+
+// A group runs as many tasks at once as its pool has workers.
+TEST_CASE("task_group: two tasks that meet both run on a two-worker pool before wait()" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  std::latch both{2};
+  std::promise<void> met;
+  auto met_future = met.get_future();
+  group.go([&] { both.arrive_and_wait(); });
+  group.go([&] { both.arrive_and_wait(); met.set_value(); });
+  // The bound turns a deadlock into a failure.
+  CHECK(met_future.wait_for(10s) == std::future_status::ready);
+  group.wait();  // helps: runs the second task, so the test ends either way
+}
+
+TEST_CASE("task_group: limit 2 on a two-worker pool, two tasks that meet, a third go()" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  group.set_limit(2);
+  std::latch both{2};
+  for (int i = 0; i < 3; ++i) group.go([&, i] { if (i < 2) both.arrive_and_wait(); });
+  group.wait();
+}
+
+// A group never leaves queued tasks without a runner: with the pool full and
+// no runner out, go() waits for room, whatever the pool's policy.
+TEST_CASE("async_wait(group) completes when the pool was full at go()" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  weft::cancel_source gate;
+  std::latch running{1};
+  pool.post([&running, closed = gate.token()] {
+    running.count_down();
+    closed.wait();
+  });
+  running.wait();
+  pool.post([] {});  // the queue is full now
+  weft::task_group group{pool.executor()};
+  std::atomic<bool> ran{false};
+  std::thread spawner([&] { group.go([&] { ran = true; }); });  // waits for room
+  gate.cancel();
+  spawner.join();
+  auto waited = weft::async_wait(group, asio::use_future);
+  CHECK_NOTHROW(waited.get());
+  CHECK(ran.load());
+}
+
+TEST_CASE("task_group: on a full overflow::reject pool, go() waits for room instead of stranding its task" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::reject}};
+  weft::cancel_source gate;
+  std::latch running{1};
+  pool.post([&running, closed = gate.token()] {
+    running.count_down();
+    closed.wait();
+  });
+  running.wait();
+  pool.post([] {});  // the queue is full now
+  weft::task_group group{pool.executor()};
+  std::atomic<bool> ran{false};
+  std::thread spawner([&] { group.go([&] { ran = true; }); });
+  gate.cancel();
+  spawner.join();
+  auto waited = weft::async_wait(group, asio::use_future);
+  CHECK_NOTHROW(waited.get());
+  CHECK(ran.load());
+}
+
+// The group's cancellation is emitted on the coroutine's strand: before, it
+// raced the coroutine (TSan: asio::cancellation_state; plain builds: a lost
+// completion and a hang).
+asio::awaitable<void> busy(std::latch& started) {
+  started.count_down();
+  for (int i = 0; i < 2000; ++i) {
+    asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
+    auto [ec] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (ec) co_return;
+  }
+}
+TEST_CASE("co_spawn(group): cancelling the group while the coroutine runs on a multi-worker pool" * doctest::timeout(120)) {
+  for (int round = 0; round < 50; ++round) {
+    weft::worker_pool pool{{.workers = 4}};
+    weft::task_group group{pool.executor()};
+    std::latch started{1};
+    weft::co_spawn(group, busy(started));
+    started.wait();
+    for (int i = 0; i < round * 20; ++i) std::this_thread::yield();
+    group.cancel();
+    try { group.wait(); } catch (const boost::system::system_error&) {}  // a cancelled co_await may throw
+  }
+}
