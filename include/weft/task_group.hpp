@@ -26,7 +26,8 @@
 //    short fan-out finishes without a wake-up round trip, and waiting from
 //    inside a pool task cannot deadlock a pool whose workers are all busy.
 //  - set_limit(n): at most n tasks in flight; go() waits for a slot
-//    (backpressure), try_go() returns false instead. Only while no task is
+//    (backpressure), running the group's unstarted tasks meanwhile;
+//    try_go() returns false instead. Only while no task is
 //    in flight (as in errgroup). A task that calls go() on its own limited,
 //    full group waits for a sibling to finish: with n such tasks the group
 //    deadlocks, as errgroup does.
@@ -46,11 +47,15 @@
 // count of tasks reaches zero); set_limit and the destructor may not run
 // concurrently with anything else. A task must not wait() on its own group.
 //
-// Cost: go() allocates one small node (the task's captures are kept inline
-// up to five pointers), adds to the group's count, and posts an 8-byte
-// runner to the executor; each task costs three atomic read-modify-writes
-// in all (claim, count, release of the node). wait() on finished tasks is a
-// load.
+// Cost: a group allocates its shared state once (with a ring of 64 task
+// slots). go() adds to the group's count and pushes the task into the ring
+// (captures up to five pointers kept inline, no allocation); it posts a
+// runner to the pool only while fewer runners than workers are out, and each
+// runner takes tasks until none is left, publishing completions in batches.
+// So a task costs about three atomic read-modify-writes, and a thousand tasks
+// cost a few posts. If the pool is full and no runner is out, go() waits for
+// room, whatever the pool's overflow policy: a group never leaves its tasks
+// without a runner. wait() on finished tasks is a load.
 #pragma once
 
 #include <weft/cancel.hpp>

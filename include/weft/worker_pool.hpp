@@ -38,7 +38,7 @@
 //
 // Cost: a task is a move-only callable kept inline up to five pointers of
 // captures (no allocation per post). A post is one compare-and-swap on the
-// queue's tail and a check (a fence and two loads) that some worker is awake
+// queue's tail and a check (two loads) that some worker is awake
 // to take it; it makes a system call only to wake a parked worker, and only
 // when no worker is already awake and looking for work. A worker that runs
 // out of work spins briefly before it parks, and the worker that finds work
@@ -518,7 +518,7 @@ class worker_pool {
     detail::futex_wake_one(w.wake_signal);
   }
 
-  // Called after a seq_cst fence, once a task is queued. Wakes one parked
+  // Called once a task is queued (after its seq_cst claim). Wakes one parked
   // worker, and only when no worker is awake and looking for work: that one
   // will find the task, and wakes the next if more are queued (Go's
   // scheduler does the same with its count of spinning threads).
