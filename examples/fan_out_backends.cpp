@@ -1,10 +1,10 @@
 // Fan-out with a deadline: each request calls three backends at once (users,
-// orders, recommendations) and must answer within 50 ms.
+// orders, recommendations) and must answer within 200 ms.
 //
 //   request 1  every backend answers in time.
 //   request 2  recommendations is slow and required: the deadline cancels it,
 //              and the whole request fails with errc::deadline_exceeded.
-//   request 3  recommendations is slow but optional: it gets its own 20 ms
+//   request 3  recommendations is slow but optional: it gets its own 40 ms
 //              budget inside the request and falls back to an empty list, so
 //              the request still answers.
 #include <weft/cancel.hpp>
@@ -56,7 +56,7 @@ struct page {
 // All three answers are required: the deadline, or the first backend that
 // fails, cancels the others and fails the request.
 page handle(const backends& backend, int id, weft::worker_pool& calls, const weft::cancel_token& server) {
-  weft::cancel_source request = weft::with_timeout(server, 50ms);  // context.WithTimeout
+  weft::cancel_source request = weft::with_timeout(server, 200ms);  // context.WithTimeout
   auto [user, orders, recommendations] = weft::gather(
       calls.executor(), request.token(),
       [&](const weft::cancel_token& token) { return backend.user(id, token); },
@@ -68,13 +68,13 @@ page handle(const backends& backend, int id, weft::worker_pool& calls, const wef
 // Recommendations are optional: they get a shorter budget of their own, and
 // when it runs out the page goes out without them.
 page handle_degraded(const backends& backend, int id, weft::worker_pool& calls, const weft::cancel_token& server) {
-  weft::cancel_source request = weft::with_timeout(server, 50ms);
+  weft::cancel_source request = weft::with_timeout(server, 200ms);
   auto [user, orders, recommendations] = weft::gather(
       calls.executor(), request.token(),
       [&](const weft::cancel_token& token) { return backend.user(id, token); },
       [&](const weft::cancel_token& token) { return backend.orders(id, token); },
       [&](const weft::cancel_token& token) {
-        weft::cancel_source budget = weft::with_timeout(token, 20ms);  // a child: the request still bounds it
+        weft::cancel_source budget = weft::with_timeout(token, 40ms);  // a child: the request still bounds it
         try {
           return backend.recommendations(id, budget.token());
         } catch (const std::system_error&) {
@@ -100,12 +100,12 @@ void print(const page& answer, std::chrono::steady_clock::time_point start) {
 int main() {
   // Backend calls spend their time waiting on the network, so they get a pool
   // of their own instead of the CPU-sized default one (weft::gather_for uses
-  // that one: weft::gather_for(50ms, token, calls...)).
+  // that one: weft::gather_for(200ms, token, calls...)).
   weft::worker_pool calls{{.workers = 8, .queue_capacity = 256, .name = "backend-calls"}};
   weft::cancel_source server;  // cancelled at shutdown; every request is its child
 
   const backends healthy{.recommendations_latency = 15ms};
-  const backends slow{.recommendations_latency = 500ms};
+  const backends slow{.recommendations_latency = 2000ms};
 
   std::printf("request 1: every backend answers in time\n");
   auto start = std::chrono::steady_clock::now();
