@@ -7,9 +7,11 @@
 #include <weft/task_group.hpp>
 #include <boost/asio.hpp>
 #include <doctest/doctest.h>
+#include <atomic>
 #include <chrono>
 #include <future>
 #include <latch>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -133,5 +135,64 @@ TEST_CASE("co_spawn(group): cancelling the group while the coroutine runs on a m
     for (int i = 0; i < round * 20; ++i) std::this_thread::yield();
     group.cancel();
     try { group.wait(); } catch (const boost::system::system_error&) {}  // a cancelled co_await may throw
+  }
+}
+
+// Finished groups hand their shared state to the next group (task_group.hpp,
+// core::retire). Nothing of one group may show through in another.
+TEST_CASE("task_group: a reused group state never cancels a token an earlier group handed out" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::cancel_token kept_by_task;
+  weft::cancel_token kept_by_caller;
+  {
+    weft::task_group group{pool.executor()};
+    group.go([&](const weft::cancel_token& token) { kept_by_task = token; });
+    kept_by_caller = group.token();
+    group.wait();
+  }
+  for (int i = 0; i < 200; ++i) {
+    weft::task_group group{pool.executor()};
+    group.go([] {});
+    group.cancel();
+    CHECK_THROWS_AS(group.wait(), std::system_error);
+  }
+  CHECK_FALSE(kept_by_task.cancelled());
+  CHECK_FALSE(kept_by_caller.cancelled());
+}
+
+TEST_CASE("task_group: a group made after failed and cancelled groups starts clean" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  for (int i = 0; i < 200; ++i) {
+    {
+      weft::task_group failing{pool.executor()};
+      failing.set_limit(1);
+      failing.go([] { throw std::runtime_error("first"); });
+      CHECK_THROWS_AS(failing.wait(), std::runtime_error);
+    }
+    weft::task_group clean{pool.executor()};
+    CHECK_FALSE(clean.token().cancelled());
+    std::atomic<int> ran{0};
+    for (int t = 0; t < 100; ++t) clean.go([&] { ran.fetch_add(1, std::memory_order_relaxed); });  // no limit left over
+    CHECK_NOTHROW(clean.wait());
+    CHECK(ran.load() == 100);
+  }
+}
+
+TEST_CASE("task_group: a reused group state follows the new group's parent, not the old one" * doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  for (int i = 0; i < 100; ++i) {
+    weft::cancel_source old_parent;
+    { weft::task_group with_parent{pool.executor(), old_parent.token()}; }
+    { weft::task_group without_parent{pool.executor()}; }
+    weft::task_group orphan{pool.executor()};
+    weft::cancel_source new_parent;
+    weft::task_group child{pool.executor(), new_parent.token()};
+    old_parent.cancel();
+    CHECK_FALSE(orphan.token().cancelled());
+    CHECK_FALSE(child.token().cancelled());
+    new_parent.cancel();
+    CHECK(child.token().cancelled());
+    CHECK_FALSE(orphan.token().cancelled());
   }
 }

@@ -97,7 +97,7 @@ concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, cons
 template <class Body>
 void run_indexed(std::size_t count, const fan_options& options, Body body) {
   if (count == 0) return;
-  const pool_executor executor = options.executor.value_or(default_executor());
+  const pool_executor executor = options.executor ? *options.executor : default_executor();
   task_group group{executor, options.token};
   const std::size_t limit = options.limit != 0 ? options.limit : executor.context().size() + 1;
   std::atomic<std::size_t> next{0};

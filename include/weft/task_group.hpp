@@ -47,9 +47,11 @@
 // count of tasks reaches zero); set_limit and the destructor may not run
 // concurrently with anything else. A task must not wait() on its own group.
 //
-// Cost: a group allocates its shared state once (with a ring of 64 task
-// slots). go() adds to the group's count and pushes the task into the ring
-// (captures up to five pointers kept inline, no allocation); it posts a
+// Cost: a group takes the shared state of a finished group when one is
+// spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
+// else allocates one; a group with a parent token also allocates its child
+// token's state. go() adds to the group's count and pushes the task into
+// the ring (captures up to five pointers kept inline, no allocation); it posts a
 // runner to the pool only while fewer runners than workers are out, and each
 // runner takes tasks until none is left, publishing completions in batches.
 // So a task costs about three atomic read-modify-writes, and a thousand tasks
@@ -116,13 +118,13 @@ class task_group {
   task_group() : task_group(default_executor(), cancel_token{}) {}
   explicit task_group(const cancel_token& parent) : task_group(default_executor(), parent) {}
   explicit task_group(pool_executor executor, const cancel_token& parent = {})
-      : core_(new core(executor, parent.child())) {}
+      : core_(core::make(executor, parent)) {}
 
   task_group(const task_group&) = delete;
   task_group& operator=(const task_group&) = delete;
 
   ~task_group() {
-    if (started_since_wait_.load(std::memory_order_relaxed)) core_->source.cancel();
+    if (started_since_wait_.load(std::memory_order_relaxed)) core_->source->cancel();
     join();
     if (core_->failed.load(std::memory_order_acquire) && !error_delivered_) report_undelivered();
     core_->unref();
@@ -167,10 +169,10 @@ class task_group {
   }
 
   // Cancelled by the first failure, by cancel(), or by the parent token.
-  [[nodiscard]] cancel_token token() const noexcept { return core_->source.token(); }
+  [[nodiscard]] cancel_token token() const noexcept { return core_->token; }
 
   // Asks the group's tasks to stop (those not started are skipped).
-  void cancel() noexcept { core_->source.cancel(); }
+  void cancel() noexcept { core_->source->cancel(); }
 
   pool_executor executor() const noexcept { return core_->executor; }
 
@@ -193,13 +195,59 @@ class task_group {
   struct core {
     static constexpr std::size_t ring_capacity = 64;
 
-    core(pool_executor pool, cancel_source group_source)
-        : executor(pool),
-          source(std::move(group_source)),
-          max_runners(pool.context().size()) {}
+    // A spare core when there is one, else a new one.
+    static core* make(pool_executor pool, const cancel_token& parent) {
+      core* c = nullptr;
+      if (spares().try_pop(c)) {
+        c->refs.store(1, std::memory_order_relaxed);
+        c->executor = pool;
+        c->max_runners = pool.context().size();
+      } else {
+        c = new core(pool);
+      }
+      // A parentless group can keep the source it had, if nothing touched it.
+      if (!c->source || detail::state_of(parent) != nullptr) {
+        c->token = cancel_token{};
+        try {
+          c->source.emplace(parent.child());
+        } catch (...) {
+          delete c;
+          throw;
+        }
+        c->token = c->source->token();
+      }
+      return c;
+    }
+
+    explicit core(pool_executor pool) : executor(pool), max_runners(pool.context().size()) {}
 
     void unref() noexcept {
-      if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+      if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) retire();
+    }
+
+    // Finished cores are kept for the next group. Whichever thread lets go
+    // last frees a core, usually a pool worker; a free of a block that
+    // another thread allocated takes the malloc arena's lock, and the
+    // spawning thread's next allocation then waits for it: that cost a
+    // small fan-out a third of its time.
+    static detail::bounded_ring<core*>& spares() noexcept {
+      static auto* const bin = new detail::bounded_ring<core*>(64);  // never freed: runners may retire cores during exit
+      return *bin;
+    }
+
+    void retire() noexcept {
+      first_error = nullptr;
+      limit.reset();
+      skipped.store(false, std::memory_order_relaxed);
+      failed.store(false, std::memory_order_relaxed);
+      if (overflow.capacity() > ring_capacity) std::vector<detail::task>().swap(overflow);
+      // The source and token hold a reference each.
+      if (!detail::state_of(token)->pristine(2)) {
+        token = cancel_token{};
+        source.reset();
+      }
+      core* self = this;
+      if (!spares().try_push(self)) delete this;
     }
 
     void push(detail::task&& work) {
@@ -232,7 +280,7 @@ class task_group {
     // Runs one task; counts its completion in `finished` (the caller
     // subtracts those from `pending` in a batch).
     void run(detail::task& work) noexcept {
-      if (source.cancelled()) {
+      if (token.cancelled()) {
         skipped.store(true, std::memory_order_relaxed);
       } else {
         try {
@@ -253,7 +301,7 @@ class task_group {
           failed.store(true, std::memory_order_release);
         }
       }
-      source.cancel(std::move(error));
+      source->cancel(std::move(error));
     }
 
     // Posts a runner if fewer than max_runners are out. If the pool is full
@@ -309,10 +357,13 @@ class task_group {
 
     std::atomic<std::uint32_t> refs{1};
     pool_executor executor;
-    cancel_source source;
+    std::optional<cancel_source> source;  // set while the core is in use
+    // Handed to tasks by reference: a copy per task would be two
+    // read-modify-writes on the token's count, a line every runner shares.
+    cancel_token token;
     wait_group pending;
     std::unique_ptr<semaphore> limit;
-    const std::size_t max_runners;
+    std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
 
     detail::bounded_ring<detail::task> unstarted{ring_capacity};
@@ -380,7 +431,7 @@ class task_group {
     if (!started_since_wait_.load(std::memory_order_relaxed)) started_since_wait_.store(true, std::memory_order_relaxed);
     try {
       core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable {
-        detail::invoke_with_token(f, c->source.token());
+        detail::invoke_with_token(f, c->token);
       }));
     } catch (...) {
       if (core_->limit) core_->limit->release();
@@ -394,9 +445,15 @@ class task_group {
   void join() noexcept {
     detail::task work;
     while (core_->pending.count() != 0) {
-      if (core_->pop(work)) {
+      // The tasks run here are counted off in one subtraction, before the
+      // count is read again.
+      std::int64_t finished = 0;
+      while (core_->pop(work)) {
         core_->run(work);
-        core_->pending.done();
+        ++finished;
+      }
+      if (finished != 0) {
+        core_->pending.add(-finished);
         continue;
       }
       core_->pending.wait();
@@ -414,7 +471,7 @@ class task_group {
     }
     if (core_->skipped.exchange(false, std::memory_order_relaxed)) {
       try {
-        core_->source.token().cause().rethrow();
+        core_->token.cause().rethrow();
       } catch (...) {
         return std::current_exception();
       }
@@ -442,7 +499,7 @@ namespace detail {
 inline wait_group& task_group_access::pending(task_group& group) noexcept { return group.core_->pending; }
 inline std::exception_ptr task_group_access::outcome(task_group& group) { return group.outcome(); }
 inline bool task_group_access::begin(task_group& group) {
-  if (group.core_->source.cancelled()) {
+  if (group.core_->token.cancelled()) {
     group.core_->skipped.store(true, std::memory_order_relaxed);
     return false;
   }

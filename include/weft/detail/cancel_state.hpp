@@ -144,6 +144,19 @@ class cancel_state {
     tracker_.wait_until_not_running(&node, lock);
   }
 
+  // True when nothing but `owner_refs` references of one owner remain and
+  // nothing has happened to the state since it was made without a parent:
+  // the owner may then use it again as if new, and nobody can tell.
+  bool pristine(std::uint32_t owner_refs) noexcept {
+    std::lock_guard lock(mutex_);
+    bool pristine = refs_.load(std::memory_order_acquire) == owner_refs && !cancelled() && parent_ == nullptr &&
+                    head_ == nullptr;
+#if defined(__cpp_lib_jthread)
+    pristine = pristine && !std_link_;
+#endif
+    return pristine;
+  }
+
   // For tests: how many callbacks are registered.
   std::size_t callback_count() {
     std::lock_guard lock(mutex_);
