@@ -153,8 +153,8 @@ TEST_CASE("task_group: a reused group state never cancels a token an earlier gro
   }
   for (int i = 0; i < 200; ++i) {
     weft::task_group group{pool.executor()};
-    group.go([] {});
     group.cancel();
+    group.go([] {});  // skipped, whenever it is taken: wait() says so
     CHECK_THROWS_AS(group.wait(), std::system_error);
   }
   CHECK_FALSE(kept_by_task.cancelled());
