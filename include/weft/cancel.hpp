@@ -52,6 +52,7 @@
 
 #include <weft/detail/cancel_state.hpp>
 #include <weft/detail/parker.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/timed_wait.hpp>
 #include <weft/wait_status.hpp>
 
@@ -299,6 +300,7 @@ namespace detail {
 template <class Clock, class Duration>
 wait_status wait_for_cancel(cancel_state* state, const std::chrono::time_point<Clock, Duration>* deadline) {
   if (state->cancelled()) return wait_status::ok;
+  const blocked_scope blocked{"cancel_token", nullptr};
   struct wake_link : callback_node {
     parker waiter;
   } link;

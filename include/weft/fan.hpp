@@ -95,7 +95,7 @@ concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, cons
 // Runs body(i) for every i in [0, count) on at most `limit` tasks of a group
 // (the caller helping), each taking the next index until none is left.
 template <class Body>
-void run_indexed(std::size_t count, const fan_options& options, Body body) {
+void run_indexed(std::size_t count, const fan_options& options, const spawn_site& site, Body body) {
   if (count == 0) return;
   const pool_executor executor = options.executor ? *options.executor : default_executor();
   task_group group{executor, options.token};
@@ -112,7 +112,7 @@ void run_indexed(std::size_t count, const fan_options& options, Body body) {
         ++mine;
       }
       done.fetch_add(mine, std::memory_order_relaxed);
-    });
+    }, site);
   }
   group.wait();
   // A loop that saw the token cancelled stopped without an exception; the
@@ -169,14 +169,14 @@ void gather_into(task_group& group, Slots& slots, std::index_sequence<I...>, F&.
 
 // Calls f on every element, concurrently; returns the results in input order.
 template <class Range, class F>
-auto parallel_map(Range&& range, F&& f, const fan_options& options = {}) {
+auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_site site = spawn_site::current()) {
   using element = std::ranges::range_reference_t<Range>;
   using result = std::remove_cvref_t<decltype(detail::invoke_maybe_with_token(
       std::declval<std::decay_t<F>&>(), std::declval<const cancel_token&>(), std::declval<element>()))>;
   static_assert(!std::is_void_v<result>, "weft::parallel_map: f returns void; use weft::for_each");
   auto elements = detail::elements_of(range);
   std::vector<std::optional<result>> slots(elements.size());
-  detail::run_indexed(elements.size(), options, [&](std::size_t i, const cancel_token& token) {
+  detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
     slots[i].emplace(detail::invoke_maybe_with_token(f, token, elements[i]));
   });
   std::vector<result> out;
@@ -187,9 +187,9 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}) {
 
 // Calls f on every element, concurrently.
 template <class Range, class F>
-void for_each(Range&& range, F&& f, const fan_options& options = {}) {
+void for_each(Range&& range, F&& f, const fan_options& options = {}, spawn_site site = spawn_site::current()) {
   auto elements = detail::elements_of(range);
-  detail::run_indexed(elements.size(), options, [&](std::size_t i, const cancel_token& token) {
+  detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
     detail::invoke_maybe_with_token(f, token, elements[i]);
   });
 }

@@ -60,6 +60,7 @@
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
 
@@ -69,11 +70,13 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace weft {
 
 struct semaphore_stats {
+  std::string_view name;  // as given to the constructor; empty if none
   std::ptrdiff_t capacity = 0;
   std::ptrdiff_t available = 0;
   std::size_t waiters = 0;
@@ -137,9 +140,13 @@ class basic_semaphore {
     std::ptrdiff_t count_ = 0;
   };
 
-  explicit basic_semaphore(std::ptrdiff_t capacity)
-      : capacity_(checked_capacity(capacity)), state_(static_cast<std::uint64_t>(capacity)),
+  // `name` shows in stats() and in the task registry, where a task blocked
+  // here is listed as blocked on `semaphore "name"`.
+  explicit basic_semaphore(std::ptrdiff_t capacity, std::string_view name = {})
+      : capacity_(checked_capacity(capacity)), name_(detail::intern(name)), state_(static_cast<std::uint64_t>(capacity)),
         queue_(this, &on_waiter_removed) {}
+
+  std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
 
   basic_semaphore(const basic_semaphore&) = delete;
   basic_semaphore& operator=(const basic_semaphore&) = delete;
@@ -225,6 +232,7 @@ class basic_semaphore {
   // Takes the queue's mutex (briefly) for a consistent acquisition count.
   semaphore_stats stats() const {
     semaphore_stats s;
+    s.name = name();
     s.capacity = capacity_;
     {
       auto lock = queue_.lock();
@@ -419,6 +427,7 @@ class basic_semaphore {
   template <class WaitClock, class Duration>
   wait_status wait_in_queue(std::ptrdiff_t n, detail::cancel_state* cancel,
                             const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    const detail::blocked_scope blocked{"semaphore", name_};
     detail::thread_waiter waiter;
     waiter.request = n;
     auto lock = queue_.lock();
@@ -457,6 +466,7 @@ class basic_semaphore {
   };
 
   const std::ptrdiff_t capacity_;
+  const char* const name_;  // interned, for the registry; null if unnamed
   alignas(64) std::atomic<std::uint64_t> state_;
   mutable detail::wait_queue queue_;
   // Acquisitions folded out of the state word; written under the queue's mutex.

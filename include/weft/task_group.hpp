@@ -65,7 +65,9 @@
 #include <weft/detail/bounded_ring.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/detail/task.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/semaphore.hpp>
+#include <weft/spawn_site.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/worker_pool.hpp>
 
@@ -133,19 +135,19 @@ class task_group {
   // Starts f on the executor; waits for a slot first when a limit is set.
   // Throws weft::rejected when the executor's pool is shut down.
   template <class F>
-  void go(F&& f) {
+  void go(F&& f, spawn_site site = spawn_site::current()) {
     check_open();
     if (core_->limit) acquire_slot();
-    start(std::forward<F>(f));
+    start(std::forward<F>(f), site);
   }
 
   // Starts f if a slot is free under the limit (always, with no limit);
   // never waits for a slot.
   template <class F>
-  [[nodiscard]] bool try_go(F&& f) {
+  [[nodiscard]] bool try_go(F&& f, spawn_site site = spawn_site::current()) {
     check_open();
     if (core_->limit && !core_->limit->try_acquire()) return false;
-    start(std::forward<F>(f));
+    start(std::forward<F>(f), site);
     return true;
   }
 
@@ -192,8 +194,13 @@ class task_group {
   // worker of the pool, each taking tasks until none is left, and by the
   // waiting thread. So a group of a thousand tasks costs a few posts, not a
   // thousand, and a waiter runs only its own group's tasks.
-  struct core {
+  struct core final : detail::task_source {
     static constexpr std::size_t ring_capacity = 64;
+
+    struct queued_task {
+      detail::task work;
+      detail::task_origin origin;
+    };
 
     // A spare core when there is one, else a new one.
     static core* make(pool_executor pool, const cancel_token& parent) {
@@ -204,6 +211,14 @@ class task_group {
         c->max_runners = pool.context().size();
       } else {
         c = new core(pool);
+        if constexpr (detail::registry_compiled) {
+          try {
+            detail::add_source(*c);
+          } catch (...) {
+            delete c;
+            throw;
+          }
+        }
       }
       // A parentless group can keep the source it had, if nothing touched it.
       if (!c->source || detail::state_of(parent) != nullptr) {
@@ -211,7 +226,7 @@ class task_group {
         try {
           c->source.emplace(parent.child());
         } catch (...) {
-          delete c;
+          destroy(c);
           throw;
         }
         c->token = c->source->token();
@@ -240,29 +255,62 @@ class task_group {
       limit.reset();
       skipped.store(false, std::memory_order_relaxed);
       failed.store(false, std::memory_order_relaxed);
-      if (overflow.capacity() > ring_capacity) std::vector<detail::task>().swap(overflow);
+      if (overflow.capacity() > ring_capacity) std::vector<queued_task>().swap(overflow);
       // The source and token hold a reference each.
       if (!detail::state_of(token)->pristine(2)) {
         token = cancel_token{};
         source.reset();
       }
       core* self = this;
-      if (!spares().try_push(self)) delete this;
+      if (!spares().try_push(self)) destroy(this);
     }
 
-    void push(detail::task&& work) {
-      if (unstarted.try_push(work)) return;
+    static void destroy(core* c) noexcept {
+      if constexpr (detail::registry_compiled) detail::remove_source(*c);
+      delete c;
+    }
+
+    // The queued tasks, for the registry's snapshots.
+    void collect(std::vector<detail::task_record>& out) const override {
+      auto add = [&](const detail::task_origin& origin) {
+        if (origin.id == 0) return;
+        detail::task_record record;
+        record.origin = origin;
+        record.state = detail::tracked_state::queued;
+        record.since_ns = origin.spawned_ns;
+        out.push_back(record);
+      };
+      unstarted.visit_cells([](const detail::slot_cell& cell) { return detail::load_origin(cell); }, add);
       std::lock_guard guard(overflow_mutex);
-      overflow.push_back(std::move(work));
+      for (std::size_t i = overflow_head; i < overflow.size(); ++i) add(overflow[i].origin);
+    }
+
+    void push(detail::task&& work, const detail::task_origin& origin) {
+      if (unstarted.try_push(work, [&](detail::slot_cell& cell) noexcept { detail::store_origin(cell, origin); })) {
+        return;
+      }
+      std::lock_guard guard(overflow_mutex);
+      overflow.push_back({std::move(work), origin});
       overflow_size.store(overflow.size() - overflow_head, std::memory_order_seq_cst);  // see start()
     }
 
-    bool pop(detail::task& work) noexcept {
-      if (unstarted.try_pop(work)) return true;
+    // Takes the oldest unstarted task; `running` then records it as running
+    // on this thread (before it leaves the queue, see task_tracking.hpp).
+    bool pop(detail::task& work, std::optional<detail::running_scope>& running) noexcept {
+      const auto begin_running = [&](const detail::task_origin& origin) noexcept {
+        if (origin.id != 0) running.emplace(origin);
+      };
+      if (unstarted.try_pop(work, [&](const detail::slot_cell& cell) noexcept {
+            begin_running(detail::load_origin(cell));
+          })) {
+        return true;
+      }
       if (overflow_size.load(std::memory_order_acquire) == 0) return false;
+      const bool registered = !detail::tracking() || detail::register_this_thread_early();
       std::lock_guard guard(overflow_mutex);
       if (overflow_head == overflow.size()) return false;
-      work = std::move(overflow[overflow_head]);
+      work = std::move(overflow[overflow_head].work);
+      if (registered) begin_running(overflow[overflow_head].origin);
       if (++overflow_head == overflow.size()) {
         overflow.clear();  // keeps the capacity
         overflow_head = 0;
@@ -313,9 +361,9 @@ class task_group {
     void add_runner() noexcept {
       if (!claim_runner_slot()) return;
       try {
-        if (executor.context().try_post(runner{this})) return;
+        if (detail::worker_pool_access::try_post_untracked(executor.context(), runner{this})) return;
         if (runners.load(std::memory_order_seq_cst) != 0 || !claim_runner_slot()) return;
-        (void)executor.context().post(runner{this}, cancel_token{});
+        (void)detail::worker_pool_access::post_untracked(executor.context(), runner{this}, cancel_token{});
       } catch (...) {
       }
     }
@@ -332,10 +380,12 @@ class task_group {
     // The body of a runner, on a pool worker.
     void drain() noexcept {
       detail::task work;
+      std::optional<detail::running_scope> running;
       for (;;) {
         std::int64_t finished = 0;
-        while (pop(work)) {
+        while (pop(work, running)) {
           run(work);
+          running.reset();
           // Completions are published in batches; wait() needs them all,
           // and every runner publishes before it stops.
           if (++finished == 32) {
@@ -366,12 +416,12 @@ class task_group {
     std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
 
-    detail::bounded_ring<detail::task> unstarted{ring_capacity};
+    detail::bounded_ring<detail::task, detail::slot_cell> unstarted{ring_capacity};
     // Tasks beyond the ring's capacity: a vector used as a FIFO, under a
     // lock, allocation-free once grown.
     std::atomic<std::size_t> overflow_size{0};
-    detail::spin_mutex overflow_mutex;
-    std::vector<detail::task> overflow;
+    mutable detail::spin_mutex overflow_mutex;
+    std::vector<queued_task> overflow;
     std::size_t overflow_head = 0;
 
     std::atomic<bool> skipped{false};
@@ -408,12 +458,15 @@ class task_group {
   // tasks meanwhile: the slots may be held by tasks no worker has taken yet.
   void acquire_slot() {
     detail::task work;
+    std::optional<detail::running_scope> running;
     while (!core_->limit->try_acquire()) {
-      if (!core_->pop(work)) {
+      if (!core_->pop(work, running)) {
+        const detail::blocked_scope blocked{"task_group::go", nullptr};
         core_->limit->acquire();
         return;
       }
       core_->run(work);
+      running.reset();
       core_->pending.done();
     }
   }
@@ -426,13 +479,14 @@ class task_group {
   }
 
   template <class F>
-  void start(F&& f) {
+  void start(F&& f, const spawn_site& site) {
     core_->pending.add(1);
     if (!started_since_wait_.load(std::memory_order_relaxed)) started_since_wait_.store(true, std::memory_order_relaxed);
+    const detail::task_origin origin = detail::make_origin(site, "task_group");
     try {
-      core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable {
-        detail::invoke_with_token(f, c->token);
-      }));
+      core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable { detail::invoke_with_token(f, c->token); }),
+                  origin);
+      detail::accepted(origin);
     } catch (...) {
       if (core_->limit) core_->limit->release();
       core_->pending.done();
@@ -444,18 +498,21 @@ class task_group {
 
   void join() noexcept {
     detail::task work;
+    std::optional<detail::running_scope> running;
     while (core_->pending.count() != 0) {
       // The tasks run here are counted off in one subtraction, before the
       // count is read again.
       std::int64_t finished = 0;
-      while (core_->pop(work)) {
+      while (core_->pop(work, running)) {
         core_->run(work);
+        running.reset();
         ++finished;
       }
       if (finished != 0) {
         core_->pending.add(-finished);
         continue;
       }
+      const detail::blocked_scope blocked{"task_group::wait", nullptr};
       core_->pending.wait();
     }
     core_->pending.wait();  // the count is zero: one acquire load, after which the tasks' writes are visible
@@ -523,10 +580,10 @@ class result_group {
   explicit result_group(pool_executor executor, const cancel_token& parent = {}) : group_(executor, parent) {}
 
   template <class F>
-  void go(F&& f) {
+  void go(F&& f, spawn_site site = spawn_site::current()) {
     auto [task, slot] = bind(std::forward<F>(f));
     try {
-      group_.go(std::move(task));
+      group_.go(std::move(task), site);
     } catch (...) {
       std::lock_guard guard(mutex_);
       slot->used = false;
@@ -535,9 +592,9 @@ class result_group {
   }
 
   template <class F>
-  [[nodiscard]] bool try_go(F&& f) {
+  [[nodiscard]] bool try_go(F&& f, spawn_site site = spawn_site::current()) {
     auto [task, slot] = bind(std::forward<F>(f));
-    if (group_.try_go(std::move(task))) return true;
+    if (group_.try_go(std::move(task), site)) return true;
     std::lock_guard guard(mutex_);
     slot->used = false;
     return false;

@@ -32,6 +32,7 @@
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
 
@@ -41,12 +42,14 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace weft {
 
 struct wait_group_stats {
   std::int64_t count = 0;
   std::size_t waiters = 0;
+  std::string_view name;  // as given to the constructor; empty if none
 };
 
 namespace detail {
@@ -59,6 +62,11 @@ class basic_wait_group {
   using clock = Clock;
 
   basic_wait_group() noexcept : queue_(this, &on_waiter_removed) {}
+  // `name` shows in stats() and in the task registry, where a task blocked
+  // in wait() is listed as blocked on `wait_group "name"`.
+  explicit basic_wait_group(std::string_view name) : name_(detail::intern(name)), queue_(this, &on_waiter_removed) {}
+
+  std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
   basic_wait_group(const basic_wait_group&) = delete;
   basic_wait_group& operator=(const basic_wait_group&) = delete;
 
@@ -117,7 +125,7 @@ class basic_wait_group {
   // A snapshot.
   std::int64_t count() const noexcept { return count_of(state_.load(std::memory_order_relaxed)); }
 
-  wait_group_stats stats() const noexcept { return {count(), queue_.size()}; }
+  wait_group_stats stats() const noexcept { return {count(), queue_.size(), name()}; }
 
  private:
   friend struct detail::wait_group_access;
@@ -171,12 +179,14 @@ class basic_wait_group {
 
   template <class WaitClock, class Duration>
   wait_status wait_in_queue(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    const detail::blocked_scope blocked{"wait_group", name_};
     detail::thread_waiter waiter;
     auto lock = queue_.lock();
     if (ready_or_enqueue(waiter)) return wait_status::ok;
     return queue_.wait(waiter, lock, cancel, deadline);
   }
 
+  const char* const name_ = nullptr;  // interned, for the registry; null if unnamed
   std::atomic<std::uint64_t> state_{0};
   detail::wait_queue queue_;
 };

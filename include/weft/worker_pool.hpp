@@ -59,7 +59,9 @@
 #include <weft/detail/futex.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/detail/task.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
+#include <weft/spawn_site.hpp>
 #include <weft/wait_status.hpp>
 
 #include <algorithm>
@@ -73,6 +75,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -136,7 +139,7 @@ class pool_executor {
   explicit pool_executor(worker_pool& pool) noexcept : pool_(&pool) {}
 
   template <class F>
-  void post(F&& task) const;
+  void post(F&& task, spawn_site site = spawn_site::current()) const;
   template <class F>
   void execute(F&& task) const;
 
@@ -160,8 +163,8 @@ class worker_pool {
   using clock = std::chrono::steady_clock;
 
   explicit worker_pool(worker_pool_options options = {})
-      : options_(checked(std::move(options))), ring_(options_.queue_capacity),
-        workers_(new worker[options_.workers]), room_(this, nullptr) {
+      : options_(checked(std::move(options))), tracked_name_(detail::intern(options_.name)),
+        ring_(options_.queue_capacity), workers_(new worker[options_.workers]), room_(this, nullptr) {
     idle_.reserve(options_.workers);
     started_.reserve(options_.workers);
     try {
@@ -169,6 +172,7 @@ class worker_pool {
         workers_[i].thread = std::thread([this, i] { run_worker(workers_[i], i); });
         started_.push_back(&workers_[i]);
       }
+      if constexpr (detail::registry_compiled) detail::add_source(queued_tasks_);
     } catch (...) {
       shutdown();
       join();
@@ -183,29 +187,26 @@ class worker_pool {
     WEFT_ASSERT(!running_in_this_thread() && "a worker_pool was destroyed by one of its own tasks");
     shutdown();
     join();
+    if constexpr (detail::registry_compiled) detail::remove_source(queued_tasks_);
     extensions_.clear();
   }
 
   // Queues f; a full queue gets the overflow policy. Throws weft::rejected
   // after shutdown (and when full under overflow::reject).
   template <class F>
-  void post(F&& f) {
+  void post(F&& f, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
-    if (enqueue(work)) return;
-    post_to_full(work);
+    post_task(work, detail::make_origin(site, tracked_name_));
   }
 
   // Queues f if there is room now; never blocks, never runs f here. False
   // when the queue is full; throws weft::rejected after shutdown.
   template <class F>
-  [[nodiscard]] bool try_post(F&& f) {
+  [[nodiscard]] bool try_post(F&& f, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
-    if (enqueue(work)) return true;
-    note_full();
-    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return try_post_task(work, detail::make_origin(site, tracked_name_));
   }
 
   // Waits for room whatever the policy; ok once queued (or, on a worker of
@@ -213,22 +214,17 @@ class worker_pool {
   // wait first (f is then destroyed unrun). Throws weft::rejected after
   // shutdown.
   template <class F>
-  wait_status post(F&& f, const cancel_token& token) {
+  wait_status post(F&& f, const cancel_token& token, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     if (token.cancelled()) return status_of(token);
-    if (enqueue(work)) return wait_status::ok;
-    note_full();
-    if (running_in_this_thread()) {
-      run_here(work);
-      return wait_status::ok;
-    }
-    return wait_for_room(work, detail::state_of(token));
+    return post_task(work, token, detail::make_origin(site, tracked_name_));
   }
 
   // Queues f and returns a future for its result or its exception.
   template <class F>
-  auto submit(F&& f) -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
+  auto submit(F&& f, spawn_site site = spawn_site::current())
+      -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
     using result = std::invoke_result_t<std::decay_t<F>&>;
     std::promise<result> promise;
     auto future = promise.get_future();
@@ -244,7 +240,7 @@ class worker_pool {
         counters_.failed.fetch_add(1, std::memory_order_relaxed);
         promise.set_exception(std::current_exception());
       }
-    });
+    }, site);
     return future;
   }
 
@@ -256,7 +252,7 @@ class worker_pool {
   std::size_t shutdown_now() noexcept {
     close(true);
     std::size_t dropped = 0;
-    for (entry item; ring_.try_pop(item);) ++dropped;
+    for (entry item; ring_.try_pop(item, drop_origin);) ++dropped;
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
     return dropped;
   }
@@ -273,7 +269,15 @@ class worker_pool {
     for (worker* w : started_) {
       if (w->thread.joinable()) w->thread.join();
     }
-    for (entry item; ring_.try_pop(item);) {
+    std::optional<detail::running_scope> running;
+    for (entry item; ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept {
+           if (discarding_.load(std::memory_order_relaxed)) {
+             drop_origin(cell);
+           } else {
+             begin_running(cell, running);
+           }
+         });
+         running.reset()) {
       if (discarding_.load(std::memory_order_relaxed)) {
         counters_.dropped.fetch_add(1, std::memory_order_relaxed);
       } else {
@@ -386,6 +390,57 @@ class worker_pool {
     if (closed_.load(std::memory_order_relaxed)) [[unlikely]] throw_closed();
   }
 
+  void post_task(detail::task& work, const detail::task_origin& origin) {
+    if (enqueue(work, origin)) return;
+    post_to_full(work, origin);
+  }
+
+  bool try_post_task(detail::task& work, const detail::task_origin& origin) {
+    if (enqueue(work, origin)) return true;
+    note_full();
+    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+
+  wait_status post_task(detail::task& work, const cancel_token& token, const detail::task_origin& origin) {
+    if (enqueue(work, origin)) return wait_status::ok;
+    note_full();
+    if (running_in_this_thread()) {
+      run_here(work, origin);
+      return wait_status::ok;
+    }
+    return wait_for_room(work, origin, detail::state_of(token));
+  }
+
+  // The registry's hooks around the ring: a task's record goes into its
+  // slot when it is queued, and onto the running thread's frames (before
+  // the slot is freed) when it is taken.
+  static void begin_running(const detail::slot_cell& cell, std::optional<detail::running_scope>& running) noexcept {
+    const detail::task_origin origin = detail::load_origin(cell);
+    if (origin.id != 0) running.emplace(origin);
+  }
+
+  static void drop_origin(const detail::slot_cell& cell) noexcept { detail::finished_unrun(detail::load_origin(cell)); }
+
+  // The queued tasks, for the registry's snapshots.
+  struct queued_tasks final : detail::task_source {
+    explicit queued_tasks(const worker_pool& p) noexcept : pool(p) {}
+    void collect(std::vector<detail::task_record>& out) const override { pool.collect_queued(out); }
+    const worker_pool& pool;
+  };
+
+  void collect_queued(std::vector<detail::task_record>& out) const {
+    ring_.visit_cells([](const detail::slot_cell& cell) { return detail::load_origin(cell); },
+                      [&](const detail::task_origin& origin) {
+                        if (origin.id == 0) return;
+                        detail::task_record record;
+                        record.origin = origin;
+                        record.state = detail::tracked_state::queued;
+                        record.since_ns = origin.spawned_ns;
+                        out.push_back(record);
+                      });
+  }
+
   [[noreturn]] WEFT_NOINLINE void throw_closed() {
     counters_.rejected.fetch_add(1, std::memory_order_relaxed);
     throw rejected("weft::worker_pool \"" + options_.name + "\": shut down, no longer takes tasks");
@@ -393,16 +448,18 @@ class worker_pool {
 
   // Queues `work` (moving it) if there is room, and makes sure a worker is
   // awake to take it.
-  bool enqueue(detail::task& work) noexcept {
+  bool enqueue(detail::task& work, const detail::task_origin& origin) noexcept {
     // One task in queue_wait_sampling is timed, chosen by the tail before
     // the push (racing producers make the sample a little uneven).
     const bool timed = ring_.pushed() % queue_wait_sampling == 0;
     entry item{std::move(work), timed ? clock::now() : clock::time_point{}};
     std::uint64_t position = 0;
-    if (!ring_.try_push(item, &position)) {
+    if (!ring_.try_push(item, [&](detail::slot_cell& cell) noexcept { detail::store_origin(cell, origin); },
+                        &position)) {
       work = std::move(item.work);
       return false;
     }
+    detail::accepted(origin);
     if (position % 64 == 0) note_queued(ring_.size());
     // The push claimed its position with a seq_cst compare-and-swap; a
     // worker going idle (or dropping its spinning mark) writes that with
@@ -420,7 +477,7 @@ class worker_pool {
 
   void note_full() noexcept { note_queued(options_.queue_capacity); }
 
-  WEFT_NOINLINE void post_to_full(detail::task& work) {
+  WEFT_NOINLINE void post_to_full(detail::task& work, const detail::task_origin& origin) {
     note_full();
     switch (options_.on_full) {
       case overflow::reject:
@@ -428,30 +485,33 @@ class worker_pool {
         throw rejected("weft::worker_pool \"" + options_.name + "\": the queue is full (" +
                        std::to_string(options_.queue_capacity) + " tasks) and the policy is overflow::reject");
       case overflow::caller_runs:
-        run_here(work);
+        run_here(work, origin);
         return;
       case overflow::block:
         if (running_in_this_thread()) {
-          run_here(work);
+          run_here(work, origin);
           return;
         }
-        wait_for_room(work, nullptr);
+        wait_for_room(work, origin, nullptr);
         return;
     }
   }
 
-  void run_here(detail::task& work) {
+  void run_here(detail::task& work, const detail::task_origin& origin) {
     counters_.ran_by_caller.fetch_add(1, std::memory_order_relaxed);
+    detail::accepted(origin);
+    const detail::running_scope running{origin};
     entry item{std::move(work), clock::time_point{}};
     run_entry(item, caller_counters_);
   }
 
   // The blocking part of post: spin briefly, then queue on room_ until a
   // worker frees a slot, the token is cancelled, or the pool shuts down.
-  wait_status wait_for_room(detail::task& work, detail::cancel_state* cancel) {
+  wait_status wait_for_room(detail::task& work, const detail::task_origin& origin, detail::cancel_state* cancel) {
     for (detail::backoff pause; pause.wait();) {
-      if (enqueue(work)) return wait_status::ok;
+      if (enqueue(work, origin)) return wait_status::ok;
     }
+    const detail::blocked_scope blocked{"worker_pool post", tracked_name_};
     for (;;) {
       detail::thread_waiter waiter;
       auto lock = room_.lock();
@@ -466,7 +526,7 @@ class worker_pool {
           lock.unlock();
           throw_closed();
         }
-        if (enqueue(work)) {
+        if (enqueue(work, origin)) {
           queued = true;
           break;
         }
@@ -482,7 +542,7 @@ class worker_pool {
       room_waiters_.fetch_sub(1, std::memory_order_relaxed);
       if (status == wait_status::closed) throw_closed();
       if (status != wait_status::ok) return status;
-      if (enqueue(work)) return wait_status::ok;  // else another producer took the slot: queue again
+      if (enqueue(work, origin)) return wait_status::ok;  // else another producer took the slot: queue again
     }
   }
 
@@ -571,10 +631,11 @@ class worker_pool {
     name_thread(index);
     bool spinning = false;
     entry item;
+    std::optional<detail::running_scope> running;
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      if (ring_.try_pop(item)) {
+      if (ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { begin_running(cell, running); })) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on.
@@ -585,6 +646,7 @@ class worker_pool {
         notify_room();
         self.busy.store(true, std::memory_order_relaxed);
         run_entry(item, self.counters);
+        running.reset();
         self.busy.store(false, std::memory_order_relaxed);
         continue;
       }
@@ -686,7 +748,8 @@ class worker_pool {
   }
 
   const worker_pool_options options_;
-  detail::bounded_ring<entry> ring_;
+  const char* const tracked_name_;  // the name, interned for the registry
+  detail::bounded_ring<entry, detail::slot_cell> ring_;
   std::unique_ptr<worker[]> workers_;
   std::vector<worker*> started_;
 
@@ -716,6 +779,7 @@ class worker_pool {
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
   mutable detail::spin_mutex handler_mutex_;
   std::function<void(std::exception_ptr)> error_handler_;
+  const queued_tasks queued_tasks_{*this};
 };
 
 namespace detail {
@@ -731,7 +795,23 @@ struct worker_pool_access {
       pool.counters_.dropped.fetch_add(1, std::memory_order_relaxed);
       return;
     }
-    pool.post(std::forward<F>(f));
+    pool.post(std::forward<F>(f), spawn_site{});
+  }
+
+  // Posts that the registry does not list: weft's own helpers (a group's
+  // runners), whose tasks are listed by their own spawn sites.
+  template <class F>
+  static bool try_post_untracked(worker_pool& pool, F&& f) {
+    detail::task work = worker_pool::make_task(std::forward<F>(f));
+    pool.check_open();
+    return pool.try_post_task(work, task_origin{});
+  }
+  template <class F>
+  static wait_status post_untracked(worker_pool& pool, F&& f, const cancel_token& token) {
+    detail::task work = worker_pool::make_task(std::forward<F>(f));
+    pool.check_open();
+    if (token.cancelled()) return worker_pool::status_of(token);
+    return pool.post_task(work, token, task_origin{});
   }
 
   // An object of type T, made from the pool on first use, that lives until
@@ -752,8 +832,8 @@ struct worker_pool_access {
 }  // namespace detail
 
 template <class F>
-void pool_executor::post(F&& task) const {
-  pool_->post(std::forward<F>(task));
+void pool_executor::post(F&& task, spawn_site site) const {
+  pool_->post(std::forward<F>(task), site);
 }
 
 template <class F>

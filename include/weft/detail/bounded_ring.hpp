@@ -22,6 +22,12 @@
 // a claim is in flight.
 //
 // The capacity is exact and may be any positive number.
+//
+// Cell: an optional record kept in each slot beside the value (the task
+// registry's origin_cell, see task_tracking.hpp). The producer fills it
+// while it owns the slot, the consumer reads it while it owns the slot, and
+// visit_cells lets a third thread copy the cells of the values queued now,
+// using the slot's sequence as a seqlock version.
 #pragma once
 
 #include <atomic>
@@ -33,7 +39,10 @@
 
 namespace weft::detail {
 
-template <class T>
+// The default Cell: nothing beside the value.
+struct no_cell {};
+
+template <class T, class Cell = no_cell>
 class bounded_ring {
  public:
   explicit bounded_ring(std::size_t capacity) : capacity_(capacity), slots_(new slot[capacity]) {
@@ -53,6 +62,13 @@ class bounded_ring {
   // untouched) when the ring is full. `position`, when given, receives the
   // value's position: how many values were pushed before it.
   bool try_push(T& value, std::uint64_t* position = nullptr) noexcept {
+    return try_push(value, [](Cell&) noexcept {}, position);
+  }
+
+  // try_push that calls fill(cell) once it owns the slot, before the value
+  // is published.
+  template <class Fill>
+  bool try_push(T& value, Fill&& fill, std::uint64_t* position = nullptr) noexcept {
     auto pos = tail_.load(std::memory_order_relaxed);
     for (;;) {
       slot& s = slots_[pos % capacity_];
@@ -60,6 +76,7 @@ class bounded_ring {
       const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
       if (lag == 0) {
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst, std::memory_order_relaxed)) {
+          fill(s.cell);
           ::new (static_cast<void*>(s.storage)) T(std::move(value));
           s.sequence.store(holds(pos), std::memory_order_release);
           if (position != nullptr) *position = pos;
@@ -75,6 +92,13 @@ class bounded_ring {
 
   // Moves the oldest value into `out` and returns true, or returns false.
   bool try_pop(T& out) noexcept {
+    return try_pop(out, [](const Cell&) noexcept {});
+  }
+
+  // try_pop that calls take(cell) once it owns the slot, before the slot is
+  // freed.
+  template <class Take>
+  bool try_pop(T& out, Take&& take) noexcept {
     auto pos = head_.load(std::memory_order_relaxed);
     for (;;) {
       slot& s = slots_[pos % capacity_];
@@ -85,6 +109,7 @@ class bounded_ring {
           T* value = std::launder(reinterpret_cast<T*>(s.storage));
           out = std::move(*value);
           value->~T();
+          take(s.cell);
           s.sequence.store(free_for(pos + capacity_), std::memory_order_release);
           return true;
         }
@@ -97,6 +122,23 @@ class bounded_ring {
   }
 
   std::size_t capacity() const noexcept { return capacity_; }
+
+  // Calls accept(read(cell)) for the cells of values queued now, from any
+  // thread: read copies a cell, and the copy is accepted only if the slot
+  // held the same value before and after the read. Values pushed or popped
+  // meanwhile may be left out.
+  template <class Read, class Accept>
+  void visit_cells(Read&& read, Accept&& accept) const {
+    const auto last = tail_.load(std::memory_order_acquire);
+    const auto first = head_.load(std::memory_order_acquire);
+    for (auto pos = first; pos < last && pos - first < capacity_; ++pos) {
+      const slot& s = slots_[pos % capacity_];
+      if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
+      auto copy = read(s.cell);
+      if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
+      accept(copy);
+    }
+  }
 
   // Counts since construction; each may be stale as soon as it is read.
   std::uint64_t pushed() const noexcept { return tail_.load(std::memory_order_relaxed); }
@@ -135,6 +177,7 @@ class bounded_ring {
 
   struct alignas(64) slot {
     std::atomic<std::uint64_t> sequence;
+    [[no_unique_address]] Cell cell;
     alignas(T) unsigned char storage[sizeof(T)];
   };
 

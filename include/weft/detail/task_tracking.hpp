@@ -1,0 +1,504 @@
+// SPDX-License-Identifier: BSL-1.0
+// detail::task_tracking: the records that weft/registry.hpp reads, kept by
+// the executors as they queue and run tasks.
+//
+// A live task is in one of two kinds of place, and its record lives there,
+// so tracking allocates nothing and takes no shared lock per task:
+//  - queued: beside the task in the queue that holds it. In a ring (a
+//    pool's queue, a group's ring) that is an origin_cell in the task's
+//    slot: the producer fills it between claiming the slot and publishing
+//    it, and the consumer reads it between claiming the slot and freeing it.
+//    A group's overflow vector keeps a task_origin beside each task, under
+//    the vector's lock.
+//  - running or blocked: in a frame of the running thread's own stack of
+//    frames (thread_tasks), which only that thread writes.
+// Queues register as sources and threads register their frames with the
+// registry, under its mutex (once per queue or thread, not per task); a
+// snapshot takes the mutex and reads every source, then every thread.
+//
+// Invariants, and why a snapshot never sees torn or stale records:
+//  - Every field is an atomic, written with release stores and read with
+//    acquire loads, so a reader racing a writer reads values, never torn
+//    memory (ThreadSanitizer-clean by construction).
+//  - A ring slot's sequence number is the version of its origin_cell: a
+//    reader copies the cell only while the sequence says "holds p", and
+//    keeps the copy only if it still says so afterwards. A writer of the
+//    next lap fills the cell only after it has seen the slot freed, so a
+//    copy that read any of its values sees the sequence changed.
+//  - A frame has its own version, odd while its owner rewrites it. Popping a
+//    frame clears its id under the version, so a reader that loaded the old
+//    depth reads an empty frame, not a finished task.
+//  - A task moves from a queue to a frame before its slot is freed (or
+//    before the overflow lock is released), and a snapshot reads the queues
+//    before the threads: a task that moves while a snapshot runs may be seen
+//    twice (the registry keeps one), never missed.
+//
+// Cost when tracking is on: at spawn, an id from a per-thread block, a read
+// of the coarse monotonic clock (about 5 ns; the registry's times have the
+// kernel tick's resolution, 1-4 ms) and seven stores into the slot's cell;
+// at start, seven loads and a frame push on the thread's own cache lines.
+// When switched off at run time: one relaxed load per spawn. With
+// WEFT_NO_REGISTRY defined, the cells are empty and every hook compiles to
+// nothing.
+#pragma once
+
+#include <weft/config.hpp>
+#include <weft/detail/bounded_ring.hpp>
+#include <weft/spawn_site.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <time.h>
+#endif
+
+namespace weft::detail {
+
+#if defined(WEFT_NO_REGISTRY)
+inline constexpr bool registry_compiled = false;
+#else
+inline constexpr bool registry_compiled = true;
+#endif
+
+// Switched by weft::registry::set_enabled; on by default.
+inline std::atomic<bool> tracking_enabled{true};
+
+inline bool tracking() noexcept { return registry_compiled && tracking_enabled.load(std::memory_order_relaxed); }
+
+enum class tracked_state : std::uint8_t { queued, running, blocked };
+
+// Nanoseconds on the steady clock's scale, at the kernel tick's resolution.
+inline std::int64_t coarse_now_ns() noexcept {
+#if defined(__linux__) && defined(CLOCK_MONOTONIC_COARSE)
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+#else
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+#endif
+}
+
+// What is known about a task from its spawn on. id 0: not tracked.
+struct task_origin {
+  std::uint64_t id = 0;
+  std::uint64_t parent = 0;
+  const char* file = "";
+  const char* function = "";
+  const char* name = nullptr;  // the pool's or group's name, interned
+  std::uint32_t line = 0;
+  std::int64_t spawned_ns = 0;
+};
+
+// A task_origin in atomics, for places a snapshot reads while others write.
+struct origin_cell {
+  std::atomic<std::uint64_t> id{0};
+  std::atomic<std::uint64_t> parent{0};
+  std::atomic<const char*> file{""};
+  std::atomic<const char*> function{""};
+  std::atomic<const char*> name{nullptr};
+  std::atomic<std::uint32_t> line{0};
+  std::atomic<std::int64_t> spawned_ns{0};
+
+  void store(const task_origin& origin) noexcept {
+    id.store(origin.id, std::memory_order_release);
+    if (origin.id == 0) return;  // an untracked task: the other fields are not read
+    parent.store(origin.parent, std::memory_order_release);
+    file.store(origin.file, std::memory_order_release);
+    function.store(origin.function, std::memory_order_release);
+    name.store(origin.name, std::memory_order_release);
+    line.store(origin.line, std::memory_order_release);
+    spawned_ns.store(origin.spawned_ns, std::memory_order_release);
+  }
+
+  task_origin load() const noexcept {
+    task_origin origin;
+    origin.id = id.load(std::memory_order_acquire);
+    if (origin.id == 0) return origin;
+    origin.parent = parent.load(std::memory_order_acquire);
+    origin.file = file.load(std::memory_order_acquire);
+    origin.function = function.load(std::memory_order_acquire);
+    origin.name = name.load(std::memory_order_acquire);
+    origin.line = line.load(std::memory_order_acquire);
+    origin.spawned_ns = spawned_ns.load(std::memory_order_acquire);
+    return origin;
+  }
+};
+
+// The cell a ring slot carries: an origin_cell, or nothing when the
+// registry is compiled out.
+#if defined(WEFT_NO_REGISTRY)
+using slot_cell = no_cell;
+#else
+using slot_cell = origin_cell;
+#endif
+
+// One task as a snapshot sees it; strings point to static storage.
+struct task_record {
+  task_origin origin;
+  tracked_state state = tracked_state::queued;
+  const char* blocked_kind = nullptr;
+  const char* blocked_name = nullptr;
+  std::int64_t since_ns = 0;
+};
+
+// A place that holds queued tasks. collect() runs under the registry's
+// mutex and appends the tasks queued there now.
+class task_source {
+ public:
+  virtual void collect(std::vector<task_record>& out) const = 0;
+
+ protected:
+  task_source() = default;
+  task_source(const task_source&) = default;
+  task_source& operator=(const task_source&) = default;
+  ~task_source() = default;
+};
+
+// A running (or blocked) task on a thread; written by that thread only.
+struct task_frame {
+  std::atomic<std::uint32_t> version{0};  // odd while the owner rewrites the frame
+  origin_cell origin;
+  std::atomic<std::uint8_t> state{0};
+  std::atomic<const char*> blocked_kind{nullptr};
+  std::atomic<const char*> blocked_name{nullptr};
+  std::atomic<std::int64_t> since_ns{0};
+};
+
+// The tasks one thread is running, innermost last: a task that waits on
+// its group runs the group's tasks on top of itself.
+struct thread_tasks {
+  static constexpr std::uint32_t max_depth = 32;
+
+  std::atomic<std::uint32_t> depth{0};
+  std::uint32_t untracked_depth = 0;  // frames past max_depth, not recorded
+  task_frame frames[max_depth];
+  // Counted by this thread only (load + store), read by anyone.
+  std::atomic<std::uint64_t> spawned{0};
+  std::atomic<std::uint64_t> finished{0};
+  std::uint64_t next_id = 0;
+  std::uint64_t id_limit = 0;
+  thread_tasks* previous = nullptr;  // the registry's list, under its mutex
+  thread_tasks* next = nullptr;
+};
+
+// The registry's shared state. Never destroyed: threads and pools may
+// unregister during static destruction.
+struct registry_core {
+  static constexpr std::uint64_t id_block = 1024;
+
+  std::mutex mutex;
+  thread_tasks* threads = nullptr;
+  std::vector<const task_source*> sources;
+  std::set<std::string, std::less<>> names;
+  // From threads that have exited.
+  std::uint64_t spawned_by_exited = 0;
+  std::uint64_t finished_by_exited = 0;
+  std::atomic<std::uint64_t> next_id_block{1};
+
+  static registry_core& get() {
+    static registry_core* const core = new registry_core;
+    return *core;
+  }
+};
+
+inline void bump(std::atomic<std::uint64_t>& counter) noexcept {
+  counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+inline thread_local thread_tasks* this_thread_tasks_pointer = nullptr;
+
+// Unregisters this thread's frames when the thread exits.
+struct thread_tasks_owner {
+  thread_tasks* tasks = nullptr;
+  thread_tasks_owner() = default;
+  thread_tasks_owner(const thread_tasks_owner&) = delete;
+  thread_tasks_owner& operator=(const thread_tasks_owner&) = delete;
+  ~thread_tasks_owner() {
+    if (tasks == nullptr) return;
+    registry_core& core = registry_core::get();
+    {
+      std::lock_guard guard(core.mutex);
+      (tasks->previous != nullptr ? tasks->previous->next : core.threads) = tasks->next;
+      if (tasks->next != nullptr) tasks->next->previous = tasks->previous;
+      core.spawned_by_exited += tasks->spawned.load(std::memory_order_relaxed);
+      core.finished_by_exited += tasks->finished.load(std::memory_order_relaxed);
+    }
+    this_thread_tasks_pointer = nullptr;
+    delete tasks;
+  }
+};
+
+WEFT_NOINLINE inline thread_tasks& register_this_thread() {
+  static thread_local thread_tasks_owner owner;
+  auto* tasks = new thread_tasks;
+  registry_core& core = registry_core::get();
+  {
+    std::lock_guard guard(core.mutex);
+    tasks->next = core.threads;
+    if (core.threads != nullptr) core.threads->previous = tasks;
+    core.threads = tasks;
+  }
+  owner.tasks = tasks;
+  this_thread_tasks_pointer = tasks;
+  return *tasks;
+}
+
+inline thread_tasks& this_thread_tasks() {
+  thread_tasks* tasks = this_thread_tasks_pointer;
+  return tasks != nullptr ? *tasks : register_this_thread();
+}
+
+// A name that lives as long as the process, for records that outlive the
+// object they name. Takes the registry's mutex: for constructors, not for
+// hot paths.
+inline const char* intern(std::string_view name) {
+  if (name.empty()) return nullptr;
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  return core.names.emplace(name).first->c_str();
+}
+
+// Registers this thread now, so that a later frame push needs no lock (for
+// callers that push frames under a lock of their own, which the registry's
+// mutex must never nest inside). False when out of memory.
+inline bool register_this_thread_early() noexcept {
+  if (this_thread_tasks_pointer != nullptr) return true;
+  try {
+    register_this_thread();
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+// The record of a task being spawned now by this thread, whose site is
+// `site` and which runs under `name` (interned); id 0 when tracking is off.
+inline task_origin make_origin(const spawn_site& site, const char* name) noexcept {
+  task_origin origin;
+  if (!tracking()) return origin;
+  thread_tasks* tasks = this_thread_tasks_pointer;
+  if (tasks == nullptr) {
+    try {
+      tasks = &register_this_thread();
+    } catch (...) {
+      return origin;  // out of memory: the task runs untracked
+    }
+  }
+  if (tasks->next_id == tasks->id_limit) {
+    tasks->next_id = registry_core::get().next_id_block.fetch_add(registry_core::id_block, std::memory_order_relaxed);
+    tasks->id_limit = tasks->next_id + registry_core::id_block;
+  }
+  origin.id = tasks->next_id++;
+  const auto depth = tasks->depth.load(std::memory_order_relaxed);
+  if (depth != 0) origin.parent = tasks->frames[depth - 1].origin.id.load(std::memory_order_relaxed);
+  origin.file = site.file();
+  origin.function = site.function();
+  origin.line = site.line();
+  origin.name = name;
+  origin.spawned_ns = coarse_now_ns();
+  return origin;
+}
+
+// Counts a task as spawned once a queue (or the caller) has taken it; a
+// task refused by a full or closed queue was never spawned.
+inline void accepted(const task_origin& origin) noexcept {
+  if (origin.id == 0) return;
+  if (thread_tasks* tasks = this_thread_tasks_pointer) bump(tasks->spawned);
+}
+
+template <class Cell>
+void store_origin(Cell& cell, const task_origin& origin) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin);
+}
+
+template <class Cell>
+task_origin load_origin(const Cell& cell) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) {
+    return cell.load();
+  } else {
+    return {};
+  }
+}
+
+// Counts a tracked task that ends without running (dropped by shutdown_now,
+// or skipped): it was spawned, so it must be finished.
+inline void finished_unrun(const task_origin& origin) noexcept {
+  if (origin.id == 0) return;
+  if (thread_tasks* tasks = this_thread_tasks_pointer) {
+    bump(tasks->finished);
+  } else {
+    try {
+      bump(register_this_thread().finished);
+    } catch (...) {
+    }
+  }
+}
+
+// Rewrites a frame under its version, as the seqlock readers expect.
+template <class Write>
+void rewrite(task_frame& frame, Write write) noexcept {
+  const auto version = frame.version.load(std::memory_order_relaxed);
+  frame.version.store(version + 1, std::memory_order_relaxed);
+  write(frame);
+  frame.version.store(version + 2, std::memory_order_release);
+}
+
+// While it lives, this thread runs the task of `origin` (nothing for an
+// untracked task). Counts the task finished when it ends.
+class running_scope {
+ public:
+  explicit running_scope(const task_origin& origin) noexcept {
+    if (origin.id == 0) return;
+    thread_tasks* tasks = this_thread_tasks_pointer;
+    if (tasks == nullptr) {
+      try {
+        tasks = &register_this_thread();
+      } catch (...) {
+        return;
+      }
+    }
+    tasks_ = tasks;
+    const auto depth = tasks->depth.load(std::memory_order_relaxed);
+    if (depth == thread_tasks::max_depth) {
+      ++tasks->untracked_depth;
+      return;
+    }
+    rewrite(tasks->frames[depth], [&](task_frame& frame) {
+      frame.origin.store(origin);
+      frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
+      frame.blocked_kind.store(nullptr, std::memory_order_release);
+      frame.blocked_name.store(nullptr, std::memory_order_release);
+      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+    });
+    tasks->depth.store(depth + 1, std::memory_order_release);
+  }
+
+  running_scope(const running_scope&) = delete;
+  running_scope& operator=(const running_scope&) = delete;
+
+  ~running_scope() {
+    if (tasks_ == nullptr) return;
+    bump(tasks_->finished);
+    if (tasks_->untracked_depth != 0) {
+      --tasks_->untracked_depth;
+      return;
+    }
+    const auto depth = tasks_->depth.load(std::memory_order_relaxed) - 1;
+    tasks_->depth.store(depth, std::memory_order_release);
+    rewrite(tasks_->frames[depth], [](task_frame& frame) { frame.origin.id.store(0, std::memory_order_release); });
+  }
+
+ private:
+  thread_tasks* tasks_ = nullptr;
+};
+
+// While it lives, the task this thread runs (if any) is blocked on `kind`
+// ("semaphore", "wait_group", ...) named `name` (interned, or null). Inside
+// another blocked_scope it does nothing.
+class blocked_scope {
+ public:
+  blocked_scope(const char* kind, const char* name) noexcept {
+    if constexpr (!registry_compiled) return;
+    thread_tasks* tasks = this_thread_tasks_pointer;
+    if (tasks == nullptr || tasks->untracked_depth != 0) return;
+    const auto depth = tasks->depth.load(std::memory_order_relaxed);
+    if (depth == 0) return;
+    task_frame& top = tasks->frames[depth - 1];
+    // The outermost wait names the blocking: task_group::wait, not the
+    // wait_group it waits on.
+    if (top.state.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(tracked_state::blocked)) return;
+    frame_ = &top;
+    rewrite(*frame_, [&](task_frame& frame) {
+      frame.state.store(static_cast<std::uint8_t>(tracked_state::blocked), std::memory_order_release);
+      frame.blocked_kind.store(kind, std::memory_order_release);
+      frame.blocked_name.store(name, std::memory_order_release);
+      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+    });
+  }
+
+  blocked_scope(const blocked_scope&) = delete;
+  blocked_scope& operator=(const blocked_scope&) = delete;
+
+  ~blocked_scope() {
+    if (frame_ == nullptr) return;
+    rewrite(*frame_, [&](task_frame& frame) {
+      frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
+      frame.blocked_kind.store(nullptr, std::memory_order_release);
+      frame.blocked_name.store(nullptr, std::memory_order_release);
+      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+    });
+  }
+
+ private:
+  task_frame* frame_ = nullptr;
+};
+
+// Registers a source for as long as it lives. A source must unregister
+// before anything collect() reads is destroyed.
+inline void add_source(const task_source& source) {
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  core.sources.push_back(&source);
+}
+
+inline void remove_source(const task_source& source) noexcept {
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  std::erase(core.sources, &source);
+}
+
+// Every live task: queued ones from the sources, then running ones from the
+// threads (see the invariants above). A task may appear twice.
+inline std::vector<task_record> collect_records() {
+  std::vector<task_record> out;
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  for (const task_source* source : core.sources) source->collect(out);
+  for (const thread_tasks* tasks = core.threads; tasks != nullptr; tasks = tasks->next) {
+    const auto depth = tasks->depth.load(std::memory_order_acquire);
+    for (std::uint32_t i = 0; i < depth; ++i) {
+      const task_frame& frame = tasks->frames[i];
+      for (int attempt = 0; attempt < 64; ++attempt) {
+        const auto before = frame.version.load(std::memory_order_acquire);
+        if (before % 2 != 0) continue;
+        task_record record;
+        record.origin = frame.origin.load();
+        record.state = static_cast<tracked_state>(frame.state.load(std::memory_order_acquire));
+        record.blocked_kind = frame.blocked_kind.load(std::memory_order_acquire);
+        record.blocked_name = frame.blocked_name.load(std::memory_order_acquire);
+        record.since_ns = frame.since_ns.load(std::memory_order_acquire);
+        if (frame.version.load(std::memory_order_acquire) != before) continue;
+        if (record.origin.id != 0) out.push_back(record);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+// Spawned and finished counts over every thread, past and present.
+inline std::pair<std::uint64_t, std::uint64_t> spawned_and_finished() {
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  std::uint64_t spawned = core.spawned_by_exited;
+  std::uint64_t finished = core.finished_by_exited;
+  for (const thread_tasks* tasks = core.threads; tasks != nullptr; tasks = tasks->next) {
+    spawned += tasks->spawned.load(std::memory_order_relaxed);
+    finished += tasks->finished.load(std::memory_order_relaxed);
+  }
+  return {spawned, finished};
+}
+
+}  // namespace weft::detail

@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::registry, leak_check, watchdog and spawn_site.
+//
+// Nothing here sleeps to make something happen: a test that needs a task to
+// be blocked polls the registry until it says so (which is what it tests),
+// and leak checks that must fail use a short grace period, which is the
+// time the check is specified to wait.
+#include <weft/registry.hpp>
+#include <weft/semaphore.hpp>
+#include <weft/spawn_site.hpp>
+#include <weft/task_group.hpp>
+#include <weft/testing/doctest.hpp>
+#include <weft/wait_group.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+
+namespace {
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+std::string this_file() {
+  const std::string path = __FILE__;
+  return path.substr(path.find_last_of('/') + 1);
+}
+
+// The live tasks spawned at `line` of this file.
+std::vector<weft::task_info> tasks_at(std::uint32_t line) {
+  std::vector<weft::task_info> found;
+  for (auto& task : weft::registry::snapshot()) {
+    if (task.line == line && contains(task.file, this_file())) found.push_back(std::move(task));
+  }
+  return found;
+}
+
+// Polls the registry until the task spawned at `line` is blocked on
+// `blocked_on`; returns it.
+weft::task_info wait_until_blocked(std::uint32_t line, const std::string& blocked_on) {
+  for (;;) {
+    for (auto& task : tasks_at(line)) {
+      if (task.state == weft::task_state::blocked && task.blocked_on == blocked_on) return task;
+    }
+    std::this_thread::yield();
+  }
+}
+
+// Turns tracking off for a scope.
+struct tracking_off {
+  tracking_off() { weft::registry::set_enabled(false); }
+  ~tracking_off() { weft::registry::set_enabled(true); }
+  tracking_off(const tracking_off&) = delete;
+  tracking_off& operator=(const tracking_off&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("spawn_site::current names the caller's line, also through a default argument" * doctest::timeout(30)) {
+  const auto here = weft::spawn_site::current(); const std::uint32_t line = __LINE__;
+  CHECK(here.known());
+  CHECK(here.line() == line);
+  CHECK(contains(here.file(), this_file()));
+  CHECK(std::string(here.function()).size() > 0);
+
+  const auto where = [](weft::spawn_site site = weft::spawn_site::current()) { return site; };
+  const auto called = where(); const std::uint32_t call_line = __LINE__;
+  CHECK(called.line() == call_line);
+
+  const weft::spawn_site unknown;
+  CHECK_FALSE(unknown.known());
+  CHECK(std::string(unknown.file()).empty());
+}
+
+TEST_CASE("registry: a pool task blocked on a named semaphore shows its spawn line, name and what blocks it" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .name = "db"}};
+  weft::semaphore conns{1, "db-conns"};
+  conns.acquire();
+  pool.post([&] { conns.acquire(); conns.release(); }); const std::uint32_t line = __LINE__;
+  const auto task = wait_until_blocked(line, "semaphore \"db-conns\"");
+  CHECK(task.name == "db");
+  CHECK(task.id != 0);
+  CHECK(task.parent == 0);
+  CHECK(task.since >= task.started);
+  CHECK(conns.stats().name == "db-conns");
+  CHECK(conns.name() == "db-conns");
+
+  std::ostringstream json;
+  weft::registry::dump_json(json);
+  CHECK(contains(json.str(), "\"blocked_on\": \"semaphore \\\"db-conns\\\"\""));
+  CHECK(contains(json.str(), "\"state\": \"blocked\""));
+  conns.release();
+}
+
+TEST_CASE("leak_check reports a task blocked on a never-released semaphore with its name and the spawn line" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .name = "leaky"}};
+  weft::semaphore conns{1, "db-conns"};
+  conns.acquire();
+  std::string report;
+  std::uint32_t line = 0;
+  {
+    weft::leak_check check{{.grace = 20ms, .on_leak = [&](const std::string& text) { report = text; }}};
+    pool.post([&] { conns.acquire(); conns.release(); }); line = __LINE__;
+    wait_until_blocked(line, "semaphore \"db-conns\"");
+  }
+  CHECK(contains(report, "1 task started in this scope still live"));
+  CHECK(contains(report, "blocked on semaphore \"db-conns\""));
+  CHECK(contains(report, this_file() + ":" + std::to_string(line)));
+  CHECK(contains(report, "(leaky)"));
+  conns.release();
+}
+
+TEST_CASE("leak_check passes when the blocked task is released before the grace period ends" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::semaphore conns{1, "db-conns"};
+  conns.acquire();
+  bool leaked = false;
+  {
+    weft::leak_check check{{.grace = 30s, .on_leak = [&](const std::string&) { leaked = true; }}};
+    pool.post([&] { conns.acquire(); conns.release(); }); const std::uint32_t line = __LINE__;
+    wait_until_blocked(line, "semaphore \"db-conns\"");
+    conns.release();  // the task is still live; the check waits for it to finish
+  }
+  CHECK_FALSE(leaked);
+}
+
+TEST_CASE("leak_check ignores tasks by name and by spawn-site function, and tasks live before it began" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .name = "background"}};
+  weft::cancel_source stop;
+  pool.post([token = stop.token()] { token.wait(); });
+  std::vector<std::string> reports;
+  const auto record = [&](const std::string& text) { reports.push_back(text); };
+  { weft::leak_check before_it{{.grace = 10ms, .on_leak = record}}; }
+  weft::worker_pool more{{.workers = 1, .name = "more"}};
+  {
+    weft::leak_check by_name{{.grace = 10ms, .ignore_names = {"more"}, .on_leak = record}};
+    more.post([token = stop.token()] { token.wait(); });
+  }
+  {
+    weft::leak_check by_function{{.grace = 10ms, .ignore_functions = {"DOCTEST_ANON"}, .on_leak = record}};
+    more.post([token = stop.token()] { token.wait(); });
+  }
+  CHECK(reports.empty());
+  stop.cancel();
+}
+
+TEST_CASE("WEFT_CHECK_NO_LEAKS passes after a pool, a group and a result_group are shut down cleanly" *
+          doctest::timeout(60)) {
+  WEFT_CHECK_NO_LEAKS();
+  weft::worker_pool pool{{.workers = 2, .name = "clean"}};
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 100; ++i) pool.post([&] { ran.fetch_add(1); });
+  {
+    weft::task_group group{pool.executor()};
+    for (int i = 0; i < 100; ++i) group.go([&] { ran.fetch_add(1); });
+    group.wait();
+  }
+  {
+    weft::result_group<int> results{pool.executor()};
+    for (int i = 0; i < 10; ++i) results.go([i] { return i; });
+    CHECK(results.wait().size() == 10);
+  }
+  CHECK(pool.submit([] { return 7; }).get() == 7);
+  pool.shutdown();
+  pool.join();
+  CHECK(ran.load() == 200);
+}
+
+TEST_CASE("registry: tasks dropped by shutdown_now are no longer live" * doctest::timeout(60)) {
+  const auto live_before = weft::registry::live_count();
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 64, .name = "dropping"}};
+  weft::cancel_source gate;
+  pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t line = __LINE__;
+  wait_until_blocked(line, "cancel_token");
+  for (int i = 0; i < 20; ++i) pool.post([] {});
+  CHECK(weft::registry::live_count() >= live_before + 21);
+  CHECK(pool.shutdown_now() == 20);
+  gate.cancel();
+  pool.join();
+  CHECK(weft::registry::live_count() == live_before);
+}
+
+TEST_CASE("registry: a task spawned by a task has it as parent, and a task waiting on its group is blocked on "
+          "task_group::wait" *
+          doctest::timeout(60)) {
+  weft::worker_pool outer_pool{{.workers = 1, .name = "outer"}};
+  weft::worker_pool inner_pool{{.workers = 1, .name = "inner"}};
+  weft::cancel_source gate;
+  std::atomic<bool> inner_started{false};
+  std::uint32_t inner_line = 0;
+  std::promise<void> inner_spawned;
+  const auto outer_task = [&] {
+    weft::task_group group{inner_pool.executor()};
+    group.go([&](const weft::cancel_token&) { inner_started = true; gate.token().wait(); }); inner_line = __LINE__;
+    inner_spawned.set_value();
+    while (!inner_started.load()) std::this_thread::yield();
+    group.wait();
+  };
+  outer_pool.post(outer_task); const std::uint32_t outer_line = __LINE__;
+  inner_spawned.get_future().wait();
+  const auto outer = wait_until_blocked(outer_line, "task_group::wait");
+  const auto inner = wait_until_blocked(inner_line, "cancel_token");
+  CHECK(inner.parent == outer.id);
+  CHECK(inner.name == "task_group");
+  CHECK(outer.name == "outer");
+  gate.cancel();
+}
+
+TEST_CASE("registry: a goroutine dump of 10,000 queued tasks from 3 spawn sites has 3 groups with the right counts" *
+          doctest::timeout(120)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 10'000, .name = "dump"}};
+  weft::cancel_source gate;
+  {
+    const tracking_off untracked;  // the task that holds the worker is not part of the dump
+    pool.post([token = gate.token()] { token.wait(); });
+  }
+  std::uint32_t lines[3] = {};
+  for (int i = 0; i < 5000; ++i) { pool.post([] {}); lines[0] = __LINE__; }
+  for (int i = 0; i < 3000; ++i) { pool.post([] {}); lines[1] = __LINE__; }
+  for (int i = 0; i < 2000; ++i) { pool.post([] {}); lines[2] = __LINE__; }
+
+  std::ostringstream dump;
+  weft::registry::dump(dump);
+  const std::string text = dump.str();
+  CHECK(contains(text, "weft: 10000 live tasks in 3 groups"));
+  CHECK(contains(text, "5000 tasks queued"));
+  CHECK(contains(text, "3000 tasks queued"));
+  CHECK(contains(text, "2000 tasks queued"));
+  for (const auto line : lines) CHECK(contains(text, this_file() + ":" + std::to_string(line)));
+  CHECK(text.find("5000 tasks") < text.find("3000 tasks"));  // biggest group first
+  CHECK(text.find("3000 tasks") < text.find("2000 tasks"));
+  CHECK(tasks_at(lines[1]).size() == 3000);
+  gate.cancel();
+}
+
+TEST_CASE("registry: tasks spawned while tracking is off are never listed, and spawned_total counts the others" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 256}};
+  weft::cancel_source gate;
+  pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t gate_line = __LINE__;
+  wait_until_blocked(gate_line, "cancel_token");
+  const auto spawned_before = weft::registry::spawned_total();
+  {
+    const tracking_off untracked;
+    CHECK_FALSE(weft::registry::enabled());
+    for (int i = 0; i < 10; ++i) pool.post([] {});
+  }
+  CHECK(weft::registry::enabled());
+  for (int i = 0; i < 5; ++i) pool.post([] {});
+  CHECK(weft::registry::spawned_total() == spawned_before + 5);
+  CHECK(weft::registry::snapshot().size() >= 6);
+  gate.cancel();
+}
+
+TEST_CASE("registry: blocked on a named wait_group, and a worker_pool post waiting for room" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 1, .name = "narrow"}};
+  weft::wait_group batch{"batch"};
+  batch.add(1);
+  weft::cancel_source gate;
+  pool.post([&] { batch.wait(); }); const std::uint32_t waiter_line = __LINE__;
+  wait_until_blocked(waiter_line, "wait_group \"batch\"");
+  CHECK(batch.stats().name == "batch");
+  // With both workers busy and the one queue slot taken, a task of another
+  // pool that posts here waits for room (a task of this pool would run the
+  // task itself instead).
+  weft::worker_pool producers{{.workers = 1, .name = "producer"}};
+  pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t second_line = __LINE__;
+  wait_until_blocked(second_line, "cancel_token");
+  pool.post([] {});
+  producers.post([&] { pool.post([] {}); }); const std::uint32_t producer_line = __LINE__;
+  wait_until_blocked(producer_line, "worker_pool post \"narrow\"");
+  gate.cancel();
+  batch.done();
+}
+
+TEST_CASE("watchdog reports a stuck task once, and a second one later" * doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2, .name = "stuck"}};
+  weft::cancel_source gate;
+  std::mutex mutex;
+  std::vector<std::uint64_t> reported;
+  std::promise<void> first_seen;
+  std::promise<void> second_seen;
+  std::uint64_t first_id = 0;
+  std::uint64_t second_id = 0;
+  pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t first_line = __LINE__;
+  first_id = wait_until_blocked(first_line, "cancel_token").id;
+  {
+    const auto on_stuck = [&](const weft::task_info& task) {
+      std::lock_guard guard(mutex);
+      reported.push_back(task.id);
+      if (task.id == first_id) first_seen.set_value();
+      if (task.id == second_id && second_id != 0) second_seen.set_value();
+    };
+    weft::watchdog dog{{.threshold = 0ms, .interval = 1ms, .on_stuck = on_stuck}};
+    first_seen.get_future().wait();
+    pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t second_line = __LINE__;
+    const auto second = wait_until_blocked(second_line, "cancel_token").id;
+    {
+      std::lock_guard guard(mutex);
+      second_id = second;
+    }
+    second_seen.get_future().wait();
+  }
+  CHECK(std::count(reported.begin(), reported.end(), first_id) == 1);
+  CHECK(std::count(reported.begin(), reported.end(), second_id) == 1);
+  gate.cancel();
+}
+
+TEST_CASE("registry: spawning, running and finishing race freely with snapshot, dump and leak checks" *
+          doctest::timeout(120)) {
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 64, .name = "churn"}};
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> ran{0};
+  std::thread spawner([&] {
+    while (!stop.load()) {
+      weft::task_group group{pool.executor()};
+      for (int i = 0; i < 50; ++i) {
+        group.go([&] {
+          ran.fetch_add(1);
+          weft::task_group nested{pool.executor()};
+          nested.go([&] { ran.fetch_add(1); });
+          nested.wait();
+        });
+      }
+      group.wait();
+      pool.post([&] { ran.fetch_add(1); });
+    }
+  });
+  std::size_t seen = 0;
+  for (int round = 0; round < 200; ++round) {
+    for (const auto& task : weft::registry::snapshot()) {
+      CHECK(task.id != 0);
+      seen += task.line != 0 ? 1 : 0;
+    }
+    std::ostringstream text;
+    if (round % 10 == 0) {
+      weft::registry::dump(text);
+      weft::registry::dump_json(text);
+      CHECK(contains(text.str(), "weft: "));
+    }
+    (void)weft::registry::live_count();
+  }
+  stop = true;
+  spawner.join();
+  pool.shutdown();
+  pool.join();
+  CHECK(ran.load() > 0);
+  MESSAGE("tasks seen in snapshots: " << seen);
+}
