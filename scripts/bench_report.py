@@ -71,7 +71,9 @@ def split_name(run_name: str, threads: int | None) -> tuple[str, str]:
 
 
 def suite_name(path: Path) -> str:
-    name = path.stem
+    # `<exe>__<variant>`: the same benchmark built another way (with
+    # WEFT_NO_REGISTRY, say) reports under <exe>'s suite.
+    name = path.stem.split("__")[0]
     if name.startswith("bench_"):
         name = name[len("bench_"):]
     if name.endswith("_bench"):

@@ -11,6 +11,8 @@
 #include <chrono>
 #include <future>
 #include <latch>
+#include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -195,4 +197,61 @@ TEST_CASE("task_group: a reused group state follows the new group's parent, not 
     CHECK(child.token().cancelled());
     CHECK_FALSE(orphan.token().cancelled());
   }
+}
+
+// A deferred async_wait(token) held the token's state by a raw pointer: the
+// state could be freed (or, with reuse, handed to a later group) before the
+// operation was launched.
+TEST_CASE("async_wait(token) deferred past the group's end waits on that group's token, not the next one's" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  using wait_operation =
+      decltype(weft::async_wait(std::declval<const weft::cancel_token&>(), asio::deferred));
+  std::optional<wait_operation> operation;
+  {
+    weft::task_group first{pool.executor()};
+    operation.emplace(weft::async_wait(first.token(), asio::deferred));
+    first.wait();
+  }
+  weft::task_group second{pool.executor()};
+  asio::io_context io;
+  bool fired = false;
+  std::move (*operation)(asio::bind_executor(io, [&](boost::system::error_code) { fired = true; }));
+  second.cancel();
+  io.poll();
+  CHECK_FALSE(fired);
+}
+
+namespace {
+asio::awaitable<void> short_timer(bool throw_at_end) {
+  asio::steady_timer timer{co_await asio::this_coro::executor, 100us};
+  auto [error] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+  (void)error;
+  if (throw_at_end) throw std::runtime_error("coroutine failed");
+}
+}  // namespace
+
+// Asio 1.81's co_spawn freed the cancellation handler that a queued emission
+// still pointed to (chriskohlhoff/asio#1332), and a cancellation that came
+// before the coroutine started, or as it ended, threw operation_aborted out
+// of the executor: the group then never finished.
+TEST_CASE("co_spawn(group): cancellation racing the coroutines' start and end neither crashes nor strands the group" *
+          doctest::timeout(120)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::atomic<int> escaped{0};
+  pool.set_error_handler([&](std::exception_ptr) { escaped.fetch_add(1); });
+  std::mt19937 random{7};
+  for (int round = 0; round < 400; ++round) {
+    weft::task_group group{pool.executor()};
+    const int coroutines = 1 + static_cast<int>(random() % 3);
+    const auto when = random() % 3;  // cancel before the coroutines run, at once, or not at all
+    if (when == 0) group.cancel();
+    for (int i = 0; i < coroutines; ++i) weft::co_spawn(group, short_timer(random() % 4 == 0));
+    if (when == 1) group.cancel();
+    try {
+      group.wait();
+    } catch (const std::exception&) {  // a failure, or the cancellation, reported
+    }
+  }
+  CHECK(escaped.load() == 0);
 }

@@ -289,33 +289,32 @@ TEST_CASE("registry: blocked on a named wait_group, and a worker_pool post waiti
 }
 
 TEST_CASE("watchdog reports a stuck task once, and a second one later" * doctest::timeout(60)) {
-  weft::worker_pool pool{{.workers = 2, .name = "stuck"}};
+  weft::worker_pool pool{{.workers = 1, .name = "stuck"}};
+  weft::worker_pool second_pool{{.workers = 1, .name = "stuck-second"}};
   weft::cancel_source gate;
   std::mutex mutex;
   std::vector<std::uint64_t> reported;
+  std::uint64_t second_id = 0;
   std::promise<void> first_seen;
   std::promise<void> second_seen;
-  std::uint64_t first_id = 0;
-  std::uint64_t second_id = 0;
   pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t first_line = __LINE__;
-  first_id = wait_until_blocked(first_line, "cancel_token").id;
+  const std::uint64_t first_id = wait_until_blocked(first_line, "cancel_token").id;
   {
     const auto on_stuck = [&](const weft::task_info& task) {
       std::lock_guard guard(mutex);
       reported.push_back(task.id);
       if (task.id == first_id) first_seen.set_value();
-      if (task.id == second_id && second_id != 0) second_seen.set_value();
+      if (task.name == "stuck-second") {
+        second_id = task.id;
+        second_seen.set_value();
+      }
     };
     weft::watchdog dog{{.threshold = 0ms, .interval = 1ms, .on_stuck = on_stuck}};
     first_seen.get_future().wait();
-    pool.post([token = gate.token()] { token.wait(); }); const std::uint32_t second_line = __LINE__;
-    const auto second = wait_until_blocked(second_line, "cancel_token").id;
-    {
-      std::lock_guard guard(mutex);
-      second_id = second;
-    }
+    second_pool.post([token = gate.token()] { token.wait(); });
     second_seen.get_future().wait();
   }
+  std::lock_guard guard(mutex);
   CHECK(std::count(reported.begin(), reported.end(), first_id) == 1);
   CHECK(std::count(reported.begin(), reported.end(), second_id) == 1);
   gate.cancel();
@@ -324,12 +323,13 @@ TEST_CASE("watchdog reports a stuck task once, and a second one later" * doctest
 TEST_CASE("registry: spawning, running and finishing race freely with snapshot, dump and leak checks" *
           doctest::timeout(120)) {
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 64, .name = "churn"}};
-  std::atomic<bool> stop{false};
+  constexpr int rounds = 100;
+  std::atomic<bool> done{false};
   std::atomic<std::uint64_t> ran{0};
   std::thread spawner([&] {
-    while (!stop.load()) {
+    for (int round = 0; round < rounds; ++round) {
       weft::task_group group{pool.executor()};
-      for (int i = 0; i < 50; ++i) {
+      for (int i = 0; i < 20; ++i) {
         group.go([&] {
           ran.fetch_add(1);
           weft::task_group nested{pool.executor()};
@@ -340,25 +340,28 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
       group.wait();
       pool.post([&] { ran.fetch_add(1); });
     }
+    done = true;
   });
+  std::size_t snapshots = 0;
   std::size_t seen = 0;
-  for (int round = 0; round < 200; ++round) {
+  std::size_t without_id = 0;
+  while (!done.load()) {
     for (const auto& task : weft::registry::snapshot()) {
-      CHECK(task.id != 0);
+      without_id += task.id == 0 ? 1 : 0;
       seen += task.line != 0 ? 1 : 0;
     }
-    std::ostringstream text;
-    if (round % 10 == 0) {
+    if (++snapshots % 10 == 0) {
+      std::ostringstream text;
       weft::registry::dump(text);
       weft::registry::dump_json(text);
       CHECK(contains(text.str(), "weft: "));
     }
     (void)weft::registry::live_count();
   }
-  stop = true;
   spawner.join();
   pool.shutdown();
   pool.join();
-  CHECK(ran.load() > 0);
-  MESSAGE("tasks seen in snapshots: " << seen);
+  CHECK(ran.load() == rounds * (20 * 2 + 1));
+  CHECK(without_id == 0);
+  MESSAGE("snapshots: " << snapshots << ", tasks seen in them: " << seen);
 }

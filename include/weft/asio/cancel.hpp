@@ -122,12 +122,14 @@ auto async_wait(const cancel_token& token, CompletionToken&& completion_token = 
         "weft::async_wait(cancel_token): this token can never be cancelled (default-constructed), "
         "so the wait would never end");
   }
+  // The token travels by value: a deferred operation may be launched after
+  // every other reference to the token's state is gone.
   return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
-      [](auto handler, detail::cancel_state* state) {
+      [](auto handler, const cancel_token& waited_on) {
         using waiter_type = detail::token_waiter<decltype(handler)>;
-        waiter_type::start(std::make_unique<waiter_type>(std::move(handler), state));
+        waiter_type::start(std::make_unique<waiter_type>(std::move(handler), detail::state_of(waited_on)));
       },
-      completion_token, detail::state_of(token));
+      completion_token, token);
 }
 
 // A source that is cancelled (errc::cancelled) when `slot` is emitted with

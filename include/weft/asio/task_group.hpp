@@ -30,11 +30,12 @@
 
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/compose.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/system_executor.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/system/system_error.hpp>
 
 #include <exception>
@@ -61,24 +62,94 @@ auto async_wait(task_group& group, CompletionToken&& token = {}) {
       token);
 }
 
+namespace detail {
+
+// How a group's cancellation reaches a coroutine in it, working around
+// three traps of Asio 1.81's co_spawn:
+//  - its entry point co_awaits a dispatch before the coroutine starts and a
+//    post after it returns, outside any try block: a cancellation emitted
+//    then makes that co_await throw operation_aborted out of the executor,
+//    and the completion handler never runs. So the signal is emitted only
+//    while the coroutine runs (`started` and not `finished`; both are
+//    touched only on the coroutine's strand), a cancellation that came
+//    before the start is emitted by the coroutine itself when it starts,
+//    and throw_if_cancelled is off once the body is done;
+//  - a completion handler with an associated executor makes co_spawn
+//    dispatch each emission with a pointer into the slot's handler, which a
+//    completing coroutine may already have destroyed
+//    (chriskohlhoff/asio#1332): the handler here carries its slot itself and
+//    has no associated executor, so the emission runs inline;
+//  - a signal must be emitted where it cannot race the operation it
+//    cancels: the group's token posts the emission to the strand.
+struct coroutine_cancellation {
+  boost::asio::cancellation_signal signal;
+  bool started = false;
+  bool finished = false;
+
+  void emit() {
+    if (started && !finished) signal.emit(boost::asio::cancellation_type::terminal);
+  }
+};
+
+template <class Strand>
+struct post_cancellation {
+  std::shared_ptr<coroutine_cancellation> target;
+  Strand strand;
+  void operator()() noexcept {
+    boost::asio::post(strand, [target = target] { target->emit(); });
+  }
+};
+
+template <class AwaitableExecutor>
+boost::asio::awaitable<void, AwaitableExecutor> run_group_coroutine(
+    boost::asio::awaitable<void, AwaitableExecutor> body, std::shared_ptr<coroutine_cancellation> cancellation,
+    cancel_token token) {
+  cancellation->started = true;
+  if (token.cancelled()) cancellation->emit();  // it came before the start: the first co_await throws
+  std::exception_ptr error;
+  try {
+    co_await std::move(body);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  co_await boost::asio::this_coro::throw_if_cancelled(false);
+  if (error) std::rethrow_exception(error);
+}
+
+template <class Strand>
+struct group_coroutine_completion {
+  using cancellation_slot_type = boost::asio::cancellation_slot;
+
+  task_group* group;
+  std::shared_ptr<coroutine_cancellation> cancellation;
+  std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
+
+  cancellation_slot_type get_cancellation_slot() const noexcept { return cancellation->signal.slot(); }
+
+  void operator()(std::exception_ptr error) {
+    cancellation->finished = true;
+    link.reset();  // unregisters from the token before the group may go
+    task_group_access::end(*group, std::move(error));
+  }
+};
+
+}  // namespace detail
+
 template <class Executor, class AwaitableExecutor>
 void co_spawn(task_group& group, const Executor& executor,
               boost::asio::awaitable<void, AwaitableExecutor> coroutine) {
   if (!detail::task_group_access::begin(group)) return;
-  // The coroutine runs on a strand, and the group's cancellation is emitted
-  // on that strand: Asio requires a cancellation signal to be emitted where
-  // it cannot race the operation it cancels, and a pool runs a coroutine's
-  // steps on any of its workers.
+  // The coroutine runs on a strand, where its cancellation is emitted (see
+  // coroutine_cancellation): a pool runs a coroutine's steps on any worker.
   auto strand = boost::asio::make_strand(executor);
-  auto bridge = std::make_unique<cancellation_bridge<decltype(strand)>>(group.token(), strand);
-  auto slot = bridge->slot();
+  using strand_type = decltype(strand);
   try {
-    boost::asio::co_spawn(strand, std::move(coroutine),
-                          boost::asio::bind_cancellation_slot(
-                              slot, [&group, bridge = std::move(bridge)](std::exception_ptr error) mutable {
-                                bridge.reset();  // unregisters from the token before the group may go
-                                detail::task_group_access::end(group, std::move(error));
-                              }));
+    auto cancellation = std::make_shared<detail::coroutine_cancellation>();
+    auto link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
+        group.token(), detail::post_cancellation<strand_type>{cancellation, strand});
+    boost::asio::co_spawn(
+        strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
+        detail::group_coroutine_completion<strand_type>{&group, cancellation, std::move(link)});
   } catch (...) {
     detail::task_group_access::end(group, nullptr);
     throw;
