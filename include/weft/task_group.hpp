@@ -245,7 +245,7 @@ class task_group {
     // another thread allocated takes the malloc arena's lock, and the
     // spawning thread's next allocation then waits for it: that cost a
     // small fan-out a third of its time.
-    static detail::bounded_ring<core*>& spares() noexcept {
+    static detail::bounded_ring<core*>& spares() {
       static auto* const bin = new detail::bounded_ring<core*>(64);  // never freed: runners may retire cores during exit
       return *bin;
     }
@@ -306,7 +306,9 @@ class task_group {
         return true;
       }
       if (overflow_size.load(std::memory_order_acquire) == 0) return false;
-      const bool registered = !detail::tracking() || detail::register_this_thread_early();
+      // A frame push must not register this thread under overflow_mutex (the
+      // registry takes its mutex, then this one, in collect()).
+      const bool registered = !detail::registry_compiled || detail::register_this_thread_early();
       std::lock_guard guard(overflow_mutex);
       if (overflow_head == overflow.size()) return false;
       work = std::move(overflow[overflow_head].work);
