@@ -280,13 +280,17 @@ class task_group {
         record.since_ns = origin.spawned_ns;
         out.push_back(record);
       };
-      unstarted.visit_cells([](const detail::slot_cell& cell) { return detail::load_origin(cell); }, add);
+      unstarted.visit_cells(
+          [](const detail::slot_cell& cell, std::uint64_t position) { return detail::load_origin_at(cell, position); },
+          add);
       std::lock_guard guard(overflow_mutex);
       for (std::size_t i = overflow_head; i < overflow.size(); ++i) add(overflow[i].origin);
     }
 
     void push(detail::task&& work, const detail::task_origin& origin) {
-      if (unstarted.try_push(work, [&](detail::slot_cell& cell) noexcept { detail::store_origin(cell, origin); })) {
+      if (unstarted.try_push(work, [&](detail::slot_cell& cell, std::uint64_t position) noexcept {
+            detail::store_origin(cell, origin, position);
+          })) {
         return;
       }
       std::lock_guard guard(overflow_mutex);

@@ -252,7 +252,9 @@ class worker_pool {
   std::size_t shutdown_now() noexcept {
     close(true);
     std::size_t dropped = 0;
-    for (entry item; ring_.try_pop(item, drop_origin);) ++dropped;
+    for (entry item; ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { drop_origin(item, cell); });) {
+      ++dropped;
+    }
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
     return dropped;
   }
@@ -272,9 +274,9 @@ class worker_pool {
     std::optional<detail::running_scope> running;
     for (entry item; ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept {
            if (discarding_.load(std::memory_order_relaxed)) {
-             drop_origin(cell);
+             drop_origin(item, cell);
            } else {
-             begin_running(cell, running);
+             begin_running(item, cell, running);
            }
          });
          running.reset()) {
@@ -339,10 +341,22 @@ class worker_pool {
   // throughput, so queue wait is sampled.
   static constexpr std::uint64_t queue_wait_sampling = 16;
 
+  // A task and its stamp: when it was queued, in nanoseconds on `clock`
+  // shifted left by one (0 when it is not timed), and in the low bit
+  // whether its slot's cell holds its registry record. The entry and the
+  // slot's sequence fill one cache line; the cell, on the next, is touched
+  // only for tracked tasks.
   struct entry {
     detail::task work;
-    clock::time_point queued_at;  // the epoch when this task is not timed
+    std::int64_t stamp = 0;
+
+    bool tracked() const noexcept { return (stamp & 1) != 0; }
+    std::int64_t queued_ns() const noexcept { return stamp >> 1; }
   };
+
+  static std::int64_t now_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count();
+  }
 
   // Counted by one thread (a worker) with plain load + store, read by
   // stats() from any thread; the caller's set is shared and uses RMWs.
@@ -415,12 +429,16 @@ class worker_pool {
   // The registry's hooks around the ring: a task's record goes into its
   // slot when it is queued, and onto the running thread's frames (before
   // the slot is freed) when it is taken.
-  static void begin_running(const detail::slot_cell& cell, std::optional<detail::running_scope>& running) noexcept {
+  static void begin_running(const entry& item, const detail::slot_cell& cell,
+                            std::optional<detail::running_scope>& running) noexcept {
+    if (!item.tracked()) return;
     const detail::task_origin origin = detail::load_origin(cell);
     if (origin.id != 0) running.emplace(origin);
   }
 
-  static void drop_origin(const detail::slot_cell& cell) noexcept { detail::finished_unrun(detail::load_origin(cell)); }
+  static void drop_origin(const entry& item, const detail::slot_cell& cell) noexcept {
+    if (item.tracked()) detail::finished_unrun(detail::load_origin(cell));
+  }
 
   // The queued tasks, for the registry's snapshots.
   struct queued_tasks final : detail::task_source {
@@ -430,7 +448,7 @@ class worker_pool {
   };
 
   void collect_queued(std::vector<detail::task_record>& out) const {
-    ring_.visit_cells([](const detail::slot_cell& cell) { return detail::load_origin(cell); },
+    ring_.visit_cells([](const detail::slot_cell& cell, std::uint64_t position) { return detail::load_origin_at(cell, position); },
                       [&](const detail::task_origin& origin) {
                         if (origin.id == 0) return;
                         detail::task_record record;
@@ -452,10 +470,12 @@ class worker_pool {
     // One task in queue_wait_sampling is timed, chosen by the tail before
     // the push (racing producers make the sample a little uneven).
     const bool timed = ring_.pushed() % queue_wait_sampling == 0;
-    entry item{std::move(work), timed ? clock::now() : clock::time_point{}};
+    entry item{std::move(work), (timed ? now_ns() << 1 : 0) | (origin.id != 0 ? 1 : 0)};
     std::uint64_t position = 0;
-    if (!ring_.try_push(item, [&](detail::slot_cell& cell) noexcept { detail::store_origin(cell, origin); },
-                        &position)) {
+    const auto fill = [&](detail::slot_cell& cell, std::uint64_t at) noexcept {
+      if (origin.id != 0) detail::store_origin(cell, origin, at);
+    };
+    if (!ring_.try_push(item, fill, &position)) {
       work = std::move(item.work);
       return false;
     }
@@ -501,7 +521,7 @@ class worker_pool {
     counters_.ran_by_caller.fetch_add(1, std::memory_order_relaxed);
     detail::accepted(origin);
     const detail::running_scope running{origin};
-    entry item{std::move(work), clock::time_point{}};
+    entry item{std::move(work), 0};
     run_entry(item, caller_counters_);
   }
 
@@ -635,7 +655,7 @@ class worker_pool {
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      if (ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { begin_running(cell, running); })) {
+      if (ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { begin_running(item, cell, running); })) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on.
@@ -681,10 +701,7 @@ class worker_pool {
   }
 
   void run_entry(entry& item, task_counters& counters) noexcept {
-    if (item.queued_at != clock::time_point{}) {
-      const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - item.queued_at);
-      record_wait(counters, waited.count());
-    }
+    if (item.queued_ns() != 0) record_wait(counters, now_ns() - item.queued_ns());
     try {
       item.work();
     } catch (...) {

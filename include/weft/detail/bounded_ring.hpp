@@ -23,11 +23,14 @@
 //
 // The capacity is exact and may be any positive number.
 //
-// Cell: an optional record kept in each slot beside the value (the task
-// registry's origin_cell, see task_tracking.hpp). The producer fills it
-// while it owns the slot, the consumer reads it while it owns the slot, and
-// visit_cells lets a third thread copy the cells of the values queued now,
-// using the slot's sequence as a seqlock version.
+// Cell: an optional record kept in each slot after the value (the task
+// registry's origin_cell, see task_tracking.hpp), on the slot's second cache
+// line when the value fills the first, so that values without a record never
+// touch it. The producer may fill it while it owns the slot, the consumer
+// reads it while it owns the slot, and visit_cells lets a third thread copy
+// the cells of the values queued now, using the slot's sequence as a seqlock
+// version; a cell that was not filled on this lap is the reader's to detect
+// (fill receives the position).
 #pragma once
 
 #include <atomic>
@@ -62,11 +65,11 @@ class bounded_ring {
   // untouched) when the ring is full. `position`, when given, receives the
   // value's position: how many values were pushed before it.
   bool try_push(T& value, std::uint64_t* position = nullptr) noexcept {
-    return try_push(value, [](Cell&) noexcept {}, position);
+    return try_push(value, [](Cell&, std::uint64_t) noexcept {}, position);
   }
 
-  // try_push that calls fill(cell) once it owns the slot, before the value
-  // is published.
+  // try_push that calls fill(cell, position) once it owns the slot, before
+  // the value is published.
   template <class Fill>
   bool try_push(T& value, Fill&& fill, std::uint64_t* position = nullptr) noexcept {
     auto pos = tail_.load(std::memory_order_relaxed);
@@ -76,7 +79,7 @@ class bounded_ring {
       const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
       if (lag == 0) {
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst, std::memory_order_relaxed)) {
-          fill(s.cell);
+          fill(s.cell, pos);
           ::new (static_cast<void*>(s.storage)) T(std::move(value));
           s.sequence.store(holds(pos), std::memory_order_release);
           if (position != nullptr) *position = pos;
@@ -95,8 +98,8 @@ class bounded_ring {
     return try_pop(out, [](const Cell&) noexcept {});
   }
 
-  // try_pop that calls take(cell) once it owns the slot, before the slot is
-  // freed.
+  // try_pop that calls take(cell) once it owns the slot and `out` holds the
+  // value, before the slot is freed.
   template <class Take>
   bool try_pop(T& out, Take&& take) noexcept {
     auto pos = head_.load(std::memory_order_relaxed);
@@ -123,10 +126,10 @@ class bounded_ring {
 
   std::size_t capacity() const noexcept { return capacity_; }
 
-  // Calls accept(read(cell)) for the cells of values queued now, from any
-  // thread: read copies a cell, and the copy is accepted only if the slot
-  // held the same value before and after the read. Values pushed or popped
-  // meanwhile may be left out.
+  // Calls accept(read(cell, position)) for the cells of values queued now,
+  // from any thread: read copies a cell, and the copy is accepted only if
+  // the slot held the same value before and after the read. Values pushed or
+  // popped meanwhile may be left out.
   template <class Read, class Accept>
   void visit_cells(Read&& read, Accept&& accept) const {
     const auto last = tail_.load(std::memory_order_acquire);
@@ -134,7 +137,7 @@ class bounded_ring {
     for (auto pos = first; pos < last && pos - first < capacity_; ++pos) {
       const slot& s = slots_[pos % capacity_];
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
-      auto copy = read(s.cell);
+      auto copy = read(s.cell, pos);
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
       accept(copy);
     }
@@ -177,8 +180,8 @@ class bounded_ring {
 
   struct alignas(64) slot {
     std::atomic<std::uint64_t> sequence;
-    [[no_unique_address]] Cell cell;
     alignas(T) unsigned char storage[sizeof(T)];
+    [[no_unique_address]] Cell cell;
   };
 
   const std::size_t capacity_;

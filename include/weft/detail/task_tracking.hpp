@@ -101,8 +101,10 @@ struct task_origin {
   std::int64_t spawned_ns = 0;
 };
 
-// A task_origin in atomics, for places a snapshot reads while others write.
+// A task_origin in atomics, for places a snapshot reads while others write;
+// `position` says which lap of a ring slot wrote it.
 struct origin_cell {
+  std::atomic<std::uint64_t> position{~std::uint64_t{0}};
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> parent{0};
   std::atomic<const char*> file{""};
@@ -111,7 +113,8 @@ struct origin_cell {
   std::atomic<std::uint32_t> line{0};
   std::atomic<std::int64_t> spawned_ns{0};
 
-  void store(const task_origin& origin) noexcept {
+  void store(const task_origin& origin, std::uint64_t at) noexcept {
+    position.store(at, std::memory_order_release);
     id.store(origin.id, std::memory_order_release);
     if (origin.id == 0) return;  // an untracked task: the other fields are not read
     parent.store(origin.parent, std::memory_order_release);
@@ -319,13 +322,25 @@ inline void accepted(const task_origin& origin) noexcept {
 }
 
 template <class Cell>
-void store_origin(Cell& cell, const task_origin& origin) noexcept {
-  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin);
+void store_origin(Cell& cell, const task_origin& origin, std::uint64_t position) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin, position);
 }
 
 template <class Cell>
 task_origin load_origin(const Cell& cell) noexcept {
   if constexpr (std::is_same_v<Cell, origin_cell>) {
+    return cell.load();
+  } else {
+    return {};
+  }
+}
+
+// For visit_cells: the record in `cell` if it was written for the value at
+// `position` (a producer may leave the cell of an untracked value alone).
+template <class Cell>
+task_origin load_origin_at(const Cell& cell, std::uint64_t position) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) {
+    if (cell.position.load(std::memory_order_acquire) != position) return {};
     return cell.load();
   } else {
     return {};
@@ -376,7 +391,7 @@ class running_scope {
       return;
     }
     rewrite(tasks->frames[depth], [&](task_frame& frame) {
-      frame.origin.store(origin);
+      frame.origin.store(origin, 0);
       frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
       frame.blocked_kind.store(nullptr, std::memory_order_release);
       frame.blocked_name.store(nullptr, std::memory_order_release);
