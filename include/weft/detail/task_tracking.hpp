@@ -22,9 +22,11 @@
 //    memory (ThreadSanitizer-clean by construction).
 //  - A ring slot's sequence number is the version of its origin_cell: a
 //    reader copies the cell only while the sequence says "holds p", and
-//    keeps the copy only if it still says so afterwards. A writer of the
-//    next lap fills the cell only after it has seen the slot freed, so a
-//    copy that read any of its values sees the sequence changed.
+//    keeps the copy only if it still says so afterwards and the cell says it
+//    was written for position p (a pool leaves the cell of an untracked task
+//    alone). A writer of the next lap fills the cell only after it has seen
+//    the slot freed, so a copy that read any of its values sees the sequence
+//    changed.
 //  - A frame has its own version, odd while its owner rewrites it. Popping a
 //    frame clears its id under the version, so a reader that loaded the old
 //    depth reads an empty frame, not a finished task.
@@ -35,11 +37,13 @@
 //
 // Cost when tracking is on: at spawn, an id from a per-thread block, a read
 // of the coarse monotonic clock (about 5 ns; the registry's times have the
-// kernel tick's resolution, 1-4 ms) and seven stores into the slot's cell;
-// at start, seven loads and a frame push on the thread's own cache lines.
-// When switched off at run time: one relaxed load per spawn. With
-// WEFT_NO_REGISTRY defined, the cells are empty and every hook compiles to
-// nothing.
+// kernel tick's resolution, 1-4 ms) and eight stores into the slot's cell,
+// which is the slot's second cache line; at start, the loads of that line
+// (a transfer between cores) and a frame push on the thread's own cache
+// lines. benchmarks/registry_bench.cpp measures it: 15-25 ns per pool task
+// on the build machine. When switched off at run time: one relaxed load per
+// spawn, and a pool's tasks never touch the cell. With WEFT_NO_REGISTRY
+// defined, the cells are empty and every hook compiles to nothing.
 #pragma once
 
 #include <weft/config.hpp>
@@ -258,11 +262,6 @@ WEFT_NOINLINE inline thread_tasks& register_this_thread() {
   return *tasks;
 }
 
-inline thread_tasks& this_thread_tasks() {
-  thread_tasks* tasks = this_thread_tasks_pointer;
-  return tasks != nullptr ? *tasks : register_this_thread();
-}
-
 // A name that lives as long as the process, for records that outlive the
 // object they name. Takes the registry's mutex: for constructors, not for
 // hot paths.
@@ -347,8 +346,8 @@ task_origin load_origin_at(const Cell& cell, std::uint64_t position) noexcept {
   }
 }
 
-// Counts a tracked task that ends without running (dropped by shutdown_now,
-// or skipped): it was spawned, so it must be finished.
+// Counts a tracked task that ends without running (dropped by
+// shutdown_now): it was spawned, so it must be finished.
 inline void finished_unrun(const task_origin& origin) noexcept {
   if (origin.id == 0) return;
   if (thread_tasks* tasks = this_thread_tasks_pointer) {
@@ -391,7 +390,7 @@ class running_scope {
       return;
     }
     rewrite(tasks->frames[depth], [&](task_frame& frame) {
-      frame.origin.store(origin, 0);
+      frame.origin.store(origin, 0);  // a frame has no laps: its version guards it
       frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
       frame.blocked_kind.store(nullptr, std::memory_order_release);
       frame.blocked_name.store(nullptr, std::memory_order_release);
