@@ -5,6 +5,7 @@
 // be blocked polls the registry until it says so (which is what it tests),
 // and leak checks that must fail use a short grace period, which is the
 // time the check is specified to wait.
+#include <weft/asio.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/spawn_site.hpp>
@@ -13,6 +14,9 @@
 #include <weft/wait_group.hpp>
 #include <weft/worker_pool.hpp>
 
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -57,6 +61,15 @@ weft::task_info wait_until_blocked(std::uint32_t line, const std::string& blocke
     std::this_thread::yield();
   }
 }
+
+// A coroutine that waits until its group cancels it.
+boost::asio::awaitable<void> wait_until_cancelled() {
+  boost::asio::steady_timer timer{co_await boost::asio::this_coro::executor, std::chrono::hours{1}};
+  auto [error] = co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  (void)error;
+}
+
+boost::asio::awaitable<void> finish_at_once() { co_return; }
 
 // Turns tracking off for a scope.
 struct tracking_off {
@@ -159,7 +172,7 @@ TEST_CASE("leak_check ignores tasks by name and by spawn-site function, and task
   stop.cancel();
 }
 
-TEST_CASE("WEFT_CHECK_NO_LEAKS passes after a pool, a group and a result_group are shut down cleanly" *
+TEST_CASE("WEFT_CHECK_NO_LEAKS passes after a pool, groups of tasks and of coroutines are shut down cleanly" *
           doctest::timeout(60)) {
   WEFT_CHECK_NO_LEAKS();
   weft::worker_pool pool{{.workers = 2, .name = "clean"}};
@@ -176,6 +189,11 @@ TEST_CASE("WEFT_CHECK_NO_LEAKS passes after a pool, a group and a result_group a
     CHECK(results.wait().size() == 10);
   }
   CHECK(pool.submit([] { return 7; }).get() == 7);
+  {
+    weft::task_group coroutines{pool.executor()};
+    for (int i = 0; i < 10; ++i) weft::co_spawn(coroutines, finish_at_once());
+    coroutines.wait();
+  }
   pool.shutdown();
   pool.join();
   CHECK(ran.load() == 200);
@@ -364,4 +382,22 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
   CHECK(ran.load() == rounds * (20 * 2 + 1));
   CHECK(without_id == 0);
   MESSAGE("snapshots: " << snapshots << ", tasks seen in them: " << seen);
+}
+
+TEST_CASE("registry: a coroutine in a group is listed with its spawn line, blocked on co_await, until it ends" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  weft::co_spawn(group, wait_until_cancelled()); const std::uint32_t line = __LINE__;
+  const auto listed = tasks_at(line);
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].state == weft::task_state::blocked);
+  CHECK(listed[0].blocked_on == "co_await");
+  CHECK(listed[0].name == "coroutine");
+  group.cancel();
+  try {
+    group.wait();
+  } catch (const std::exception&) {  // the cancellation, reported
+  }
+  CHECK(tasks_at(line).empty());
 }

@@ -10,14 +10,15 @@
 //
 // What is tracked: every task started through a worker_pool (post, try_post,
 // submit, the executor; queued and running), a task_group or result_group
-// (go, try_go), and parallel_map / for_each. Each has an id, a name (the
-// pool's name, or "task_group"), the spawn site (the user's line, see
+// (go, try_go), parallel_map / for_each, and coroutines added to a group
+// with weft::co_spawn (weft/asio.hpp). Each has an id, a name (the pool's
+// name, "task_group" or "coroutine"), the spawn site (the user's line, see
 // spawn_site.hpp), the id of the task that spawned it, its state (queued,
 // running, blocked), what it is blocked on when it waits inside a weft
 // primitive (`semaphore "db-conns"`, `wait_group`, `task_group::wait`,
-// `cancel_token`, `worker_pool post "db"`), and since when. Not yet
-// tracked: gather's calls show a spawn site inside weft, and coroutines
-// added to a group through weft/asio.hpp are not listed.
+// `cancel_token`, `worker_pool post "db"`; a coroutine is always listed as
+// blocked on `co_await`), and since when. Not yet: gather's calls show a
+// spawn site inside weft.
 //
 //   weft::registry::dump(std::cerr);          // a goroutine dump, for people
 //   weft::registry::dump_json(out);           // the same, for tools

@@ -26,6 +26,8 @@
 #include <weft/asio/cancel.hpp>
 #include <weft/asio/executor.hpp>
 #include <weft/asio/wait_group.hpp>
+#include <weft/detail/task_tracking.hpp>
+#include <weft/spawn_site.hpp>
 #include <weft/task_group.hpp>
 
 #include <boost/asio/async_result.hpp>
@@ -41,6 +43,7 @@
 #include <exception>
 #include <memory>
 #include <utility>
+#include <vector>
 
 namespace weft {
 
@@ -81,6 +84,11 @@ namespace detail {
 //    has no associated executor, so the emission runs inline;
 //  - a signal must be emitted where it cannot race the operation it
 //    cancels: the group's token posts the emission to the strand.
+//
+// It also carries the coroutine's record for the task registry: a
+// coroutine is on no queue and, between its steps, on no thread, so it is
+// registered as a source of its own for its lifetime, listed as blocked on
+// `co_await` (the registry cannot see which step runs when).
 struct coroutine_cancellation {
   boost::asio::cancellation_signal signal;
   bool started = false;
@@ -88,6 +96,35 @@ struct coroutine_cancellation {
 
   void emit() {
     if (started && !finished) signal.emit(boost::asio::cancellation_type::terminal);
+  }
+
+  struct record final : task_source {
+    task_origin origin;  // set before the record is registered, constant after
+    void collect(std::vector<task_record>& out) const override {
+      task_record listed;
+      listed.origin = origin;
+      listed.state = tracked_state::blocked;
+      listed.blocked_kind = "co_await";
+      listed.since_ns = origin.spawned_ns;
+      out.push_back(listed);
+    }
+  };
+  record registry_record;
+  bool registered = false;
+
+  void register_with_registry(const task_origin& origin) {
+    if (origin.id == 0) return;
+    registry_record.origin = origin;
+    add_source(registry_record);
+    registered = true;
+    accepted(origin);
+  }
+
+  void unregister() noexcept {
+    if (!registered) return;
+    registered = false;
+    remove_source(registry_record);
+    finished_unrun(registry_record.origin);
   }
 };
 
@@ -120,24 +157,37 @@ template <class Strand>
 struct group_coroutine_completion {
   using cancellation_slot_type = boost::asio::cancellation_slot;
 
-  task_group* group;
-  std::shared_ptr<coroutine_cancellation> cancellation;
-  std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
+  group_coroutine_completion(task_group& target, std::shared_ptr<coroutine_cancellation> state,
+                             std::unique_ptr<cancel_callback<post_cancellation<Strand>>> token_link) noexcept
+      : group(&target), cancellation(std::move(state)), link(std::move(token_link)) {}
+  group_coroutine_completion(group_coroutine_completion&&) noexcept = default;
+  group_coroutine_completion& operator=(group_coroutine_completion&&) = delete;
+
+  // Destroyed without being called (its executor went away with the
+  // coroutine pending): the record must not outlive the state it lives in.
+  ~group_coroutine_completion() {
+    if (cancellation) cancellation->unregister();
+  }
 
   cancellation_slot_type get_cancellation_slot() const noexcept { return cancellation->signal.slot(); }
 
   void operator()(std::exception_ptr error) {
     cancellation->finished = true;
+    cancellation->unregister();
     link.reset();  // unregisters from the token before the group may go
     task_group_access::end(*group, std::move(error));
   }
+
+  task_group* group;
+  std::shared_ptr<coroutine_cancellation> cancellation;
+  std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
 };
 
 }  // namespace detail
 
 template <class Executor, class AwaitableExecutor>
-void co_spawn(task_group& group, const Executor& executor,
-              boost::asio::awaitable<void, AwaitableExecutor> coroutine) {
+void co_spawn(task_group& group, const Executor& executor, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
+              spawn_site site = spawn_site::current()) {
   if (!detail::task_group_access::begin(group)) return;
   // The coroutine runs on a strand, where its cancellation is emitted (see
   // coroutine_cancellation): a pool runs a coroutine's steps on any worker.
@@ -147,9 +197,10 @@ void co_spawn(task_group& group, const Executor& executor,
     auto cancellation = std::make_shared<detail::coroutine_cancellation>();
     auto link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
         group.token(), detail::post_cancellation<strand_type>{cancellation, strand});
-    boost::asio::co_spawn(
-        strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
-        detail::group_coroutine_completion<strand_type>{&group, cancellation, std::move(link)});
+    detail::group_coroutine_completion<strand_type> completion{group, cancellation, std::move(link)};
+    cancellation->register_with_registry(detail::make_origin(site, "coroutine"));
+    boost::asio::co_spawn(strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
+                          std::move(completion));
   } catch (...) {
     detail::task_group_access::end(group, nullptr);
     throw;
@@ -157,8 +208,9 @@ void co_spawn(task_group& group, const Executor& executor,
 }
 
 template <class AwaitableExecutor>
-void co_spawn(task_group& group, boost::asio::awaitable<void, AwaitableExecutor> coroutine) {
-  co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine));
+void co_spawn(task_group& group, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
+              spawn_site site = spawn_site::current()) {
+  co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
 }
 
 }  // namespace weft
