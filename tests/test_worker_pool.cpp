@@ -14,13 +14,14 @@
 //     state holds its callback (detail::cancel_state::callback_count, a
 //     hook for tests: the pool registers it only after it queued the
 //     producer for room);
-//   - a producer is parked inside a plain post() when its thread sleeps in
-//     the kernel (Linux: /proc/self/task/<tid>/stat says S). Elsewhere the
-//     probe says "asleep" at once and those checks become weaker, never
-//     wrong: every outcome a test asserts is forced by the hand-offs, not by
-//     how long anything took.
+//   - a producer is waiting for room inside a plain post() when the task
+//     registry lists it as blocked on `worker_pool post`: the producer runs
+//     as a task of a pool of its own, and the pool marks it blocked once it
+//     has stopped spinning and waits in the room queue, from where only a
+//     freed slot or shutdown brings it back.
 #include <weft/cancel.hpp>
 #include <weft/manual_clock.hpp>
+#include <weft/registry.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/wait_status.hpp>
 #include <weft/worker_pool.hpp>
@@ -33,7 +34,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
-#include <fstream>
 #include <functional>
 #include <future>
 #include <latch>
@@ -47,10 +47,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include <doctest/doctest.h>
 
@@ -127,70 +123,50 @@ class counted {
   instances* owner_;
 };
 
-long current_tid() {
-#if defined(__linux__)
-  return static_cast<long>(::syscall(SYS_gettid));
-#else
-  return 0;
-#endif
-}
-
-// True when thread `tid` of this process sleeps in the kernel (parked on a
-// futex). Where that cannot be read, true.
-bool asleep(long tid) {
-#if defined(__linux__)
-  std::ifstream file("/proc/self/task/" + std::to_string(tid) + "/stat");
-  std::string line;
-  if (!file || !std::getline(file, line)) return true;
-  const auto name_end = line.rfind(')');
-  if (name_end == std::string::npos || name_end + 2 >= line.size()) return true;
-  const char state = line[name_end + 2];
-  return state == 'S' || state == 'D';
-#else
-  (void)tid;
-  return true;
-#endif
-}
-
-// A thread that runs one call that is expected to block, and tells when it
-// has returned or when it sleeps in the kernel.
+// A call that is expected to block in post(), run as the only task of a
+// pool of its own, so that the task registry tells when it waits for room.
 class blocking_call {
  public:
   template <class Body>
-  explicit blocking_call(Body body)
-      : thread_([this, body = std::move(body)]() mutable {
-          tid_.store(current_tid());
-          started_.store(true);
-          body();
-          returned_.store(true);
-        }) {}
+  explicit blocking_call(Body body) : runner_{{.workers = 1, .name = unique_name()}} {
+    runner_.post([this, body = std::move(body)]() mutable {
+      body();
+      returned_.store(true);
+    });
+  }
 
   blocking_call(const blocking_call&) = delete;
   blocking_call& operator=(const blocking_call&) = delete;
-  ~blocking_call() {
-    if (thread_.joinable()) thread_.join();
-  }
 
-  // Waits until the call returned or its thread was seen asleep twice in a
-  // row (once could be a page fault on the way in).
+  // Waits until the call returned or the registry lists it as waiting for
+  // room in a pool.
   void wait_until_parked_or_returned() const {
-    int asleep_in_a_row = 0;
     spin_until([&] {
       if (returned_.load()) return true;
-      if (!started_.load()) return false;
-      asleep_in_a_row = asleep(tid_.load()) ? asleep_in_a_row + 1 : 0;
-      return asleep_in_a_row >= 2;
+      for (const auto& task : weft::registry::snapshot()) {
+        if (task.name == runner_.name() && task.state == weft::task_state::blocked &&
+            task.blocked_on.starts_with("worker_pool post")) {
+          return true;
+        }
+      }
+      return false;
     });
   }
 
   bool returned() const { return returned_.load(); }
-  void join() { thread_.join(); }
+  void join() {
+    runner_.shutdown();
+    runner_.join();
+  }
 
  private:
-  std::atomic<long> tid_{0};
-  std::atomic<bool> started_{false};
+  static std::string unique_name() {
+    static std::atomic<int> next{0};
+    return "blocking-call-" + std::to_string(next.fetch_add(1));
+  }
+
   std::atomic<bool> returned_{false};
-  std::thread thread_;
+  weft::worker_pool runner_;
 };
 
 // How many cancel callbacks are registered on `token`: a producer parked in
