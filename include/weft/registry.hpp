@@ -120,6 +120,15 @@ inline std::string describe_blocking(const char* kind, const char* name) {
   return out;
 }
 
+// "file:line in function (name)", the way every report names a spawn site.
+inline std::string describe_site(const std::string& file, std::uint32_t line, const std::string& function,
+                                 const std::string& name) {
+  std::string out = line != 0 ? file + ':' + std::to_string(line) : std::string{"an unknown site"};
+  if (!function.empty()) out += " in " + function;
+  if (!name.empty()) out += " (" + name + ')';
+  return out;
+}
+
 inline std::string format_age(std::chrono::nanoseconds age) {
   char text[32];
   const double seconds = std::chrono::duration<double>(age).count();
@@ -236,11 +245,7 @@ inline void dump(std::ostream& out) {
     if (!blocked_on.empty()) out << " on " << blocked_on;
     out << " for up to " << detail_registry::format_age(now - g->oldest_since) << " (oldest spawned "
         << detail_registry::format_age(now - g->oldest_start) << " ago)\n";
-    out << "    spawned at " << (line != 0 ? file : std::string{"an unknown site"});
-    if (line != 0) out << ':' << line;
-    if (!function.empty()) out << " in " << function;
-    if (!name.empty()) out << " (" << name << ')';
-    out << '\n';
+    out << "    spawned at " << detail_registry::describe_site(file, line, function, name) << '\n';
   }
 }
 
@@ -346,10 +351,8 @@ class leak_check {
     for (const task_info& task : leaks) {
       out << "  task " << task.id << ' ' << to_string(task.state);
       if (!task.blocked_on.empty()) out << " on " << task.blocked_on;
-      out << ", spawned at " << task.file << ':' << task.line;
-      if (!task.function.empty()) out << " in " << task.function;
-      if (!task.name.empty()) out << " (" << task.name << ')';
-      out << '\n';
+      out << ", spawned at " << registry::detail_registry::describe_site(task.file, task.line, task.function, task.name)
+          << '\n';
     }
     return out.str();
   }
@@ -431,11 +434,11 @@ class watchdog {
         if (options_.on_stuck) {
           options_.on_stuck(task);
         } else {
-          std::fprintf(stderr, "weft::watchdog: task %llu %s%s%s for %s, spawned at %s:%u\n",
-                       static_cast<unsigned long long>(task.id), to_string(task.state),
-                       task.blocked_on.empty() ? "" : " on ", task.blocked_on.c_str(),
-                       registry::detail_registry::format_age(now - task.since).c_str(), task.file.c_str(),
-                       static_cast<unsigned>(task.line));
+          std::fprintf(
+              stderr, "weft::watchdog: task %llu %s%s%s for %s, spawned at %s\n", static_cast<unsigned long long>(task.id),
+              to_string(task.state), task.blocked_on.empty() ? "" : " on ", task.blocked_on.c_str(),
+              registry::detail_registry::format_age(now - task.since).c_str(),
+              registry::detail_registry::describe_site(task.file, task.line, task.function, task.name).c_str());
         }
       }
       std::erase_if(reported, [&](std::uint64_t id) { return !live.contains(id); });

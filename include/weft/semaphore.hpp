@@ -144,7 +144,7 @@ class basic_semaphore {
   // here is listed as blocked on `semaphore "name"`.
   explicit basic_semaphore(std::ptrdiff_t capacity, std::string_view name = {})
       : capacity_(checked_capacity(capacity)), name_(detail::intern(name)), state_(static_cast<std::uint64_t>(capacity)),
-        queue_(this, &on_waiter_removed) {}
+        queue_(this, &on_waiter_removed, "semaphore", name_) {}
 
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
 
@@ -427,7 +427,6 @@ class basic_semaphore {
   template <class WaitClock, class Duration>
   wait_status wait_in_queue(std::ptrdiff_t n, detail::cancel_state* cancel,
                             const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    const detail::blocked_scope blocked{"semaphore", name_};
     detail::thread_waiter waiter;
     waiter.request = n;
     auto lock = queue_.lock();

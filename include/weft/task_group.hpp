@@ -272,19 +272,9 @@ class task_group {
 
     // The queued tasks, for the registry's snapshots.
     void collect(std::vector<detail::task_record>& out) const override {
-      auto add = [&](const detail::task_origin& origin) {
-        if (origin.id == 0) return;
-        detail::task_record record;
-        record.origin = origin;
-        record.state = detail::tracked_state::queued;
-        record.since_ns = origin.spawned_ns;
-        out.push_back(record);
-      };
-      unstarted.visit_cells(
-          [](const detail::slot_cell& cell, std::uint64_t position) { return detail::load_origin_at(cell, position); },
-          add);
+      detail::collect_queued(unstarted, out);
       std::lock_guard guard(overflow_mutex);
-      for (std::size_t i = overflow_head; i < overflow.size(); ++i) add(overflow[i].origin);
+      for (std::size_t i = overflow_head; i < overflow.size(); ++i) detail::add_queued(out, overflow[i].origin);
     }
 
     void push(detail::task&& work, const detail::task_origin& origin) {

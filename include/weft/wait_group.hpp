@@ -61,10 +61,11 @@ class basic_wait_group {
  public:
   using clock = Clock;
 
-  basic_wait_group() noexcept : queue_(this, &on_waiter_removed) {}
+  basic_wait_group() noexcept : queue_(this, &on_waiter_removed, "wait_group") {}
   // `name` shows in stats() and in the task registry, where a task blocked
   // in wait() is listed as blocked on `wait_group "name"`.
-  explicit basic_wait_group(std::string_view name) : name_(detail::intern(name)), queue_(this, &on_waiter_removed) {}
+  explicit basic_wait_group(std::string_view name)
+      : name_(detail::intern(name)), queue_(this, &on_waiter_removed, "wait_group", name_) {}
 
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
   basic_wait_group(const basic_wait_group&) = delete;
@@ -179,7 +180,6 @@ class basic_wait_group {
 
   template <class WaitClock, class Duration>
   wait_status wait_in_queue(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    const detail::blocked_scope blocked{"wait_group", name_};
     detail::thread_waiter waiter;
     auto lock = queue_.lock();
     if (ready_or_enqueue(waiter)) return wait_status::ok;

@@ -164,7 +164,8 @@ class worker_pool {
 
   explicit worker_pool(worker_pool_options options = {})
       : options_(checked(std::move(options))), tracked_name_(detail::intern(options_.name)),
-        ring_(options_.queue_capacity), workers_(new worker[options_.workers]), room_(this, nullptr) {
+        ring_(options_.queue_capacity), workers_(new worker[options_.workers]),
+        room_(this, nullptr, "worker_pool post", tracked_name_) {
     idle_.reserve(options_.workers);
     started_.reserve(options_.workers);
     try {
@@ -443,21 +444,9 @@ class worker_pool {
   // The queued tasks, for the registry's snapshots.
   struct queued_tasks final : detail::task_source {
     explicit queued_tasks(const worker_pool& p) noexcept : pool(p) {}
-    void collect(std::vector<detail::task_record>& out) const override { pool.collect_queued(out); }
+    void collect(std::vector<detail::task_record>& out) const override { detail::collect_queued(pool.ring_, out); }
     const worker_pool& pool;
   };
-
-  void collect_queued(std::vector<detail::task_record>& out) const {
-    ring_.visit_cells([](const detail::slot_cell& cell, std::uint64_t position) { return detail::load_origin_at(cell, position); },
-                      [&](const detail::task_origin& origin) {
-                        if (origin.id == 0) return;
-                        detail::task_record record;
-                        record.origin = origin;
-                        record.state = detail::tracked_state::queued;
-                        record.since_ns = origin.spawned_ns;
-                        out.push_back(record);
-                      });
-  }
 
   [[noreturn]] WEFT_NOINLINE void throw_closed() {
     counters_.rejected.fetch_add(1, std::memory_order_relaxed);
@@ -531,7 +520,6 @@ class worker_pool {
     for (detail::backoff pause; pause.wait();) {
       if (enqueue(work, origin)) return wait_status::ok;
     }
-    const detail::blocked_scope blocked{"worker_pool post", tracked_name_};
     for (;;) {
       detail::thread_waiter waiter;
       auto lock = room_.lock();

@@ -272,32 +272,29 @@ inline const char* intern(std::string_view name) {
   return core.names.emplace(name).first->c_str();
 }
 
+// This thread's records, registered on first use; null when out of memory
+// (the task then runs untracked).
+inline thread_tasks* this_thread_tasks() noexcept {
+  if (thread_tasks* tasks = this_thread_tasks_pointer) return tasks;
+  try {
+    return &register_this_thread();
+  } catch (...) {
+    return nullptr;
+  }
+}
+
 // Registers this thread now, so that a later frame push needs no lock (for
 // callers that push frames under a lock of their own, which the registry's
 // mutex must never nest inside). False when out of memory.
-inline bool register_this_thread_early() noexcept {
-  if (this_thread_tasks_pointer != nullptr) return true;
-  try {
-    register_this_thread();
-    return true;
-  } catch (...) {
-    return false;
-  }
-}
+inline bool register_this_thread_early() noexcept { return this_thread_tasks() != nullptr; }
 
 // The record of a task being spawned now by this thread, whose site is
 // `site` and which runs under `name` (interned); id 0 when tracking is off.
 inline task_origin make_origin(const spawn_site& site, const char* name) noexcept {
   task_origin origin;
   if (!tracking()) return origin;
-  thread_tasks* tasks = this_thread_tasks_pointer;
-  if (tasks == nullptr) {
-    try {
-      tasks = &register_this_thread();
-    } catch (...) {
-      return origin;  // out of memory: the task runs untracked
-    }
-  }
+  thread_tasks* tasks = this_thread_tasks();
+  if (tasks == nullptr) return origin;
   if (tasks->next_id == tasks->id_limit) {
     tasks->next_id = registry_core::get().next_id_block.fetch_add(registry_core::id_block, std::memory_order_relaxed);
     tasks->id_limit = tasks->next_id + registry_core::id_block;
@@ -350,14 +347,7 @@ task_origin load_origin_at(const Cell& cell, std::uint64_t position) noexcept {
 // shutdown_now): it was spawned, so it must be finished.
 inline void finished_unrun(const task_origin& origin) noexcept {
   if (origin.id == 0) return;
-  if (thread_tasks* tasks = this_thread_tasks_pointer) {
-    bump(tasks->finished);
-  } else {
-    try {
-      bump(register_this_thread().finished);
-    } catch (...) {
-    }
-  }
+  if (thread_tasks* tasks = this_thread_tasks()) bump(tasks->finished);
 }
 
 // Rewrites a frame under its version, as the seqlock readers expect.
@@ -375,14 +365,8 @@ class running_scope {
  public:
   explicit running_scope(const task_origin& origin) noexcept {
     if (origin.id == 0) return;
-    thread_tasks* tasks = this_thread_tasks_pointer;
-    if (tasks == nullptr) {
-      try {
-        tasks = &register_this_thread();
-      } catch (...) {
-        return;
-      }
-    }
+    thread_tasks* tasks = this_thread_tasks();
+    if (tasks == nullptr) return;
     tasks_ = tasks;
     const auto depth = tasks->depth.load(std::memory_order_relaxed);
     if (depth == thread_tasks::max_depth) {
@@ -420,11 +404,12 @@ class running_scope {
 
 // While it lives, the task this thread runs (if any) is blocked on `kind`
 // ("semaphore", "wait_group", ...) named `name` (interned, or null). Inside
-// another blocked_scope it does nothing.
+// another blocked_scope, or with no kind, it does nothing.
 class blocked_scope {
  public:
   blocked_scope(const char* kind, const char* name) noexcept {
     if constexpr (!registry_compiled) return;
+    if (kind == nullptr) return;
     thread_tasks* tasks = this_thread_tasks_pointer;
     if (tasks == nullptr || tasks->untracked_depth != 0) return;
     const auto depth = tasks->depth.load(std::memory_order_relaxed);
@@ -458,6 +443,23 @@ class blocked_scope {
  private:
   task_frame* frame_ = nullptr;
 };
+
+// Appends the record of a queued task (nothing for an untracked one).
+inline void add_queued(std::vector<task_record>& out, const task_origin& origin) {
+  if (origin.id == 0) return;
+  task_record record;
+  record.origin = origin;
+  record.state = tracked_state::queued;
+  record.since_ns = origin.spawned_ns;
+  out.push_back(record);
+}
+
+// Appends the records of the tasks queued now in a ring of slot_cells.
+template <class Ring>
+void collect_queued(const Ring& ring, std::vector<task_record>& out) {
+  ring.visit_cells([](const slot_cell& cell, std::uint64_t position) { return load_origin_at(cell, position); },
+                   [&](const task_origin& origin) { add_queued(out, origin); });
+}
 
 // Registers a source for as long as it lives. A source must unregister
 // before anything collect() reads is destroyed.

@@ -45,6 +45,7 @@
 #include <weft/config.hpp>
 #include <weft/detail/cancel_state.hpp>
 #include <weft/detail/parker.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/timed_wait.hpp>
 #include <weft/wait_status.hpp>
 
@@ -113,7 +114,10 @@ class wait_queue {
   // its free permits to the next waiter).
   using removal_hook = void (*)(void* owner, completion_list&) noexcept;
 
-  wait_queue(void* owner, removal_hook on_removed) noexcept : owner_(owner), on_removed_(on_removed) {}
+  // `kind` and `name` (interned, or null) say what a task parked here is
+  // blocked on, for the task registry: `semaphore "db-conns"`.
+  wait_queue(void* owner, removal_hook on_removed, const char* kind = nullptr, const char* name = nullptr) noexcept
+      : owner_(owner), on_removed_(on_removed), kind_(kind), name_(name) {}
   wait_queue(const wait_queue&) = delete;
   wait_queue& operator=(const wait_queue&) = delete;
 
@@ -184,6 +188,7 @@ class wait_queue {
   wait_status wait(thread_waiter& waiter, lock_type& lock, cancel_state* cancel,
                    const std::chrono::time_point<Clock, Duration>* deadline = nullptr) noexcept {
     lock.unlock();
+    const blocked_scope blocked{kind_, name_};
     cancel_link link;
     if (cancel != nullptr) {
       link.queue = this;
@@ -227,6 +232,8 @@ class wait_queue {
   std::atomic<std::size_t> size_{0};  // written under the mutex only
   void* owner_;
   removal_hook on_removed_;
+  const char* kind_;
+  const char* name_;
 };
 
 }  // namespace weft::detail
