@@ -107,7 +107,7 @@ void weft_parallel_map(benchmark::State& state) {
 
 template <std::size_t... I>
 auto gather_all(std::index_sequence<I...>) {
-  return weft::gather([] { return compute(I); }...);
+  return weft::gather(weft::cancel_token{}, [] { return compute(I); }...);
 }
 
 void weft_gather(benchmark::State& state) {

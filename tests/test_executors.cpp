@@ -444,7 +444,7 @@ TEST_CASE("result_group: results come back in spawn order, move-only types too")
 
 TEST_CASE("gather: heterogeneous results, a token parameter, and void as monostate") {
   auto [number, text, nothing] =
-      weft::gather([] { return 1; }, [](weft::cancel_token) { return std::string("two"); }, [] {});
+      weft::gather(weft::cancel_token{}, [] { return 1; }, [](weft::cancel_token) { return std::string("two"); }, [] {});
   CHECK(number == 1);
   CHECK(text == "two");
   CHECK(std::is_same_v<decltype(nothing), std::monostate>);

@@ -14,6 +14,7 @@
 #include <weft/manual_clock.hpp>
 #include <weft/worker_pool.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -101,8 +102,8 @@ TEST_CASE("gather: heterogeneous results in argument order, void is monostate, m
   (void)nothing;
   (void)nothing_either;
 
-  // The other overloads: the default executor, with and without a token.
-  auto [a, b] = weft::gather([] { return 'a'; }, [](weft::cancel_token) { return 2L; });
+  // The default executor.
+  auto [a, b] = weft::gather(weft::cancel_token{}, [] { return 'a'; }, [](weft::cancel_token) { return 2L; });
   CHECK(a == 'a');
   CHECK(b == 2L);
   weft::cancel_source request;
@@ -473,4 +474,58 @@ TEST_CASE("for_each: the first failure stops the rest, with limit 1, after exact
   CHECK(calls.load() == 50);
   REQUIRE(seen.size() == 50);
   CHECK(seen.back() == 49);
+}
+
+TEST_CASE("merge forwards every input into one channel and closes it when all inputs are drained") {
+  weft::worker_pool pool{{.workers = 4}};
+  weft::channel<int> a{4};
+  weft::channel<int> b{0};
+  weft::channel<int> c{1};
+  weft::channel<int> all{8};
+  weft::task_group group{pool.executor()};
+  weft::merge(group, all, a, b, c);
+  std::thread producer([&] {
+    for (int i = 0; i < 300; ++i) REQUIRE((i % 3 == 0 ? a : i % 3 == 1 ? b : c).send(int{i}) == weft::wait_status::ok);
+    a.close();
+    b.close();
+    c.close();
+  });
+  std::vector<int> got;
+  std::vector<int> last_from(3, -1);
+  bool ordered = true;
+  for (int& value : all) {
+    got.push_back(value);
+    auto& last = last_from[static_cast<std::size_t>(value % 3)];
+    ordered = ordered && value > last;  // each input's values keep their order
+    last = value;
+  }
+  producer.join();
+  group.wait();
+  CHECK(ordered);
+  std::sort(got.begin(), got.end());
+  REQUIRE(got.size() == 300);
+  for (int i = 0; i < 300; ++i) CHECK(got[static_cast<std::size_t>(i)] == i);
+}
+
+TEST_CASE("fan_out runs n workers over one channel; the first exception stops them and reaches wait()") {
+  weft::worker_pool pool{{.workers = 3}};
+  weft::channel<int> jobs{16};
+  std::atomic<int> sum{0};
+  {
+    weft::task_group group{pool.executor()};
+    weft::fan_out(group, jobs, 3, [&](int value) { sum += value; });
+    for (int i = 1; i <= 100; ++i) REQUIRE(jobs.send(int{i}) == weft::wait_status::ok);
+    jobs.close();
+    group.wait();
+  }
+  CHECK(sum == 5050);
+
+  weft::channel<int> failing{4};
+  weft::task_group group{pool.executor()};
+  weft::fan_out(group, failing, 2, [](int value, const weft::cancel_token&) {
+    if (value == 3) throw std::runtime_error("bad record 3");
+  });
+  for (int i = 0; i < 4; ++i) (void)failing.send(int{i}, group.token());
+  CHECK_THROWS_WITH_AS(group.wait(), "bad record 3", std::runtime_error);
+  CHECK_THROWS_AS(weft::fan_out(group, failing, 0, [](int) {}), std::invalid_argument);
 }

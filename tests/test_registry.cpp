@@ -6,6 +6,7 @@
 // and leak checks that must fail use a short grace period, which is the
 // time the check is specified to wait.
 #include <weft/asio.hpp>
+#include <weft/fan.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/spawn_site.hpp>
@@ -239,6 +240,29 @@ TEST_CASE("registry: a task spawned by a task has it as parent, and a task waiti
   gate.cancel();
 }
 
+TEST_CASE("registry: gather's calls are listed with the line that called gather" * doctest::timeout(60)) {
+  weft::cancel_source release;
+  const auto call = [&] { release.token().wait(); };
+  weft::worker_pool callers{{.workers = 1}};
+  weft::worker_pool calls{{.workers = 1}};
+  std::uint32_t line = 0;
+  std::promise<void> spawning;
+  callers.post([&] {
+    line = __LINE__; spawning.set_value(); (void)weft::gather(calls.executor(), weft::cancel_token{}, call, call);
+  });
+  spawning.get_future().wait();
+  for (;;) {
+    const auto listed = tasks_at(line);
+    if (std::count_if(listed.begin(), listed.end(), [](const weft::task_info& task) {
+          return task.state == weft::task_state::blocked && task.blocked_on == "cancel_token";
+        }) == 2) {
+      break;
+    }
+    std::this_thread::yield();
+  }
+  release.cancel();
+}
+
 TEST_CASE("registry: a goroutine dump of 10,000 queued tasks from 3 spawn sites has 3 groups with the right counts" *
           doctest::timeout(120)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 10'000, .name = "dump"}};
@@ -301,7 +325,7 @@ TEST_CASE("registry: blocked on a named wait_group, and a worker_pool post waiti
   wait_until_blocked(second_line, "cancel_token");
   pool.post([] {});
   producers.post([&] { pool.post([] {}); }); const std::uint32_t producer_line = __LINE__;
-  wait_until_blocked(producer_line, "worker_pool post \"narrow\"");
+  wait_until_blocked(producer_line, "worker_pool \"narrow\" post");
   gate.cancel();
   batch.done();
 }

@@ -15,7 +15,7 @@
 //     hook for tests: the pool registers it only after it queued the
 //     producer for room);
 //   - a producer is waiting for room inside a plain post() when the task
-//     registry lists it as blocked on `worker_pool post`: the producer runs
+//     registry lists it as blocked on `worker_pool "name" post`: the producer runs
 //     as a task of a pool of its own, and the pool marks it blocked once it
 //     has stopped spinning and waits in the room queue, from where only a
 //     freed slot or shutdown brings it back.
@@ -145,7 +145,7 @@ class blocking_call {
       if (returned_.load()) return true;
       for (const auto& task : weft::registry::snapshot()) {
         if (task.name == runner_.name() && task.state == weft::task_state::blocked &&
-            task.blocked_on.starts_with("worker_pool post")) {
+            task.blocked_on.starts_with("worker_pool ") && task.blocked_on.ends_with(" post")) {
           return true;
         }
       }

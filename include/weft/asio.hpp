@@ -9,6 +9,7 @@
 #pragma once
 
 #include <weft/asio/cancel.hpp>
+#include <weft/asio/channel.hpp>
 #include <weft/asio/executor.hpp>
 #include <weft/asio/semaphore.hpp>
 #include <weft/asio/task_group.hpp>

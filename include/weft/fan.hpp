@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: BSL-1.0
-// Fan-out / fan-in as calls: gather, parallel_map, for_each.
+// Fan-out / fan-in as calls (gather, parallel_map, for_each) and over
+// channels (merge, fan_out).
 //
 // Go analogue: an errgroup whose goroutines write into a results slice, the
 // pattern an API handler uses to call three backends at once. C++
@@ -30,6 +31,16 @@
 //    million posts.
 //  - gather returns a std::tuple of the calls' results in argument order; a
 //    call returning void gives std::monostate.
+//  - merge(group, out, in1, in2, ...) and fan_out(group, in, n, f) start
+//    tasks in a group the caller owns and joins (group.wait()), so they are
+//    structured like any other task: they block their worker while they
+//    wait on a channel, so give the group's pool a worker for each, or
+//    let group.wait() run them.
+//
+//     weft::task_group group{ingest_pool.executor(), request};
+//     weft::merge(group, all, from_kafka, from_http);   // all closes when both are drained
+//     weft::fan_out(group, all, 4, [&](event& e) { store(e); });
+//     group.wait();
 //
 // Thread safety: each call is independent; the range must not change while
 // parallel_map or for_each runs, and f is called concurrently from several
@@ -37,6 +48,7 @@
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/channel.hpp>
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>
 
@@ -45,8 +57,10 @@
 #include <chrono>
 #include <cstddef>
 #include <iterator>
+#include <memory>
 #include <optional>
 #include <ranges>
+#include <stdexcept>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -65,6 +79,21 @@ struct fan_options {
 };
 
 namespace detail {
+
+// The first parameter of gather, merge and fan_out, with the line that
+// called them. Their last parameters are a pack, so the spawn site cannot be
+// a defaulted last parameter as elsewhere in weft; it is a defaulted
+// parameter of this implicit conversion instead, which the compiler also
+// evaluates at the caller. It refers to the caller's object, so it lives
+// only for the call.
+template <class Object>
+struct at_call_site {
+  // NOLINTNEXTLINE(google-explicit-constructor): converting is its purpose
+  at_call_site(Object& object, spawn_site site = spawn_site::current()) noexcept : object(object), site(site) {}
+
+  Object& object;
+  spawn_site site;
+};
 
 template <class F, class... Args>
 decltype(auto) invoke_maybe_with_token(F& f, const cancel_token& token, Args&&... args) {
@@ -154,15 +183,14 @@ auto elements_of(Range& range) {
 // Starts call I of a gather, which fills slot I of the tuple. (A lambda
 // with a pack init-capture would be shorter, but crashes Clang 14.)
 template <std::size_t I, class Slots, class F>
-void gather_one(task_group& group, Slots& slots, F& call) {
-  group.go([&slot = std::get<I>(slots), &call](const cancel_token& token) {
-    slot.emplace(call_for_result(call, token));
-  });
+void gather_one(task_group& group, Slots& slots, F& call, const spawn_site& site) {
+  group.go([&slot = std::get<I>(slots), &call](const cancel_token& token) { slot.emplace(call_for_result(call, token)); },
+           site);
 }
 
 template <class Slots, std::size_t... I, class... F>
-void gather_into(task_group& group, Slots& slots, std::index_sequence<I...>, F&... calls) {
-  (gather_one<I>(group, slots, calls), ...);
+void gather_into(task_group& group, Slots& slots, const spawn_site& site, std::index_sequence<I...>, F&... calls) {
+  (gather_one<I>(group, slots, calls, site), ...);
 }
 
 }  // namespace detail
@@ -197,35 +225,72 @@ void for_each(Range&& range, F&& f, const fan_options& options = {}, spawn_site 
 // Runs every call concurrently on `executor` under `token`; returns their
 // results as a tuple.
 template <class... F>
-auto gather(pool_executor executor, const cancel_token& token, F&&... calls) {
+auto gather(pool_executor executor, detail::at_call_site<const cancel_token> token, F&&... calls) {
   std::tuple<std::optional<decltype(detail::call_for_result(std::declval<std::decay_t<F>&>(),
                                                             std::declval<const cancel_token&>()))>...>
       slots;
   {
-    task_group group{executor, token};
-    detail::gather_into(group, slots, std::index_sequence_for<F...>{}, calls...);
+    task_group group{executor, token.object};
+    detail::gather_into(group, slots, token.site, std::index_sequence_for<F...>{}, calls...);
     group.wait();
   }
   return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);
 }
 
+// gather on the default executor.
 template <class... F>
-  requires(sizeof...(F) > 0 && (detail::group_callable<std::decay_t<F>> && ...))
-auto gather(F&&... calls) {
-  return gather(default_executor(), cancel_token{}, std::forward<F>(calls)...);
-}
-
-template <class... F>
-auto gather(const cancel_token& token, F&&... calls) {
+auto gather(detail::at_call_site<const cancel_token> token, F&&... calls) {
   return gather(default_executor(), token, std::forward<F>(calls)...);
 }
 
 // gather with a deadline `timeout` from now (on the steady clock): calls
 // still running then see their token cancelled with errc::deadline_exceeded.
 template <class Rep, class Period, class... F>
-auto gather_for(std::chrono::duration<Rep, Period> timeout, const cancel_token& token, F&&... calls) {
-  const cancel_source deadline = with_timeout(token, timeout);
-  return gather(default_executor(), deadline.token(), std::forward<F>(calls)...);
+auto gather_for(std::chrono::duration<Rep, Period> timeout, detail::at_call_site<const cancel_token> token, F&&... calls) {
+  const cancel_source deadline = with_timeout(token.object, timeout);
+  return gather(default_executor(), detail::at_call_site<const cancel_token>{deadline.token(), token.site}, std::forward<F>(calls)...);
+}
+
+// Fan-in over channels: forwards every value of `inputs` into `out`, from
+// one task of `group` per input, and closes `out` once every input is closed
+// and drained (or the group's token is cancelled, which drops the values
+// then in flight). Values of one input keep their order in `out`.
+template <class T, class Clock, class... Inputs>
+  requires(sizeof...(Inputs) > 0 && (std::is_same_v<Inputs, basic_channel<T, Clock>> && ...))
+void merge(detail::at_call_site<task_group> group, basic_channel<T, Clock>& out, Inputs&... inputs) {
+  auto open_inputs = std::make_shared<std::atomic<std::size_t>>(sizeof...(Inputs));
+  const auto forward = [&](basic_channel<T, Clock>& in) {
+    group.object.go(
+        [&in, &out, open_inputs](const cancel_token& token) {
+          for (;;) {
+            auto value = in.recv(token);
+            if (!value || out.send(std::move(*value), token) != wait_status::ok) break;
+          }
+          if (open_inputs->fetch_sub(1, std::memory_order_acq_rel) == 1) out.close();
+        },
+        group.site);
+  };
+  (forward(inputs), ...);
+}
+
+// Fan-out over a channel: `workers` tasks of `group` each receive from `in`
+// and call f(value) (or f(value, token)) until `in` is closed and drained.
+// An exception from f fails the group, whose cancelled token stops the rest.
+template <class T, class Clock, class F>
+void fan_out(detail::at_call_site<task_group> group, basic_channel<T, Clock>& in, std::size_t workers, F f) {
+  if (workers == 0) throw std::invalid_argument("weft::fan_out: workers must be at least 1");
+  auto shared = std::make_shared<F>(std::move(f));
+  for (std::size_t i = 0; i < workers; ++i) {
+    group.object.go(
+        [&in, shared](const cancel_token& token) {
+          for (;;) {
+            auto value = in.recv(token);
+            if (!value) break;
+            detail::invoke_maybe_with_token(*shared, token, *value);
+          }
+        },
+        group.site);
+  }
 }
 
 }  // namespace weft

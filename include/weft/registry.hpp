@@ -16,9 +16,8 @@
 // spawn_site.hpp), the id of the task that spawned it, its state (queued,
 // running, blocked), what it is blocked on when it waits inside a weft
 // primitive (`semaphore "db-conns"`, `wait_group`, `task_group::wait`,
-// `cancel_token`, `worker_pool post "db"`; a coroutine is always listed as
-// blocked on `co_await`), and since when. Not yet: gather's calls show a
-// spawn site inside weft.
+// `cancel_token`, `worker_pool "db" post`, `channel "jobs" recv`, `select`;
+// a coroutine is always listed as blocked on `co_await`), and since when.
 //
 //   weft::registry::dump(std::cerr);          // a goroutine dump, for people
 //   weft::registry::dump_json(out);           // the same, for tools
@@ -63,6 +62,7 @@
 #include <ostream>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
@@ -109,14 +109,19 @@ inline task_info::clock::time_point from_ns(std::int64_t ns) {
       std::chrono::duration_cast<task_info::clock::duration>(std::chrono::nanoseconds{ns})};
 }
 
+// `semaphore "db-conns"`; a kind of two words names the object after the
+// first: `channel "jobs" recv`.
 inline std::string describe_blocking(const char* kind, const char* name) {
   if (kind == nullptr) return {};
-  std::string out = kind;
+  const std::string_view whole{kind};
+  const auto space = whole.find(' ');
+  std::string out{whole.substr(0, space)};
   if (name != nullptr) {
     out += " \"";
     out += name;
     out += '"';
   }
+  if (space != std::string_view::npos) out += whole.substr(space);
   return out;
 }
 

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/channel.hpp>
 #include <weft/config.hpp>
 #include <weft/fan.hpp>
 #include <weft/manual_clock.hpp>
 #include <weft/registry.hpp>
+#include <weft/select.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/spawn_site.hpp>
 #include <weft/task_group.hpp>

@@ -23,6 +23,11 @@
 //
 // The capacity is exact and may be any positive number.
 //
+// close() makes every later try_push fail, atomically with respect to
+// claims: it sets a bit in the tail, so a producer's claim either came
+// before it (and its value will be published and can be popped) or fails.
+// Values already pushed stay poppable.
+//
 // Cell: an optional record kept in each slot after the value (the task
 // registry's origin_cell, see task_tracking.hpp), on the slot's second cache
 // line when the value fills the first, so that values without a record never
@@ -74,6 +79,7 @@ class bounded_ring {
   bool try_push(T& value, Fill&& fill, std::uint64_t* position = nullptr) noexcept {
     auto pos = tail_.load(std::memory_order_relaxed);
     for (;;) {
+      if ((pos & closed_bit) != 0) return false;
       slot& s = slots_[pos % capacity_];
       const auto sequence = s.sequence.load(std::memory_order_acquire);
       const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
@@ -126,13 +132,17 @@ class bounded_ring {
 
   std::size_t capacity() const noexcept { return capacity_; }
 
+  // Refuses every later push; returns false if already closed.
+  bool close() noexcept { return (tail_.fetch_or(closed_bit, std::memory_order_seq_cst) & closed_bit) == 0; }
+  bool closed() const noexcept { return (tail_.load(std::memory_order_seq_cst) & closed_bit) != 0; }
+
   // Calls accept(read(cell, position)) for the cells of values queued now,
   // from any thread: read copies a cell, and the copy is accepted only if
   // the slot held the same value before and after the read. Values pushed or
   // popped meanwhile may be left out.
   template <class Read, class Accept>
   void visit_cells(Read&& read, Accept&& accept) const {
-    const auto last = tail_.load(std::memory_order_acquire);
+    const auto last = tail_.load(std::memory_order_acquire) & ~closed_bit;
     const auto first = head_.load(std::memory_order_acquire);
     for (auto pos = first; pos < last && pos - first < capacity_; ++pos) {
       const slot& s = slots_[pos % capacity_];
@@ -144,7 +154,7 @@ class bounded_ring {
   }
 
   // Counts since construction; each may be stale as soon as it is read.
-  std::uint64_t pushed() const noexcept { return tail_.load(std::memory_order_relaxed); }
+  std::uint64_t pushed() const noexcept { return tail_.load(std::memory_order_relaxed) & ~closed_bit; }
   std::uint64_t popped() const noexcept { return head_.load(std::memory_order_relaxed); }
 
   std::size_t size() const noexcept {
@@ -161,10 +171,10 @@ class bounded_ring {
   //   claimed_unpopped: a value is pushed, or being pushed, and not popped.
   //   full: every slot holds, or is about to hold, a value.
   bool claimed_unpopped() const noexcept {
-    return tail_.load(std::memory_order_seq_cst) != head_.load(std::memory_order_relaxed);
+    return (tail_.load(std::memory_order_seq_cst) & ~closed_bit) != head_.load(std::memory_order_relaxed);
   }
   bool full() const noexcept {
-    return tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_seq_cst) >= capacity_;
+    return (tail_.load(std::memory_order_relaxed) & ~closed_bit) - head_.load(std::memory_order_seq_cst) >= capacity_;
   }
 
   // True when a value is published at the head; a value being pushed right
@@ -175,6 +185,9 @@ class bounded_ring {
   }
 
  private:
+  // Set in the tail by close(); positions never reach it.
+  static constexpr std::uint64_t closed_bit = std::uint64_t{1} << 63;
+
   static constexpr std::uint64_t free_for(std::uint64_t position) noexcept { return 2 * position; }
   static constexpr std::uint64_t holds(std::uint64_t position) noexcept { return 2 * position + 1; }
 

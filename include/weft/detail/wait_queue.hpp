@@ -64,6 +64,9 @@ struct wait_node {
   // What the waiter asks for; its meaning belongs to the primitive (a
   // semaphore's weight, a wait_group's epoch).
   std::ptrdiff_t request = 0;
+  // What the waiter carries, also the primitive's to define (a channel's
+  // value slot).
+  void* context = nullptr;
   // Called once by the remover, without the queue's mutex (invariant 2).
   void (*complete)(wait_node&) noexcept = nullptr;
   // For async waiters only: destroys the waiter without completing it, when
@@ -153,6 +156,11 @@ class wait_queue {
     completions.push(node);
   }
 
+  // Removes a queued node without completing it: for a node whose owner
+  // stopped waiting by other means (a select that completed elsewhere) and
+  // will withdraw it.
+  void erase(wait_node& node) noexcept { unlink(node); }
+
   // Removes `node` if it is still queued and completes it with `status`.
   // Returns false when someone else removed it first.
   bool cancel(wait_node& node, wait_status status) noexcept {
@@ -183,12 +191,14 @@ class wait_queue {
   // and `waiter` just pushed; returns the status its remover gave it. Stops
   // waiting when `cancel` (may be null) is cancelled, giving `cancelled` (or
   // `timeout` when the token's own deadline did it), or when `deadline` (may
-  // be null) passes, giving `timeout`.
+  // be null) passes, giving `timeout`. `kind`, when given, replaces the
+  // queue's own in the registry (one queue may hold several kinds of wait).
   template <class Clock = std::chrono::steady_clock, class Duration = typename Clock::duration>
   wait_status wait(thread_waiter& waiter, lock_type& lock, cancel_state* cancel,
-                   const std::chrono::time_point<Clock, Duration>* deadline = nullptr) noexcept {
+                   const std::chrono::time_point<Clock, Duration>* deadline = nullptr,
+                   const char* kind = nullptr) noexcept {
     lock.unlock();
-    const blocked_scope blocked{kind_, name_};
+    const blocked_scope blocked{kind != nullptr ? kind : kind_, name_};
     cancel_link link;
     if (cancel != nullptr) {
       link.queue = this;

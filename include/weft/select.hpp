@@ -1,0 +1,421 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::select: wait on several channel operations at once and complete
+// exactly one, Go's `select` statement.
+//
+//   auto done = weft::select(request_token,
+//       weft::on_recv(jobs, [&](std::optional<job> j) { if (j) handle(*j); }),
+//       weft::on_send(results, std::move(next), [&] { next = {}; }));
+//   if (done.status == weft::wait_status::cancelled) return;
+//
+//   if (!weft::try_select(weft::on_recv(jobs, handle_one))) idle();   // `default:`
+//
+// Semantics:
+//  - Exactly one case completes, and it is the only one with an effect: no
+//    value is taken from a channel without being delivered to its case, and
+//    a send case's value is moved from only if that case completed.
+//  - Among cases ready at once, one is chosen at random, as Go does, so no
+//    case starves another.
+//  - A receive case is ready when a value is, or when its channel is closed
+//    and drained; its handler gets the value, or an empty optional for the
+//    end of the stream. A send case is ready when the channel takes the
+//    value, or is closed; its handler runs only when the value was sent.
+//  - The result names the case that completed and its status: ok, or closed
+//    (its channel was closed). select with a token or deadline may instead
+//    end with cancelled or timeout and no case; try_select (Go's select with
+//    `default`) ends at once with `none` when no case is ready.
+//  - Handlers run on the selecting thread, after every channel's lock is
+//    released; an exception from one propagates out of select.
+//
+// Thread safety: a select may run concurrently with any channel operation
+// and other selects on the same channels. A send case refers to the
+// caller's value: keep it alive (and untouched) until select returns.
+//
+// Cost: when a case is ready at once, the cost of that operation plus one
+// lock per distinct channel queue involved (taken in address order, as Go's
+// select does). Otherwise the select queues a node on each channel and
+// parks; a buffered channel that becomes ready wakes it to look again, a
+// rendezvous channel hands the value over directly. Nothing is allocated.
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/channel.hpp>
+#include <weft/detail/backoff.hpp>
+#include <weft/detail/parker.hpp>
+#include <weft/detail/task_tracking.hpp>
+#include <weft/detail/timed_wait.hpp>
+#include <weft/detail/wait_queue.hpp>
+#include <weft/wait_status.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace weft {
+
+struct select_result {
+  static constexpr std::size_t none = static_cast<std::size_t>(-1);
+
+  std::size_t index = none;  // the case that completed, in argument order
+  wait_status status = wait_status::ok;
+
+  // A case completed and its operation succeeded.
+  explicit operator bool() const noexcept { return index != none && status == wait_status::ok; }
+};
+
+namespace detail {
+
+enum class case_readiness { ready, not_ready, in_flight };
+
+// A receive case. F is called with std::optional<T>.
+template <class T, class Clock, class F>
+class recv_case {
+ public:
+  recv_case(basic_channel<T, Clock>& channel, F handler) : channel_(&channel), handler_(std::move(handler)) {}
+
+  wait_queue& queue() const noexcept { return channel_->receivers_; }
+
+  // With queue() locked: completes now if it can.
+  case_readiness ready_locked(completion_list& done) noexcept {
+    auto& ch = *channel_;
+    if (ch.rendezvous()) {
+      if (ch.take_from_sender(value_, done)) return case_readiness::ready;
+      if (ch.ring_.closed()) return close_ready();
+      return case_readiness::not_ready;
+    }
+    ch.receivers_waiting_.store(true, std::memory_order_seq_cst);
+    T value;
+    if (ch.ring_.try_pop(value)) {
+      value_.emplace(std::move(value));
+      popped_ = true;
+      return case_readiness::ready;
+    }
+    const bool closed = ch.ring_.closed();  // first: see basic_channel::recv_queued
+    if (ch.ring_.claimed_unpopped()) return case_readiness::in_flight;
+    return closed ? close_ready() : case_readiness::not_ready;
+  }
+
+  void enqueue_locked(select_node& node, select_state& state, int index) noexcept {
+    slot_.incoming = &value_;
+    slot_.select = &state;
+    slot_.select_case = index;
+    node.state = &state;
+    node.context = &slot_;
+    queue().push_back(node);
+  }
+
+  // With queue() locked: the channel's mark follows its queue.
+  void settle_mark_locked() noexcept {
+    if (!channel_->rendezvous()) channel_->receivers_waiting_.store(!queue().empty(), std::memory_order_relaxed);
+  }
+
+  void withdraw(select_node& node) noexcept {
+    auto lock = queue().lock();
+    if (node.queued) queue().erase(node);
+    settle_mark_locked();
+  }
+
+  // After every lock is released: what the operation owes the channel.
+  void after_unlock() noexcept {
+    if (popped_) channel_->after_pop();
+  }
+
+  wait_status status() const noexcept { return closed_ ? wait_status::closed : wait_status::ok; }
+  void finish() { std::invoke(handler_, std::move(value_)); }
+
+ private:
+  case_readiness close_ready() noexcept {
+    closed_ = true;
+    return case_readiness::ready;
+  }
+
+  basic_channel<T, Clock>* channel_;
+  F handler_;
+  std::optional<T> value_;
+  channel_slot<T> slot_;
+  bool popped_ = false;
+  bool closed_ = false;
+};
+
+// A send case. F is called with no arguments once the value is sent.
+template <class T, class Clock, class F>
+class send_case {
+ public:
+  send_case(basic_channel<T, Clock>& channel, T& value, F handler)
+      : channel_(&channel), value_(&value), handler_(std::move(handler)) {}
+
+  wait_queue& queue() const noexcept {
+    return channel_->rendezvous() ? channel_->receivers_ : channel_->senders_;
+  }
+
+  case_readiness ready_locked(completion_list& done) noexcept {
+    auto& ch = *channel_;
+    if (ch.ring_.closed()) {
+      closed_ = true;
+      return case_readiness::ready;
+    }
+    if (ch.rendezvous()) {
+      return ch.give_to_receiver(*value_, done) ? case_readiness::ready : case_readiness::not_ready;
+    }
+    ch.senders_waiting_.store(true, std::memory_order_seq_cst);
+    if (ch.ring_.try_push(*value_)) {
+      pushed_ = true;
+      return case_readiness::ready;
+    }
+    return ch.ring_.full() ? case_readiness::not_ready : case_readiness::in_flight;
+  }
+
+  void enqueue_locked(select_node& node, select_state& state, int index) noexcept {
+    slot_.outgoing = value_;
+    slot_.select = &state;
+    slot_.select_case = index;
+    node.state = &state;
+    node.context = &slot_;
+    queue().push_back(node);
+  }
+
+  void settle_mark_locked() noexcept {
+    if (!channel_->rendezvous()) channel_->senders_waiting_.store(!queue().empty(), std::memory_order_relaxed);
+  }
+
+  void withdraw(select_node& node) noexcept {
+    auto lock = queue().lock();
+    if (node.queued) queue().erase(node);
+    settle_mark_locked();
+  }
+
+  void after_unlock() noexcept {
+    if (pushed_) channel_->after_push();
+  }
+
+  wait_status status() const noexcept { return closed_ ? wait_status::closed : wait_status::ok; }
+  void finish() {
+    if (!closed_) std::invoke(handler_);
+  }
+
+ private:
+  basic_channel<T, Clock>* channel_;
+  T* value_;
+  F handler_;
+  channel_slot<T> slot_;
+  bool pushed_ = false;
+  bool closed_ = false;
+};
+
+template <class C>
+inline constexpr bool is_select_case = false;
+template <class T, class Clock, class F>
+inline constexpr bool is_select_case<recv_case<T, Clock, F>> = true;
+template <class T, class Clock, class F>
+inline constexpr bool is_select_case<send_case<T, Clock, F>> = true;
+
+template <class... Cases>
+concept select_cases = sizeof...(Cases) > 0 && (is_select_case<std::remove_cvref_t<Cases>> && ...);
+
+struct no_handler {
+  void operator()() const noexcept {}
+};
+
+// A random rotation of the cases for each select, so that no ready case
+// always loses to one before it.
+inline std::size_t random_start(std::size_t cases) noexcept {
+  thread_local std::uint64_t state = 0x9e3779b97f4a7c15ULL ^ reinterpret_cast<std::uintptr_t>(&state);
+  state ^= state << 13;
+  state ^= state >> 7;
+  state ^= state << 17;
+  return static_cast<std::size_t>(state % cases);
+}
+
+// Locks the distinct queues of the cases in address order, and unlocks
+// them when destroyed.
+template <std::size_t N>
+class queue_locks {
+ public:
+  explicit queue_locks(std::array<wait_queue*, N> queues) noexcept : queues_(queues) {
+    std::sort(queues_.begin(), queues_.end(), std::less<>{});
+    count_ = static_cast<std::size_t>(std::unique(queues_.begin(), queues_.end()) - queues_.begin());
+    for (std::size_t i = 0; i < count_; ++i) locks_[i] = queues_[i]->lock();
+  }
+
+ private:
+  std::array<wait_queue*, N> queues_;
+  std::array<wait_queue::lock_type, N> locks_;
+  std::size_t count_ = 0;
+};
+
+// Runs a select over `cases` (a tuple of recv_case / send_case). `cancel`
+// and `deadline` may be null; `poll` makes it try_select.
+template <class Clock, class Duration, class... Cases>
+select_result run_select(std::tuple<Cases...>& cases, cancel_state* cancel,
+                         const std::chrono::time_point<Clock, Duration>* deadline, bool poll) {
+  constexpr std::size_t count = sizeof...(Cases);
+  const auto for_each_case = [&](auto&& visit) {
+    std::apply([&](auto&... each) {
+      std::size_t index = 0;
+      (visit(each, index++), ...);
+    }, cases);
+  };
+  const auto with_case = [&](std::size_t wanted, auto&& visit) {
+    for_each_case([&](auto& each, std::size_t index) {
+      if (index == wanted) visit(each);
+    });
+  };
+  const auto gave_up = [&]() -> select_result {
+    return {select_result::none, cancel != nullptr && cancel->cancelled() && !cancel->by_deadline()
+                                     ? wait_status::cancelled
+                                     : wait_status::timeout};
+  };
+
+  for (detail::backoff pause;;) {
+    if (cancel != nullptr && cancel->cancelled()) return gave_up();
+    select_state state;
+    std::array<select_node, count> nodes;
+    {
+      completion_list done;  // completed after the locks below are released
+      std::array<wait_queue*, count> queues{};
+      for_each_case([&](auto& each, std::size_t index) { queues[index] = &each.queue(); });
+      std::size_t winner = select_result::none;
+      bool in_flight = false;
+      {
+        queue_locks<count> locks{queues};
+        const std::size_t start = random_start(count);
+        for (std::size_t step = 0; step < count && winner == select_result::none; ++step) {
+          const std::size_t index = (start + step) % count;
+          with_case(index, [&](auto& each) {
+            const auto readiness = each.ready_locked(done);
+            if (readiness == case_readiness::ready) winner = index;
+            if (readiness == case_readiness::in_flight) in_flight = true;
+          });
+        }
+        const bool wait_now = winner == select_result::none && !in_flight && !poll;
+        if (wait_now) {
+          for_each_case([&](auto& each, std::size_t index) {
+            each.enqueue_locked(nodes[index], state, static_cast<int>(index));
+          });
+        } else {
+          for_each_case([&](auto& each, std::size_t) { each.settle_mark_locked(); });
+        }
+      }
+      if (winner != select_result::none) {
+        done.complete_all();
+        select_result result{winner, wait_status::ok};
+        with_case(winner, [&](auto& each) {
+          each.after_unlock();
+          result.status = each.status();
+          each.finish();
+        });
+        return result;
+      }
+      if (in_flight) {
+        if (!pause.wait()) std::this_thread::yield();
+        continue;
+      }
+      if (poll) return {};
+    }
+
+    // Parked on every channel; the first to claim `state` wakes us.
+    bool claimed_by_us = false;
+    {
+      const blocked_scope blocked{"select", nullptr};
+      struct cancel_link : callback_node {
+        select_state* state = nullptr;
+      } link;
+      link.state = &state;
+      link.invoke = [](callback_node& self) noexcept {
+        auto& target = *static_cast<cancel_link&>(self).state;
+        if (target.claim(select_state::given_up)) target.waiter.complete();
+      };
+      if (cancel != nullptr) cancel->add_callback(link);
+      if (deadline != nullptr && !wait_completed_until(state.waiter, *deadline)) {
+        claimed_by_us = state.claim(select_state::given_up);
+      }
+      if (!claimed_by_us) state.waiter.wait_completed();
+      if (cancel != nullptr) cancel->remove_callback(link);
+    }
+    for_each_case([&](auto& each, std::size_t index) { each.withdraw(nodes[index]); });
+
+    const int winner = state.winner.load(std::memory_order_acquire);
+    if (winner == select_state::given_up) return gave_up();
+    if (state.handed_over) {
+      select_result result{static_cast<std::size_t>(winner), wait_status::ok};
+      with_case(result.index, [&](auto& each) {
+        result.status = each.status();
+        each.finish();
+      });
+      return result;
+    }
+    // A buffered channel became ready (or closed): look again.
+  }
+}
+
+}  // namespace detail
+
+// A receive case: handler(std::optional<T>) runs if it completes.
+template <class T, class Clock, class F>
+auto on_recv(basic_channel<T, Clock>& channel, F handler) {
+  static_assert(std::is_invocable_v<F&, std::optional<T>>,
+                "weft::on_recv: the handler must take a std::optional<T> (empty: the channel is closed)");
+  return detail::recv_case<T, Clock, F>{channel, std::move(handler)};
+}
+
+// A send case: moves from `value` only if it completes; handler() runs then.
+template <class T, class Clock, class F = detail::no_handler>
+auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>& value, F handler = {}) {
+  static_assert(std::is_invocable_v<F&>, "weft::on_send: the handler takes no arguments");
+  return detail::send_case<T, Clock, F>{channel, value, std::move(handler)};
+}
+template <class T, class Clock, class F = detail::no_handler>
+auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>&& value, F handler = {}) {
+  return on_send(channel, static_cast<T&>(value), std::move(handler));
+}
+
+// Waits as long as it takes for one case.
+template <class... Cases>
+  requires detail::select_cases<Cases...>
+select_result select(Cases&&... cases) {
+  std::tuple<std::remove_cvref_t<Cases>...> all{std::forward<Cases>(cases)...};
+  return detail::run_select<std::chrono::steady_clock, std::chrono::steady_clock::duration>(all, nullptr, nullptr,
+                                                                                             false);
+}
+
+// Waits for one case, or until the token is cancelled.
+template <class... Cases>
+  requires detail::select_cases<Cases...>
+select_result select(const cancel_token& token, Cases&&... cases) {
+  std::tuple<std::remove_cvref_t<Cases>...> all{std::forward<Cases>(cases)...};
+  return detail::run_select<std::chrono::steady_clock, std::chrono::steady_clock::duration>(
+      all, detail::state_of(token), nullptr, false);
+}
+
+template <class Clock, class Duration, class... Cases>
+  requires detail::select_cases<Cases...>
+select_result select_until(const std::chrono::time_point<Clock, Duration>& deadline, Cases&&... cases) {
+  std::tuple<std::remove_cvref_t<Cases>...> all{std::forward<Cases>(cases)...};
+  return detail::run_select(all, nullptr, &deadline, false);
+}
+
+template <class Rep, class Period, class... Cases>
+  requires detail::select_cases<Cases...>
+select_result select_for(std::chrono::duration<Rep, Period> timeout, Cases&&... cases) {
+  return select_until(std::chrono::steady_clock::now() + timeout, std::forward<Cases>(cases)...);
+}
+
+// Go's select with `default`: completes a case that is ready now, or
+// returns a result with index none.
+template <class... Cases>
+  requires detail::select_cases<Cases...>
+select_result try_select(Cases&&... cases) {
+  std::tuple<std::remove_cvref_t<Cases>...> all{std::forward<Cases>(cases)...};
+  return detail::run_select<std::chrono::steady_clock, std::chrono::steady_clock::duration>(all, nullptr, nullptr,
+                                                                                             true);
+}
+
+}  // namespace weft

@@ -1,0 +1,433 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft::channel (weft/channel.hpp) and its Asio operations
+// (weft/asio/channel.hpp): buffered and rendezvous channels, the try,
+// blocking, token and deadline forms, close, iteration, stats, the task
+// registry's view of blocked operations, and FIFO order across producers.
+//
+// Hand-offs: a test knows a thread has queued on a channel when stats()
+// counts it among the waiting senders or receivers (counted under the
+// queue's mutex when the waiter is pushed). Deadlines run on
+// weft::manual_clock. Nothing here sleeps.
+#include <weft/asio.hpp>
+#include <weft/cancel.hpp>
+#include <weft/channel.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/registry.hpp>
+#include <weft/worker_pool.hpp>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using weft::wait_status;
+using weft_test::spin_until;
+
+namespace {
+
+template <class Channel>
+void wait_for_receivers(const Channel& channel, std::size_t count) {
+  spin_until([&] { return channel.stats().waiting_receivers == count; });
+}
+
+template <class Channel>
+void wait_for_senders(const Channel& channel, std::size_t count) {
+  spin_until([&] { return channel.stats().waiting_senders == count; });
+}
+
+}  // namespace
+
+TEST_CASE("channel: a buffered channel is FIFO, bounded, and try_ forms never block") {
+  weft::channel<int> ch{3};
+  CHECK(ch.capacity() == 3);
+  CHECK_FALSE(ch.try_recv());
+  CHECK(ch.try_send(1));
+  CHECK(ch.send(2) == wait_status::ok);
+  int three = 3;
+  CHECK(ch.try_send(std::move(three)));
+  int four = 4;
+  CHECK_FALSE(ch.try_send(std::move(four)));  // full: the value stays with the caller
+  CHECK(four == 4);
+  CHECK(ch.size() == 3);
+  CHECK(*ch.try_recv() == 1);
+  CHECK(*ch.recv() == 2);
+  CHECK(*ch.try_recv() == 3);
+  CHECK_FALSE(ch.try_recv());
+  const auto stats = ch.stats();
+  CHECK(stats.sent == 3);
+  CHECK(stats.received == 3);
+  CHECK(stats.size == 0);
+}
+
+TEST_CASE("channel: a full channel makes the sender wait until a receiver makes room (backpressure)") {
+  weft::channel<int> ch{1, "jobs"};
+  REQUIRE(ch.send(1) == wait_status::ok);
+  std::thread sender([&] { CHECK(ch.send(2) == wait_status::ok); });
+  wait_for_senders(ch, 1);
+  CHECK(*ch.recv() == 1);
+  sender.join();
+  CHECK(*ch.recv() == 2);
+  CHECK(ch.stats().send_blocked > 0ns);
+  CHECK(ch.stats().name == "jobs");
+}
+
+TEST_CASE("channel: a waiting receiver is handed the value the next send brings") {
+  weft::channel<std::string> ch{4};
+  std::optional<std::string> got;
+  std::thread receiver([&] { got = ch.recv(); });
+  wait_for_receivers(ch, 1);
+  CHECK(ch.send(std::string("hello")) == wait_status::ok);
+  receiver.join();
+  CHECK(got == "hello");
+  CHECK(ch.stats().recv_blocked > 0ns);
+}
+
+TEST_CASE("channel: capacity 0 is a rendezvous: a send completes only when a receiver takes the value") {
+  weft::channel<int> ch{0};
+  CHECK_FALSE(ch.try_send(1));  // nobody receives
+  CHECK_FALSE(ch.try_recv());   // nobody sends
+  std::atomic<bool> sent{false};
+  std::thread sender([&] {
+    CHECK(ch.send(7) == wait_status::ok);
+    sent = true;
+  });
+  wait_for_senders(ch, 1);
+  CHECK_FALSE(sent.load());
+  CHECK(ch.size() == 0);
+  CHECK(*ch.try_recv() == 7);  // a waiting sender makes try_recv succeed
+  sender.join();
+  CHECK(sent.load());
+
+  std::optional<int> got;
+  std::thread receiver([&] { got = ch.recv(); });
+  wait_for_receivers(ch, 1);
+  CHECK(ch.try_send(8));  // a waiting receiver makes try_send succeed
+  receiver.join();
+  CHECK(got == 8);
+  CHECK(ch.stats().sent == 2);
+  CHECK(ch.stats().received == 2);
+}
+
+TEST_CASE("channel: move-only values go through buffered and rendezvous channels") {
+  for (std::size_t capacity : {0u, 2u}) {
+    weft::channel<std::unique_ptr<int>> ch{capacity};
+    std::thread sender([&] {
+      for (int i = 0; i < 100; ++i) CHECK(ch.send(std::make_unique<int>(i)) == wait_status::ok);
+      ch.close();
+    });
+    int expected = 0;
+    for (auto& value : ch) CHECK(*value == expected++);
+    CHECK(expected == 100);
+    sender.join();
+  }
+}
+
+TEST_CASE("channel: close keeps buffered values for receivers, then reports the end of the stream") {
+  weft::channel<int> ch{4};
+  CHECK(ch.send(1) == wait_status::ok);
+  CHECK(ch.send(2) == wait_status::ok);
+  CHECK(ch.close());
+  CHECK_FALSE(ch.close());  // idempotent
+  CHECK(ch.closed());
+  int refused = 3;
+  CHECK(ch.send(std::move(refused)) == wait_status::closed);
+  CHECK(refused == 3);  // not lost
+  CHECK_FALSE(ch.try_send(4));
+  CHECK(*ch.recv() == 1);
+  CHECK(*ch.try_recv() == 2);
+  CHECK_FALSE(ch.recv());
+  CHECK(ch.recv_for(1s).status() == wait_status::closed);
+  weft::cancel_source source;
+  CHECK(ch.recv(source.token()).status() == wait_status::closed);
+  CHECK(ch.stats().closed);
+}
+
+TEST_CASE("channel: close wakes blocked senders with closed, their values intact, and blocked receivers") {
+  SUBCASE("senders of a full buffered channel") {
+    weft::channel<std::string> ch{1};
+    REQUIRE(ch.send(std::string("kept")) == wait_status::ok);
+    std::string value = "mine";
+    wait_status status = wait_status::ok;
+    std::thread sender([&] { status = ch.send(std::move(value)); });
+    wait_for_senders(ch, 1);
+    ch.close();
+    sender.join();
+    CHECK(status == wait_status::closed);
+    CHECK(value == "mine");
+    CHECK(*ch.recv() == "kept");
+    CHECK_FALSE(ch.recv());
+  }
+  SUBCASE("senders and receivers of a rendezvous channel") {
+    weft::channel<std::string> ch{0};
+    std::string value = "mine";
+    wait_status status = wait_status::ok;
+    std::thread sender([&] { status = ch.send(std::move(value)); });
+    wait_for_senders(ch, 1);
+    ch.close();
+    sender.join();
+    CHECK(status == wait_status::closed);
+    CHECK(value == "mine");
+
+    weft::channel<int> other{0};
+    std::optional<int> got = 1;
+    std::thread receiver([&] { got = other.recv(); });
+    wait_for_receivers(other, 1);
+    other.close();
+    receiver.join();
+    CHECK_FALSE(got);
+  }
+  SUBCASE("receivers of an empty buffered channel") {
+    weft::channel<int> ch{8};
+    std::vector<std::thread> receivers;
+    std::atomic<int> ended{0};
+    for (int i = 0; i < 3; ++i) {
+      receivers.emplace_back([&] {
+        if (!ch.recv()) ++ended;
+      });
+    }
+    wait_for_receivers(ch, 3);
+    ch.close();
+    for (auto& receiver : receivers) receiver.join();
+    CHECK(ended == 3);
+  }
+}
+
+TEST_CASE("channel: send and recv with a token give up on cancellation; a cancelled token does nothing") {
+  weft::channel<int> ch{1};
+  weft::cancel_source cancelled;
+  cancelled.cancel();
+  CHECK(ch.send(1, cancelled.token()) == wait_status::cancelled);  // even though there is room
+  CHECK(ch.size() == 0);
+  REQUIRE(ch.send(2) == wait_status::ok);
+  CHECK(ch.recv(cancelled.token()).status() == wait_status::cancelled);  // even though a value waits
+  CHECK(ch.size() == 1);
+
+  weft::cancel_source source;
+  int value = 3;
+  wait_status status = wait_status::ok;
+  std::thread sender([&] { status = ch.send(std::move(value), source.token()); });
+  wait_for_senders(ch, 1);
+  source.cancel();
+  sender.join();
+  CHECK(status == wait_status::cancelled);
+  CHECK(value == 3);
+  CHECK(ch.stats().waiting_senders == 0);
+  CHECK(*ch.recv() == 2);
+
+  weft::cancel_source receive;
+  weft::recv_result<int> result{wait_status::ok};
+  std::thread receiver([&] { result = ch.recv(receive.token()); });
+  wait_for_receivers(ch, 1);
+  receive.cancel();
+  receiver.join();
+  CHECK(result.status() == wait_status::cancelled);
+  CHECK_FALSE(result);
+  // Nobody waits any more: the fast paths work again.
+  CHECK(ch.try_send(4));
+  CHECK(*ch.try_recv() == 4);
+}
+
+TEST_CASE("channel: deadlines on a manual clock, for buffered and rendezvous channels") {
+  for (std::size_t capacity : {0u, 1u}) {
+    CAPTURE(capacity);
+    weft::basic_channel<int, weft::manual_clock> ch{capacity};
+    weft::recv_result<int> received{wait_status::ok};
+    std::thread receiver([&] { received = ch.recv_for(5s); });
+    wait_for_receivers(ch, 1);
+    spin_until([] { return weft::manual_clock::pending_timers() == 1; });
+    weft::manual_clock::advance(5s);
+    receiver.join();
+    CHECK(received.status() == wait_status::timeout);
+
+    if (capacity == 1) REQUIRE(ch.send(0) == wait_status::ok);
+    int value = 9;
+    wait_status sent = wait_status::ok;
+    std::thread sender([&] { sent = ch.send_until(std::move(value), weft::manual_clock::now() + 1s); });
+    wait_for_senders(ch, 1);
+    spin_until([] { return weft::manual_clock::pending_timers() == 1; });
+    weft::manual_clock::advance(1s);
+    sender.join();
+    CHECK(sent == wait_status::timeout);
+    CHECK(value == 9);
+    CHECK(ch.stats().waiting_senders == 0);
+    CHECK(ch.stats().waiting_receivers == 0);
+  }
+}
+
+TEST_CASE("channel: each producer's values arrive in the order it sent them (FIFO across producers)") {
+  constexpr int producers = 4;
+  constexpr int per_producer = weft_test::under_sanitizer ? 2000 : 20000;
+  weft::channel<std::int64_t> ch{16};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      for (int i = 0; i < per_producer; ++i) REQUIRE(ch.send(std::int64_t{p} << 32 | i) == wait_status::ok);
+    });
+  }
+  std::vector<int> next(producers, 0);
+  std::atomic<int> out_of_order{0};
+  for (int received = 0; received < producers * per_producer; ++received) {
+    const auto value = *ch.recv();
+    const auto producer = static_cast<std::size_t>(value >> 32);
+    if ((value & 0xffffffff) != next[producer]) ++out_of_order;
+    next[producer] = static_cast<int>(value & 0xffffffff) + 1;
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(out_of_order == 0);
+  CHECK(ch.stats().sent == producers * per_producer);
+}
+
+TEST_CASE("channel: many producers and consumers, buffered and rendezvous: every value exactly once") {
+  for (std::size_t capacity : {0u, 1u, 7u, 64u}) {
+    CAPTURE(capacity);
+    constexpr int producers = 3;
+    constexpr int consumers = 3;
+    const int per_producer = weft_test::under_sanitizer ? 1000 : 10000;
+    weft::channel<int> ch{capacity};
+    std::vector<std::atomic<int>> seen(static_cast<std::size_t>(producers * per_producer));
+    std::vector<std::thread> threads;
+    std::atomic<int> producing{producers};
+    for (int p = 0; p < producers; ++p) {
+      threads.emplace_back([&, p] {
+        for (int i = 0; i < per_producer; ++i) REQUIRE(ch.send(p * per_producer + i) == wait_status::ok);
+        if (--producing == 0) ch.close();
+      });
+    }
+    for (int c = 0; c < consumers; ++c) {
+      threads.emplace_back([&] {
+        for (int& value : ch) seen[static_cast<std::size_t>(value)].fetch_add(1);
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    int wrong = 0;
+    for (auto& count : seen) wrong += count.load() != 1;
+    CHECK(wrong == 0);
+  }
+}
+
+TEST_CASE("channel: a task blocked on a channel shows in the registry as channel \"name\" send / recv") {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::channel<int> full{1, "results"};
+  REQUIRE(full.send(0) == wait_status::ok);
+  weft::channel<int> empty{0, "jobs"};
+  pool.post([&] { (void)full.send(1); });
+  pool.post([&] { (void)empty.recv(); });
+  const auto blocked_on = [](const std::string& what) {
+    for (const auto& task : weft::registry::snapshot()) {
+      if (task.state == weft::task_state::blocked && task.blocked_on == what) return true;
+    }
+    return false;
+  };
+  spin_until([&] { return blocked_on("channel \"results\" send") && blocked_on("channel \"jobs\" recv"); });
+  CHECK(*full.recv() == 0);
+  CHECK(empty.send(2) == wait_status::ok);
+  pool.shutdown();
+  CHECK(*full.recv() == 1);
+}
+
+TEST_CASE("channel: async_send and async_recv with coroutines and threads on one channel") {
+  for (std::size_t capacity : {0u, 2u}) {
+    CAPTURE(capacity);
+    weft::channel<int> ch{capacity};
+    boost::asio::io_context io;
+    std::vector<int> got;
+    boost::asio::co_spawn(
+        io,
+        [&]() -> boost::asio::awaitable<void> {
+          for (;;) {
+            auto [error, value] = co_await weft::async_recv(ch, boost::asio::as_tuple(boost::asio::use_awaitable));
+            if (!value) {
+              CHECK(error == weft::errc::closed);
+              break;
+            }
+            got.push_back(*value);
+          }
+        },
+        boost::asio::detached);
+    std::thread producer([&] {
+      for (int i = 0; i < 50; ++i) CHECK(ch.send(std::move(i)) == wait_status::ok);
+    });
+    boost::asio::co_spawn(
+        io,
+        [&]() -> boost::asio::awaitable<void> {
+          for (int i = 50; i < 100; ++i) co_await weft::async_send(ch, i, boost::asio::use_awaitable);
+          co_return;
+        },
+        boost::asio::detached);
+    std::thread closer([&] {
+      producer.join();
+      // The coroutine's sends complete when ch took them; stop once all 100 went in.
+      spin_until([&] { return ch.stats().sent == 100; });
+      ch.close();
+    });
+    io.run();
+    closer.join();
+    CHECK(got.size() == 100);
+    std::vector<bool> seen(100, false);
+    for (int value : got) seen[static_cast<std::size_t>(value)] = true;
+    CHECK(std::count(seen.begin(), seen.end(), true) == 100);
+  }
+}
+
+TEST_CASE("channel: an async_recv cancelled through its slot completes with cancelled and takes nothing") {
+  weft::channel<int> ch{1};
+  boost::asio::io_context io;
+  boost::asio::cancellation_signal signal;
+  boost::system::error_code error;
+  std::optional<int> value = 1;
+  weft::async_recv(ch, boost::asio::bind_cancellation_slot(
+                           signal.slot(), boost::asio::bind_executor(io, [&](boost::system::error_code e,
+                                                                             std::optional<int> v) {
+                             error = e;
+                             value = v;
+                           })));
+  CHECK(ch.stats().waiting_receivers == 1);
+  signal.emit(boost::asio::cancellation_type::terminal);
+  io.run();
+  CHECK(error == weft::errc::cancelled);
+  CHECK_FALSE(value);
+  CHECK(ch.try_send(5));
+  CHECK(*ch.try_recv() == 5);
+}
+
+TEST_CASE("channel: an async_send to a closed channel fails with closed") {
+  weft::channel<int> ch{0};
+  boost::asio::io_context io;
+  boost::system::error_code error;
+  bool called = false;
+  boost::asio::co_spawn(
+      io,
+      [&]() -> boost::asio::awaitable<void> {
+        auto [e] = co_await weft::async_send(ch, 1, boost::asio::as_tuple(boost::asio::use_awaitable));
+        error = e;
+        called = true;
+      },
+      boost::asio::detached);
+  std::thread closer([&] {
+    wait_for_senders(ch, 1);
+    ch.close();
+  });
+  io.run();
+  closer.join();
+  CHECK(called);
+  CHECK(error == weft::errc::closed);
+}

@@ -1,0 +1,222 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft::select (weft/select.hpp): a ready case completes at once,
+// a random choice among ready cases, try_select as Go's `default`, waiting
+// for a case on buffered and rendezvous channels, select against select on
+// a rendezvous channel, closed channels, cancellation and deadlines (on a
+// manual clock). The randomised every-value-exactly-once check is in
+// tests/stress/stress_channel.cpp.
+//
+// Hand-offs: a select is parked once every channel it waits on counts it
+// among its waiters (stats()). Nothing here sleeps.
+#include <weft/cancel.hpp>
+#include <weft/channel.hpp>
+#include <weft/manual_clock.hpp>
+#include <weft/select.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using weft::wait_status;
+using weft_test::spin_until;
+
+TEST_CASE("select: completes the ready case, and only that one") {
+  weft::channel<int> empty{1};
+  weft::channel<int> ready{1};
+  REQUIRE(ready.send(5) == wait_status::ok);
+  weft::channel<int> full{1};
+  REQUIRE(full.send(0) == wait_status::ok);
+  int from_empty = 0;
+  int from_ready = 0;
+  int value = 9;
+  bool sent = false;
+  const auto result = weft::select(weft::on_recv(empty, [&](std::optional<int>) { ++from_empty; }),
+                                   weft::on_send(full, value, [&] { sent = true; }),
+                                   weft::on_recv(ready, [&](std::optional<int> v) { from_ready = *v; }));
+  CHECK(result.index == 2);
+  CHECK(result.status == wait_status::ok);
+  CHECK(result);
+  CHECK(from_ready == 5);
+  CHECK(from_empty == 0);
+  CHECK_FALSE(sent);
+  CHECK(value == 9);  // the send case did not complete: its value stays
+  CHECK(full.size() == 1);
+  CHECK(empty.stats().waiting_receivers == 0);  // nothing left queued
+  CHECK(full.stats().waiting_senders == 0);
+}
+
+TEST_CASE("select: chooses at random among ready cases, so none starves") {
+  weft::channel<int> first{1};
+  weft::channel<int> second{1};
+  int counts[2] = {0, 0};
+  for (int round = 0; round < 400; ++round) {
+    if (first.size() == 0) REQUIRE(first.send(1) == wait_status::ok);
+    if (second.size() == 0) REQUIRE(second.send(2) == wait_status::ok);
+    const auto result = weft::select(weft::on_recv(first, [](std::optional<int>) {}),
+                                     weft::on_recv(second, [](std::optional<int>) {}));
+    ++counts[result.index];
+  }
+  // Each has probability 1/2 per round; fewer than 100 of 400 has
+  // probability below 1e-24.
+  CHECK(counts[0] > 100);
+  CHECK(counts[1] > 100);
+}
+
+TEST_CASE("try_select: returns none at once when no case is ready, and completes one that is") {
+  weft::channel<int> empty{2};
+  weft::channel<int> rendezvous{0};
+  int value = 1;
+  auto result = weft::try_select(weft::on_recv(empty, [](std::optional<int>) { FAIL("not ready"); }),
+                                 weft::on_send(rendezvous, value));
+  CHECK(result.index == weft::select_result::none);
+  CHECK_FALSE(result);
+  CHECK(value == 1);
+  CHECK(empty.stats().waiting_receivers == 0);
+  CHECK(rendezvous.stats().waiting_senders == 0);
+
+  result = weft::try_select(weft::on_send(empty, value));
+  CHECK(result.index == 0);
+  CHECK(*empty.try_recv() == 1);
+}
+
+TEST_CASE("select: waits until a case becomes ready, on buffered and rendezvous channels") {
+  for (std::size_t capacity : {0u, 4u}) {
+    CAPTURE(capacity);
+    weft::channel<std::string> a{capacity};
+    weft::channel<std::string> b{capacity};
+    std::optional<std::string> got;
+    weft::select_result result;
+    std::thread selector([&] {
+      result = weft::select(weft::on_recv(a, [&](std::optional<std::string> v) { got = std::move(v); }),
+                            weft::on_recv(b, [&](std::optional<std::string> v) { got = std::move(v); }));
+    });
+    spin_until([&] { return a.stats().waiting_receivers == 1 && b.stats().waiting_receivers == 1; });
+    CHECK(b.send(std::string("from b")) == wait_status::ok);
+    selector.join();
+    CHECK(result.index == 1);
+    CHECK(got == "from b");
+    CHECK(a.stats().waiting_receivers == 0);
+    CHECK(b.stats().waiting_receivers == 0);
+    CHECK(a.size() == 0);
+  }
+}
+
+TEST_CASE("select: a send case waits for room, and moves its value only when it completes") {
+  weft::channel<int> full{1};
+  REQUIRE(full.send(0) == wait_status::ok);
+  weft::channel<int> idle{0};
+  int value = 42;
+  bool sent = false;
+  weft::select_result result;
+  std::thread selector([&] {
+    result = weft::select(weft::on_send(full, value, [&] { sent = true; }),
+                          weft::on_recv(idle, [](std::optional<int>) {}));
+  });
+  spin_until([&] { return full.stats().waiting_senders == 1 && idle.stats().waiting_receivers == 1; });
+  CHECK(*full.recv() == 0);
+  selector.join();
+  CHECK(result.index == 0);
+  CHECK(sent);
+  CHECK(*full.recv() == 42);
+}
+
+TEST_CASE("select: a sending select and a receiving select meet on a rendezvous channel") {
+  weft::channel<int> meet{0};
+  weft::channel<int> never{0};
+  std::optional<int> got;
+  std::thread receiver([&] {
+    (void)weft::select(weft::on_recv(meet, [&](std::optional<int> v) { got = v; }),
+                       weft::on_recv(never, [](std::optional<int>) {}));
+  });
+  spin_until([&] { return meet.stats().waiting_receivers == 1; });
+  int value = 7;
+  const auto result = weft::select(weft::on_send(meet, value), weft::on_send(never, value));
+  receiver.join();
+  CHECK(result.index == 0);
+  CHECK(got == 7);
+  CHECK(never.stats().waiting_senders == 0);
+  CHECK(never.stats().waiting_receivers == 0);
+}
+
+TEST_CASE("select: a closed channel makes its cases ready: end of stream for recv, closed for send") {
+  weft::channel<int> ch{2};
+  ch.close();
+  bool ended = false;
+  auto result = weft::select(weft::on_recv(ch, [&](std::optional<int> v) { ended = !v; }));
+  CHECK(result.index == 0);
+  CHECK(result.status == wait_status::closed);
+  CHECK(ended);
+  int value = 3;
+  result = weft::select(weft::on_send(ch, value, [] { FAIL("a closed channel takes nothing"); }));
+  CHECK(result.status == wait_status::closed);
+  CHECK(value == 3);
+
+  // Closing wakes a parked select.
+  weft::channel<int> later{0};
+  std::thread selector([&] { result = weft::select(weft::on_recv(later, [](std::optional<int>) {})); });
+  spin_until([&] { return later.stats().waiting_receivers == 1; });
+  later.close();
+  selector.join();
+  CHECK(result.status == wait_status::closed);
+}
+
+TEST_CASE("select: a token cancels a parked select, and a cancelled one never starts") {
+  weft::channel<int> ch{1};
+  weft::cancel_source cancelled;
+  cancelled.cancel();
+  REQUIRE(ch.send(1) == wait_status::ok);
+  auto result = weft::select(cancelled.token(), weft::on_recv(ch, [](std::optional<int>) { FAIL("cancelled"); }));
+  CHECK(result.status == wait_status::cancelled);
+  CHECK(result.index == weft::select_result::none);
+  CHECK(ch.size() == 1);
+
+  weft::channel<int> empty{1};
+  weft::cancel_source source;
+  std::thread selector([&] {
+    result = weft::select(source.token(), weft::on_recv(empty, [](std::optional<int>) { FAIL("cancelled"); }));
+  });
+  spin_until([&] { return empty.stats().waiting_receivers == 1; });
+  source.cancel();
+  selector.join();
+  CHECK(result.status == wait_status::cancelled);
+  CHECK(empty.stats().waiting_receivers == 0);
+  CHECK(empty.try_send(2));  // the fast path works again: nobody is marked waiting
+}
+
+TEST_CASE("select_until: gives up at its deadline on a manual clock") {
+  weft::channel<int> ch{0};
+  weft::select_result result;
+  std::thread selector([&] {
+    result = weft::select_until(weft::manual_clock::now() + 2s, weft::on_recv(ch, [](std::optional<int>) {}));
+  });
+  spin_until([&] { return ch.stats().waiting_receivers == 1 && weft::manual_clock::pending_timers() == 1; });
+  weft::manual_clock::advance(2s);
+  selector.join();
+  CHECK(result.status == wait_status::timeout);
+  CHECK(ch.stats().waiting_receivers == 0);
+}
+
+TEST_CASE("select: one select waiting both to receive from and to send on a rendezvous channel meets a receiver") {
+  weft::channel<int> ch{0};
+  int value = 5;
+  weft::select_result result;
+  std::thread selector([&] {
+    result = weft::select(weft::on_recv(ch, [](std::optional<int>) { FAIL("nobody sends"); }),
+                          weft::on_send(ch, value));
+  });
+  spin_until([&] {
+    const auto stats = ch.stats();
+    return stats.waiting_receivers == 1 && stats.waiting_senders == 1;
+  });
+  CHECK(*ch.recv() == 5);  // passes over the select's own receive to reach its send
+  selector.join();
+  CHECK(result.index == 1);
+  CHECK(ch.stats().waiting_receivers == 0);
+}
