@@ -129,20 +129,21 @@ TEST_CASE("select: a send case waits for room, and moves its value only when it 
 
 TEST_CASE("select: a sending select and a receiving select meet on a rendezvous channel") {
   weft::channel<int> meet{0};
-  weft::channel<int> never{0};
+  weft::channel<int> only_received{0};  // the receiving select waits here too; nobody sends
+  weft::channel<int> only_sent{0};      // the sending select offers here too; nobody receives
   std::optional<int> got;
   std::thread receiver([&] {
     (void)weft::select(weft::on_recv(meet, [&](std::optional<int> v) { got = v; }),
-                       weft::on_recv(never, [](std::optional<int>) {}));
+                       weft::on_recv(only_received, [](std::optional<int>) { FAIL("nobody sends"); }));
   });
-  spin_until([&] { return meet.stats().waiting_receivers == 1; });
+  spin_until([&] { return meet.stats().waiting_receivers == 1 && only_received.stats().waiting_receivers == 1; });
   int value = 7;
-  const auto result = weft::select(weft::on_send(meet, value), weft::on_send(never, value));
+  const auto result = weft::select(weft::on_send(only_sent, value), weft::on_send(meet, value));
   receiver.join();
-  CHECK(result.index == 0);
+  CHECK(result.index == 1);
   CHECK(got == 7);
-  CHECK(never.stats().waiting_senders == 0);
-  CHECK(never.stats().waiting_receivers == 0);
+  CHECK(only_received.stats().waiting_receivers == 0);
+  CHECK(only_sent.stats().waiting_senders == 0);
 }
 
 TEST_CASE("select: a closed channel makes its cases ready: end of stream for recv, closed for send") {

@@ -9,6 +9,7 @@
 #include <weft/config.hpp>
 #include <weft/fan.hpp>
 #include <weft/manual_clock.hpp>
+#include <weft/pipeline.hpp>
 #include <weft/registry.hpp>
 #include <weft/select.hpp>
 #include <weft/semaphore.hpp>

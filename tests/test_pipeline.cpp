@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: BSL-1.0
+// Tests for weft::pipeline (weft/pipeline.hpp): nothing lost under random
+// stage delays, order kept by ordered stages, filters and one-to-many
+// stages, batching, backpressure bounding memory, errors and cancellation
+// joining every stage, stats and the bottleneck.
+//
+// "Delays" are random amounts of spinning work and yields, never sleeps.
+// A test that needs the pipeline to be stalled waits until the task registry
+// lists the source as blocked on its output channel.
+#include <weft/cancel.hpp>
+#include <weft/channel.hpp>
+#include <weft/pipeline.hpp>
+#include <weft/registry.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using weft_test::spin_until;
+
+namespace {
+
+// A random stretch of work: spins and yields, so stages run at uneven
+// speeds and interleave differently every time.
+void random_delay(std::uint64_t seed) {
+  thread_local std::mt19937_64 random{seed};
+  const auto spins = random() % 2000;
+  volatile std::uint64_t sink = 0;
+  for (std::uint64_t i = 0; i < spins; ++i) sink = sink + i;
+  if (random() % 8 == 0) std::this_thread::yield();
+}
+
+bool source_blocked_on(const std::string& blocked_on) {
+  for (const auto& task : weft::registry::snapshot()) {
+    if (task.state == weft::task_state::blocked && task.blocked_on == blocked_on) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("pipeline: every item reaches the sink once, with random delays in every stage") {
+  const int items = weft_test::under_sanitizer ? 2000 : 20000;
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    std::vector<int> input(static_cast<std::size_t>(items));
+    std::iota(input.begin(), input.end(), 0);
+    std::vector<std::atomic<int>> seen(static_cast<std::size_t>(items));
+    auto p = weft::pipeline(input)
+                 .stage(
+                     [&](int x) {
+                       random_delay(static_cast<std::uint64_t>(x));
+                       return x;
+                     },
+                     {.workers = 3, .buffer = 4})
+                 .stage(
+                     [&](int x) {
+                       random_delay(static_cast<std::uint64_t>(x) * 7);
+                       return std::to_string(x);
+                     },
+                     {.workers = 2, .buffer = 1})
+                 .sink(
+                     [&](std::string s) {
+                       random_delay(s.size());
+                       seen[static_cast<std::size_t>(std::stoi(s))].fetch_add(1);
+                     },
+                     {.workers = 2});
+    p.run();
+    int wrong = 0;
+    for (auto& count : seen) wrong += count.load() != 1;
+    CHECK(wrong == 0);
+    const auto stats = p.stats();
+    REQUIRE(stats.stages.size() == 4);
+    for (const auto& stage : stats.stages) {
+      CHECK(stage.items_in == static_cast<std::uint64_t>(items));
+      CHECK(stage.items_out == static_cast<std::uint64_t>(items));
+    }
+  }
+}
+
+TEST_CASE("pipeline: an ordered stage keeps input order across its workers; filters and expand") {
+  int next = 0;
+  const int items = weft_test::under_sanitizer ? 3000 : 30000;
+  std::vector<int> out;
+  auto p = weft::pipeline([&]() -> std::optional<int> {
+             if (next == items) return std::nullopt;
+             return next++;
+           })
+               .stage(
+                   [](int x) -> std::optional<int> {
+                     random_delay(static_cast<std::uint64_t>(x));
+                     if (x % 3 == 0) return std::nullopt;  // a filter
+                     return x;
+                   },
+                   {.workers = 4, .ordered = true, .name = "keep"})
+               .expand([](int x) { return std::vector<int>{x, -x}; }, {.workers = 3, .ordered = true})
+               .sink([&](int x) { out.push_back(x); });  // one worker: no lock needed
+  p.run();
+  std::vector<int> expected;
+  for (int x = 0; x < items; ++x) {
+    if (x % 3 == 0) continue;
+    expected.push_back(x);
+    expected.push_back(-x);
+  }
+  CHECK(out == expected);
+  CHECK(p.stats().stages[1].name == "keep");
+  CHECK(p.stats().stages[1].items_out == static_cast<std::uint64_t>(items - (items + 2) / 3));
+}
+
+TEST_CASE("pipeline: batch groups items by size, and sends a partial batch once it has waited max_wait") {
+  weft::channel<int> source{16};
+  std::vector<std::vector<int>> batches;
+  std::atomic<std::size_t> batch_count{0};
+  auto p = weft::pipeline(source, "batcher").batch(4, 1ms).sink([&](std::vector<int> batch) {
+    batches.push_back(std::move(batch));
+    batch_count = batches.size();
+  });
+  std::thread runner([&] { p.run(); });
+  for (int i = 0; i < 8; ++i) REQUIRE(source.send(int{i}) == weft::wait_status::ok);
+  spin_until([&] { return batch_count.load() == 2; });  // two full batches
+  for (int i = 8; i < 10; ++i) REQUIRE(source.send(int{i}) == weft::wait_status::ok);
+  spin_until([&] { return batch_count.load() == 3; });  // the partial one goes after max_wait, channel still open
+  REQUIRE(source.send(10) == weft::wait_status::ok);
+  source.close();  // the last partial batch goes at the end
+  runner.join();
+  REQUIRE(batches.size() == 4);
+  CHECK(batches[0] == std::vector<int>{0, 1, 2, 3});
+  CHECK(batches[1] == std::vector<int>{4, 5, 6, 7});
+  CHECK(batches[2] == std::vector<int>{8, 9});
+  CHECK(batches[3] == std::vector<int>{10});
+}
+
+TEST_CASE("pipeline: a slow sink makes every stage wait; buffered items stay bounded (backpressure)") {
+  std::atomic<int> produced{0};
+  weft::cancel_source gate;
+  auto p = weft::pipeline(
+               [&]() -> std::optional<int> {
+                 const int n = produced.fetch_add(1);
+                 if (n >= 100000) return std::nullopt;
+                 return n;
+               },
+               "bounded")
+               .stage([](int x) { return x; }, {.workers = 2, .buffer = 8, .name = "copy"})
+               .sink([&](int) { gate.token().wait(); }, {.buffer = 4});
+  std::thread runner([&] { p.run(); });
+  spin_until([] { return source_blocked_on("channel \"bounded/copy\" send"); });
+  // Held: 1 in the sink, 4 before it, 2 in the stage's workers, 8 before it,
+  // and 1 in the source's hands (plus the call that found no room).
+  CHECK(produced.load() <= 1 + 4 + 2 + 8 + 2);
+  gate.cancel();
+  runner.join();
+  CHECK(p.stats().stages.back().items_out == 100000);
+}
+
+TEST_CASE("pipeline: the first exception stops and joins every stage, and run() rethrows it") {
+  int next = 0;
+  std::atomic<int> sunk{0};
+  auto p = weft::pipeline([&]() -> std::optional<int> { return next++; })  // endless
+               .stage(
+                   [](int x) {
+                     if (x == 500) throw std::runtime_error("bad record 500");
+                     return x;
+                   },
+                   {.workers = 2})
+               .sink([&](int) { ++sunk; });
+  CHECK_THROWS_WITH_AS(p.run(), "bad record 500", std::runtime_error);
+  CHECK(sunk.load() < 1000);
+  CHECK_THROWS_AS(p.run(), std::logic_error);  // a pipeline runs once
+}
+
+TEST_CASE("pipeline: a cancelled token stops it and run() throws the token's cause") {
+  weft::cancel_source request;
+  std::atomic<int> sunk{0};
+  auto p = weft::pipeline([&]() -> std::optional<int> { return 1; })  // endless
+               .stage([](int x) { return x; }, {.workers = 2})
+               .sink([&](int) {
+                 if (++sunk == 1000) request.cancel();
+               });
+  try {
+    p.run(request.token());
+    FAIL("run() returned although the pipeline was cancelled");
+  } catch (const std::system_error& error) {
+    CHECK(error.code() == weft::errc::cancelled);
+  }
+}
+
+TEST_CASE("pipeline: bad options are refused at once") {
+  std::vector<int> input{1, 2, 3};
+  CHECK_THROWS_AS((void)weft::pipeline(input).stage([](int x) { return x; }, {.workers = 0}), std::invalid_argument);
+  CHECK_THROWS_AS((void)weft::pipeline(input).batch(0, 1ms), std::invalid_argument);
+  CHECK_THROWS_AS((void)weft::pipeline(input).sink([](int) {}, {.workers = 0}), std::invalid_argument);
+}
+
+TEST_CASE("pipeline: stats count every stage, and bottleneck() names the slowest per worker") {
+  // Few items, each heavy: busy time is sampled (one call in 16), and a
+  // sampled light call that a preemption stretches must not outweigh the
+  // heavy stage.
+  std::vector<int> input(48);
+  std::iota(input.begin(), input.end(), 0);
+  const auto work = [](int x, int rounds) {
+    volatile int sink = x;
+    for (int i = 0; i < rounds; ++i) sink = sink + i;
+    return static_cast<int>(sink);
+  };
+  auto p = weft::pipeline(std::move(input), "profiled")
+               .stage([&](int x) { return work(x, 10); }, {.name = "light"})
+               .stage([&](int x) { return work(x, 500000); }, {.workers = 2, .name = "heavy"})
+               .sink([](int) {}, {.name = "drop"});
+  p.run();
+  const auto stats = p.stats();
+  CHECK(stats.stages[2].name == "heavy");
+  CHECK(stats.stages[2].busy > stats.stages[1].busy);
+  CHECK(stats.elapsed > 0ns);
+  CHECK(p.bottleneck() == "heavy");
+}
