@@ -211,7 +211,7 @@ TEST_CASE("channel: close wakes blocked senders with closed, their values intact
   }
 }
 
-TEST_CASE("channel: send and recv with a token give up on cancellation; a cancelled token does nothing") {
+TEST_CASE("channel: send and recv with a token give up on cancellation, a cancelled token does nothing") {
   weft::channel<int> ch{1};
   weft::cancel_source cancelled;
   cancelled.cancel();

@@ -507,7 +507,7 @@ TEST_CASE("merge forwards every input into one channel and closes it when all in
   for (int i = 0; i < 300; ++i) CHECK(got[static_cast<std::size_t>(i)] == i);
 }
 
-TEST_CASE("fan_out runs n workers over one channel; the first exception stops them and reaches wait()") {
+TEST_CASE("fan_out runs n workers over one channel, the first exception stops them and reaches wait()") {
   weft::worker_pool pool{{.workers = 3}};
   weft::channel<int> jobs{16};
   std::atomic<int> sum{0};

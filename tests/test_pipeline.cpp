@@ -91,7 +91,7 @@ TEST_CASE("pipeline: every item reaches the sink once, with random delays in eve
   }
 }
 
-TEST_CASE("pipeline: an ordered stage keeps input order across its workers; filters and expand") {
+TEST_CASE("pipeline: an ordered stage keeps input order across its workers, filters and expand") {
   int next = 0;
   const int items = weft_test::under_sanitizer ? 3000 : 30000;
   std::vector<int> out;
@@ -143,7 +143,7 @@ TEST_CASE("pipeline: batch groups items by size, and sends a partial batch once 
   CHECK(batches[3] == std::vector<int>{10});
 }
 
-TEST_CASE("pipeline: a slow sink makes every stage wait; buffered items stay bounded (backpressure)") {
+TEST_CASE("pipeline: a slow sink makes every stage wait, buffered items stay bounded (backpressure)") {
   std::atomic<int> produced{0};
   weft::cancel_source gate;
   auto p = weft::pipeline(
