@@ -139,12 +139,16 @@ class bounded_ring {
   // Calls accept(read(cell, position)) for the cells of values queued now,
   // from any thread: read copies a cell, and the copy is accepted only if
   // the slot held the same value before and after the read. Values pushed or
-  // popped meanwhile may be left out.
+  // popped meanwhile may be left out, except one whose consumer has claimed
+  // it but not yet freed its slot: that one is still visited. So every slot
+  // of the last lap is looked at, not only those from the head on (the head
+  // moves at the claim, before the consumer has taken the value anywhere a
+  // reader could find it).
   template <class Read, class Accept>
   void visit_cells(Read&& read, Accept&& accept) const {
     const auto last = tail_.load(std::memory_order_acquire) & ~closed_bit;
-    const auto first = head_.load(std::memory_order_acquire);
-    for (auto pos = first; pos < last && pos - first < capacity_; ++pos) {
+    const auto first = last > capacity_ ? last - capacity_ : 0;
+    for (auto pos = first; pos < last; ++pos) {
       const slot& s = slots_[pos % capacity_];
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
       auto copy = read(s.cell, pos);
