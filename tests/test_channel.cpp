@@ -431,3 +431,22 @@ TEST_CASE("channel: an async_send to a closed channel fails with closed") {
   CHECK(called);
   CHECK(error == weft::errc::closed);
 }
+
+TEST_CASE("channel: an async_send cancelled while the channel is full completes with cancelled and sends nothing") {
+  weft::channel<int> ch{1};
+  REQUIRE(ch.send(1) == wait_status::ok);
+  boost::asio::io_context io;
+  boost::asio::cancellation_signal signal;
+  boost::system::error_code error;
+  weft::async_send(ch, 2,
+                   boost::asio::bind_cancellation_slot(
+                       signal.slot(), boost::asio::bind_executor(io, [&](boost::system::error_code e) { error = e; })));
+  CHECK(ch.stats().waiting_senders == 1);
+  signal.emit(boost::asio::cancellation_type::terminal);
+  io.run();
+  CHECK(error == weft::errc::cancelled);
+  CHECK(ch.stats().waiting_senders == 0);
+  CHECK(*ch.try_recv() == 1);
+  CHECK_FALSE(ch.try_recv());  // 2 was never sent
+  CHECK(ch.try_send(3));       // nobody is marked waiting any more
+}
