@@ -118,13 +118,14 @@ inline std::ostream& operator<<(std::ostream& out, const pipeline_stats& stats) 
 
 namespace detail {
 
-// Items a stage takes, and what it hands on, over its whole run.
+// How a stage's run went: whether cancellation (rather than the end of its
+// input) stopped it, and its sampled busy time.
 struct stage_progress {
   std::atomic<bool> interrupted{false};  // stopped by cancellation, not by the end of its input
   std::atomic<std::int64_t> busy_ns{0};
 };
 
-// Times one call in `every` of f, and scales: four clock reads per item
+// Times one call in `every` of f, and scales: two clock reads on every call
 // would cost more than a small stage's work.
 class busy_sampler {
  public:
