@@ -527,7 +527,7 @@ class basic_channel {
   wait_status send_value(T& value, detail::cancel_state* cancel,
                          const std::chrono::time_point<WaitClock, Duration>* deadline) {
     if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
-    if (rendezvous()) return send_rendezvous(value, cancel, deadline);
+    if (rendezvous()) return send_queued(value, cancel, deadline);
     if (fast_push(value)) {
       after_push();
       return wait_status::ok;
@@ -542,12 +542,22 @@ class basic_channel {
     return send_queued(value, cancel, deadline);
   }
 
-  template <class WaitClock, class Duration>
-  WEFT_NOINLINE wait_status send_queued(T& value, detail::cancel_state* cancel,
-                                        const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    channel_waiter waiter;
-    waiter.slot.outgoing = &value;
-    auto lock = senders_.lock();
+  // The slow paths shared by the blocking and the async forms. Each is
+  // called with `queue_of_*` locked (lock), and either finishes the
+  // operation, returning its status (having unlocked first when the other
+  // side may need a wake-up), or queues `waiter`, whose slot already points
+  // at the value, and returns nothing with the lock still held.
+  std::optional<wait_status> send_or_enqueue(T& value, detail::wait_node& waiter, detail::wait_queue::lock_type& lock) {
+    if (rendezvous()) {
+      detail::completion_list done;  // completed on return, after the caller's lock is released
+      if (ring_.closed()) return wait_status::closed;
+      if (give_to_receiver(value, done)) {
+        lock.unlock();
+        return wait_status::ok;
+      }
+      receivers_.push_back(waiter);
+      return std::nullopt;
+    }
     for (;;) {
       senders_waiting_.store(true, std::memory_order_seq_cst);
       if (ring_.closed()) {
@@ -564,56 +574,21 @@ class basic_channel {
       detail::cpu_relax();  // a receiver claimed a slot and is about to free it
     }
     senders_.push_back(waiter);
-    const auto queued_at = Clock::now();
-    const auto status = senders_.wait(waiter, lock, cancel, deadline, send_kind);
-    add_blocked(send_blocked_ns_, Clock::now() - queued_at);
-    return status;
+    return std::nullopt;
   }
 
-  template <class WaitClock, class Duration>
-  wait_status send_rendezvous(T& value, detail::cancel_state* cancel,
-                              const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    channel_waiter waiter;
-    waiter.slot.outgoing = &value;
-    {
+  std::optional<wait_status> recv_or_enqueue(std::optional<T>& out, detail::wait_node& waiter,
+                                             detail::wait_queue::lock_type& lock) {
+    if (rendezvous()) {
       detail::completion_list done;
-      auto lock = receivers_.lock();
-      if (ring_.closed()) return wait_status::closed;
-      if (give_to_receiver(value, done)) return wait_status::ok;
-      receivers_.push_back(waiter);
-      const auto queued_at = Clock::now();
-      const auto status = receivers_.wait(waiter, lock, cancel, deadline, send_kind);
-      add_blocked(send_blocked_ns_, Clock::now() - queued_at);
-      return status;
-    }
-  }
-
-  template <class WaitClock, class Duration>
-  recv_result<T> recv_value(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
-    if (rendezvous()) return recv_rendezvous(cancel, deadline);
-    T value;
-    if (fast_pop(value)) {
-      after_pop();
-      return recv_result<T>{std::move(value)};
-    }
-    for (detail::backoff pause; pause.wait();) {
-      if (fast_pop(value)) {
-        after_pop();
-        return recv_result<T>{std::move(value)};
+      if (take_from_sender(out, done)) {
+        lock.unlock();
+        return wait_status::ok;
       }
-      if (ring_.closed() && !ring_.claimed_unpopped()) break;
+      if (ring_.closed()) return wait_status::closed;
+      receivers_.push_back(waiter);
+      return std::nullopt;
     }
-    return recv_queued(cancel, deadline);
-  }
-
-  template <class WaitClock, class Duration>
-  WEFT_NOINLINE recv_result<T> recv_queued(detail::cancel_state* cancel,
-                                           const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    channel_waiter waiter;
-    std::optional<T> incoming;
-    waiter.slot.incoming = &incoming;
-    auto lock = receivers_.lock();
     for (;;) {
       receivers_waiting_.store(true, std::memory_order_seq_cst);
       T value;
@@ -621,7 +596,8 @@ class basic_channel {
         receivers_waiting_.store(!receivers_.empty(), std::memory_order_relaxed);
         lock.unlock();
         after_pop();
-        return recv_result<T>{std::move(value)};
+        out.emplace(std::move(value));
+        return wait_status::ok;
       }
       // Closed first: after the close no claim can come, so no claim in
       // flight then means drained for good.
@@ -634,29 +610,62 @@ class basic_channel {
       detail::cpu_relax();  // a sender claimed a slot and is about to publish it
     }
     receivers_.push_back(waiter);
+    return std::nullopt;
+  }
+
+  // The queue a sender waits in.
+  detail::wait_queue& send_queue() noexcept { return rendezvous() ? receivers_ : senders_; }
+
+  template <class WaitClock, class Duration>
+  WEFT_NOINLINE wait_status send_queued(T& value, detail::cancel_state* cancel,
+                                        const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    channel_waiter waiter;
+    waiter.slot.outgoing = &value;
+    auto& queue = send_queue();
+    auto lock = queue.lock();
+    if (const auto finished = send_or_enqueue(value, waiter, lock)) return *finished;
     const auto queued_at = Clock::now();
-    const auto status = receivers_.wait(waiter, lock, cancel, deadline, recv_kind);
-    add_blocked(recv_blocked_ns_, Clock::now() - queued_at);
-    if (status == wait_status::ok) return recv_result<T>{std::move(*incoming)};
+    const auto status = queue.wait(waiter, lock, cancel, deadline, send_kind);
+    add_blocked(send_blocked_ns_, Clock::now() - queued_at);
     return status;
   }
 
   template <class WaitClock, class Duration>
-  recv_result<T> recv_rendezvous(detail::cancel_state* cancel,
-                                 const std::chrono::time_point<WaitClock, Duration>* deadline) {
+  recv_result<T> recv_value(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
+    if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
+    if (!rendezvous()) {
+      T value;
+      if (fast_pop(value)) {
+        after_pop();
+        return recv_result<T>{std::move(value)};
+      }
+      for (detail::backoff pause; pause.wait();) {
+        if (fast_pop(value)) {
+          after_pop();
+          return recv_result<T>{std::move(value)};
+        }
+        if (ring_.closed() && !ring_.claimed_unpopped()) break;
+      }
+    }
+    return recv_queued(cancel, deadline);
+  }
+
+  template <class WaitClock, class Duration>
+  WEFT_NOINLINE recv_result<T> recv_queued(detail::cancel_state* cancel,
+                                           const std::chrono::time_point<WaitClock, Duration>* deadline) {
     channel_waiter waiter;
     std::optional<T> incoming;
     waiter.slot.incoming = &incoming;
     wait_status status = wait_status::ok;
     {
-      detail::completion_list done;
       auto lock = receivers_.lock();
-      if (take_from_sender(incoming, done)) return recv_result<T>{std::move(*incoming)};
-      if (ring_.closed()) return wait_status::closed;
-      receivers_.push_back(waiter);
-      const auto queued_at = Clock::now();
-      status = receivers_.wait(waiter, lock, cancel, deadline, recv_kind);
-      add_blocked(recv_blocked_ns_, Clock::now() - queued_at);
+      if (const auto finished = recv_or_enqueue(incoming, waiter, lock)) {
+        status = *finished;
+      } else {
+        const auto queued_at = Clock::now();
+        status = receivers_.wait(waiter, lock, cancel, deadline, recv_kind);
+        add_blocked(recv_blocked_ns_, Clock::now() - queued_at);
+      }
     }
     if (status == wait_status::ok) return recv_result<T>{std::move(*incoming)};
     return status;

@@ -167,6 +167,20 @@ class stage_base {
   bool interrupted() const noexcept { return progress_.interrupted.load(std::memory_order_relaxed); }
 
  protected:
+  // A stage between two channels: what it took from one and sent into the
+  // other, and how long it waited on each.
+  template <class In, class Out>
+  stage_stats between_stats(const basic_channel<In>& input, const basic_channel<Out>& output) const {
+    auto s = base_stats();
+    const auto in = input.stats();
+    const auto out = output.stats();
+    s.items_in = in.received;
+    s.items_out = out.sent;
+    s.waiting_for_input = in.recv_blocked;
+    s.waiting_to_send = out.send_blocked;
+    return s;
+  }
+
   stage_stats base_stats() const {
     stage_stats s;
     s.name = name_;
@@ -255,16 +269,7 @@ class map_stage final : public stage_base {
     }
   }
 
-  stage_stats stats() const override {
-    auto s = base_stats();
-    const auto in = input_->stats();
-    const auto out = output_.channel->stats();
-    s.items_in = in.received;
-    s.items_out = out.sent;
-    s.waiting_for_input = in.recv_blocked;
-    s.waiting_to_send = out.send_blocked;
-    return s;
-  }
+  stage_stats stats() const override { return between_stats(*input_, *output_.channel); }
 
  private:
   void work(const cancel_token& token) {
@@ -399,16 +404,7 @@ class batch_stage final : public stage_base {
     });
   }
 
-  stage_stats stats() const override {
-    auto s = base_stats();
-    const auto in = input_->stats();
-    const auto out = output_.channel->stats();
-    s.items_in = in.received;
-    s.items_out = out.sent;
-    s.waiting_for_input = in.recv_blocked;
-    s.waiting_to_send = out.send_blocked;
-    return s;
-  }
+  stage_stats stats() const override { return between_stats(*input_, *output_.channel); }
 
  private:
   // False when cancelled.

@@ -67,45 +67,22 @@ struct channel_access {
 
   template <class Handler>
   static void async_send(channel_type& channel, T value, Handler handler) {
-    detail::wait_queue& queue = channel.rendezvous() ? channel.receivers_ : channel.senders_;
+    detail::wait_queue& queue = channel.send_queue();
     using waiter_type = async_waiter<Handler, send_result>;
     auto waiter = std::make_unique<waiter_type>(std::move(handler), send_result{std::move(value)}, queue);
     send_result& result = waiter->result();
     result.slot.outgoing = &result.value;
     waiter->context = &result.slot;
     waiter->watch_cancellation();
-    const auto finish = [&](wait_status status) { waiter_type::finish(std::move(waiter), status); };
-    if (channel.rendezvous()) {
-      detail::completion_list done;
-      auto lock = queue.lock();
-      if (channel.ring_.closed()) return finish(wait_status::closed);
-      if (channel.give_to_receiver(result.value, done)) return finish(wait_status::ok);
-      queue.push_back(*waiter);
-      waiter.release();  // owned by the queue until completed
-      return;
-    }
-    if (channel.fast_push(result.value)) {
+    if (!channel.rendezvous() && channel.fast_push(result.value)) {
       channel.after_push();
-      return finish(wait_status::ok);
+      return waiter_type::finish(std::move(waiter), wait_status::ok);
     }
     auto lock = queue.lock();
-    for (;;) {
-      channel.senders_waiting_.store(true, std::memory_order_seq_cst);
-      if (channel.ring_.closed()) {
-        channel.senders_waiting_.store(!queue.empty(), std::memory_order_relaxed);
-        return finish(wait_status::closed);
-      }
-      if (channel.ring_.try_push(result.value)) {
-        channel.senders_waiting_.store(!queue.empty(), std::memory_order_relaxed);
-        lock.unlock();
-        channel.after_push();
-        return finish(wait_status::ok);
-      }
-      if (channel.ring_.full()) break;
-      cpu_relax();  // a receiver claimed a slot and is about to free it
+    if (const auto finished = channel.send_or_enqueue(result.value, *waiter, lock)) {
+      return waiter_type::finish(std::move(waiter), *finished);
     }
-    queue.push_back(*waiter);
-    waiter.release();
+    waiter.release();  // owned by the queue until completed
   }
 
   template <class Handler>
@@ -117,42 +94,19 @@ struct channel_access {
     result.slot.incoming = &result.incoming;
     waiter->context = &result.slot;
     waiter->watch_cancellation();
-    const auto finish = [&](wait_status status) { waiter_type::finish(std::move(waiter), status); };
-    if (channel.rendezvous()) {
-      detail::completion_list done;
-      auto lock = queue.lock();
-      if (channel.take_from_sender(result.incoming, done)) return finish(wait_status::ok);
-      if (channel.ring_.closed()) return finish(wait_status::closed);
-      queue.push_back(*waiter);
-      waiter.release();
-      return;
-    }
-    T value;
-    if (channel.fast_pop(value)) {
-      channel.after_pop();
-      result.incoming.emplace(std::move(value));
-      return finish(wait_status::ok);
-    }
-    auto lock = queue.lock();
-    for (;;) {
-      channel.receivers_waiting_.store(true, std::memory_order_seq_cst);
-      if (channel.ring_.try_pop(value)) {
-        channel.receivers_waiting_.store(!queue.empty(), std::memory_order_relaxed);
-        lock.unlock();
+    if (!channel.rendezvous()) {
+      T value;
+      if (channel.fast_pop(value)) {
         channel.after_pop();
         result.incoming.emplace(std::move(value));
-        return finish(wait_status::ok);
+        return waiter_type::finish(std::move(waiter), wait_status::ok);
       }
-      const bool closed = channel.ring_.closed();  // first: see basic_channel::recv_queued
-      if (!channel.ring_.claimed_unpopped()) {
-        if (!closed) break;
-        channel.receivers_waiting_.store(!queue.empty(), std::memory_order_relaxed);
-        return finish(wait_status::closed);
-      }
-      cpu_relax();  // a sender claimed a slot and is about to publish it
     }
-    queue.push_back(*waiter);
-    waiter.release();
+    auto lock = queue.lock();
+    if (const auto finished = channel.recv_or_enqueue(result.incoming, *waiter, lock)) {
+      return waiter_type::finish(std::move(waiter), *finished);
+    }
+    waiter.release();  // owned by the queue until completed
   }
 };
 
