@@ -27,6 +27,9 @@ WEFT_DEB_PACKAGES=(
   libbenchmark-dev     # benchmarks (Google Benchmark)
   libtbb-dev           # benchmarks: oneTBB as a comparison anchor
   python3              # scripts/bench_report.py
+  postgresql           # tests: a throwaway server (scripts/postgres.sh) for the resource_pool tests
+  libpq-dev            # tests, examples: PostgreSQL's C client (libpq-fe.h, libpq.pc)
+  pkg-config           # CMake finds libpq through pkg-config (pkg_check_modules)
 )
 
 # Prints the packages of WEFT_DEB_PACKAGES that are not installed.

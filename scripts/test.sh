@@ -7,6 +7,10 @@
 #   asan   g++, AddressSanitizer + UndefinedBehaviorSanitizer
 #   tsan   clang++ 14 + libc++, ThreadSanitizer, -Werror
 #
+# Each build's CTest starts a throwaway PostgreSQL server for the
+# resource_pool tests (scripts/postgres.sh, in build/<preset>/postgres) and
+# stops it afterwards; this script also stops it if a run is interrupted.
+#
 # Usage: scripts/test.sh [--fresh] [preset...]   (default: dev asan tsan)
 #   --fresh        reconfigure each build directory from scratch
 #   WEFT_JOBS=N    build and test parallelism (default 2)
@@ -21,7 +25,7 @@ presets=()
 for arg in "$@"; do
   case "$arg" in
     --fresh) fresh=(--fresh) ;;
-    -h|--help) sed -n '3,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '3,19p' "$0"; exit 0 ;;
     -*) echo "test.sh: unknown option $arg" >&2; exit 2 ;;
     *) presets+=("$arg") ;;
   esac
@@ -34,6 +38,17 @@ source scripts/deps.sh
 weft_ensure_deps || exit 1
 
 mkdir -p build
+
+# CTest's fixture cleanup stops each build's PostgreSQL server; an
+# interrupted run skips it, so stop whatever is left on the way out (a later
+# run would stop it too, before starting its own).
+stop_postgres() {
+  local preset
+  for preset in "${presets[@]}"; do
+    scripts/postgres.sh stop "build/$preset/postgres" || true
+  done
+}
+trap stop_postgres EXIT
 
 # LLVM 14's ThreadSanitizer cannot map its shadow memory when the kernel
 # randomises mmap with more than 28 bits (vm.mmap_rnd_bits, raised by some

@@ -11,6 +11,7 @@
 #include <weft/asio/cancel.hpp>
 #include <weft/asio/channel.hpp>
 #include <weft/asio/executor.hpp>
+#include <weft/asio/resource_pool.hpp>
 #include <weft/asio/semaphore.hpp>
 #include <weft/asio/task_group.hpp>
 #include <weft/asio/wait_group.hpp>

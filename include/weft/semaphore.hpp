@@ -89,6 +89,11 @@ struct semaphore_stats {
 
 namespace detail {
 struct semaphore_access;
+
+// What a task waiting on a semaphore is listed as blocked on.
+struct blocked_kind {
+  const char* kind;  // a string literal
+};
 }
 
 template <class Clock = std::chrono::steady_clock>
@@ -143,8 +148,13 @@ class basic_semaphore {
   // `name` shows in stats() and in the task registry, where a task blocked
   // here is listed as blocked on `semaphore "name"`.
   explicit basic_semaphore(std::ptrdiff_t capacity, std::string_view name = {})
+      : basic_semaphore(capacity, name, detail::blocked_kind{"semaphore"}) {}
+
+  // For a primitive built on a semaphore: its waiters show in the registry
+  // as blocked on `kind "name"` (a resource_pool's, for example).
+  basic_semaphore(std::ptrdiff_t capacity, std::string_view name, detail::blocked_kind kind)
       : capacity_(checked_capacity(capacity)), name_(detail::intern(name)), state_(static_cast<std::uint64_t>(capacity)),
-        queue_(this, &on_waiter_removed, "semaphore", name_) {}
+        queue_(this, &on_waiter_removed, kind.kind, name_) {}
 
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
 
@@ -228,6 +238,9 @@ class basic_semaphore {
   std::ptrdiff_t available() const noexcept {
     return static_cast<std::ptrdiff_t>(state_.load(std::memory_order_relaxed) & count_mask);
   }
+
+  // How many acquirers are queued; a snapshot, readable without the mutex.
+  std::size_t waiters() const noexcept { return queue_.size(); }
 
   // Takes the queue's mutex (briefly) for a consistent acquisition count.
   semaphore_stats stats() const {

@@ -9,8 +9,10 @@
 #include <weft/config.hpp>
 #include <weft/fan.hpp>
 #include <weft/manual_clock.hpp>
+#include <weft/object_pool.hpp>
 #include <weft/pipeline.hpp>
 #include <weft/registry.hpp>
+#include <weft/resource_pool.hpp>
 #include <weft/select.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/spawn_site.hpp>

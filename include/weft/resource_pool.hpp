@@ -1,0 +1,602 @@
+// SPDX-License-Identifier: BSL-1.0
+// weft::resource_pool: a bounded pool of expensive, reusable resources
+// (database connections, upstream clients), with limits on how many are
+// open, how many idle, and how long each may live and idle.
+//
+// Go analogue: database/sql's connection pool: SetMaxOpenConns,
+// SetMaxIdleConns, SetConnMaxLifetime, SetConnMaxIdleTime, and DB.Stats()
+// (resource_pool_stats has DBStats's fields and meanings). There is no
+// standard C++ analogue.
+//
+//   weft::resource_pool<pg_connection> db{
+//       {.max_open = 20, .max_idle = 10, .max_lifetime = 30min, .max_idle_time = 5min, .name = "db"},
+//       [] { return pg_connection{conninfo}; },       // open
+//       [](pg_connection& c) { c.close(); },           // close
+//       [](pg_connection& c) { return c.healthy(); }}; // validate, on checkout
+//   auto conn = db.acquire(request_token);  // waits while 20 are in use
+//   if (!conn) return reply_busy();         // cancelled or timed out
+//   conn->query("...");                     // returned to the pool at scope exit
+//
+// Behaviour:
+//  - At most max_open resources exist at once (in use, idle, or being
+//    opened). An acquire takes a slot first: the slots are a
+//    weft::semaphore, so waiters are served FIFO across threads and
+//    coroutines, may give up by token, deadline or Asio cancellation, and
+//    spin briefly before queueing, as every weft waiter does.
+//  - With a slot, an acquire takes the most recently returned idle resource
+//    (so the least used ones age out through max_idle_time), or opens a new
+//    one. open() runs outside the pool's lock, on the acquiring thread; if
+//    it throws, the exception reaches that acquirer and the slot is freed at
+//    once, so a failing server never leaks capacity.
+//  - validate (optional) runs on each idle resource an acquire is about to
+//    hand out; one that fails (returns false or throws) is closed and the
+//    acquire tries the next idle one or opens a new one.
+//  - reset (optional) runs on each returned resource; one for which it
+//    returns false (when it returns bool) or throws is closed instead of
+//    kept. lease.discard() closes a broken resource
+//    instead of returning it.
+//  - A returned resource stays idle unless it outlived max_lifetime, or
+//    max_idle are already idle and nobody is waiting for it: then it is
+//    closed. An idle resource past max_lifetime or max_idle_time is closed
+//    by the next acquire that meets it, or by close_expired(); either way
+//    the close runs outside the pool's lock, so other acquirers never wait
+//    for it. Run close_expired() periodically (a timer) to keep idle
+//    resources from outliving max_idle_time in a quiet service.
+//  - set_max_open / set_max_idle apply at once to what is free and idle;
+//    resources in use above a lowered max_open are closed as they come
+//    back, so shrinking never interrupts work.
+//
+// A task that acquires while it already holds a lease can wait for itself:
+// with max_open 1 (or every slot held by such tasks) it is a deadlock unless
+// a token or deadline ends the wait. Take one lease per task, or pass the
+// request's token (the usual way to acquire in a service anyway).
+//
+// Errors: max_open 0 throws std::invalid_argument (an unlimited pool is how
+// a load spike exhausts a database; choose the limit), as do negative
+// durations. open() may throw; close() must not (it runs from a lease's
+// destructor).
+//
+// Thread safety: every member may be called concurrently. A lease is used
+// by one thread at a time and may move between threads. Destroying the pool
+// while a lease is out or a thread waits is undefined (checked by
+// WEFT_ASSERT); the destructor closes the idle resources.
+//
+// Cost: an acquire or a return is a semaphore operation (one
+// compare-and-swap when nobody waits) plus one critical section of a few
+// instructions under the pool's spin lock (a sleeping mutex's futex calls
+// cost more than the section when threads contend for the pool; no user
+// function ever runs under it); waiting is the semaphore's (spin, yield,
+// then park). The clock is read only when max_lifetime or max_idle_time is
+// set. One allocation per resource opened, none per acquire.
+#pragma once
+
+#include <weft/cancel.hpp>
+#include <weft/config.hpp>
+#include <weft/detail/spin_mutex.hpp>
+#include <weft/semaphore.hpp>
+#include <weft/wait_status.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace weft {
+
+struct resource_pool_options {
+  std::size_t max_open = 0;  // required: at least 1
+  std::size_t max_idle = 2;  // Go's default; lowered to max_open if above it
+  std::chrono::nanoseconds max_lifetime{0};   // 0: a resource may live forever
+  std::chrono::nanoseconds max_idle_time{0};  // 0: a resource may idle forever
+  std::string_view name = {};  // shown in stats() and, for a blocked acquire, in the registry
+};
+
+// The fields and meanings of Go's sql.DBStats, plus failures.
+struct resource_pool_stats {
+  std::string_view name;
+  std::size_t max_open = 0;
+  std::size_t open = 0;    // in use + idle + being opened
+  std::size_t in_use = 0;  // leased out, or being opened for an acquirer
+  std::size_t idle = 0;
+  std::size_t waiting = 0;                    // acquirers queued for a slot now
+  std::uint64_t wait_count = 0;               // acquires that had to wait for a slot
+  std::chrono::nanoseconds wait_duration{0};  // total time they waited
+  std::uint64_t max_idle_closed = 0;       // closed on return: max_idle were idle already
+  std::uint64_t max_idle_time_closed = 0;  // closed after idling max_idle_time
+  std::uint64_t max_lifetime_closed = 0;   // closed after living max_lifetime
+  std::uint64_t open_failures = 0;         // open() threw
+  std::uint64_t validation_failures = 0;   // validate() said no (or threw); closed
+};
+
+namespace detail {
+struct resource_pool_access;
+}
+
+template <class R, class Clock = std::chrono::steady_clock>
+class basic_resource_pool {
+  struct entry;
+
+ public:
+  using resource_type = R;
+  using clock = Clock;
+  using open_function = std::function<R()>;
+  using close_function = std::function<void(R&)>;
+  using validate_function = std::function<bool(R&)>;
+  // Returns whether the resource may be kept (false: it is closed).
+  using reset_function = std::function<bool(R&)>;
+
+  // A resource on loan: returned to the pool when destroyed, released, or
+  // assigned over. Empty when the acquire that made it did not succeed;
+  // status() then says why.
+  class [[nodiscard]] lease {
+   public:
+    lease() noexcept = default;
+    lease(lease&& other) noexcept
+        : pool_(std::exchange(other.pool_, nullptr)), entry_(std::move(other.entry_)), status_(other.status_) {}
+    lease& operator=(lease&& other) noexcept {
+      if (this != &other) {
+        release();
+        pool_ = std::exchange(other.pool_, nullptr);
+        entry_ = std::move(other.entry_);
+        status_ = other.status_;
+      }
+      return *this;
+    }
+    ~lease() { release(); }
+
+    explicit operator bool() const noexcept { return entry_ != nullptr; }
+    // ok while it holds a resource; cancelled or timeout when the acquire
+    // gave up (try_acquire reports timeout: it would have had to wait).
+    wait_status status() const noexcept { return status_; }
+
+    R& get() const noexcept {
+      WEFT_ASSERT(entry_ != nullptr && "weft::resource_pool::lease: empty lease");
+      return entry_->resource;
+    }
+    R& operator*() const noexcept { return get(); }
+    R* operator->() const noexcept { return &get(); }
+
+    // Returns the resource now.
+    void release() noexcept {
+      if (entry_ != nullptr) std::exchange(pool_, nullptr)->give_back(std::move(entry_), false);
+    }
+
+    // Closes the resource instead of returning it (it is broken) and frees
+    // its slot.
+    void discard() noexcept {
+      if (entry_ != nullptr) std::exchange(pool_, nullptr)->give_back(std::move(entry_), true);
+    }
+
+   private:
+    friend class basic_resource_pool;
+    lease(basic_resource_pool* pool, std::unique_ptr<entry> held) noexcept : pool_(pool), entry_(std::move(held)) {}
+    explicit lease(wait_status why) noexcept : status_(why) {}
+
+    basic_resource_pool* pool_ = nullptr;
+    std::unique_ptr<entry> entry_;
+    wait_status status_ = wait_status::ok;
+  };
+
+  // `reset` returns void, or bool: false closes the resource instead of
+  // keeping it (a connection left in a broken state).
+  template <class Reset = std::nullptr_t>
+    requires std::is_null_pointer_v<Reset> || std::invocable<Reset&, R&>
+  basic_resource_pool(const resource_pool_options& options, open_function open, close_function close,
+                      validate_function validate = {}, Reset reset = nullptr)
+      : name_(detail::intern(options.name)),
+        open_function_(checked(std::move(open), "open")),
+        close_function_(checked(std::move(close), "close")),
+        validate_function_(std::move(validate)),
+        reset_function_(wrap_reset(std::move(reset))),
+        max_open_(checked_max_open(options.max_open)),
+        max_idle_(std::min(options.max_idle, options.max_open)),
+        max_lifetime_(checked_duration(options.max_lifetime, "max_lifetime")),
+        max_idle_time_(checked_duration(options.max_idle_time, "max_idle_time")),
+        withheld_(slot_capacity - max_open_),
+        slots_(static_cast<std::ptrdiff_t>(slot_capacity), options.name, detail::blocked_kind{"resource_pool"}) {
+    // The semaphore's capacity is fixed, so it is made as large as a pool
+    // can be and the slots beyond max_open are held by the pool itself;
+    // set_max_open moves slots between the pool and the semaphore.
+    if (withheld_ != 0 && !slots_.try_acquire(static_cast<std::ptrdiff_t>(withheld_))) {
+      throw std::logic_error("weft::resource_pool: a new semaphore refused its own permits");
+    }
+  }
+
+  basic_resource_pool(const basic_resource_pool&) = delete;
+  basic_resource_pool& operator=(const basic_resource_pool&) = delete;
+
+  ~basic_resource_pool() {
+    std::vector<std::unique_ptr<entry>> idle;
+    {
+      std::lock_guard lock(mutex_);
+      WEFT_ASSERT(in_use_ == 0 && "weft::resource_pool destroyed while a lease is out");
+      idle.swap(idle_);
+    }
+    for (auto& resource : idle) close_function_(resource->resource);
+  }
+
+  std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
+
+  // Waits for a slot as long as it takes. Throws what open() throws.
+  lease acquire() {
+    if (slots_.try_acquire(1)) return lease_for_slot();
+    const auto start = begin_wait();
+    slots_.acquire(1);
+    end_wait(start);
+    return lease_for_slot();
+  }
+
+  // Gives up, returning an empty lease, when the token is cancelled
+  // (status cancelled, or timeout when its own deadline did it).
+  lease acquire(const cancel_token& token) {
+    if (token.cancelled()) return lease{slots_.acquire(1, token)};
+    if (slots_.try_acquire(1)) return lease_for_slot();
+    const auto start = begin_wait();
+    const auto status = slots_.acquire(1, token);
+    end_wait(start);
+    return status == wait_status::ok ? lease_for_slot() : lease{status};
+  }
+
+  template <class Rep, class Period>
+  lease acquire_for(std::chrono::duration<Rep, Period> timeout) {
+    return acquire_until(Clock::now() + timeout);
+  }
+
+  template <class Duration>
+  lease acquire_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+    if (slots_.try_acquire(1)) return lease_for_slot();
+    const auto start = begin_wait();
+    const auto status = slots_.acquire_until(1, deadline);
+    end_wait(start);
+    return status == wait_status::ok ? lease_for_slot() : lease{status};
+  }
+
+  // Never waits for another lease to come back; opens a resource when none
+  // is idle and max_open allows. Empty (status timeout) when all are in use.
+  lease try_acquire() { return slots_.try_acquire(1) ? lease_for_slot() : lease{wait_status::timeout}; }
+
+  // Raising the limit frees slots at once. Lowering it takes the free slots
+  // at once and the rest as leases come back (those resources are closed);
+  // idle resources above the new limit are closed now. max_idle follows it
+  // down, as in Go.
+  void set_max_open(std::size_t max_open) {
+    checked_max_open(max_open);
+    std::vector<std::unique_ptr<entry>> closing;
+    std::size_t freed = 0;
+    std::size_t to_take = 0;
+    {
+      std::lock_guard lock(mutex_);
+      if (max_open >= max_open_) {
+        auto grow = max_open - max_open_;
+        const auto forgiven = std::min(debt_, grow);
+        debt_ -= forgiven;
+        grow -= forgiven;
+        withheld_ -= grow;
+        freed = grow;
+      } else {
+        to_take = max_open_ - max_open;
+        max_idle_ = std::min(max_idle_, max_open);
+        trim_idle_locked(closing);
+      }
+      max_open_ = max_open;
+    }
+    if (freed != 0) slots_.release(static_cast<std::ptrdiff_t>(freed));
+    if (to_take != 0) {
+      std::size_t taken = 0;
+      while (taken < to_take && slots_.try_acquire(1)) ++taken;
+      std::lock_guard lock(mutex_);
+      withheld_ += taken;
+      debt_ += to_take - taken;
+    }
+    close_all(closing);
+  }
+
+  // Closes idle resources above the new limit now.
+  void set_max_idle(std::size_t max_idle) {
+    std::vector<std::unique_ptr<entry>> closing;
+    {
+      std::lock_guard lock(mutex_);
+      max_idle_ = std::min(max_idle, max_open_);
+      trim_idle_locked(closing);
+    }
+    close_all(closing);
+  }
+
+  // Closes the idle resources past max_lifetime or max_idle_time; returns
+  // how many.
+  std::size_t close_expired() {
+    std::vector<std::unique_ptr<entry>> closing;
+    {
+      std::lock_guard lock(mutex_);
+      const auto now = Clock::now();
+      auto kept = idle_.begin();
+      for (auto& resource : idle_) {
+        if (expired_locked(*resource, now)) {
+          closing.push_back(std::move(resource));
+        } else {
+          *kept++ = std::move(resource);
+        }
+      }
+      idle_.erase(kept, idle_.end());
+      open_ -= closing.size();
+    }
+    const auto closed = closing.size();
+    close_all(closing);
+    return closed;
+  }
+
+  resource_pool_stats stats() const {
+    resource_pool_stats s;
+    s.name = name();
+    {
+      std::lock_guard lock(mutex_);
+      s.max_open = max_open_;
+      s.open = open_;
+      s.in_use = in_use_;
+      s.idle = idle_.size();
+      s.max_idle_closed = max_idle_closed_;
+      s.max_idle_time_closed = max_idle_time_closed_;
+      s.max_lifetime_closed = max_lifetime_closed_;
+      s.open_failures = open_failures_;
+      s.validation_failures = validation_failures_;
+    }
+    s.waiting = slots_.waiters();
+    s.wait_count = wait_count_.load(std::memory_order_relaxed);
+    s.wait_duration = std::chrono::nanoseconds{wait_nanoseconds_.load(std::memory_order_relaxed)};
+    return s;
+  }
+
+ private:
+  friend struct detail::resource_pool_access;
+
+  struct entry {
+    R resource;
+    typename Clock::time_point opened;
+    typename Clock::time_point returned;
+  };
+
+  template <class Reset>
+  static reset_function wrap_reset(Reset reset) {
+    if constexpr (std::is_null_pointer_v<Reset>) {
+      return {};
+    } else if constexpr (std::is_convertible_v<std::invoke_result_t<Reset&, R&>, bool>) {
+      return reset;
+    } else {
+      if constexpr (std::is_same_v<Reset, std::function<void(R&)>>) {
+        if (!reset) return {};
+      }
+      return [reset = std::move(reset)](R& resource) mutable {
+        reset(resource);
+        return true;
+      };
+    }
+  }
+
+  // As large as the semaphore's state word allows.
+  static constexpr std::size_t slot_capacity = (std::size_t{1} << 40) - 1;
+
+  template <class Function>
+  static Function checked(Function function, const char* what) {
+    if (!function) {
+      throw std::invalid_argument(std::string("weft::resource_pool: the ") + what + " function is empty");
+    }
+    return function;
+  }
+
+  static std::size_t checked_max_open(std::size_t max_open) {
+    if (max_open == 0) {
+      throw std::invalid_argument(
+          "weft::resource_pool: max_open must be at least 1 (there is no unlimited pool: under load it "
+          "would open connections until the server refuses them)");
+    }
+    if (max_open > slot_capacity) {
+      throw std::invalid_argument("weft::resource_pool: max_open must be at most 2^40 - 1, got " +
+                                  std::to_string(max_open));
+    }
+    return max_open;
+  }
+
+  static std::chrono::nanoseconds checked_duration(std::chrono::nanoseconds duration, const char* what) {
+    if (duration < std::chrono::nanoseconds::zero()) {
+      throw std::invalid_argument(std::string("weft::resource_pool: ") + what + " must not be negative");
+    }
+    return duration;
+  }
+
+  // As in Go, a wait is counted when it begins and timed when it ends.
+  typename Clock::time_point begin_wait() noexcept {
+    wait_count_.fetch_add(1, std::memory_order_relaxed);
+    return Clock::now();
+  }
+
+  void end_wait(typename Clock::time_point start) noexcept {
+    const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
+    wait_nanoseconds_.fetch_add(static_cast<std::uint64_t>(waited.count()), std::memory_order_relaxed);
+  }
+
+  // The time, where a limit needs it: reading the clock costs more than the
+  // rest of an uncontended acquire, so a pool without time limits skips it.
+  typename Clock::time_point stamp() const noexcept {
+    if (max_lifetime_ == std::chrono::nanoseconds::zero() && max_idle_time_ == std::chrono::nanoseconds::zero()) {
+      return {};
+    }
+    return Clock::now();
+  }
+
+  // With the mutex held. Counts the cause when the resource has expired.
+  bool expired_locked(const entry& resource, typename Clock::time_point now) noexcept {
+    if (max_lifetime_ != std::chrono::nanoseconds::zero() && now - resource.opened >= max_lifetime_) {
+      ++max_lifetime_closed_;
+      return true;
+    }
+    if (max_idle_time_ != std::chrono::nanoseconds::zero() && now - resource.returned >= max_idle_time_) {
+      ++max_idle_time_closed_;
+      return true;
+    }
+    return false;
+  }
+
+  // With the mutex held: moves the oldest idle resources above max_idle_
+  // into `closing`.
+  void trim_idle_locked(std::vector<std::unique_ptr<entry>>& closing) {
+    if (idle_.size() <= max_idle_) return;
+    const auto excess = static_cast<std::ptrdiff_t>(idle_.size() - max_idle_);
+    std::move(idle_.begin(), idle_.begin() + excess, std::back_inserter(closing));
+    idle_.erase(idle_.begin(), idle_.begin() + excess);
+    open_ -= static_cast<std::size_t>(excess);
+    max_idle_closed_ += static_cast<std::uint64_t>(excess);
+  }
+
+  void close_all(std::vector<std::unique_ptr<entry>>& closing) noexcept {
+    for (auto& resource : closing) close_function_(resource->resource);
+    closing.clear();
+  }
+
+  // With the mutex held, for a slot that is no longer used: true if it goes
+  // back to the semaphore, false if a lowered max_open keeps it.
+  bool slot_returns_locked() noexcept {
+    if (debt_ == 0) return true;
+    --debt_;
+    ++withheld_;
+    return false;
+  }
+
+  // The caller holds a slot: hand it an idle resource or a new one.
+  lease lease_for_slot() {
+    std::vector<std::unique_ptr<entry>> closing;
+    for (;;) {
+      std::unique_ptr<entry> candidate;
+      {
+        std::lock_guard lock(mutex_);
+        const auto now = stamp();
+        while (!idle_.empty()) {
+          auto newest = std::move(idle_.back());
+          idle_.pop_back();
+          if (!expired_locked(*newest, now)) {
+            candidate = std::move(newest);
+            break;
+          }
+          --open_;
+          closing.push_back(std::move(newest));
+        }
+        ++in_use_;
+        if (candidate == nullptr) ++open_;  // reserved for the open below
+      }
+      close_all(closing);
+      if (candidate == nullptr) return lease{this, open_new()};
+      if (valid(candidate->resource)) return lease{this, std::move(candidate)};
+      close_function_(candidate->resource);
+      std::lock_guard lock(mutex_);
+      ++validation_failures_;
+      --in_use_;
+      --open_;
+    }
+  }
+
+  bool valid(R& resource) noexcept {
+    if (!validate_function_) return true;
+    try {
+      return validate_function_(resource);
+    } catch (...) {
+      return false;
+    }
+  }
+
+  // The caller holds a slot, counted in open_ and in_use_.
+  std::unique_ptr<entry> open_new() {
+    try {
+      const auto opened = stamp();
+      return std::unique_ptr<entry>(new entry{open_function_(), opened, opened});
+    } catch (...) {
+      bool slot_returns = false;
+      {
+        std::lock_guard lock(mutex_);
+        ++open_failures_;
+        --in_use_;
+        --open_;
+        slot_returns = slot_returns_locked();
+      }
+      if (slot_returns) slots_.release(1);
+      throw;
+    }
+  }
+
+  void give_back(std::unique_ptr<entry> resource, bool discard) noexcept {
+    if (!discard && reset_function_) {
+      try {
+        discard = !reset_function_(resource->resource);
+      } catch (...) {
+        discard = true;
+      }
+    }
+    bool keep = false;
+    bool slot_returns = false;
+    {
+      std::lock_guard lock(mutex_);
+      --in_use_;
+      const auto now = stamp();
+      slot_returns = slot_returns_locked();
+      if (discard || !slot_returns) {
+        keep = false;
+      } else if (max_lifetime_ != std::chrono::nanoseconds::zero() && now - resource->opened >= max_lifetime_) {
+        ++max_lifetime_closed_;
+      } else if (idle_.size() >= max_idle_ && slots_.waiters() == 0) {
+        ++max_idle_closed_;
+      } else {
+        keep = true;
+      }
+      if (keep) {
+        resource->returned = now;
+        idle_.push_back(std::move(resource));
+      } else {
+        --open_;
+      }
+    }
+    if (!keep) close_function_(resource->resource);
+    if (slot_returns) slots_.release(1);
+  }
+
+  const char* name_;
+  open_function open_function_;
+  close_function close_function_;
+  validate_function validate_function_;
+  reset_function reset_function_;
+
+  mutable detail::spin_mutex mutex_;
+  // Guarded by mutex_:
+  std::vector<std::unique_ptr<entry>> idle_;  // oldest return first
+  std::size_t open_ = 0;
+  std::size_t in_use_ = 0;
+  std::size_t max_open_;
+  std::size_t max_idle_;
+  std::chrono::nanoseconds max_lifetime_;
+  std::chrono::nanoseconds max_idle_time_;
+  std::size_t withheld_;  // slots the pool holds back from the semaphore
+  std::size_t debt_ = 0;  // slots to hold back as they come free (max_open was lowered)
+  std::uint64_t max_idle_closed_ = 0;
+  std::uint64_t max_idle_time_closed_ = 0;
+  std::uint64_t max_lifetime_closed_ = 0;
+  std::uint64_t open_failures_ = 0;
+  std::uint64_t validation_failures_ = 0;
+
+  std::atomic<std::uint64_t> wait_count_{0};
+  std::atomic<std::uint64_t> wait_nanoseconds_{0};
+
+  basic_semaphore<Clock> slots_;
+};
+
+template <class R>
+using resource_pool = basic_resource_pool<R>;
+
+}  // namespace weft
