@@ -16,7 +16,9 @@
 // get() takes the most recently returned object from the calling thread's
 // cache; put() returns it there. Only when the cache is empty or full does a
 // thread move half a cache's worth to or from the stash, under the stash's
-// lock. Objects beyond both bounds are destroyed (counted as dropped);
+// lock. (A spin-locked vector: moving 16 pointers in and out of it took 16
+// ns at 1 thread and 22 ns at 2 on the 2-core VM, against 58 ns and 240 ns
+// for moodycamel's ConcurrentQueue bulk operations plus the size bound.) Objects beyond both bounds are destroyed (counted as dropped);
 // trim() drops what is retained.
 //
 // Guarantees:
