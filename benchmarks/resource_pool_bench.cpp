@@ -61,7 +61,6 @@
 #include <benchmark/benchmark.h>
 
 #include <atomic>
-#include <barrier>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -72,6 +71,8 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "gated_loop.hpp"
 
 namespace {
 
@@ -188,32 +189,7 @@ struct mutex_condvar_impl {
   mutex_condvar_pool pool;
 };
 
-// ---------------------------------------------------------------------------
-// The gates (as in semaphore_bench.cpp).
-
-struct run_gates {
-  std::optional<std::barrier<>> start;
-  std::optional<std::barrier<>> end;
-};
-run_gates gates;
-
-// Runs `op` once per iteration, between the gates. Thread 0 arms the gates
-// before the loop (Google Benchmark's start barrier publishes them).
-template <class Op>
-void gated_loop(benchmark::State& state, Op op) {
-  if (state.thread_index() == 0) {
-    gates.start.emplace(state.threads());
-    gates.end.emplace(state.threads());
-  }
-  const benchmark::IterationCount last = state.max_iterations;
-  benchmark::IterationCount done = 0;
-  for (auto _ : state) {
-    if (done == 0) gates.start->arrive_and_wait();
-    op();
-    if (++done == last) gates.end->arrive_and_wait();
-  }
-  state.SetItemsProcessed(state.iterations());  // per thread; Google Benchmark sums them
-}
+using weft_bench::gated_loop;
 
 // Shared by the threads of one run: thread 0 creates it before the timed loop
 // and destroys it after; Google Benchmark's barriers at the start and the end

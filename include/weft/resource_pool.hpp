@@ -90,7 +90,6 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 namespace weft {
 
@@ -217,13 +216,13 @@ class basic_resource_pool {
   basic_resource_pool& operator=(const basic_resource_pool&) = delete;
 
   ~basic_resource_pool() {
-    std::vector<std::unique_ptr<entry>> idle;
+    entry_list idle;
     {
       std::lock_guard lock(mutex_);
       WEFT_ASSERT(in_use_ == 0 && "weft::resource_pool destroyed while a lease is out");
-      idle.swap(idle_);
+      idle.splice(idle_);
     }
-    for (auto& resource : idle) close_function_(resource->resource);
+    close_all(idle);
   }
 
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
@@ -272,7 +271,7 @@ class basic_resource_pool {
   // down, as in Go.
   void set_max_open(std::size_t max_open) {
     checked_max_open(max_open);
-    std::vector<std::unique_ptr<entry>> closing;
+    entry_list closing;
     std::size_t freed = 0;
     std::size_t to_take = 0;
     {
@@ -304,7 +303,7 @@ class basic_resource_pool {
 
   // Closes idle resources above the new limit now.
   void set_max_idle(std::size_t max_idle) {
-    std::vector<std::unique_ptr<entry>> closing;
+    entry_list closing;
     {
       std::lock_guard lock(mutex_);
       max_idle_ = std::min(max_idle, max_open_);
@@ -316,19 +315,11 @@ class basic_resource_pool {
   // Closes the idle resources past max_lifetime or max_idle_time; returns
   // how many.
   std::size_t close_expired() {
-    std::vector<std::unique_ptr<entry>> closing;
+    entry_list closing;
     {
       std::lock_guard lock(mutex_);
       const auto now = Clock::now();
-      auto kept = idle_.begin();
-      for (auto& resource : idle_) {
-        if (expired_locked(*resource, now)) {
-          closing.push_back(std::move(resource));
-        } else {
-          *kept++ = std::move(resource);
-        }
-      }
-      idle_.erase(kept, idle_.end());
+      idle_.remove_if([&](const entry& resource) { return expired_locked(resource, now); }, closing);
       open_ -= closing.size();
     }
     const auto closed = closing.size();
@@ -364,6 +355,62 @@ class basic_resource_pool {
     R resource;
     typename Clock::time_point opened;
     typename Clock::time_point returned;
+    entry* older = nullptr;  // in an entry_list
+  };
+
+  // Resources linked through their entries, the most recently pushed first.
+  // The idle list is one: pushing and popping touch only the list head and
+  // the entry itself, which the lease's user touches anyway, so no separate
+  // buffer moves between cores with every acquire and return, and nothing
+  // is allocated under the pool's lock.
+  class entry_list {
+   public:
+    entry_list() = default;
+    entry_list(const entry_list&) = delete;
+    entry_list& operator=(const entry_list&) = delete;
+    ~entry_list() {
+      while (!empty()) pop();
+    }
+
+    bool empty() const noexcept { return newest_ == nullptr; }
+    std::size_t size() const noexcept { return size_; }
+
+    void push(std::unique_ptr<entry> resource) noexcept {
+      resource->older = newest_;
+      newest_ = resource.release();
+      ++size_;
+    }
+
+    std::unique_ptr<entry> pop() noexcept {
+      entry* newest = newest_;
+      newest_ = newest->older;
+      --size_;
+      return std::unique_ptr<entry>(newest);
+    }
+
+    // Moves every entry for which `remove` is true (called newest first)
+    // to `out`; the others keep their order.
+    template <class Predicate>
+    void remove_if(Predicate remove, entry_list& out) noexcept {
+      for (entry** link = &newest_; *link != nullptr;) {
+        entry* resource = *link;
+        if (remove(std::as_const(*resource))) {
+          *link = resource->older;
+          --size_;
+          out.push(std::unique_ptr<entry>(resource));
+        } else {
+          link = &resource->older;
+        }
+      }
+    }
+
+    void splice(entry_list& from) noexcept {
+      while (!from.empty()) push(from.pop());
+    }
+
+   private:
+    entry* newest_ = nullptr;
+    std::size_t size_ = 0;
   };
 
   template <class Reset>
@@ -449,18 +496,21 @@ class basic_resource_pool {
 
   // With the mutex held: moves the oldest idle resources above max_idle_
   // into `closing`.
-  void trim_idle_locked(std::vector<std::unique_ptr<entry>>& closing) {
+  void trim_idle_locked(entry_list& closing) noexcept {
     if (idle_.size() <= max_idle_) return;
-    const auto excess = static_cast<std::ptrdiff_t>(idle_.size() - max_idle_);
-    std::move(idle_.begin(), idle_.begin() + excess, std::back_inserter(closing));
-    idle_.erase(idle_.begin(), idle_.begin() + excess);
-    open_ -= static_cast<std::size_t>(excess);
-    max_idle_closed_ += static_cast<std::uint64_t>(excess);
+    std::size_t newer = 0;
+    const auto before = closing.size();
+    idle_.remove_if([&](const entry&) { return newer++ >= max_idle_; }, closing);
+    const auto excess = closing.size() - before;
+    open_ -= excess;
+    max_idle_closed_ += excess;
   }
 
-  void close_all(std::vector<std::unique_ptr<entry>>& closing) noexcept {
-    for (auto& resource : closing) close_function_(resource->resource);
-    closing.clear();
+  void close_all(entry_list& closing) noexcept {
+    while (!closing.empty()) {
+      const auto resource = closing.pop();
+      close_function_(resource->resource);
+    }
   }
 
   // With the mutex held, for a slot that is no longer used: true if it goes
@@ -474,21 +524,20 @@ class basic_resource_pool {
 
   // The caller holds a slot: hand it an idle resource or a new one.
   lease lease_for_slot() {
-    std::vector<std::unique_ptr<entry>> closing;
+    entry_list closing;
     for (;;) {
       std::unique_ptr<entry> candidate;
       {
         std::lock_guard lock(mutex_);
         const auto now = stamp();
         while (!idle_.empty()) {
-          auto newest = std::move(idle_.back());
-          idle_.pop_back();
+          auto newest = idle_.pop();
           if (!expired_locked(*newest, now)) {
             candidate = std::move(newest);
             break;
           }
           --open_;
-          closing.push_back(std::move(newest));
+          closing.push(std::move(newest));
         }
         ++in_use_;
         if (candidate == nullptr) ++open_;  // reserved for the open below
@@ -558,7 +607,7 @@ class basic_resource_pool {
       }
       if (keep) {
         resource->returned = now;
-        idle_.push_back(std::move(resource));
+        idle_.push(std::move(resource));
       } else {
         --open_;
       }
@@ -575,7 +624,7 @@ class basic_resource_pool {
 
   mutable detail::spin_mutex mutex_;
   // Guarded by mutex_:
-  std::vector<std::unique_ptr<entry>> idle_;  // oldest return first
+  entry_list idle_;
   std::size_t open_ = 0;
   std::size_t in_use_ = 0;
   std::size_t max_open_;
