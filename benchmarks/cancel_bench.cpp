@@ -42,6 +42,8 @@
 #include <string>
 #include <thread>
 
+#include "bench_support.hpp"
+
 namespace {
 
 // The callback every workload registers: bumps a counter the benchmark owns.
@@ -167,13 +169,6 @@ void register_workload(const char* workload, void (*body)(benchmark::State&), co
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service that cancels work is. While a process has only ever had one
-  // thread, libstdc++ skips some synchronisation (std::stop_callback's
-  // completion semaphore, shared_ptr's atomic counts), which would flatter
-  // the std alternatives against what they cost in a real program.
-  std::thread([] {}).join();
-
   register_workload<weft_impl>("cancel_cycle", &cancel_cycle<weft_impl>);
   register_workload<std_impl>("cancel_cycle", &cancel_cycle<std_impl>);
   register_workload<weft_impl>("token_copy_check", &token_copy_check<weft_impl>);
@@ -181,9 +176,5 @@ int main(int argc, char** argv) {
   register_workload<weft_impl>("child_cycle", &child_cycle<weft_impl>);
   register_workload<std_impl>("child_cycle", &child_cycle<std_impl>, "std_stop_callback_chain");
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

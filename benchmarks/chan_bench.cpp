@@ -114,6 +114,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::int64_t total_items = 1'000'000;
@@ -258,54 +260,9 @@ struct tbb_queue {
 };
 #endif
 
-// The bounded queue people write by hand.
-class mutex_condvar_queue {
- public:
-  // False if closed.
-  bool push(std::int64_t v) {
-    {
-      std::unique_lock lock(mutex_);
-      not_full_.wait(lock, [this] { return closed_ || items_.size() < capacity; });
-      if (closed_) return false;
-      items_.push_back(v);
-    }
-    not_empty_.notify_one();
-    return true;
-  }
-
-  // Empty once closed and drained.
-  std::optional<std::int64_t> pop() {
-    std::optional<std::int64_t> v;
-    {
-      std::unique_lock lock(mutex_);
-      not_empty_.wait(lock, [this] { return closed_ || !items_.empty(); });
-      if (items_.empty()) return v;
-      v = items_.front();
-      items_.pop_front();
-    }
-    not_full_.notify_one();
-    return v;
-  }
-
-  void close() {
-    {
-      std::lock_guard lock(mutex_);
-      closed_ = true;
-    }
-    not_full_.notify_all();
-    not_empty_.notify_all();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable not_full_;
-  std::condition_variable not_empty_;
-  std::deque<std::int64_t> items_;
-  bool closed_ = false;
-};
 
 struct mutex_condvar_deque {
-  mutex_condvar_queue queue;
+  weft_bench::mutex_condvar_queue<std::int64_t> queue{capacity};
 
   void produce(int producer, std::int64_t share, tally& t) {
     produce_share(producer, share, [&](std::int64_t v) {
@@ -424,11 +381,6 @@ void register_mpmc(const char* impl) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_spsc<weft_queue>("weft");
 #if defined(WEFT_HAVE_TBB)
   register_spsc<tbb_queue>("tbb_concurrent_bounded_queue");
@@ -445,9 +397,5 @@ int main(int argc, char** argv) {
   register_mpmc<moodycamel_semaphore_bounded>("moodycamel_semaphore_bounded");
   register_mpmc<asio_concurrent_channel>("asio_concurrent_channel");
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

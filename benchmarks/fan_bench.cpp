@@ -53,6 +53,8 @@
 #include <tuple>
 #include <utility>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::size_t fan_width = 16;
@@ -185,11 +187,6 @@ void register_fan(const char* impl, void (*body)(benchmark::State&)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_fan("weft", &weft_parallel_map);
   register_fan("weft_gather", &weft_gather);
   register_fan("std_async", &std_async);
@@ -199,9 +196,5 @@ int main(int argc, char** argv) {
   register_fan("asio_thread_pool_latch", &asio_latch);
   register_fan("serial", &serial);
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

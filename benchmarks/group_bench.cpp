@@ -49,6 +49,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::int64_t group_tasks = 1000;
@@ -129,11 +131,6 @@ void register_group(const char* impl, void (*body)(benchmark::State&)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_group("weft", &weft_group);
 #if defined(WEFT_HAVE_TBB)
   register_group("tbb_task_group", &tbb_group);
@@ -141,9 +138,5 @@ int main(int argc, char** argv) {
   register_group("std_async", &std_async);
   register_group("asio_thread_pool_latch", &asio_latch);
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

@@ -51,7 +51,7 @@
 // Multi-threaded timing: every thread waits at a start gate until all have
 // started timing, and at an end gate until all have finished their
 // iterations, so each thread's timed window spans the whole concurrent phase
-// and items/s is total items / wall time (see semaphore_bench.cpp for why:
+// and items/s is total items / wall time (see bench_support.hpp for why:
 // without the gates, oversubscribed runs overstate throughput by up to T x).
 #include <weft/object_pool.hpp>
 
@@ -69,7 +69,7 @@
 #include <utility>
 #include <vector>
 
-#include "gated_loop.hpp"
+#include "bench_support.hpp"
 
 namespace {
 
@@ -229,12 +229,6 @@ void register_impl() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is: glibc's malloc and libstdc++ skip some synchronisation while
-  // a process has only ever had one thread, which would flatter the
-  // alternatives in the single-threaded runs.
-  std::thread([] {}).join();
-
   register_impl<weft_impl>();
   register_impl<malloc_free_impl>();
   register_impl<new_delete_impl>();
@@ -242,9 +236,5 @@ int main(int argc, char** argv) {
   register_impl<mutex_free_list_impl>();
   register_impl<thread_local_free_list_impl>();
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

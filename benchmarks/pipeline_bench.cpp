@@ -76,6 +76,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::int64_t total_items = 1'000'000;
@@ -168,50 +170,7 @@ void tbb_pipeline(benchmark::State& state) {
 // ---------------------------------------------------------------------------
 // Hand-written: threads and bounded blocking queues.
 
-class blocking_queue {
- public:
-  // False if closed.
-  bool push(std::int64_t v) {
-    {
-      std::unique_lock lock(mutex_);
-      not_full_.wait(lock, [this] { return closed_ || items_.size() < buffer; });
-      if (closed_) return false;
-      items_.push_back(v);
-    }
-    not_empty_.notify_one();
-    return true;
-  }
-
-  // Empty once closed and drained.
-  std::optional<std::int64_t> pop() {
-    std::optional<std::int64_t> v;
-    {
-      std::unique_lock lock(mutex_);
-      not_empty_.wait(lock, [this] { return closed_ || !items_.empty(); });
-      if (items_.empty()) return v;
-      v = items_.front();
-      items_.pop_front();
-    }
-    not_full_.notify_one();
-    return v;
-  }
-
-  void close() {
-    {
-      std::lock_guard lock(mutex_);
-      closed_ = true;
-    }
-    not_full_.notify_all();
-    not_empty_.notify_all();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable not_full_;
-  std::condition_variable not_empty_;
-  std::deque<std::int64_t> items_;
-  bool closed_ = false;
-};
+using blocking_queue = weft_bench::mutex_condvar_queue<std::int64_t>;
 
 // Pops from `in` until it is closed and drained, pushes f(v) to `out`, then
 // closes `out`.
@@ -225,9 +184,9 @@ void mutex_condvar_queues(benchmark::State& state) {
   const std::vector<std::int64_t> values = make_values();
   for (auto _ : state) {
     std::int64_t sum = 0;
-    blocking_queue to_stage1;
-    blocking_queue to_stage2;
-    blocking_queue to_sink;
+    blocking_queue to_stage1{buffer};
+    blocking_queue to_stage2{buffer};
+    blocking_queue to_sink{buffer};
     std::thread producer([&] {
       for (const std::int64_t v : values) to_stage1.push(v);
       to_stage1.close();
@@ -262,11 +221,6 @@ void register_impl(const char* impl, void (*function)(benchmark::State&)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_impl("weft", &weft_serial);
   register_impl("weft_parallel", &weft_parallel);
 #if defined(WEFT_HAVE_TBB)
@@ -274,9 +228,5 @@ int main(int argc, char** argv) {
 #endif
   register_impl("mutex_condvar_queues", &mutex_condvar_queues);
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

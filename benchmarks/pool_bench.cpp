@@ -84,6 +84,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::int64_t pool_tasks = 1'000'000;
@@ -294,11 +296,6 @@ void register_pool(const char* impl, void (*body)(benchmark::State&)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_pool("weft", &weft_pool);
   register_pool("asio_thread_pool", &asio_pool);
 #if defined(WEFT_HAVE_TBB)
@@ -308,9 +305,5 @@ int main(int argc, char** argv) {
   register_pool("moodycamel_blocking", &moodycamel_blocking);
   register_pool("std_thread_per_task", &std_thread_per_task);
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

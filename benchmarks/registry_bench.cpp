@@ -30,6 +30,8 @@
 #include <string>
 #include <thread>
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr std::int64_t pool_tasks = 1'000'000;
@@ -103,16 +105,11 @@ void register_impl(const std::string& impl, void (*pool)(benchmark::State&), voi
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::thread([] {}).join();  // multi-threaded before anything is measured, as a service is
 #if defined(WEFT_NO_REGISTRY)
   register_impl("compiled_out", &pool_tiny_tasks<false>, &group_spawn_wait<false>);
 #else
   register_impl("weft", &pool_tiny_tasks<true>, &group_spawn_wait<true>);
   register_impl("tracking_off", &pool_tiny_tasks<false>, &group_spawn_wait<false>);
 #endif
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

@@ -53,7 +53,7 @@
 // Multi-threaded timing: every thread waits at a start gate until all have
 // started timing, and at an end gate until all have finished their
 // iterations, so each thread's timed window spans the whole concurrent phase
-// and items/s is total items / wall time (see semaphore_bench.cpp for why).
+// and items/s is total items / wall time (see bench_support.hpp for why).
 // After each run, the benchmark checks that no impl opened more than
 // max_open resources.
 #include <weft/resource_pool.hpp>
@@ -72,7 +72,7 @@
 #include <utility>
 #include <vector>
 
-#include "gated_loop.hpp"
+#include "bench_support.hpp"
 
 namespace {
 
@@ -241,18 +241,9 @@ void register_impl() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is (libstdc++ skips some synchronisation until a second thread
-  // has existed).
-  std::thread([] {}).join();
-
   register_impl<weft_impl>();
   register_impl<mutex_condvar_impl>();
   benchmark::RegisterBenchmark("resource_pool_acquire_release/no_pool", &no_pool)->Threads(1)->UseRealTime();
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }

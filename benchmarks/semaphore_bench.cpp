@@ -71,7 +71,7 @@
 #include <string>
 #include <thread>
 
-#include "gated_loop.hpp"
+#include "bench_support.hpp"
 
 namespace {
 
@@ -256,12 +256,6 @@ void register_half() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Make the process multi-threaded before anything is measured, as a
-  // service is: libstdc++ skips some synchronisation while a process has
-  // only ever had one thread, which would flatter the std alternatives in
-  // the single-threaded benchmarks that run first.
-  std::thread([] {}).join();
-
   // bare_mutex stays in contended_cap1 (a mutex is what a capacity-1
   // semaphore competes with) but not in contended_half, where it would not
   // be a counting semaphore.
@@ -269,9 +263,5 @@ int main(int argc, char** argv) {
                bare_mutex_impl>();
   register_half<weft_impl, std_counting_semaphore_impl, mutex_condvar_impl, moodycamel_lightweight_impl>();
 
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return weft_bench::run_benchmarks(argc, argv);
 }
