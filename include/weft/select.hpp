@@ -75,11 +75,50 @@ namespace detail {
 
 enum class case_readiness { ready, not_ready, in_flight };
 
+// What a receive case and a send case share: the channel, the slot a
+// channel's hand-off fills or empties, and queueing in and out of the
+// Case's queue() (Case also says, in settle_mark_locked, which of the
+// channel's marks follows that queue).
+template <class Case, class T, class Clock>
+class channel_case {
+ public:
+  void enqueue_locked(select_node& node, select_state& state, int index) noexcept {
+    slot_.select = &state;
+    slot_.select_case = index;
+    node.state = &state;
+    node.context = &slot_;
+    self().queue().push_back(node);
+  }
+
+  void withdraw(select_node& node) noexcept {
+    auto lock = self().queue().lock();
+    if (node.queued) self().queue().erase(node);
+    self().settle_mark_locked();
+  }
+
+  wait_status status() const noexcept { return closed_ ? wait_status::closed : wait_status::ok; }
+
+ protected:
+  explicit channel_case(basic_channel<T, Clock>& channel) noexcept : channel_(&channel) {}
+
+  basic_channel<T, Clock>* channel_;
+  channel_slot<T> slot_;
+  bool closed_ = false;
+
+ private:
+  Case& self() noexcept { return static_cast<Case&>(*this); }
+};
+
 // A receive case. F is called with std::optional<T>.
 template <class T, class Clock, class F>
-class recv_case {
+class recv_case : public channel_case<recv_case<T, Clock, F>, T, Clock> {
+  using base = channel_case<recv_case, T, Clock>;
+  using base::channel_;
+  using base::closed_;
+  using base::slot_;
+
  public:
-  recv_case(basic_channel<T, Clock>& channel, F handler) : channel_(&channel), handler_(std::move(handler)) {}
+  recv_case(basic_channel<T, Clock>& channel, F handler) : base(channel), handler_(std::move(handler)) {}
 
   wait_queue& queue() const noexcept { return channel_->receivers_; }
 
@@ -103,13 +142,11 @@ class recv_case {
     return closed ? close_ready() : case_readiness::not_ready;
   }
 
+  // The value's address is taken here, not at construction: the case may
+  // have moved since.
   void enqueue_locked(select_node& node, select_state& state, int index) noexcept {
     slot_.incoming = &value_;
-    slot_.select = &state;
-    slot_.select_case = index;
-    node.state = &state;
-    node.context = &slot_;
-    queue().push_back(node);
+    base::enqueue_locked(node, state, index);
   }
 
   // With queue() locked: the channel's mark follows its queue.
@@ -117,18 +154,11 @@ class recv_case {
     if (!channel_->rendezvous()) channel_->receivers_waiting_.store(!queue().empty(), std::memory_order_relaxed);
   }
 
-  void withdraw(select_node& node) noexcept {
-    auto lock = queue().lock();
-    if (node.queued) queue().erase(node);
-    settle_mark_locked();
-  }
-
   // After every lock is released: what the operation owes the channel.
   void after_unlock() noexcept {
     if (popped_) channel_->after_pop();
   }
 
-  wait_status status() const noexcept { return closed_ ? wait_status::closed : wait_status::ok; }
   void finish() { std::invoke(handler_, std::move(value_)); }
 
  private:
@@ -137,20 +167,24 @@ class recv_case {
     return case_readiness::ready;
   }
 
-  basic_channel<T, Clock>* channel_;
   F handler_;
   std::optional<T> value_;
-  channel_slot<T> slot_;
   bool popped_ = false;
-  bool closed_ = false;
 };
 
 // A send case. F is called with no arguments once the value is sent.
 template <class T, class Clock, class F>
-class send_case {
+class send_case : public channel_case<send_case<T, Clock, F>, T, Clock> {
+  using base = channel_case<send_case, T, Clock>;
+  using base::channel_;
+  using base::closed_;
+  using base::slot_;
+
  public:
   send_case(basic_channel<T, Clock>& channel, T& value, F handler)
-      : channel_(&channel), value_(&value), handler_(std::move(handler)) {}
+      : base(channel), value_(&value), handler_(std::move(handler)) {
+    slot_.outgoing = value_;
+  }
 
   wait_queue& queue() const noexcept {
     return channel_->rendezvous() ? channel_->receivers_ : channel_->senders_;
@@ -173,41 +207,22 @@ class send_case {
     return ch.ring_.full() ? case_readiness::not_ready : case_readiness::in_flight;
   }
 
-  void enqueue_locked(select_node& node, select_state& state, int index) noexcept {
-    slot_.outgoing = value_;
-    slot_.select = &state;
-    slot_.select_case = index;
-    node.state = &state;
-    node.context = &slot_;
-    queue().push_back(node);
-  }
-
   void settle_mark_locked() noexcept {
     if (!channel_->rendezvous()) channel_->senders_waiting_.store(!queue().empty(), std::memory_order_relaxed);
-  }
-
-  void withdraw(select_node& node) noexcept {
-    auto lock = queue().lock();
-    if (node.queued) queue().erase(node);
-    settle_mark_locked();
   }
 
   void after_unlock() noexcept {
     if (pushed_) channel_->after_push();
   }
 
-  wait_status status() const noexcept { return closed_ ? wait_status::closed : wait_status::ok; }
   void finish() {
     if (!closed_) std::invoke(handler_);
   }
 
  private:
-  basic_channel<T, Clock>* channel_;
   T* value_;
   F handler_;
-  channel_slot<T> slot_;
   bool pushed_ = false;
-  bool closed_ = false;
 };
 
 template <class C>
