@@ -407,6 +407,8 @@ TEST_CASE(
     for (int i = 0; i < queries; ++i) {
       group.go([&pool, &succeeded, i] {
         auto conn = pool.acquire();
+        // pg_sleep is the query's own work, in the server (the scenario:
+        // queries that take a while hold their connections), not a wait.
         const auto doubled =
             conn->query("SELECT $1::int * 2, pg_sleep(0.001)", {std::to_string(i)});
         if (doubled == std::to_string(2 * i)) succeeded.fetch_add(1, std::memory_order_relaxed);
