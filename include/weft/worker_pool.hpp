@@ -610,10 +610,10 @@ class worker_pool {
     signal(*woken);  // the woken worker inherits the spinning mark
   }
 
-  // Parks `self` until another thread takes it off the idle list. Returns
-  // true when it was woken that way (it then holds a spinning mark), false
-  // when it found work before parking and took itself off again.
-  bool park(worker& self) noexcept {
+  // Parks `self` until another thread takes it off the idle list, or until
+  // it finds work before parking and takes itself off again. Either way it
+  // returns holding a spinning mark.
+  void park(worker& self) noexcept {
     {
       std::lock_guard guard(idle_mutex_);
       idle_.push_back(&self);
@@ -624,14 +624,17 @@ class worker_pool {
       if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
         idle_.erase(it);
         idle_count_.store(idle_.size(), std::memory_order_relaxed);
-        return false;
+        // It found work that a producer may not have woken anyone for (it
+        // saw no idle worker yet): it searches, so its pop hands the search
+        // on if more is queued.
+        spinning_.fetch_add(1, std::memory_order_seq_cst);
+        return;
       }
       // Someone took this worker off the list already; its signal is coming.
     }
     while (self.wake_signal.exchange(0, std::memory_order_acquire) == 0) {
       detail::futex_wait(self.wake_signal, 0);
     }
-    return true;
   }
 
   void run_worker(worker& self, std::size_t index) {
@@ -666,12 +669,21 @@ class worker_pool {
         bool found = false;
         for (detail::backoff pause; !found && pause.wait();) found = ring_.claimed_unpopped();
         if (found) continue;
-        spinning = false;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
-        if (ring_.claimed_unpopped()) continue;
+        if (ring_.claimed_unpopped()) {
+          // Work came after all, and a producer that saw this searcher may
+          // have skipped its wake-up: search again, so that the pop hands
+          // the search on (above) if more is queued. Popping it as a plain
+          // worker would leave the rest to this worker alone, and to nobody
+          // while its task blocks.
+          spinning_.fetch_add(1, std::memory_order_seq_cst);
+          continue;
+        }
+        spinning = false;
       }
       if (closed_.load(std::memory_order_acquire) && ring_.size() == 0) break;
-      spinning = park(self);
+      park(self);
+      spinning = true;
     }
     if (spinning) spinning_.fetch_sub(1, std::memory_order_relaxed);
     detail::current_worker_pool = nullptr;
