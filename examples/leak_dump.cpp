@@ -1,21 +1,23 @@
 // A leak on purpose, and how weft shows it.
 //
 // A request handler takes a database connection (a permit of the semaphore
-// "db-conns") and forgets to give it back. Every later request then blocks
-// on the semaphore forever, and the requests behind them wait in the
-// handler pool's queue. Nothing crashes; the service just stops answering.
+// "db-conns") and, on one path, forgets to give it back. Two requests take
+// that path; every later request then blocks on the semaphore forever, and
+// the requests behind them wait in the handler pool's queue. Nothing
+// crashes; the service just stops answering.
 //
-// The program prints what a goroutine dump would show in Go: the live tasks
-// grouped by the line that started them, with what they are blocked on.
-// Then it runs the same requests under a weft::leak_check, as a test would,
-// and prints the check's report. Finally it shuts the service down: the
-// stuck handlers see the shutdown through their token and give up.
+// The later requests run under a weft::leak_check, as a test would. The
+// program prints what a goroutine dump would show in Go: the live tasks
+// grouped by the line that started them, with what they are blocked on; then
+// the check's report. Finally it shuts the service down: the stuck handlers
+// see the shutdown through their token and give up.
 #include <weft/cancel.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/worker_pool.hpp>
 
 #include <chrono>
+#include <future>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -38,8 +40,8 @@ struct service {
   // The bug: this path takes a connection and never gives it back.
   void query_and_forget() { (void)connections.acquire(1, running.token()); }
 
-  void handle(int request) {
-    handlers.post([this, request] {
+  std::future<void> handle(int request) {
+    return handlers.submit([this, request] {
       if (request % 7 == 3) {
         query_and_forget();
       } else {
@@ -64,11 +66,17 @@ void wait_for_blocked(std::size_t count) {
 
 int main() {
   service app;
+  // The two requests that take the buggy path come first, so that exactly
+  // the four handlers get stuck below, whatever the threads' timing.
+  for (int request : {3, 10}) app.handle(request).wait();
+
   std::string report;
   {
     weft::leak_check check{{.grace = 100ms, .on_leak = [&](const std::string& text) { report = text; }}};
-    for (int request = 0; request < 20; ++request) app.handle(request);
-    wait_for_blocked(4);  // two connections leaked: every handler is now stuck
+    // No connection is left: four requests block in the four handlers and
+    // five wait in the queue behind them.
+    for (int request = 11; request < 20; ++request) (void)app.handle(request);
+    wait_for_blocked(4);
 
     std::cout << "--- weft::registry::dump ---\n";
     weft::registry::dump(std::cout);

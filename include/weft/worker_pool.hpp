@@ -590,22 +590,25 @@ class worker_pool {
   // worker, and only when no worker is awake and looking for work: that one
   // will find the task, and wakes the next if more are queued (Go's
   // scheduler does the same with its count of spinning threads).
+  //
+  // Every spinning mark belongs to a worker that will search, so the mark
+  // is taken only together with a worker to hand it to, under the lock of
+  // the idle list. A mark held for a moment by a thread that then finds the
+  // list empty would let another producer skip its wake-up while a worker
+  // parks in that moment, leaving its task to nobody.
   void wake_idle_worker() noexcept {
     if (spinning_.load(std::memory_order_seq_cst) != 0 || idle_count_.load(std::memory_order_seq_cst) == 0) return;
-    int none = 0;
-    if (!spinning_.compare_exchange_strong(none, 1, std::memory_order_seq_cst)) return;
     worker* woken = nullptr;
     {
       std::lock_guard guard(idle_mutex_);
-      if (!idle_.empty()) {
-        woken = idle_.back();
-        idle_.pop_back();
-        idle_count_.store(idle_.size(), std::memory_order_relaxed);
-      }
-    }
-    if (woken == nullptr) {
-      spinning_.fetch_sub(1, std::memory_order_seq_cst);
-      return;
+      // An empty list: its worker left it to search on its own (see park).
+      if (idle_.empty()) return;
+      // A failed exchange: another worker is searching now.
+      int none = 0;
+      if (!spinning_.compare_exchange_strong(none, 1, std::memory_order_seq_cst)) return;
+      woken = idle_.back();
+      idle_.pop_back();
+      idle_count_.store(idle_.size(), std::memory_order_relaxed);
     }
     signal(*woken);  // the woken worker inherits the spinning mark
   }

@@ -520,16 +520,13 @@ TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every 
   }
 }
 
-// The situation of a hang seen once in about 300 runs of
-// examples/leak_dump: a few tasks block for good while more are queued, and
-// the workers left must still run everything else. There, a worker that had
-// stopped searching (or found work on its way to park) took a task as a
-// plain worker, so nobody handed the search on; when its task blocked, an
-// idle worker stayed parked with tasks queued (worker_pool::run_worker and
-// park now search again in both cases). This scenario did not reproduce that
-// interleaving in 8,000 rounds against the old code; it guards the property.
-// Blocked tasks wait for a flag that is set only after every other task has
-// run (a hang is this test's failure).
+// A few tasks block for good while more are queued, and the workers left
+// must still run everything else. A worker that takes a task without
+// handing on the search for the next one (a searcher that had given up, one
+// on its way to park, a thread that held a searching mark with no worker to
+// give it to) would leave the rest queued behind its blocked task while
+// other workers stay parked. Blocked tasks wait for a flag that is set only
+// after every other task has run (a hang is this test's failure).
 TEST_CASE("worker_pool stress: tasks that block for good never strand the queued tasks behind them" *
           doctest::timeout(240)) {
   std::mt19937_64 rng{weft_test::seed() + 11};
