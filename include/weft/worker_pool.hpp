@@ -517,8 +517,15 @@ class worker_pool {
   // The blocking part of post: spin briefly, then queue on room_ until a
   // worker frees a slot, the token is cancelled, or the pool shuts down.
   wait_status wait_for_room(detail::task& work, const detail::task_origin& origin, detail::cancel_state* cancel) {
+    // While it spins, the producer waits for a few free slots, not one: a
+    // producer that takes each slot as the worker frees it pulls that slot's
+    // cache line back and forth once per task (measured with tracking off,
+    // 2 cores: 17.6M tiny tasks/s at 1 worker before this wait, 26-31M
+    // after). The queue stays exact: the locked wait below takes any one
+    // slot.
+    const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
     for (detail::backoff pause; pause.wait();) {
-      if (enqueue(work, origin)) return wait_status::ok;
+      if (ring_.size() + slack <= options_.queue_capacity && enqueue(work, origin)) return wait_status::ok;
     }
     for (;;) {
       detail::thread_waiter waiter;
@@ -670,7 +677,12 @@ class worker_pool {
       }
       if (spinning) {
         bool found = false;
-        for (detail::backoff pause; !found && pause.wait();) found = ring_.claimed_unpopped();
+        // Spinners watch the slot at the head, not the tail: the tail is the
+        // line every post claims with a compare-and-swap, and workers
+        // reading it while they wait made each post wait for that line
+        // (measured: 6.9 -> 13M tiny tasks/s at 4 workers, 2.8 -> 13M at 16,
+        // on 2 cores). A claim in flight that this misses is seen below.
+        for (detail::backoff pause; !found && pause.wait();) found = ring_.has_ready();
         if (found) continue;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
         if (ring_.claimed_unpopped()) {
