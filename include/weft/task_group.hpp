@@ -278,8 +278,8 @@ class task_group {
     }
 
     void push(detail::task&& work, const detail::task_origin& origin) {
-      if (unstarted.try_push(work, [&](detail::slot_cell& cell, std::uint64_t position) noexcept {
-            detail::store_origin(cell, origin, position);
+      if (unstarted.try_push(work, [&](detail::slot_cell& cell, std::uint64_t) noexcept {
+            detail::store_origin(cell, origin);
           })) {
         return;
       }
@@ -294,7 +294,7 @@ class task_group {
       const auto begin_running = [&](const detail::task_origin& origin) noexcept {
         if (origin.id != 0) running.emplace(origin);
       };
-      if (unstarted.try_pop(work, [&](const detail::slot_cell& cell) noexcept {
+      if (unstarted.try_pop(work, [&](const detail::slot_cell& cell, std::uint64_t) noexcept {
             begin_running(detail::load_origin(cell));
           })) {
         return true;

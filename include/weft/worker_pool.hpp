@@ -75,7 +75,6 @@
 #include <future>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -253,7 +252,8 @@ class worker_pool {
   std::size_t shutdown_now() noexcept {
     close(true);
     std::size_t dropped = 0;
-    for (entry item; ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { drop_origin(item, cell); });) {
+    for (detail::task work;
+         ring_.try_pop(work, [](const slot_extras& cell, std::uint64_t) noexcept { drop_origin(cell); });) {
       ++dropped;
     }
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
@@ -272,19 +272,20 @@ class worker_pool {
     for (worker* w : started_) {
       if (w->thread.joinable()) w->thread.join();
     }
-    std::optional<detail::running_scope> running;
-    for (entry item; ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept {
+    detail::running_scope running;
+    std::int64_t queued_ns = 0;
+    for (detail::task work; ring_.try_pop(work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
            if (discarding_.load(std::memory_order_relaxed)) {
-             drop_origin(item, cell);
+             drop_origin(cell);
            } else {
-             begin_running(item, cell, running);
+             queued_ns = begin_running(cell, position, running);
            }
          });
-         running.reset()) {
+         running.stop()) {
       if (discarding_.load(std::memory_order_relaxed)) {
         counters_.dropped.fetch_add(1, std::memory_order_relaxed);
       } else {
-        run_entry(item, caller_counters_);
+        run_task(work, queued_ns, caller_counters_);
       }
     }
   }
@@ -342,18 +343,18 @@ class worker_pool {
   // throughput, so queue wait is sampled.
   static constexpr std::uint64_t queue_wait_sampling = 16;
 
-  // A task and its stamp: when it was queued, in nanoseconds on `clock`
-  // shifted left by one (0 when it is not timed), and in the low bit
-  // whether its slot's cell holds its registry record. The entry and the
-  // slot's sequence fill one cache line; the cell, on the next, is touched
-  // only for tracked tasks.
-  struct entry {
-    detail::task work;
-    std::int64_t stamp = 0;
-
-    bool tracked() const noexcept { return (stamp & 1) != 0; }
-    std::int64_t queued_ns() const noexcept { return stamp >> 1; }
+  // What a queue slot keeps beside its task: the task's registry record,
+  // whose id shares the task's cache line (see origin_cell), and, for the
+  // timed tasks, when it was queued (in nanoseconds on `clock`). An
+  // untracked, untimed task touches only the slot's first line.
+  struct slot_extras {
+    [[no_unique_address]] detail::slot_cell origin;
+    std::int64_t queued_ns = 0;
   };
+
+  // One task in queue_wait_sampling is timed, chosen by its position, which
+  // its producer and its consumer both know.
+  static bool timed(std::uint64_t position) noexcept { return position % queue_wait_sampling == 0; }
 
   static std::int64_t now_ns() noexcept {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count();
@@ -430,21 +431,23 @@ class worker_pool {
   // The registry's hooks around the ring: a task's record goes into its
   // slot when it is queued, and onto the running thread's frames (before
   // the slot is freed) when it is taken.
-  static void begin_running(const entry& item, const detail::slot_cell& cell,
-                            std::optional<detail::running_scope>& running) noexcept {
-    if (!item.tracked()) return;
-    const detail::task_origin origin = detail::load_origin(cell);
-    if (origin.id != 0) running.emplace(origin);
+  // Returns when the task was queued (0: not timed).
+  static std::int64_t begin_running(const slot_extras& cell, std::uint64_t position,
+                                    detail::running_scope& running) noexcept {
+    running.start(detail::load_origin(cell.origin));
+    return timed(position) ? cell.queued_ns : 0;
   }
 
-  static void drop_origin(const entry& item, const detail::slot_cell& cell) noexcept {
-    if (item.tracked()) detail::finished_unrun(detail::load_origin(cell));
+  static void drop_origin(const slot_extras& cell) noexcept {
+    detail::finished_unrun(detail::load_origin(cell.origin));
   }
 
   // The queued tasks, for the registry's snapshots.
   struct queued_tasks final : detail::task_source {
     explicit queued_tasks(const worker_pool& p) noexcept : pool(p) {}
-    void collect(std::vector<detail::task_record>& out) const override { detail::collect_queued(pool.ring_, out); }
+    void collect(std::vector<detail::task_record>& out) const override {
+      detail::collect_queued(pool.ring_, out, [](const slot_extras& cell) -> const auto& { return cell.origin; });
+    }
     const worker_pool& pool;
   };
 
@@ -456,18 +459,12 @@ class worker_pool {
   // Queues `work` (moving it) if there is room, and makes sure a worker is
   // awake to take it.
   bool enqueue(detail::task& work, const detail::task_origin& origin) noexcept {
-    // One task in queue_wait_sampling is timed, chosen by the tail before
-    // the push (racing producers make the sample a little uneven).
-    const bool timed = ring_.pushed() % queue_wait_sampling == 0;
-    entry item{std::move(work), (timed ? now_ns() << 1 : 0) | (origin.id != 0 ? 1 : 0)};
     std::uint64_t position = 0;
-    const auto fill = [&](detail::slot_cell& cell, std::uint64_t at) noexcept {
-      if (origin.id != 0) detail::store_origin(cell, origin, at);
+    const auto fill = [&](slot_extras& cell, std::uint64_t at) noexcept {
+      detail::store_origin(cell.origin, origin);
+      if (timed(at)) cell.queued_ns = now_ns();
     };
-    if (!ring_.try_push(item, fill, &position)) {
-      work = std::move(item.work);
-      return false;
-    }
+    if (!ring_.try_push(work, fill, &position)) return false;
     detail::accepted(origin);
     if (position % 64 == 0) note_queued(ring_.size());
     // The push claimed its position with a seq_cst compare-and-swap; a
@@ -510,8 +507,7 @@ class worker_pool {
     counters_.ran_by_caller.fetch_add(1, std::memory_order_relaxed);
     detail::accepted(origin);
     const detail::running_scope running{origin};
-    entry item{std::move(work), 0};
-    run_entry(item, caller_counters_);
+    run_task(work, 0, caller_counters_);
   }
 
   // The blocking part of post: spin briefly, then queue on room_ until a
@@ -651,12 +647,15 @@ class worker_pool {
     detail::current_worker_pool = this;
     name_thread(index);
     bool spinning = false;
-    entry item;
-    std::optional<detail::running_scope> running;
+    detail::task work;
+    std::int64_t queued_ns = 0;
+    detail::running_scope running;
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      if (ring_.try_pop(item, [&](const detail::slot_cell& cell) noexcept { begin_running(item, cell, running); })) {
+      if (ring_.try_pop(work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
+            queued_ns = begin_running(cell, position, running);
+          })) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on.
@@ -666,8 +665,8 @@ class worker_pool {
         }
         notify_room();
         self.busy.store(true, std::memory_order_relaxed);
-        run_entry(item, self.counters);
-        running.reset();
+        run_task(work, queued_ns, self.counters);
+        running.stop();
         self.busy.store(false, std::memory_order_relaxed);
         continue;
       }
@@ -715,15 +714,15 @@ class worker_pool {
 #endif
   }
 
-  void run_entry(entry& item, task_counters& counters) noexcept {
-    if (item.queued_ns() != 0) record_wait(counters, now_ns() - item.queued_ns());
+  void run_task(detail::task& work, std::int64_t queued_ns, task_counters& counters) noexcept {
+    if (queued_ns != 0) record_wait(counters, now_ns() - queued_ns);
     try {
-      item.work();
+      work();
     } catch (...) {
       add(counters.failed, counters);
       report(std::current_exception());
     }
-    item.work.reset();
+    work.reset();
     add(counters.completed, counters);
   }
 
@@ -781,7 +780,7 @@ class worker_pool {
 
   const worker_pool_options options_;
   const char* const tracked_name_;  // the name, interned for the registry
-  detail::bounded_ring<entry, detail::slot_cell> ring_;
+  detail::bounded_ring<detail::task, slot_extras> ring_;
   std::unique_ptr<worker[]> workers_;
   std::vector<worker*> started_;
 

@@ -28,14 +28,15 @@
 // before it (and its value will be published and can be popped) or fails.
 // Values already pushed stay poppable.
 //
-// Cell: an optional record kept in each slot after the value (the task
-// registry's origin_cell, see task_tracking.hpp), on the slot's second cache
-// line when the value fills the first, so that values without a record never
-// touch it. The producer may fill it while it owns the slot, the consumer
-// reads it while it owns the slot, and visit_cells lets a third thread copy
-// the cells of the values queued now, using the slot's sequence as a seqlock
-// version; a cell that was not filled on this lap is the reader's to detect
-// (fill receives the position).
+// Cell: an optional record kept in each slot right after the value (the
+// task registry's origin_cell, see task_tracking.hpp, and a pool's queue
+// time). A slot is 64-byte aligned and its sequence takes the first 8
+// bytes, so with a 48-byte value the cell's first 8 bytes share the value's
+// cache line and the rest of it starts the next line. The producer may fill
+// it while it owns the slot, the consumer reads it while it owns the slot,
+// and visit_cells lets a third thread copy the cells of the values queued
+// now, using the slot's sequence as a seqlock version. Fill and take are
+// told the value's position.
 #pragma once
 
 #include <atomic>
@@ -101,11 +102,11 @@ class bounded_ring {
 
   // Moves the oldest value into `out` and returns true, or returns false.
   bool try_pop(T& out) noexcept {
-    return try_pop(out, [](const Cell&) noexcept {});
+    return try_pop(out, [](const Cell&, std::uint64_t) noexcept {});
   }
 
-  // try_pop that calls take(cell) once it owns the slot and `out` holds the
-  // value, before the slot is freed.
+  // try_pop that calls take(cell, position) once it owns the slot and `out`
+  // holds the value, before the slot is freed.
   template <class Take>
   bool try_pop(T& out, Take&& take) noexcept {
     auto pos = head_.load(std::memory_order_relaxed);
@@ -118,7 +119,7 @@ class bounded_ring {
           T* value = std::launder(reinterpret_cast<T*>(s.storage));
           out = std::move(*value);
           value->~T();
-          take(s.cell);
+          take(s.cell, pos);
           s.sequence.store(free_for(pos + capacity_), std::memory_order_release);
           return true;
         }
@@ -136,7 +137,7 @@ class bounded_ring {
   bool close() noexcept { return (tail_.fetch_or(closed_bit, std::memory_order_seq_cst) & closed_bit) == 0; }
   bool closed() const noexcept { return (tail_.load(std::memory_order_seq_cst) & closed_bit) != 0; }
 
-  // Calls accept(read(cell, position)) for the cells of values queued now,
+  // Calls accept(read(cell)) for the cells of values queued now,
   // from any thread: read copies a cell, and the copy is accepted only if
   // the slot held the same value before and after the read. Values pushed or
   // popped meanwhile may be left out, except one whose consumer has claimed
@@ -151,7 +152,7 @@ class bounded_ring {
     for (auto pos = first; pos < last; ++pos) {
       const slot& s = slots_[pos % capacity_];
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
-      auto copy = read(s.cell, pos);
+      auto copy = read(s.cell);
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
       accept(copy);
     }

@@ -22,11 +22,12 @@
 //    memory (ThreadSanitizer-clean by construction).
 //  - A ring slot's sequence number is the version of its origin_cell: a
 //    reader copies the cell only while the sequence says "holds p", and
-//    keeps the copy only if it still says so afterwards and the cell says it
-//    was written for position p (a pool leaves the cell of an untracked task
-//    alone). A writer of the next lap fills the cell only after it has seen
-//    the slot freed, so a copy that read any of its values sees the sequence
-//    changed.
+//    keeps the copy only if it still says so afterwards. Every push stores
+//    the cell's id (0 for an untracked task), and a tracked push leaves the
+//    other fields equal to its record (storing those that differ), so a
+//    copy kept is the record of the task at p. A writer of the next lap
+//    fills the cell only after it has seen the slot freed, so a copy that
+//    read any of its values sees the sequence changed.
 //  - A frame has its own version, odd while its owner rewrites it. Popping a
 //    frame clears its id under the version, so a reader that loaded the old
 //    depth reads an empty frame, not a finished task.
@@ -37,13 +38,14 @@
 //
 // Cost when tracking is on: at spawn, an id from a per-thread block, a read
 // of the coarse monotonic clock (about 5 ns; the registry's times have the
-// kernel tick's resolution, 1-4 ms) and eight stores into the slot's cell,
-// which is the slot's second cache line; at start, the loads of that line
-// (a transfer between cores) and a frame push on the thread's own cache
-// lines. benchmarks/registry_bench.cpp measures it: 15-25 ns per pool task
-// on the build machine. When switched off at run time: one relaxed load per
-// spawn, and a pool's tasks never touch the cell. With WEFT_NO_REGISTRY
-// defined, the cells are empty and every hook compiles to nothing.
+// kernel tick's resolution, 1-4 ms) and the record into the slot's cell:
+// the id beside the task, the rest compared with what the slot held and
+// stored only where it differs (see origin_cell); at start, the loads of
+// the cell and a frame push on the thread's own cache lines.
+// benchmarks/registry_bench.cpp measures it. When switched off at run
+// time: one relaxed load per spawn, and an id of 0 stored beside the task.
+// With WEFT_NO_REGISTRY defined, the cells are empty and every hook
+// compiles to nothing.
 #pragma once
 
 #include <weft/config.hpp>
@@ -55,6 +57,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <string>
@@ -105,10 +108,19 @@ struct task_origin {
   std::int64_t spawned_ns = 0;
 };
 
-// A task_origin in atomics, for places a snapshot reads while others write;
-// `position` says which lap of a ring slot wrote it.
+// A task_origin in atomics, for places a snapshot reads while others write.
+//
+// In a ring slot the cell follows a 48-byte value (a task), so `id` shares
+// the value's cache line and the other fields sit on the next line. The id
+// is written for every value (0: untracked), and the other fields only
+// when they differ from what the slot held before: a slot reused by the
+// same spawn site, parent and clock tick is not written there at all. A
+// line that the producer writes and the consumer reads on every task moves
+// between their cores twice per task, which cost more than all the rest of
+// tracking together (a do-nothing pool task at one worker, 2 cores: 85 ns
+// when every field was stored on every push, 55 ns now); a line that both
+// only read stays put.
 struct origin_cell {
-  std::atomic<std::uint64_t> position{~std::uint64_t{0}};
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> parent{0};
   std::atomic<const char*> file{""};
@@ -117,16 +129,15 @@ struct origin_cell {
   std::atomic<std::uint32_t> line{0};
   std::atomic<std::int64_t> spawned_ns{0};
 
-  void store(const task_origin& origin, std::uint64_t at) noexcept {
-    position.store(at, std::memory_order_release);
+  void store(const task_origin& origin) noexcept {
     id.store(origin.id, std::memory_order_release);
     if (origin.id == 0) return;  // an untracked task: the other fields are not read
-    parent.store(origin.parent, std::memory_order_release);
-    file.store(origin.file, std::memory_order_release);
-    function.store(origin.function, std::memory_order_release);
-    name.store(origin.name, std::memory_order_release);
-    line.store(origin.line, std::memory_order_release);
-    spawned_ns.store(origin.spawned_ns, std::memory_order_release);
+    update(parent, origin.parent);
+    update(file, origin.file);
+    update(function, origin.function);
+    update(name, origin.name);
+    update(line, origin.line);
+    update(spawned_ns, origin.spawned_ns);
   }
 
   task_origin load() const noexcept {
@@ -140,6 +151,12 @@ struct origin_cell {
     origin.line = line.load(std::memory_order_acquire);
     origin.spawned_ns = spawned_ns.load(std::memory_order_acquire);
     return origin;
+  }
+
+ private:
+  template <class V>
+  static void update(std::atomic<V>& field, V value) noexcept {
+    if (field.load(std::memory_order_relaxed) != value) field.store(value, std::memory_order_release);
   }
 };
 
@@ -318,25 +335,13 @@ inline void accepted(const task_origin& origin) noexcept {
 }
 
 template <class Cell>
-void store_origin(Cell& cell, const task_origin& origin, std::uint64_t position) noexcept {
-  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin, position);
+void store_origin(Cell& cell, const task_origin& origin) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin);
 }
 
 template <class Cell>
 task_origin load_origin(const Cell& cell) noexcept {
   if constexpr (std::is_same_v<Cell, origin_cell>) {
-    return cell.load();
-  } else {
-    return {};
-  }
-}
-
-// For visit_cells: the record in `cell` if it was written for the value at
-// `position` (a producer may leave the cell of an untracked value alone).
-template <class Cell>
-task_origin load_origin_at(const Cell& cell, std::uint64_t position) noexcept {
-  if constexpr (std::is_same_v<Cell, origin_cell>) {
-    if (cell.position.load(std::memory_order_acquire) != position) return {};
     return cell.load();
   } else {
     return {};
@@ -360,10 +365,22 @@ void rewrite(task_frame& frame, Write write) noexcept {
 }
 
 // While it lives, this thread runs the task of `origin` (nothing for an
-// untracked task). Counts the task finished when it ends.
+// untracked task). Counts the task finished when it ends. A loop that runs
+// one task after another keeps one scope and calls start() and stop() for
+// each (GCC 12 warns, wrongly, of an uninitialised read when such a loop
+// re-emplaces a std::optional<running_scope>).
 class running_scope {
  public:
-  explicit running_scope(const task_origin& origin) noexcept {
+  running_scope() noexcept = default;
+  explicit running_scope(const task_origin& origin) noexcept { start(origin); }
+
+  running_scope(const running_scope&) = delete;
+  running_scope& operator=(const running_scope&) = delete;
+
+  ~running_scope() { stop(); }
+
+  // Begins the task of `origin`; the scope must not be running one.
+  void start(const task_origin& origin) noexcept {
     if (origin.id == 0) return;
     thread_tasks* tasks = this_thread_tasks();
     if (tasks == nullptr) return;
@@ -374,7 +391,7 @@ class running_scope {
       return;
     }
     rewrite(tasks->frames[depth], [&](task_frame& frame) {
-      frame.origin.store(origin, 0);  // a frame has no laps: its version guards it
+      frame.origin.store(origin);
       frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
       frame.blocked_kind.store(nullptr, std::memory_order_release);
       frame.blocked_name.store(nullptr, std::memory_order_release);
@@ -383,19 +400,18 @@ class running_scope {
     tasks->depth.store(depth + 1, std::memory_order_release);
   }
 
-  running_scope(const running_scope&) = delete;
-  running_scope& operator=(const running_scope&) = delete;
-
-  ~running_scope() {
+  // Ends the task begun by start(), if any.
+  void stop() noexcept {
     if (tasks_ == nullptr) return;
-    bump(tasks_->finished);
-    if (tasks_->untracked_depth != 0) {
-      --tasks_->untracked_depth;
+    thread_tasks* tasks = std::exchange(tasks_, nullptr);
+    bump(tasks->finished);
+    if (tasks->untracked_depth != 0) {
+      --tasks->untracked_depth;
       return;
     }
-    const auto depth = tasks_->depth.load(std::memory_order_relaxed) - 1;
-    tasks_->depth.store(depth, std::memory_order_release);
-    rewrite(tasks_->frames[depth], [](task_frame& frame) { frame.origin.id.store(0, std::memory_order_release); });
+    const auto depth = tasks->depth.load(std::memory_order_relaxed) - 1;
+    tasks->depth.store(depth, std::memory_order_release);
+    rewrite(tasks->frames[depth], [](task_frame& frame) { frame.origin.id.store(0, std::memory_order_release); });
   }
 
  private:
@@ -454,10 +470,11 @@ inline void add_queued(std::vector<task_record>& out, const task_origin& origin)
   out.push_back(record);
 }
 
-// Appends the records of the tasks queued now in a ring of slot_cells.
-template <class Ring>
-void collect_queued(const Ring& ring, std::vector<task_record>& out) {
-  ring.visit_cells([](const slot_cell& cell, std::uint64_t position) { return load_origin_at(cell, position); },
+// Appends the records of the tasks queued now in a ring whose cells are
+// slot_cells, or hold one that `slot_cell_of` returns.
+template <class Ring, class SlotCellOf = std::identity>
+void collect_queued(const Ring& ring, std::vector<task_record>& out, SlotCellOf slot_cell_of = {}) {
+  ring.visit_cells([&](const auto& cell) { return load_origin(slot_cell_of(cell)); },
                    [&](const task_origin& origin) { add_queued(out, origin); });
 }
 
