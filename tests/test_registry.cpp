@@ -21,10 +21,12 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <future>
+#include <latch>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -307,6 +309,87 @@ TEST_CASE("registry: tasks spawned while tracking is off are never listed, and s
   CHECK(weft::registry::spawned_total() == spawned_before + 5);
   CHECK(weft::registry::snapshot().size() >= 6);
   gate.cancel();
+}
+
+// A queue slot keeps the record of its last tracked task after that task
+// has run, and a push stores only the fields that differ (task_tracking.hpp):
+// a slot reused by an untracked task, by another site or by the same site
+// must list the task it holds now and nothing it held before.
+TEST_CASE("registry: a reused queue slot lists only the task it holds now, whatever it held before" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .name = "reuse"}};
+  const auto queued_now = [] {
+    std::vector<weft::task_info> found;
+    for (auto& task : weft::registry::snapshot()) {
+      if (task.name == "reuse" && task.state == weft::task_state::queued) found.push_back(std::move(task));
+    }
+    return found;
+  };
+  // Occupies the worker, untracked, until `release` is cancelled; returns
+  // once the worker has taken it, so the next two posts fill both slots.
+  const auto hold_worker = [&](const weft::cancel_source& release) {
+    std::latch running{1};
+    {
+      const tracking_off untracked;
+      pool.post([&running, token = release.token()] {
+        running.count_down();
+        token.wait();
+      });
+    }
+    running.wait();
+  };
+  const auto post_from_one_site = [&](std::latch& done) { pool.post([&done] { done.count_down(); }); };
+  weft::cancel_source first, second, third;
+  // Releases every holder even when a REQUIRE fails, so that the pool joins.
+  struct release_on_exit {
+    std::array<weft::cancel_source*, 3> holders;
+    ~release_on_exit() {
+      for (auto* holder : holders) holder->cancel();
+    }
+  } const release{{&first, &second, &third}};
+
+  // Positions 0-2: the holder, then a (slot 1) and b (slot 0).
+  hold_worker(first);
+  std::latch first_done{2};
+  pool.post([&first_done] { first_done.count_down(); }); const std::uint32_t line_a = __LINE__;
+  post_from_one_site(first_done);
+  const auto first_queued = queued_now();
+  REQUIRE(first_queued.size() == 2);
+  CHECK(tasks_at(line_a).size() == 1);
+  first.cancel();
+  first_done.wait();
+
+  // Positions 3-5: the holder (slot 1, over a's record), an untracked task
+  // (slot 0, over b's) and c (slot 1), posted from b's site.
+  hold_worker(second);
+  std::latch second_done{2};
+  {
+    const tracking_off untracked;
+    pool.post([&second_done] { second_done.count_down(); });
+  }
+  post_from_one_site(second_done);
+  const auto second_queued = queued_now();
+  REQUIRE(second_queued.size() == 1);
+  CHECK(tasks_at(line_a).empty());
+  CHECK(second_queued.front().line == first_queued.back().line);  // b's site
+  for (const auto& earlier : first_queued) CHECK(second_queued.front().id != earlier.id);
+  second.cancel();
+  second_done.wait();
+
+  // Positions 6-8: the holder (slot 0), d from b's site (slot 1, over c's
+  // record: the same site, parent and, usually, clock tick, so only the id
+  // is stored) and e from a third line (slot 0, over the untracked task's).
+  hold_worker(third);
+  std::latch third_done{2};
+  post_from_one_site(third_done);
+  pool.post([&third_done] { third_done.count_down(); }); const std::uint32_t line_e = __LINE__;
+  const auto third_queued = queued_now();
+  REQUIRE(third_queued.size() == 2);
+  CHECK(tasks_at(line_e).size() == 1);
+  for (const auto& task : third_queued) CHECK(task.id != second_queued.front().id);
+  third.cancel();
+  third_done.wait();
+  CHECK(queued_now().empty());
 }
 
 TEST_CASE("registry: blocked on a named wait_group, and a worker_pool post waiting for room" * doctest::timeout(60)) {
