@@ -407,8 +407,12 @@ class task_group {
     // Handed to tasks by reference: a copy per task would be two
     // read-modify-writes on the token's count, a line every runner shares.
     cancel_token token;
-    wait_group pending;
-    std::unique_ptr<semaphore> limit;
+    // On a line of its own: go() adds to it for every task, and a runner
+    // reads the fields that shared its line (token, limit) for every task,
+    // so each go() pulled the line back from the runner's core
+    // (group_spawn_wait on 2 cores: 480 ns per task before, 100 ns after).
+    alignas(64) wait_group pending;
+    alignas(64) std::unique_ptr<semaphore> limit;
     std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
 
