@@ -281,6 +281,30 @@ TEST_CASE("parallel_map: many elements keep their order, with and without a toke
   }
 }
 
+TEST_CASE("parallel_map: bool results and results with no default constructor, over many elements" *
+          doctest::timeout(30)) {
+  // Results are assigned in place when they can be default-constructed;
+  // bools and the rest take the other path (a std::vector<bool> written
+  // from several threads would race, which TSan reports).
+  struct no_default {
+    explicit no_default(int v) : value(v) {}
+    int value;
+  };
+  weft::worker_pool pool{{.workers = 3}};
+  std::vector<int> input(20'000);
+  std::iota(input.begin(), input.end(), 0);
+  const auto thirds = weft::parallel_map(input, [](int x) { return x % 3 == 0; }, {.executor = pool.executor()});
+  const auto wrapped = weft::parallel_map(input, [](int x) { return no_default{x}; }, {.executor = pool.executor()});
+  static_assert(std::is_same_v<decltype(thirds), const std::vector<bool>>);
+  REQUIRE(thirds.size() == input.size());
+  REQUIRE(wrapped.size() == input.size());
+  bool right = true;
+  for (std::size_t i = 0; i < input.size(); ++i) {
+    right = right && thirds[i] == (input[i] % 3 == 0) && wrapped[i].value == input[i];
+  }
+  CHECK(right);
+}
+
 TEST_CASE("parallel_map: .limit is never exceeded, and is reached" * doctest::timeout(60)) {
   for (const std::size_t limit : {1u, 2u, 3u}) {
     CAPTURE(limit);
