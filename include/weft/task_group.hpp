@@ -290,12 +290,9 @@ class task_group {
 
     // Takes the oldest unstarted task; `running` then records it as running
     // on this thread (before it leaves the queue, see task_tracking.hpp).
-    bool pop(detail::task& work, std::optional<detail::running_scope>& running) noexcept {
-      const auto begin_running = [&](const detail::task_origin& origin) noexcept {
-        if (origin.id != 0) running.emplace(origin);
-      };
+    bool pop(detail::task& work, detail::running_scope& running) noexcept {
       if (unstarted.try_pop(work, [&](const detail::slot_cell& cell, std::uint64_t) noexcept {
-            begin_running(detail::load_origin(cell));
+            running.start(detail::load_origin(cell));
           })) {
         return true;
       }
@@ -306,7 +303,7 @@ class task_group {
       std::lock_guard guard(overflow_mutex);
       if (overflow_head == overflow.size()) return false;
       work = std::move(overflow[overflow_head].work);
-      if (registered) begin_running(overflow[overflow_head].origin);
+      if (registered) running.start(overflow[overflow_head].origin);
       if (++overflow_head == overflow.size()) {
         overflow.clear();  // keeps the capacity
         overflow_head = 0;
@@ -376,12 +373,12 @@ class task_group {
     // The body of a runner, on a pool worker.
     void drain() noexcept {
       detail::task work;
-      std::optional<detail::running_scope> running;
+      detail::running_scope running;
       for (;;) {
         std::int64_t finished = 0;
         while (pop(work, running)) {
           run(work);
-          running.reset();
+          running.stop();
           // Completions are published in batches; wait() needs them all,
           // and every runner publishes before it stops.
           if (++finished == 32) {
@@ -458,7 +455,7 @@ class task_group {
   // tasks meanwhile: the slots may be held by tasks no worker has taken yet.
   void acquire_slot() {
     detail::task work;
-    std::optional<detail::running_scope> running;
+    detail::running_scope running;
     while (!core_->limit->try_acquire()) {
       if (!core_->pop(work, running)) {
         const detail::blocked_scope blocked{"task_group::go", nullptr};
@@ -466,7 +463,7 @@ class task_group {
         return;
       }
       core_->run(work);
-      running.reset();
+      running.stop();
       core_->pending.done();
     }
   }
@@ -498,14 +495,14 @@ class task_group {
 
   void join() noexcept {
     detail::task work;
-    std::optional<detail::running_scope> running;
+    detail::running_scope running;
     while (core_->pending.count() != 0) {
       // The tasks run here are counted off in one subtraction, before the
       // count is read again.
       std::int64_t finished = 0;
       while (core_->pop(work, running)) {
         core_->run(work);
-        running.reset();
+        running.stop();
         ++finished;
       }
       if (finished != 0) {
