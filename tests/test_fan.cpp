@@ -283,9 +283,10 @@ TEST_CASE("parallel_map: many elements keep their order, with and without a toke
 
 TEST_CASE("parallel_map: bool results and results with no default constructor, over many elements" *
           doctest::timeout(30)) {
-  // Results are assigned in place when they can be default-constructed;
-  // bools and the rest take the other path (a std::vector<bool> written
-  // from several threads would race, which TSan reports).
+  // Results are assigned in place when they default-construct and
+  // move-assign without throwing; bools and the rest take the other path (a
+  // std::vector<bool> written from several threads would race, which TSan
+  // reports).
   struct no_default {
     explicit no_default(int v) : value(v) {}
     int value;

@@ -226,10 +226,12 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
       std::declval<std::decay_t<F>&>(), std::declval<const cancel_token&>(), std::declval<element>()))>;
   static_assert(!std::is_void_v<result>, "weft::parallel_map: f returns void; use weft::for_each");
   auto elements = detail::elements_of(range);
-  // Results that can be default-constructed are assigned in place; others
-  // wait in optionals and move out after. Not bools: std::vector<bool>
-  // packs them, and neighbours written from two threads would race.
-  if constexpr (std::is_default_constructible_v<result> && std::is_move_assignable_v<result> &&
+  // Results that default-construct and move-assign without throwing
+  // (numbers, strings, vectors) are assigned in place; others wait in
+  // optionals and move out after, so a type whose default constructor may
+  // throw (or has none) is never default-constructed. Not bools: std::vector<bool> packs them, and neighbours
+  // written from two threads would race.
+  if constexpr (std::is_nothrow_default_constructible_v<result> && std::is_nothrow_move_assignable_v<result> &&
                 !std::is_same_v<result, bool>) {
     std::vector<result> out(elements.size());
     detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
