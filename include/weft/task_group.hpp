@@ -129,6 +129,7 @@ class task_group {
     if (started_since_wait_.load(std::memory_order_relaxed)) core_->source->cancel();
     join();
     if (core_->failed.load(std::memory_order_acquire) && !error_delivered_) report_undelivered();
+    core_->release_outcome();
     core_->unref();
   }
 
@@ -250,17 +251,29 @@ class task_group {
       return *bin;
     }
 
-    void retire() noexcept {
+    // Drops the group's hold on a task's exception, as the first error and
+    // as the cause of the cancelled source (with the source itself, unless
+    // nothing touched it), on the group's own thread once its tasks are
+    // joined. The exception is then freed by whichever thread caught and
+    // read it last, not by a pool worker that happens to let go of the core
+    // last: the runtime's count of references to an exception is invisible
+    // to ThreadSanitizer, which reported such frees as races with the
+    // catcher's what() (and stalled the worker while it symbolised them).
+    void release_outcome() noexcept {
       first_error = nullptr;
+      // The source and token hold a reference each.
+      if (source && !detail::state_of(token)->pristine(2)) {
+        token = cancel_token{};
+        source.reset();
+      }
+    }
+
+    // Once every reference is gone, the group's too: release_outcome() has run.
+    void retire() noexcept {
       limit.reset();
       skipped.store(false, std::memory_order_relaxed);
       failed.store(false, std::memory_order_relaxed);
       if (overflow.capacity() > ring_capacity) std::vector<queued_task>().swap(overflow);
-      // The source and token hold a reference each.
-      if (!detail::state_of(token)->pristine(2)) {
-        token = cancel_token{};
-        source.reset();
-      }
       core* self = this;
       if (!spares().try_push(self)) destroy(this);
     }
