@@ -453,13 +453,20 @@ TEST_CASE("gather: heterogeneous results, a token parameter, and void as monosta
 TEST_CASE("gather: the first failure cancels the others and is rethrown") {
   weft::worker_pool pool{{.workers = 2}};
   std::atomic<bool> sibling_cancelled{false};
+  // The failure waits for the sibling to start: a call not started when the
+  // token is cancelled is skipped, and this test is about one that runs.
+  std::latch sibling_started{1};
   CHECK_THROWS_WITH_AS(weft::gather(pool.executor(), weft::cancel_token{},
                                     [&](weft::cancel_token token) {
+                                      sibling_started.count_down();
                                       token.wait();
                                       sibling_cancelled = true;
                                       return 0;
                                     },
-                                    []() -> int { throw std::runtime_error("backend down"); }),
+                                    [&]() -> int {
+                                      sibling_started.wait();
+                                      throw std::runtime_error("backend down");
+                                    }),
                        "backend down", std::runtime_error);
   CHECK(sibling_cancelled.load());
 }
