@@ -19,6 +19,17 @@
 //   registry_group_spawn_wait            1,000 trivial tasks go()'d into a
 //                                        task_group on the default executor,
 //                                        then wait()
+//   registry_pool_pinned/producer_cpu:C  as registry_pool_tiny_tasks with one
+//                                        worker, the producer pinned to CPU C
+//                                        and the worker to the other of CPUs
+//                                        0 and 1 (Linux, 2 CPUs or more)
+//
+// Why pinned rows: on the 2-vCPU machines this was measured on, the two
+// vCPUs are not alike, and a producer on vCPU 0 posts 1.5x as fast as one on
+// vCPU 1. Unpinned, each process settles on one placement by chance, so the
+// ratios between impls, which come from different runs (and, for
+// compiled_out, a different process), swing by more than tracking costs.
+// Each pinned row compares impls on the same placement.
 #include <weft/registry.hpp>
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>
@@ -29,6 +40,11 @@
 #include <cstdint>
 #include <string>
 #include <thread>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
 
 #include "bench_support.hpp"
 
@@ -88,6 +104,54 @@ void group_spawn_wait(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * group_tasks);
 }
 
+#if defined(__linux__)
+// Pins the calling thread to `cpu` while it lives; restores the old mask.
+class pinned_to {
+ public:
+  explicit pinned_to(int cpu) {
+    pthread_getaffinity_np(pthread_self(), sizeof previous_, &previous_);
+    cpu_set_t only{};
+    CPU_ZERO(&only);
+    CPU_SET(cpu, &only);
+    pinned_ = pthread_setaffinity_np(pthread_self(), sizeof only, &only) == 0;
+  }
+  ~pinned_to() { pthread_setaffinity_np(pthread_self(), sizeof previous_, &previous_); }
+  pinned_to(const pinned_to&) = delete;
+  pinned_to& operator=(const pinned_to&) = delete;
+  bool pinned() const noexcept { return pinned_; }
+
+ private:
+  cpu_set_t previous_{};
+  bool pinned_ = false;
+};
+
+template <bool Tracking>
+void pool_pinned(benchmark::State& state) {
+  const tracking_as tracking{Tracking};
+  const auto producer_cpu = static_cast<int>(state.range(0));
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1024}};
+  const pinned_to producer{producer_cpu};
+  // The worker pins itself for good: the pool is this benchmark's own.
+  const bool worker_pinned = pool.submit([producer_cpu] {
+                                   cpu_set_t only{};
+                                   CPU_ZERO(&only);
+                                   CPU_SET(1 - producer_cpu, &only);
+                                   return pthread_setaffinity_np(pthread_self(), sizeof only, &only) == 0;
+                                 }).get();
+  if (!producer.pinned() || !worker_pinned) {
+    state.SkipWithError("could not pin the threads to CPUs 0 and 1");
+    return;
+  }
+  for (auto _ : state) {
+    counter.value.store(0, std::memory_order_relaxed);
+    for (std::int64_t i = 0; i < pool_tasks; ++i) pool.post(&tiny_task);
+    wait_for_count(static_cast<std::uint64_t>(pool_tasks));
+  }
+  if (counter.value.load() != static_cast<std::uint64_t>(pool_tasks)) state.SkipWithError("a task was lost");
+  state.SetItemsProcessed(state.iterations() * pool_tasks);
+}
+#endif
+
 void register_impl(const std::string& impl, void (*pool)(benchmark::State&), void (*group)(benchmark::State&)) {
   benchmark::RegisterBenchmark(("registry_pool_tiny_tasks/" + impl).c_str(), pool)
       ->ArgName("workers")
@@ -102,14 +166,31 @@ void register_impl(const std::string& impl, void (*pool)(benchmark::State&), voi
       ->MinTime(0.2);
 }
 
+template <bool Tracking>
+void register_pinned([[maybe_unused]] const std::string& impl) {
+#if defined(__linux__)
+  if (std::thread::hardware_concurrency() < 2) return;
+  benchmark::RegisterBenchmark(("registry_pool_pinned/" + impl).c_str(), &pool_pinned<Tracking>)
+      ->ArgName("producer_cpu")
+      ->Arg(0)
+      ->Arg(1)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.2);
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
 #if defined(WEFT_NO_REGISTRY)
   register_impl("compiled_out", &pool_tiny_tasks<false>, &group_spawn_wait<false>);
+  register_pinned<false>("compiled_out");
 #else
   register_impl("weft", &pool_tiny_tasks<true>, &group_spawn_wait<true>);
   register_impl("tracking_off", &pool_tiny_tasks<false>, &group_spawn_wait<false>);
+  register_pinned<true>("weft");
+  register_pinned<false>("tracking_off");
 #endif
   return weft_bench::run_benchmarks(argc, argv);
 }
