@@ -105,15 +105,19 @@ void group_spawn_wait(benchmark::State& state) {
 }
 
 #if defined(__linux__)
+bool pin_this_thread(int cpu) noexcept {
+  cpu_set_t only{};
+  CPU_ZERO(&only);
+  CPU_SET(cpu, &only);
+  return pthread_setaffinity_np(pthread_self(), sizeof only, &only) == 0;
+}
+
 // Pins the calling thread to `cpu` while it lives; restores the old mask.
 class pinned_to {
  public:
   explicit pinned_to(int cpu) {
     pthread_getaffinity_np(pthread_self(), sizeof previous_, &previous_);
-    cpu_set_t only{};
-    CPU_ZERO(&only);
-    CPU_SET(cpu, &only);
-    pinned_ = pthread_setaffinity_np(pthread_self(), sizeof only, &only) == 0;
+    pinned_ = pin_this_thread(cpu);
   }
   ~pinned_to() { pthread_setaffinity_np(pthread_self(), sizeof previous_, &previous_); }
   pinned_to(const pinned_to&) = delete;
@@ -132,12 +136,7 @@ void pool_pinned(benchmark::State& state) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1024}};
   const pinned_to producer{producer_cpu};
   // The worker pins itself for good: the pool is this benchmark's own.
-  const bool worker_pinned = pool.submit([producer_cpu] {
-                                   cpu_set_t only{};
-                                   CPU_ZERO(&only);
-                                   CPU_SET(1 - producer_cpu, &only);
-                                   return pthread_setaffinity_np(pthread_self(), sizeof only, &only) == 0;
-                                 }).get();
+  const bool worker_pinned = pool.submit([producer_cpu] { return pin_this_thread(1 - producer_cpu); }).get();
   if (!producer.pinned() || !worker_pinned) {
     state.SkipWithError("could not pin the threads to CPUs 0 and 1");
     return;
