@@ -78,10 +78,8 @@ class tracking_as {
   bool was_;
 };
 
-template <bool Tracking>
-void pool_tiny_tasks(benchmark::State& state) {
-  const tracking_as tracking{Tracking};
-  weft::worker_pool pool{{.workers = static_cast<std::size_t>(state.range(0)), .queue_capacity = 1024}};
+// The timed loop of both pool workloads.
+void post_tiny_tasks(benchmark::State& state, weft::worker_pool& pool) {
   for (auto _ : state) {
     counter.value.store(0, std::memory_order_relaxed);
     for (std::int64_t i = 0; i < pool_tasks; ++i) pool.post(&tiny_task);
@@ -89,6 +87,13 @@ void pool_tiny_tasks(benchmark::State& state) {
   }
   if (counter.value.load() != static_cast<std::uint64_t>(pool_tasks)) state.SkipWithError("a task was lost");
   state.SetItemsProcessed(state.iterations() * pool_tasks);
+}
+
+template <bool Tracking>
+void pool_tiny_tasks(benchmark::State& state) {
+  const tracking_as tracking{Tracking};
+  weft::worker_pool pool{{.workers = static_cast<std::size_t>(state.range(0)), .queue_capacity = 1024}};
+  post_tiny_tasks(state, pool);
 }
 
 template <bool Tracking>
@@ -141,13 +146,7 @@ void pool_pinned(benchmark::State& state) {
     state.SkipWithError("could not pin the threads to CPUs 0 and 1");
     return;
   }
-  for (auto _ : state) {
-    counter.value.store(0, std::memory_order_relaxed);
-    for (std::int64_t i = 0; i < pool_tasks; ++i) pool.post(&tiny_task);
-    wait_for_count(static_cast<std::uint64_t>(pool_tasks));
-  }
-  if (counter.value.load() != static_cast<std::uint64_t>(pool_tasks)) state.SkipWithError("a task was lost");
-  state.SetItemsProcessed(state.iterations() * pool_tasks);
+  post_tiny_tasks(state, pool);
 }
 #endif
 
