@@ -247,8 +247,8 @@ void serial_map_cheap(benchmark::State& state) {
   finish_map(state, out);
 }
 
-void register_fan(const char* impl, void (*body)(benchmark::State&)) {
-  benchmark::RegisterBenchmark((std::string("fan_out_fan_in/") + impl).c_str(), body)
+void register_in(const char* workload, const char* impl, void (*body)(benchmark::State&)) {
+  benchmark::RegisterBenchmark((std::string(workload) + "/" + impl).c_str(), body)
       ->UseRealTime()
       ->Unit(benchmark::kMicrosecond)
       ->MinTime(0.2);
@@ -257,25 +257,20 @@ void register_fan(const char* impl, void (*body)(benchmark::State&)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  register_fan("weft", &weft_parallel_map);
-  register_fan("weft_gather", &weft_gather);
-  register_fan("std_async", &std_async);
+  register_in("fan_out_fan_in", "weft", &weft_parallel_map);
+  register_in("fan_out_fan_in", "weft_gather", &weft_gather);
+  register_in("fan_out_fan_in", "std_async", &std_async);
 #if defined(WEFT_HAVE_TBB)
-  register_fan("tbb_task_group", &tbb_group);
+  register_in("fan_out_fan_in", "tbb_task_group", &tbb_group);
 #endif
-  register_fan("asio_thread_pool_latch", &asio_latch);
-  register_fan("serial", &serial);
+  register_in("fan_out_fan_in", "asio_thread_pool_latch", &asio_latch);
+  register_in("fan_out_fan_in", "serial", &serial);
 
-  for (const auto& [impl, body] : {std::pair{"weft", &weft_map_cheap},
+  register_in("map_cheap_elements", "weft", &weft_map_cheap);
 #if defined(WEFT_HAVE_TBB)
-                                   std::pair{"tbb_parallel_for", &tbb_map_cheap},
+  register_in("map_cheap_elements", "tbb_parallel_for", &tbb_map_cheap);
 #endif
-                                   std::pair{"serial", &serial_map_cheap}}) {
-    benchmark::RegisterBenchmark((std::string("map_cheap_elements/") + impl).c_str(), body)
-        ->UseRealTime()
-        ->Unit(benchmark::kMicrosecond)
-        ->MinTime(0.2);
-  }
+  register_in("map_cheap_elements", "serial", &serial_map_cheap);
 
   return weft_bench::run_benchmarks(argc, argv);
 }
