@@ -23,6 +23,11 @@
 //                                        worker, the producer pinned to CPU C
 //                                        and the worker to the other of CPUs
 //                                        0 and 1 (Linux, 2 CPUs or more)
+//   registry_pool_one_cpu                as registry_pool_tiny_tasks with one
+//                                        worker, the producer and the worker
+//                                        both pinned to CPU 0 (Linux): the
+//                                        producer fills the queue, then the
+//                                        worker drains it
 //
 // Why pinned rows: on the 2-vCPU machines this was measured on, the two
 // vCPUs are not alike, and a producer on vCPU 0 posts 1.5x as fast as one on
@@ -30,6 +35,13 @@
 // ratios between impls, which come from different runs (and, for
 // compiled_out, a different process), swing by more than tracking costs.
 // Each pinned row compares impls on the same placement.
+//
+// Why one CPU: with two threads on two cores, throughput is set by whichever
+// thread is slower at the moment and by how fast cache lines cross between
+// the cores, which on a VM changes from minute to minute. On one CPU, no
+// line crosses, and the time per task is the producer's and the worker's CPU
+// time added up, the cost tracking adds included: in three runs each impl's
+// figure here stayed within 4%, where the two-core rows swung by 20-50%.
 #include <weft/registry.hpp>
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>
@@ -134,19 +146,30 @@ class pinned_to {
   bool pinned_ = false;
 };
 
+// A one-worker pool fed from CPU `producer_cpu` and run on CPU `worker_cpu`.
 template <bool Tracking>
-void pool_pinned(benchmark::State& state) {
+void pool_pinned_to(benchmark::State& state, int producer_cpu, int worker_cpu) {
   const tracking_as tracking{Tracking};
-  const auto producer_cpu = static_cast<int>(state.range(0));
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1024}};
   const pinned_to producer{producer_cpu};
   // The worker pins itself for good: the pool is this benchmark's own.
-  const bool worker_pinned = pool.submit([producer_cpu] { return pin_this_thread(1 - producer_cpu); }).get();
+  const bool worker_pinned = pool.submit([worker_cpu] { return pin_this_thread(worker_cpu); }).get();
   if (!producer.pinned() || !worker_pinned) {
-    state.SkipWithError("could not pin the threads to CPUs 0 and 1");
+    state.SkipWithError("could not pin the threads to their CPUs");
     return;
   }
   post_tiny_tasks(state, pool);
+}
+
+template <bool Tracking>
+void pool_pinned(benchmark::State& state) {
+  const auto producer_cpu = static_cast<int>(state.range(0));
+  pool_pinned_to<Tracking>(state, producer_cpu, 1 - producer_cpu);
+}
+
+template <bool Tracking>
+void pool_one_cpu(benchmark::State& state) {
+  pool_pinned_to<Tracking>(state, 0, 0);
 }
 #endif
 
@@ -167,6 +190,10 @@ void register_impl(const std::string& impl, void (*pool)(benchmark::State&), voi
 template <bool Tracking>
 void register_pinned([[maybe_unused]] const std::string& impl) {
 #if defined(__linux__)
+  benchmark::RegisterBenchmark(("registry_pool_one_cpu/" + impl).c_str(), &pool_one_cpu<Tracking>)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.2);
   if (std::thread::hardware_concurrency() < 2) return;
   benchmark::RegisterBenchmark(("registry_pool_pinned/" + impl).c_str(), &pool_pinned<Tracking>)
       ->ArgName("producer_cpu")
