@@ -30,8 +30,9 @@
 //                                        worker drains it
 //
 // Why pinned rows: on the 2-vCPU machines this was measured on, the two
-// vCPUs are not alike, and a producer on vCPU 0 posts 1.5x as fast as one on
-// vCPU 1. Unpinned, each process settles on one placement by chance, so the
+// vCPUs are at times not alike (for hours, a producer on vCPU 0 posted 1.5x
+// as fast as one on vCPU 1; later, both alike). Unpinned, each process
+// settles on one placement by chance, so the
 // ratios between impls, which come from different runs (and, for
 // compiled_out, a different process), swing by more than tracking costs.
 // Each pinned row compares impls on the same placement.
@@ -40,8 +41,9 @@
 // thread is slower at the moment and by how fast cache lines cross between
 // the cores, which on a VM changes from minute to minute. On one CPU, no
 // line crosses, and the time per task is the producer's and the worker's CPU
-// time added up, the cost tracking adds included: in three runs each impl's
-// figure here stayed within 4%, where the two-core rows swung by 20-50%.
+// time added up, the cost tracking adds included: in back-to-back runs each
+// impl's figure here moved by 1-5%, where the two-core rows swung by 20-50%
+// (runs some minutes apart can still differ by 25%).
 #include <weft/registry.hpp>
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>

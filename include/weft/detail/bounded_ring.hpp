@@ -30,13 +30,13 @@
 //
 // Cell: an optional record kept in each slot right after the value (the
 // task registry's origin_cell, see task_tracking.hpp, and a pool's queue
-// time). A slot is (at least) 64-byte aligned and its sequence takes the first 8
-// bytes, so with a 48-byte value the cell's first 8 bytes share the value's
-// cache line and the rest of it starts the next line. The producer may fill
-// it while it owns the slot, the consumer reads it while it owns the slot,
-// and visit_cells lets a third thread copy the cells of the values queued
-// now, using the slot's sequence as a seqlock version. Fill and take are
-// told the value's position.
+// time). A slot is (at least) 64-byte aligned and its sequence takes the
+// first 8 bytes, so with a 48-byte value the cell's first 8 bytes share the
+// value's cache line and the rest of it starts the next line. The producer
+// may fill it while it owns the slot, the consumer reads it while it owns
+// the slot, and visit_cells lets a third thread copy the cells of the values
+// queued now, using the slot's sequence as a seqlock version. Fill and take
+// are told the value's position.
 //
 // SlotAlignment: 64 by default. A ring whose producers and consumers run on
 // different cores back to back, a slot each per few tens of nanoseconds (a
@@ -47,8 +47,8 @@
 // writing, and that line moves between the cores once more per task. A
 // pool of one worker ran 18.5-18.8M tiny tasks/s with 64-byte slots and
 // 22-23M/s with 128 (WEFT_NO_REGISTRY, producer and worker pinned to the
-// two cores of a 2-vCPU VM, runs interleaved); channels, whose slots hold
-// small values read in bursts, showed no difference and keep 64.
+// two cores of a 2-vCPU VM, runs interleaved); channels showed no
+// difference in chan_bench and keep 64.
 #pragma once
 
 #include <atomic>
