@@ -37,15 +37,16 @@
 //    twice (the registry keeps one), never missed.
 //
 // Cost when tracking is on: at spawn, an id from a per-thread block, a read
-// of the coarse monotonic clock (about 5 ns; the registry's times have the
+// of the coarse monotonic clock (about 4 ns; the registry's times have the
 // kernel tick's resolution, 1-4 ms) and the record into the slot's cell:
 // the id beside the task, the rest compared with what the slot held and
 // stored only where it differs (see origin_cell); at start, the loads of
-// the cell and a frame push on the thread's own cache lines.
-// benchmarks/registry_bench.cpp measures it. When switched off at run
-// time: one relaxed load per spawn, and an id of 0 stored beside the task.
-// With WEFT_NO_REGISTRY defined, the cells are empty and every hook
-// compiles to nothing.
+// the cell, a second clock read and a frame push on the thread's own cache
+// lines. Together 12-13 ns of CPU time per pool task, about 6 of them the
+// worker's (registry_pool_one_cpu in benchmarks/registry_bench.cpp, on a
+// 2.1 GHz KVM guest). When switched off at run time: one relaxed load per
+// spawn, and an id of 0 stored beside the task. With WEFT_NO_REGISTRY
+// defined, the cells are empty and every hook compiles to nothing.
 #pragma once
 
 #include <weft/config.hpp>
