@@ -32,10 +32,10 @@
 // Why pinned rows: on the 2-vCPU machines this was measured on, the two
 // vCPUs are at times not alike (for hours, a producer on vCPU 0 posted 1.5x
 // as fast as one on vCPU 1; later, both alike). Unpinned, each process
-// settles on one placement by chance, so the
-// ratios between impls, which come from different runs (and, for
-// compiled_out, a different process), swing by more than tracking costs.
-// Each pinned row compares impls on the same placement.
+// settles on one placement by chance, so the ratios between impls, which
+// come from different runs (and, for compiled_out, a different process),
+// swing by more than tracking costs. Each pinned row compares impls on the
+// same placement.
 //
 // Why one CPU: with two threads on two cores, throughput is set by whichever
 // thread is slower at the moment and by how fast cache lines cross between

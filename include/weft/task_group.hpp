@@ -426,8 +426,8 @@ class task_group {
     std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
 
-    // 128-byte slots: see bounded_ring's SlotAlignment.
-    detail::bounded_ring<detail::task, detail::slot_cell, 128> unstarted{ring_capacity};
+    detail::bounded_ring<detail::task, detail::slot_cell, detail::handoff_slot_alignment> unstarted{
+        ring_capacity};
     // Tasks beyond the ring's capacity: a vector used as a FIFO, under a
     // lock, allocation-free once grown.
     std::atomic<std::size_t> overflow_size{0};

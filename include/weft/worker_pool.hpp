@@ -780,7 +780,7 @@ class worker_pool {
 
   const worker_pool_options options_;
   const char* const tracked_name_;  // the name, interned for the registry
-  detail::bounded_ring<detail::task, slot_extras, 128> ring_;  // 128: see bounded_ring's SlotAlignment
+  detail::bounded_ring<detail::task, slot_extras, detail::handoff_slot_alignment> ring_;
   std::unique_ptr<worker[]> workers_;
   std::vector<worker*> started_;
 

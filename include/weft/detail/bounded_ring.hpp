@@ -40,15 +40,16 @@
 //
 // SlotAlignment: 64 by default. A ring whose producers and consumers run on
 // different cores back to back, a slot each per few tens of nanoseconds (a
-// worker pool's queue, a task group's), asks for 128: the L2 prefetchers of
-// x86 cores fetch a line's neighbour along with it (Intel's completes the
-// 128-byte aligned pair; AMD's fetches the next or previous line), so with
-// 64-byte slots a consumer reading slot k pulls in a slot a producer may be
-// writing, and that line moves between the cores once more per task. A
-// pool of one worker ran 18.5-18.8M tiny tasks/s with 64-byte slots and
-// 22-23M/s with 128 (WEFT_NO_REGISTRY, producer and worker pinned to the
-// two cores of a 2-vCPU VM, runs interleaved); channels showed no
-// difference in chan_bench and keep 64.
+// worker pool's queue, a task group's), asks for 128
+// (handoff_slot_alignment): the L2 prefetchers of x86 cores fetch a line's
+// neighbour along with it (Intel's completes the 128-byte aligned pair;
+// AMD's fetches the next or previous line), so with 64-byte slots a consumer
+// reading slot k pulls in a slot a producer may be writing, and that line
+// moves between the cores once more per task. A pool of one worker ran
+// 18.5-18.8M tiny tasks/s with 64-byte slots and 22-23M/s with 128
+// (WEFT_NO_REGISTRY, producer and worker pinned to the two cores of a 2-vCPU
+// VM, runs interleaved); channels showed no difference in chan_bench and
+// keep 64.
 #pragma once
 
 #include <atomic>
@@ -62,6 +63,10 @@ namespace weft::detail {
 
 // The default Cell: nothing beside the value.
 struct no_cell {};
+
+// The SlotAlignment of rings whose producers and consumers hand values
+// between cores back to back (see SlotAlignment above).
+inline constexpr std::size_t handoff_slot_alignment = 128;
 
 template <class T, class Cell = no_cell, std::size_t SlotAlignment = 64>
 class bounded_ring {
