@@ -324,6 +324,37 @@ TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 t
   }
 }
 
+// From a deep queue a worker claims a run of tasks and holds the ones it has
+// not started. Here the first of a pair waits until the second has run: if
+// one worker holds both, only another worker taking the second from it lets
+// the first finish. The pair sits behind 64 tasks that workers, let go at
+// once from a gate, take in runs of up to 8, so most rounds put both in one
+// run (a round that does not still passes).
+TEST_CASE("worker_pool: a task that a worker claimed behind one that blocks is run by a free worker" *
+          doctest::timeout(60)) {
+  constexpr int rounds = 20;
+  std::array<gate, rounds> gates;  // outlive the pool's workers
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 256}};
+  for (auto& round_gate : gates) {
+    hold_all_workers(pool, round_gate);
+    std::atomic<int> ran{0};
+    std::atomic<bool> second_ran{false};
+    for (int i = 0; i < 64; ++i) pool.post([&] { ran++; });
+    pool.post([&] {
+      second_ran.wait(false);
+      ran++;
+    });
+    pool.post([&] {
+      second_ran.store(true);
+      second_ran.notify_all();
+      ran++;
+    });
+    for (int i = 0; i < 64; ++i) pool.post([&] { ran++; });
+    round_gate.open();
+    spin_until([&] { return ran.load() == 130; });
+  }
+}
+
 TEST_CASE("worker_pool makes everything written before post visible inside the task" * doctest::timeout(60)) {
   future_keeper kept;  // before the pool: see future_keeper
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 8}};
@@ -987,6 +1018,64 @@ TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them 
   CHECK(s.completed == 2);
   CHECK(s.completed == s.submitted - s.dropped);
   CHECK(s.rejected == 1);
+}
+
+// A worker that finds the queue deep claims a run of tasks at once and
+// holds those it has not started; shutdown_now() must find them there.
+// Workers are held at a gate while the queue fills, so that they then claim
+// runs (the claim size grows while claims come back full), until each
+// blocks in one of the `blockers`; what is left is queued or held. Both
+// workers are blocked when shutdown_now() runs, so nothing runs meanwhile
+// and the count it returns is exact.
+TEST_CASE("worker_pool shutdown_now drops and counts the tasks that workers claimed and hold, and the registry "
+          "lists them as queued until then" *
+          doctest::timeout(60)) {
+  gate first_gate;   // outlives the pool's workers
+  gate blocker_gate;
+  const std::string name = "held-drop";
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 512, .name = name}};
+  hold_all_workers(pool, first_gate);
+  constexpr int fillers = 64;
+  constexpr int blockers = 16;
+  constexpr int late = 100;
+  std::atomic<int> ran{0};
+  std::atomic<int> blockers_started{0};
+  std::atomic<bool> dropped_all{false};
+  std::atomic<int> ran_after_shutdown{0};
+  const auto task = [&] {
+    if (dropped_all.load()) ran_after_shutdown++;
+    ran++;
+  };
+  for (int i = 0; i < fillers; ++i) pool.post(task);
+  for (int i = 0; i < blockers; ++i) {
+    pool.post([&] {
+      blockers_started++;
+      blocker_gate.wait();
+    });
+  }
+  for (int i = 0; i < late; ++i) pool.post(task);
+  first_gate.open();
+  spin_until([&] { return blockers_started.load() == 2; });
+
+  // Both workers wait at blocker_gate: nothing else runs until it opens.
+  const int queued = fillers + blockers + late - ran.load() - 2;
+  CHECK(pool.stats().queued == static_cast<std::size_t>(queued));
+  if constexpr (weft::detail::registry_compiled) {
+    const auto listed = std::ranges::count_if(weft::registry::snapshot(), [&](const auto& t) {
+      return t.name == name && t.state == weft::task_state::queued;
+    });
+    CHECK(listed == queued);  // nothing is claimed while the snapshot runs, so no task is listed twice
+  }
+  CHECK(pool.shutdown_now() == static_cast<std::size_t>(queued));
+  dropped_all.store(true);
+  CHECK(pool.stats().queued == 0);
+
+  blocker_gate.open();
+  pool.join();
+  CHECK(ran_after_shutdown.load() == 0);
+  const auto s = pool.stats();
+  CHECK(s.dropped == static_cast<std::uint64_t>(queued));
+  CHECK(s.completed + s.dropped == s.submitted);
 }
 
 TEST_CASE("worker_pool shutdown_now on an idle pool drops nothing and its destructor returns" * doctest::timeout(60)) {

@@ -16,6 +16,13 @@
 // every worker waited for room that only workers can make, the pool would
 // deadlock.
 //
+// Order: a worker that finds the queue deep claims a run of up to 8 tasks
+// at once and runs them in order; those it has not started yet stay
+// queued (stats().queued and the registry count them), and any worker that
+// runs out of work takes them. So a task never waits behind a blocked one
+// while another worker is idle, but tasks do not always start in the order
+// they were queued, and up to 7 per worker can wait beyond queue_capacity.
+//
 // Errors: a task that throws never kills its worker. For submit() the
 // exception reaches the future; for post() it goes to the error handler
 // (set_error_handler; by default it writes one line to stderr), and both
@@ -40,7 +47,9 @@
 // captures (no allocation per post). A post is one compare-and-swap on the
 // queue's tail and a check (two loads) that some worker is awake
 // to take it; it makes a system call only to wake a parked worker, and only
-// when no worker is already awake and looking for work. A worker that runs
+// when no worker is already awake and looking for work. Workers take a deep
+// queue in runs (one compare-and-swap on its head per run, see claim), so
+// adding workers does not add a fight for the head on every task. A worker that runs
 // out of work spins briefly before it parks, and the worker that finds work
 // first wakes the next one only if more is queued, so adding workers does
 // not make producers pay for more wake-ups. Queue wait is timed on one task
@@ -112,7 +121,7 @@ struct worker_pool_options {
 struct worker_pool_stats {
   std::size_t workers = 0;
   std::size_t busy = 0;            // workers running a task now
-  std::size_t queued = 0;          // tasks waiting in the queue now
+  std::size_t queued = 0;          // tasks waiting now: in the queue, or claimed by a worker and not started
   std::size_t peak_queued = 0;     // sampled every 64 posts, exact when the queue filled
   std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
   std::uint64_t completed = 0;     // finished running, with or without an exception
@@ -256,6 +265,7 @@ class worker_pool {
          ring_.try_pop(work, [](const slot_extras& cell, std::uint64_t) noexcept { drop_origin(cell); });) {
       ++dropped;
     }
+    for (std::size_t i = 0; i < options_.workers; ++i) dropped += drop_held(workers_[i]);
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
     return dropped;
   }
@@ -313,6 +323,9 @@ class worker_pool {
     worker_pool_stats s;
     s.workers = options_.workers;
     s.queued = ring_.size();
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      s.queued += workers_[i].held_count.load(std::memory_order_relaxed);
+    }
     s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
     s.submitted = ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed);
     s.rejected = counters_.rejected.load(std::memory_order_relaxed);
@@ -371,12 +384,37 @@ class worker_pool {
     std::atomic<std::int64_t> max_wait_ns{0};
   };
 
+  // A task a worker has taken from the queue and not started yet.
+  struct claimed_task {
+    detail::task work;
+    detail::task_origin origin;
+    std::int64_t queued_ns = 0;  // when it was queued, for a timed task; else 0
+  };
+
+  // The most tasks one claim takes from the queue (see claim).
+  static constexpr std::size_t max_claim = 8;
+
   struct alignas(64) worker {
     std::thread thread;
     // Set to 1 by the thread that takes this worker off the idle list.
     std::atomic<std::uint32_t> wake_signal{0};
     std::atomic<bool> busy{false};
+    // False when registering the thread with the registry failed (out of
+    // memory): its tasks then run untracked.
+    bool registered = true;
+    // How many tasks the next claim asks for; the worker's own.
+    std::size_t claim_size = 1;
     task_counters counters;
+
+    // The tasks of this worker's last claim that it has not started: the
+    // worker runs them in order, and any other worker that runs out of work
+    // takes them (from the back), so a task held here never waits for one
+    // that blocks ahead of it while a worker is free. On a line of their
+    // own: the owner takes one per task.
+    alignas(64) detail::spin_mutex held_mutex;
+    std::atomic<std::size_t> held_count{0};  // written under held_mutex
+    std::size_t held_first = 0;             // under held_mutex
+    claimed_task held[max_claim - 1];
   };
 
   static worker_pool_options checked(worker_pool_options options) {
@@ -445,8 +483,17 @@ class worker_pool {
   // The queued tasks, for the registry's snapshots.
   struct queued_tasks final : detail::task_source {
     explicit queued_tasks(const worker_pool& p) noexcept : pool(p) {}
+    // The ring first: a task claimed meanwhile is then seen twice (which
+    // snapshots allow), never missed.
     void collect(std::vector<detail::task_record>& out) const override {
       detail::collect_queued(pool.ring_, out, [](const slot_extras& cell) -> const auto& { return cell.origin; });
+      for (std::size_t i = 0; i < pool.options_.workers; ++i) {
+        worker& w = pool.workers_[i];
+        std::lock_guard guard(w.held_mutex);
+        for (std::size_t k = 0; k < w.held_count.load(std::memory_order_relaxed); ++k) {
+          detail::add_queued(out, w.held[w.held_first + k].origin);
+        }
+      }
     }
     const worker_pool& pool;
   };
@@ -557,12 +604,16 @@ class worker_pool {
     }
   }
 
-  // After a worker frees a slot: hands it to one blocked producer.
-  void notify_room() noexcept {
+  // After a worker frees `freed` slots: hands them to blocked producers.
+  void notify_room(std::size_t freed) noexcept {
     if (room_waiters_.load(std::memory_order_seq_cst) == 0) return;  // see wait_for_room
     detail::completion_list woken;
     auto lock = room_.lock();
-    if (detail::wait_node* first = room_.front()) room_.remove(*first, wait_status::ok, woken);
+    for (; freed != 0; --freed) {
+      detail::wait_node* first = room_.front();
+      if (first == nullptr) break;
+      room_.remove(*first, wait_status::ok, woken);
+    }
   }
 
   void close(bool discard) noexcept {
@@ -625,7 +676,7 @@ class worker_pool {
       idle_.push_back(&self);
       idle_count_.store(idle_.size(), std::memory_order_seq_cst);  // see enqueue
     }
-    if (ring_.claimed_unpopped() || closed_.load(std::memory_order_seq_cst)) {
+    if (ring_.claimed_unpopped() || any_held() || closed_.load(std::memory_order_seq_cst)) {
       std::lock_guard guard(idle_mutex_);
       if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
         idle_.erase(it);
@@ -643,9 +694,110 @@ class worker_pool {
     }
   }
 
+  // Takes a task that `from` holds: its first for its owner, its last for
+  // any other worker. The task's record goes onto this thread's frames
+  // before it leaves `from`, as it does before a slot is freed.
+  static bool take_held(worker& from, const worker& self, detail::task& work, std::int64_t& queued_ns,
+                        detail::running_scope& running) noexcept {
+    if (from.held_count.load(std::memory_order_relaxed) == 0) return false;
+    std::lock_guard guard(from.held_mutex);
+    const std::size_t count = from.held_count.load(std::memory_order_relaxed);
+    if (count == 0) return false;
+    claimed_task& task = from.held[&from == &self ? from.held_first++ : from.held_first + count - 1];
+    work = std::move(task.work);
+    queued_ns = task.queued_ns;
+    if (self.registered) running.start(task.origin);
+    from.held_count.store(count - 1, std::memory_order_relaxed);
+    return true;
+  }
+
+  // Takes up to self.claim_size tasks from the queue with one claim (see
+  // bounded_ring::try_claim): `work` is the first, the rest are held. The
+  // size doubles, up to max_claim, while claims get all they ask for, and
+  // falls back to 1 when one does not: a deep queue is shared out in runs,
+  // which spares each worker a fight for the queue's head (and the tasks'
+  // own data) on every task, while a worker that keeps up with its
+  // producers takes one task at a time and never reads a slot before the
+  // producer has written it. Measured on 16 cores (Xeon, one producer,
+  // tiny tasks): 2.9M tasks/s at 16 workers with a claim per task, 12.7M
+  // with runs of up to 8.
+  bool claim(worker& self, detail::task& work, std::int64_t& queued_ns, detail::running_scope& running) noexcept {
+    std::size_t count = 0;
+    {
+      // Held while the claimed tasks move in, so that shutdown_now() finds
+      // them either in the queue or here.
+      std::lock_guard guard(self.held_mutex);
+      std::uint64_t first = 0;
+      count = ring_.try_claim(self.claim_size, first);
+      if (count == 0) {
+        self.claim_size = 1;
+        return false;
+      }
+      self.claim_size = count == self.claim_size ? std::min(2 * count, max_claim) : 1;
+      ring_.take_claimed(first, work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
+        if (self.registered) running.start(detail::load_origin(cell.origin));
+        queued_ns = timed(position) ? cell.queued_ns : 0;
+      });
+      for (std::size_t i = 1; i < count; ++i) {
+        claimed_task& task = self.held[i - 1];
+        ring_.take_claimed(first + i, task.work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
+          task.origin = detail::load_origin(cell.origin);
+          task.queued_ns = timed(position) ? cell.queued_ns : 0;
+        });
+      }
+      self.held_first = 0;
+      // Seq_cst, as a post's claim is: a worker going idle reads the held
+      // counts after its seq_cst registration (see park).
+      self.held_count.store(count - 1, std::memory_order_seq_cst);
+    }
+    notify_room(count);
+    // Should the first task block, a worker must be awake to take the
+    // held ones: a spinner looks at held tasks before it parks.
+    if (count > 1) wake_idle_worker();
+    return true;
+  }
+
+  // Takes a task another worker holds; for a worker that found the queue
+  // empty.
+  bool steal(const worker& self, detail::task& work, std::int64_t& queued_ns, detail::running_scope& running) noexcept {
+    const auto self_index = static_cast<std::size_t>(&self - workers_.get());
+    for (std::size_t k = 1; k < options_.workers; ++k) {
+      if (take_held(workers_[(self_index + k) % options_.workers], self, work, queued_ns, running)) return true;
+    }
+    return false;
+  }
+
+  bool any_held() const noexcept {
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      if (workers_[i].held_count.load(std::memory_order_seq_cst) != 0) return true;
+    }
+    return false;
+  }
+
+  // Destroys the tasks `w` holds, unrun, outside its lock (their
+  // destructors are user code); returns how many.
+  static std::size_t drop_held(worker& w) noexcept {
+    claimed_task dropped[max_claim - 1];
+    std::size_t count = 0;
+    {
+      std::lock_guard guard(w.held_mutex);
+      count = w.held_count.load(std::memory_order_relaxed);
+      for (std::size_t k = 0; k < count; ++k) dropped[k] = std::move(w.held[w.held_first + k]);
+      w.held_count.store(0, std::memory_order_relaxed);
+    }
+    for (std::size_t k = 0; k < count; ++k) {
+      detail::finished_unrun(dropped[k].origin);
+      dropped[k].work.reset();
+    }
+    return count;
+  }
+
   void run_worker(worker& self, std::size_t index) {
     detail::current_worker_pool = this;
     name_thread(index);
+    // Records are pushed under held_mutex, inside which the registry's
+    // mutex (taken to register a thread) must never be taken.
+    if constexpr (detail::registry_compiled) self.registered = detail::register_this_thread_early();
     bool spinning = false;
     detail::task work;
     std::int64_t queued_ns = 0;
@@ -653,17 +805,17 @@ class worker_pool {
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      if (ring_.try_pop(work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
-            queued_ns = begin_running(cell, position, running);
-          })) {
+      if (take_held(self, self, work, queued_ns, running) || claim(self, work, queued_ns, running) ||
+          steal(self, work, queued_ns, running)) {
         if (spinning) {
           spinning = false;
-          // The last searcher to find work hands the search on.
-          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && ring_.claimed_unpopped()) {
+          // The last searcher to find work hands the search on. Held tasks
+          // count as work: a claim's own wake-up is skipped while this
+          // searcher (the claimer, perhaps) still holds its mark.
+          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && (ring_.claimed_unpopped() || any_held())) {
             wake_idle_worker();
           }
         }
-        notify_room();
         self.busy.store(true, std::memory_order_relaxed);
         run_task(work, queued_ns, self.counters);
         running.stop();
@@ -681,10 +833,15 @@ class worker_pool {
         // reading it while they wait made each post wait for that line
         // (measured: 6.9 -> 13M tiny tasks/s at 4 workers, 2.8 -> 13M at 16,
         // on 2 cores). A claim in flight that this misses is seen below.
-        for (detail::backoff pause; !found && pause.wait();) found = ring_.has_ready();
+        // Tasks held by busy workers are looked for less often: the
+        // spinners would share the lines of every worker's held tasks.
+        std::uint32_t polls = 0;
+        for (detail::backoff pause; !found && pause.wait();) {
+          found = ring_.has_ready() || (++polls % 8 == 0 && any_held());
+        }
         if (found) continue;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
-        if (ring_.claimed_unpopped()) {
+        if (ring_.claimed_unpopped() || any_held()) {
           // Work came after all, and a producer that saw this searcher may
           // have skipped its wake-up: search again, so that the pop hands
           // the search on (above) if more is queued. Popping it as a plain
@@ -695,11 +852,16 @@ class worker_pool {
         }
         spinning = false;
       }
-      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0) break;
+      // Tasks another worker holds keep this one: their holder may be
+      // blocked on them.
+      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held()) break;
       park(self);
       spinning = true;
     }
     if (spinning) spinning_.fetch_sub(1, std::memory_order_relaxed);
+    // Left only after shutdown_now(), by a claim of a task whose post raced
+    // it: dropped like the rest of the queue.
+    counters_.dropped.fetch_add(drop_held(self), std::memory_order_relaxed);
     detail::current_worker_pool = nullptr;
   }
 

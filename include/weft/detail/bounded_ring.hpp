@@ -136,11 +136,7 @@ class bounded_ring {
       const auto lag = static_cast<std::int64_t>(sequence - holds(pos));
       if (lag == 0) {
         if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst, std::memory_order_relaxed)) {
-          T* value = std::launder(reinterpret_cast<T*>(s.storage));
-          out = std::move(*value);
-          value->~T();
-          take(s.cell, pos);
-          s.sequence.store(free_for(pos + capacity_), std::memory_order_release);
+          take_claimed(pos, out, std::forward<Take>(take));
           return true;
         }
       } else if (lag < 0) {
@@ -149,6 +145,46 @@ class bounded_ring {
         pos = head_.load(std::memory_order_relaxed);
       }
     }
+  }
+
+  // Claims up to `max` (>= 1) values published at the head with one
+  // compare-and-swap and returns how many, the first at position `first`;
+  // 0 when none is published there. Each claimed position must then be
+  // taken, once, with take_claimed, and soon: a producer a lap ahead waits
+  // for those slots. One claim instead of one per value is what lets
+  // several consumers share a busy ring: each claim moves the head's cache
+  // line to the claimer's core.
+  std::size_t try_claim(std::size_t max, std::uint64_t& first) noexcept {
+    auto pos = head_.load(std::memory_order_relaxed);
+    for (;;) {
+      std::size_t count = 0;
+      while (count < max &&
+             slots_[(pos + count) % capacity_].sequence.load(std::memory_order_acquire) == holds(pos + count)) {
+        ++count;
+      }
+      if (count == 0) {
+        const auto sequence = slots_[pos % capacity_].sequence.load(std::memory_order_acquire);
+        if (static_cast<std::int64_t>(sequence - holds(pos)) < 0) return 0;
+        pos = head_.load(std::memory_order_relaxed);  // another consumer took it
+        continue;
+      }
+      if (head_.compare_exchange_weak(pos, pos + count, std::memory_order_seq_cst, std::memory_order_relaxed)) {
+        first = pos;
+        return count;
+      }
+    }
+  }
+
+  // Moves the value at a position this thread claimed (try_claim) into
+  // `out`, calls take(cell, position), and frees the slot.
+  template <class Take>
+  void take_claimed(std::uint64_t position, T& out, Take&& take) noexcept {
+    slot& s = slots_[position % capacity_];
+    T* value = std::launder(reinterpret_cast<T*>(s.storage));
+    out = std::move(*value);
+    value->~T();
+    take(s.cell, position);
+    s.sequence.store(free_for(position + capacity_), std::memory_order_release);
   }
 
   std::size_t capacity() const noexcept { return capacity_; }
