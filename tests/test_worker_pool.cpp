@@ -1061,7 +1061,8 @@ TEST_CASE("worker_pool shutdown_now drops and counts the tasks that workers clai
   const int queued = fillers + blockers + late - ran.load() - 2;
   CHECK(pool.stats().queued == static_cast<std::size_t>(queued));
   if constexpr (weft::detail::registry_compiled) {
-    const auto listed = std::ranges::count_if(weft::registry::snapshot(), [&](const auto& t) {
+    const auto tasks = weft::registry::snapshot();  // libc++ 14 has no std::ranges::count_if
+    const auto listed = std::count_if(tasks.begin(), tasks.end(), [&](const auto& t) {
       return t.name == name && t.state == weft::task_state::queued;
     });
     CHECK(listed == queued);  // nothing is claimed while the snapshot runs, so no task is listed twice

@@ -47,13 +47,14 @@
 // captures (no allocation per post). A post is one compare-and-swap on the
 // queue's tail and a check (two loads) that some worker is awake
 // to take it; it makes a system call only to wake a parked worker, and only
-// when no worker is already awake and looking for work. Workers take a deep
-// queue in runs (one compare-and-swap on its head per run, see claim), so
-// adding workers does not add a fight for the head on every task. A worker that runs
+// when no worker is already awake and looking for work. A worker that runs
 // out of work spins briefly before it parks, and the worker that finds work
 // first wakes the next one only if more is queued, so adding workers does
-// not make producers pay for more wake-ups. Queue wait is timed on one task
-// in 16 (two clock reads each would cost a quarter of the throughput).
+// not make producers pay for more wake-ups. Workers take a deep queue in
+// runs (one compare-and-swap on its head per run, see claim), so adding
+// workers does not add a fight for the head on every task either. Queue
+// wait is timed on one task in 16 (two clock reads each would cost a
+// quarter of the throughput).
 //
 // Example:
 //   weft::worker_pool db{{.workers = 8, .queue_capacity = 1024, .name = "db"}};
@@ -121,7 +122,7 @@ struct worker_pool_options {
 struct worker_pool_stats {
   std::size_t workers = 0;
   std::size_t busy = 0;            // workers running a task now
-  std::size_t queued = 0;          // tasks waiting now: in the queue, or claimed by a worker and not started
+  std::size_t queued = 0;          // tasks waiting now, in the queue or held by a worker
   std::size_t peak_queued = 0;     // sampled every 64 posts, exact when the queue filled
   std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
   std::uint64_t completed = 0;     // finished running, with or without an exception
@@ -718,9 +719,9 @@ class worker_pool {
   // which spares each worker a fight for the queue's head (and the tasks'
   // own data) on every task, while a worker that keeps up with its
   // producers takes one task at a time and never reads a slot before the
-  // producer has written it. Measured on 16 cores (Xeon, one producer,
-  // tiny tasks): 2.9M tasks/s at 16 workers with a claim per task, 12.7M
-  // with runs of up to 8.
+  // producer has written it. pool_tiny_tasks on 16 cores (Xeon), one
+  // producer: 2.7M tasks/s at 16 workers and 4.1M at 2 with a claim per
+  // task, 11.8-13.7M and 11.9-12.3M with runs of up to 8.
   bool claim(worker& self, detail::task& work, std::int64_t& queued_ns, detail::running_scope& running) noexcept {
     std::size_t count = 0;
     {
