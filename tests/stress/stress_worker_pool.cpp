@@ -524,8 +524,9 @@ TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every 
 // must still run everything else. A worker that takes a task without
 // handing on the search for the next one (a searcher that had given up, one
 // on its way to park, a thread that held a searching mark with no worker to
-// give it to) would leave the rest queued behind its blocked task while
-// other workers stay parked. Blocked tasks wait for a flag that is set only
+// give it to), or one that holds tasks of a run it claimed behind its
+// blocked task, would leave the rest behind that task while other workers
+// stay parked. Blocked tasks wait for a flag that is set only
 // after every other task has run (a hang is this test's failure).
 TEST_CASE("worker_pool stress: tasks that block for good never strand the queued tasks behind them" *
           doctest::timeout(240)) {
@@ -541,10 +542,24 @@ TEST_CASE("worker_pool stress: tasks that block for good never strand the queued
     std::vector<bool> blocks(tasks, false);
     for (int b = 0; b < blockers; ++b) blocks[static_cast<std::size_t>(order[static_cast<std::size_t>(b)])] = true;
 
+    // Half the rounds queue every task while the workers wait at a gate, so
+    // that they then take the queue in runs and hold tasks behind blockers.
+    const bool deep = rng() % 2 == 0;
     std::atomic<bool> released{false};
+    std::atomic<bool> gate_open{false};
+    std::atomic<int> at_gate{0};
     std::atomic<int> ran{0};
     {
       weft::worker_pool pool{{.workers = workers, .queue_capacity = 64}};
+      if (deep) {
+        for (int w = 0; w < workers; ++w) {
+          pool.post([&] {
+            at_gate.fetch_add(1);
+            weft_test::spin_until([&] { return gate_open.load(std::memory_order_acquire); });
+          });
+        }
+        weft_test::spin_until([&] { return at_gate.load() == workers; });
+      }
       for (int i = 0; i < tasks; ++i) {
         if (blocks[static_cast<std::size_t>(i)]) {
           // Yields while it waits, as a semaphore waiter does before it parks.
@@ -552,8 +567,11 @@ TEST_CASE("worker_pool stress: tasks that block for good never strand the queued
         } else {
           pool.post([&] { ran.fetch_add(1, std::memory_order_relaxed); });
         }
-        for (auto gap = rng() % 64; gap != 0; --gap) std::atomic_signal_fence(std::memory_order_seq_cst);
+        if (!deep) {
+          for (auto gap = rng() % 64; gap != 0; --gap) std::atomic_signal_fence(std::memory_order_seq_cst);
+        }
       }
+      gate_open.store(true, std::memory_order_release);
       weft_test::spin_until([&] { return ran.load(std::memory_order_relaxed) == tasks - blockers; });
       released.store(true, std::memory_order_release);
     }
