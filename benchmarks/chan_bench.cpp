@@ -64,6 +64,12 @@
 //                                 consumer wait_dequeue()s then signals a
 //                                 slot; a producer token per producer and a
 //                                 consumer token per consumer (its fast form)
+//   moodycamel_unbounded          the same queue without the semaphore:
+//                                 nothing bounds it, so a fast producer
+//                                 grows it instead of waiting. Not a queue a
+//                                 pipeline could use; the reference the
+//                                 channels issue measures against (chan_mpmc
+//                                 only)
 //   asio_concurrent_channel       boost::asio::experimental::concurrent_channel
 //                                 <void(error_code, std::int64_t)> with a
 //                                 buffer of 1024, driven by C++20 coroutines
@@ -275,7 +281,10 @@ struct mutex_condvar_deque {
   void producers_done() { queue.close(); }
 };
 
-struct moodycamel_semaphore_bounded {
+// moodycamel's queue with a token per thread; Bounded adds the semaphore of
+// free slots.
+template <bool Bounded>
+struct moodycamel_blocking {
   moodycamel::BlockingConcurrentQueue<std::int64_t> queue{capacity};
   moodycamel::LightweightSemaphore free_slots{
       static_cast<moodycamel::LightweightSemaphore::ssize_t>(capacity)};
@@ -283,7 +292,7 @@ struct moodycamel_semaphore_bounded {
   void produce(int producer, std::int64_t share, tally&) {
     moodycamel::ProducerToken token(queue);
     auto send = [&](std::int64_t v) {
-      free_slots.wait();
+      if constexpr (Bounded) free_slots.wait();
       queue.enqueue(token, v);
     };
     produce_share(producer, share, send);
@@ -294,13 +303,15 @@ struct moodycamel_semaphore_bounded {
     for (;;) {
       std::int64_t v = 0;
       queue.wait_dequeue(token, v);
-      free_slots.signal();
+      if constexpr (Bounded) free_slots.signal();
       if (v == sentinel) return;
       t.take(v);
     }
   }
   void producers_done() {}
 };
+using moodycamel_semaphore_bounded = moodycamel_blocking<true>;
+using moodycamel_unbounded = moodycamel_blocking<false>;
 
 namespace asio = boost::asio;
 using asio_channel =
@@ -395,6 +406,7 @@ int main(int argc, char** argv) {
 #endif
   register_mpmc<mutex_condvar_deque>("mutex_condvar_deque");
   register_mpmc<moodycamel_semaphore_bounded>("moodycamel_semaphore_bounded");
+  register_mpmc<moodycamel_unbounded>("moodycamel_unbounded");
   register_mpmc<asio_concurrent_channel>("asio_concurrent_channel");
 
   return weft_bench::run_benchmarks(argc, argv);
