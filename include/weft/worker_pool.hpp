@@ -775,6 +775,20 @@ class worker_pool {
     return false;
   }
 
+  // any_held() for a worker about to exit, which must also see a claim in
+  // flight: a claimer moves the queue's head and stores its count under its
+  // lock, so once this thread has read the moved head (ring_.size() == 0),
+  // taking that lock waits for the count. (A worker about to park needs no
+  // lock: the claimer wakes it after the store; an exiting one would be
+  // gone.)
+  bool any_held_or_claiming() noexcept {
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      std::lock_guard guard(workers_[i].held_mutex);
+      if (workers_[i].held_count.load(std::memory_order_relaxed) != 0) return true;
+    }
+    return false;
+  }
+
   // Destroys the tasks `w` holds, unrun, outside its lock (their
   // destructors are user code); returns how many.
   static std::size_t drop_held(worker& w) noexcept {
@@ -855,7 +869,7 @@ class worker_pool {
       }
       // Tasks another worker holds keep this one: their holder may be
       // blocked on them.
-      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held()) break;
+      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held_or_claiming()) break;
       park(self);
       spinning = true;
     }
