@@ -474,6 +474,11 @@ class worker_pool {
   static std::int64_t begin_running(const slot_extras& cell, std::uint64_t position,
                                     detail::running_scope& running) noexcept {
     running.start(detail::load_origin(cell.origin));
+    return queued_time(cell, position);
+  }
+
+  // When the task at `position` was queued, if it is timed; else 0.
+  static std::int64_t queued_time(const slot_extras& cell, std::uint64_t position) noexcept {
     return timed(position) ? cell.queued_ns : 0;
   }
 
@@ -737,13 +742,13 @@ class worker_pool {
       self.claim_size = count == self.claim_size ? std::min(2 * count, max_claim) : 1;
       ring_.take_claimed(first, work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
         if (self.registered) running.start(detail::load_origin(cell.origin));
-        queued_ns = timed(position) ? cell.queued_ns : 0;
+        queued_ns = queued_time(cell, position);
       });
       for (std::size_t i = 1; i < count; ++i) {
         claimed_task& task = self.held[i - 1];
         ring_.take_claimed(first + i, task.work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
           task.origin = detail::load_origin(cell.origin);
-          task.queued_ns = timed(position) ? cell.queued_ns : 0;
+          task.queued_ns = queued_time(cell, position);
         });
       }
       self.held_first = 0;
