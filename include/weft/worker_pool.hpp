@@ -108,8 +108,11 @@ class rejected : public std::runtime_error {
 
 enum class overflow { block, reject, caller_runs };
 
+// Read once: glibc answers std::thread::hardware_concurrency() by reading a
+// file under /sys, several microseconds, and fan.hpp asks on every call.
 inline std::size_t hardware_threads() noexcept {
-  return std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  static const std::size_t threads = std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  return threads;
 }
 
 struct worker_pool_options {
