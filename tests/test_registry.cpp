@@ -265,6 +265,30 @@ TEST_CASE("registry: gather's calls are listed with the line that called gather"
   release.cancel();
 }
 
+TEST_CASE("registry: parallel_map's calls on the calling thread are listed with the line that called it" *
+          doctest::timeout(60)) {
+  weft::cancel_source release;
+  weft::worker_pool pool{{.workers = 1}};
+  std::uint32_t line = 0;
+  std::promise<void> spawning;
+  // With a limit of 1 every call runs on the calling thread.
+  std::thread caller([&] {
+    line = __LINE__; spawning.set_value(); (void)weft::parallel_map(std::vector<int>{1}, [&](int x) { release.token().wait(); return x; }, {.limit = 1, .executor = pool.executor()});
+  });
+  spawning.get_future().wait();
+  std::vector<weft::task_info> blocked;
+  while (blocked.empty()) {
+    for (const auto& task : tasks_at(line)) {
+      if (task.state == weft::task_state::blocked && task.blocked_on == "cancel_token") blocked.push_back(task);
+    }
+    std::this_thread::yield();
+  }
+  CHECK(blocked.size() == 1);
+  CHECK(blocked.front().name == "task_group");
+  release.cancel();
+  caller.join();
+}
+
 TEST_CASE("registry: a goroutine dump of 10,000 queued tasks from 3 spawn sites has 3 groups with the right counts" *
           doctest::timeout(120)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 10'000, .name = "dump"}};

@@ -182,13 +182,19 @@ void run_indexed(std::size_t count, const fan_options& options, const spawn_site
   for (std::size_t t = 1; t < tasks; ++t) group.go(work, site);
   // The calling thread's share runs here, counted in the group as a
   // coroutine's work is, rather than as a task that would go through the
-  // group's queue only to come back.
+  // group's queue only to come back. The registry lists it as the group's
+  // other tasks are.
   if (task_group_access::begin(group)) {
+    const task_origin origin = make_origin(site, "task_group");
+    accepted(origin);
     std::exception_ptr error;
-    try {
-      work(group.token());
-    } catch (...) {
-      error = std::current_exception();
+    {
+      const running_scope running{origin};
+      try {
+        work(group.token());
+      } catch (...) {
+        error = std::current_exception();
+      }
     }
     task_group_access::end(group, std::move(error));
   }
