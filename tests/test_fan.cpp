@@ -448,6 +448,26 @@ TEST_CASE("parallel_map: a failure on the calling thread's own share cancels the
   CHECK(saw_cancel.load() == on_pool.load());
 }
 
+TEST_CASE("parallel_map, for_each and gather on a shut-down pool throw weft::rejected, however few the calls" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  pool.shutdown();
+  std::atomic<int> calls{0};
+  const auto count = [&](int x) {
+    calls.fetch_add(1);
+    return x;
+  };
+  for (const std::size_t limit : {0u, 1u, 3u}) {
+    CAPTURE(limit);
+    CHECK_THROWS_AS(weft::parallel_map(std::vector<int>{1}, count, {.limit = limit, .executor = pool.executor()}),
+                    weft::rejected);
+    CHECK_THROWS_AS(weft::for_each(std::vector<int>{1, 2}, count, {.limit = limit, .executor = pool.executor()}),
+                    weft::rejected);
+  }
+  CHECK_THROWS_AS(weft::gather(pool.executor(), weft::cancel_token{}, [&] { return count(1); }), weft::rejected);
+  CHECK(calls.load() == 0);
+}
+
 TEST_CASE("parallel_map: a token cancelled before the call runs nothing and throws its cause" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};

@@ -24,6 +24,8 @@
 //    with errc::cancelled or errc::deadline_exceeded).
 //  - The calling thread does not sit idle: it runs calls itself while it
 //    waits, so a fan-out of small calls needs no wake-up round trip.
+//  - On an executor whose pool is shut down they throw weft::rejected and
+//    make no call, even one the calling thread would have made.
 //  - parallel_map and for_each keep at most `limit` calls in flight (by
 //    default one per worker of the executor, plus the caller if the
 //    workers leave it a hardware thread). They do not
@@ -154,6 +156,11 @@ template <class Body>
 void run_indexed(std::size_t count, const fan_options& options, const spawn_site& site, Body body) {
   if (count == 0) return;
   const pool_executor executor = options.executor ? *options.executor : default_executor();
+  // As go() would, even when every call is to run on this thread.
+  if (executor.context().is_shutdown()) {
+    throw rejected("weft::parallel_map/for_each: the executor's pool \"" + executor.context().name() +
+                   "\" is shut down");
+  }
   task_group group{executor, options.token};
   const std::size_t limit = options.limit != 0 ? options.limit : default_fan_limit(executor.context().size());
   const auto tasks = std::min(count, limit);
