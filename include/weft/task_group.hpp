@@ -590,8 +590,9 @@ class task_group {
   }
 
   core* core_;
-  // About 2.5 us of pause instructions on the 2-core x86-64 machine (5 us
-  // on a Xeon): a few cache-line transfers, well under a wake-up.
+  // About 2.5 us of pause instructions on the 2-core AMD machine (19 ns a
+  // pause; Intel cores since Skylake take several times as long): a few
+  // cache-line transfers, well under a wake-up.
   static constexpr int finish_polls = 128;
 
   std::atomic<bool> started_since_wait_{false};
