@@ -57,7 +57,9 @@
 // So a task costs about three atomic read-modify-writes, and a thousand tasks
 // cost a few posts. If the pool is full and no runner is out, go() waits for
 // room, whatever the pool's overflow policy: a group never leaves its tasks
-// without a runner. wait() on finished tasks is a load.
+// without a runner. wait() on finished tasks is a load; with nothing left to
+// run but tasks still running, it polls the count for about 2.5 us (128
+// pause instructions) before it sleeps.
 #pragma once
 
 #include <weft/cancel.hpp>
