@@ -315,7 +315,7 @@ class task_group {
     // on this thread (before it leaves the queue, see task_tracking.hpp).
     bool pop(detail::task& work, detail::running_scope& running) noexcept {
       if (unstarted.try_pop(work, [&](const detail::slot_cell& cell, std::uint64_t) noexcept {
-            running.start(detail::load_origin(cell));
+            running.start_from(cell);
           })) {
         return true;
       }

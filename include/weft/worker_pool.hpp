@@ -476,7 +476,7 @@ class worker_pool {
   // Returns when the task was queued (0: not timed).
   static std::int64_t begin_running(const slot_extras& cell, std::uint64_t position,
                                     detail::running_scope& running) noexcept {
-    running.start(detail::load_origin(cell.origin));
+    running.start_from(cell.origin);
     return queued_time(cell, position);
   }
 
@@ -744,13 +744,13 @@ class worker_pool {
       }
       self.claim_size = count == self.claim_size ? std::min(2 * count, max_claim) : 1;
       ring_.take_claimed(first, work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
-        if (self.registered) running.start(detail::load_origin(cell.origin));
+        if (self.registered) running.start_from(cell.origin);
         queued_ns = queued_time(cell, position);
       });
       for (std::size_t i = 1; i < count; ++i) {
         claimed_task& task = self.held[i - 1];
         ring_.take_claimed(first + i, task.work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
-          task.origin = detail::load_origin(cell.origin);
+          detail::copy_origin(cell.origin, task.origin);
           task.queued_ns = queued_time(cell, position);
         });
       }

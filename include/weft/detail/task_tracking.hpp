@@ -349,6 +349,28 @@ task_origin load_origin(const Cell& cell) noexcept {
   }
 }
 
+// The id in a cell; 0 for an untracked task, or with no registry.
+template <class Cell>
+std::uint64_t id_in(const Cell& cell) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) {
+    return cell.id.load(std::memory_order_acquire);
+  } else {
+    return 0;
+  }
+}
+
+// out = load_origin(cell), except that for an untracked task only the id
+// (0) is written: nothing reads the rest of an untracked record. A pool
+// worker copying a whole zeroed record per claimed task, as load_origin's
+// result, paid for it with tracking switched off: the compiler built the
+// record on the stack with 4- and 8-byte stores and read it back 16 bytes
+// at a time, which stalls store-to-load forwarding.
+template <class Cell>
+void copy_origin(const Cell& cell, task_origin& out) noexcept {
+  out.id = id_in(cell);
+  if (out.id != 0) out = load_origin(cell);
+}
+
 // Counts a tracked task that ends without running (dropped by
 // shutdown_now): it was spawned, so it must be finished.
 inline void finished_unrun(const task_origin& origin) noexcept {
@@ -399,6 +421,13 @@ class running_scope {
       frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
     });
     tasks->depth.store(depth + 1, std::memory_order_release);
+  }
+
+  // start(load_origin(cell)), building no record for an untracked task
+  // (see copy_origin).
+  template <class Cell>
+  void start_from(const Cell& cell) noexcept {
+    if (id_in(cell) != 0) start(load_origin(cell));
   }
 
   // Ends the task begun by start(), if any.
