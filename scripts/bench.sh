@@ -2,14 +2,17 @@
 # SPDX-License-Identifier: BSL-1.0
 #
 # Builds the `bench` preset (Release, g++), runs every benchmark executable
-# with 3 repetitions (aggregates only), keeps the raw JSON under build/bench/,
-# and prints one table of weft vs. its alternatives (scripts/bench_report.py,
-# also written to build/bench/report.md). See benchmarks/README.md.
+# with 3 repetitions (aggregates only; an executable built in variants runs
+# in alternating rounds with them, see below), keeps the raw JSON under
+# build/bench/, and prints one table of weft vs. its alternatives
+# (scripts/bench_report.py, also written to build/bench/report.md). See
+# benchmarks/README.md.
 #
 # Usage: scripts/bench.sh [Google Benchmark flags...]
 #   e.g. scripts/bench.sh --benchmark_filter=semaphore
 #        scripts/bench.sh --benchmark_repetitions=5 --benchmark_min_time=1
-#   WEFT_JOBS=N   build parallelism (default 2)
+#   WEFT_JOBS=N           build parallelism (default 2)
+#   WEFT_BENCH_ROUNDS=N   rounds for executables built in variants (default 3)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -33,14 +36,41 @@ rm -f "$out"/*.json "$out/report.md"
 
 echo "bench.sh: ${#benchmarks[@]} benchmark executables on $(nproc) cores ($(uname -n)), $(date -u '+%Y-%m-%d %H:%M UTC')"
 failed=()
+# One run of an executable: 3 repetitions, aggregates only, JSON to $2.
+run_benchmark() {
+  local exe=$1 json=$2
+  shift 2
+  "$exe" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+    --benchmark_out_format=json --benchmark_out="$json" "$@"
+}
+# `<exe>__<variant>` is <exe> built another way (registry_bench__no_registry:
+# with WEFT_NO_REGISTRY), and its rows are compared with <exe>'s. Run one
+# after the other, they would be minutes apart, and on a shared VM the
+# machine's speed drifts by more than some of those ratios (the registry's
+# 3% target): so the two run in alternating rounds, and the report takes
+# the median of each row's rounds.
+rounds=${WEFT_BENCH_ROUNDS:-3}
 for exe in "${benchmarks[@]}"; do
   name=$(basename "$exe")
-  echo
-  echo "=== $name ==="
-  if ! "$exe" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
-       --benchmark_out_format=json --benchmark_out="$out/$name.json" "$@"; then
-    failed+=("$name")
+  [[ $name == *__* ]] && continue
+  variants=()
+  for other in "${benchmarks[@]}"; do
+    [[ $(basename "$other") == "${name}__"* ]] && variants+=("$other")
+  done
+  if ((${#variants[@]} == 0)); then
+    echo
+    echo "=== $name ==="
+    run_benchmark "$exe" "$out/$name.json" "$@" || failed+=("$name")
+    continue
   fi
+  for ((round = 1; round <= rounds; ++round)); do
+    for each in "$exe" "${variants[@]}"; do
+      each_name=$(basename "$each")
+      echo
+      echo "=== $each_name (round $round of $rounds) ==="
+      run_benchmark "$each" "$out/${each_name}__round$round.json" "$@" || failed+=("$each_name")
+    done
+  done
 done
 
 echo

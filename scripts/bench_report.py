@@ -46,6 +46,10 @@ class Result:
     impl: str
     median: float | None = None  # items/s
     cv: float | None = None  # coefficient of variation, 0..1
+    # One median (and cv) per run of the benchmark: several when bench.sh ran
+    # it in rounds (see bench.sh).
+    round_medians: list[float] = field(default_factory=list)
+    round_cvs: list[float] = field(default_factory=list)
     per_iteration: bool = False  # no items_per_second: 1 / real_time instead
     error: str | None = None
     samples: list[float] = field(default_factory=list)
@@ -128,17 +132,28 @@ def load(directory: Path) -> tuple[list[Result], list[dict], list[str]]:
             if run_type == "aggregate":
                 aggregate = entry.get("aggregate_name")
                 if aggregate == "median":
-                    result.median, result.per_iteration = rate_of(entry)
+                    rate, result.per_iteration = rate_of(entry)
+                    if rate is not None:
+                        result.round_medians.append(rate)
                 elif aggregate == "cv":
                     ips = entry.get("items_per_second")
                     if isinstance(ips, (int, float)) and math.isfinite(ips):
-                        result.cv = float(ips)
+                        result.round_cvs.append(float(ips))
             else:
                 rate, per_iteration = rate_of(entry)
                 if rate is not None:
                     result.samples.append(rate)
                     result.per_iteration = per_iteration
     for result in results.values():
+        if len(result.round_medians) == 1:
+            result.median = result.round_medians[0]
+            result.cv = result.round_cvs[0] if result.round_cvs else None
+        elif result.round_medians:
+            # Rounds: the median of their medians, and how far the rounds
+            # themselves spread (drift over the run), not the repetitions.
+            result.median = statistics.median(result.round_medians)
+            mean = statistics.fmean(result.round_medians)
+            result.cv = statistics.stdev(result.round_medians) / mean if mean else None
         if result.median is None and result.samples:
             result.median = statistics.median(result.samples)
             if result.cv is None and len(result.samples) > 1:
@@ -222,6 +237,9 @@ def header(contexts: list[dict]) -> list[str]:
         " higher is better",
         "- weft / alternative: ratio of the medians in the same run (> 1: weft is faster)",
     ]
+    if any("__round" in x.get("_file", "") for x in contexts):
+        lines.append("- suites run in rounds (an executable and its `__variant` builds, alternating):"
+                     " the median of the rounds' medians (±: their coefficient of variation)")
     return lines
 
 

@@ -744,8 +744,7 @@ class worker_pool {
       }
       self.claim_size = count == self.claim_size ? std::min(2 * count, max_claim) : 1;
       ring_.take_claimed(first, work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
-        if (self.registered) running.start_from(cell.origin);
-        queued_ns = queued_time(cell, position);
+        queued_ns = self.registered ? begin_running(cell, position, running) : queued_time(cell, position);
       });
       for (std::size_t i = 1; i < count; ++i) {
         claimed_task& task = self.held[i - 1];
