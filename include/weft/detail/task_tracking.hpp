@@ -42,7 +42,7 @@
 // the id beside the task, the rest compared with what the slot held and
 // stored only where it differs (see origin_cell); at start, the loads of
 // the cell, a second clock read and a frame push on the thread's own cache
-// lines. Together 12-13 ns of CPU time per pool task, about 6 of them the
+// lines. Together 12-15 ns of CPU time per pool task, about 6 of them the
 // worker's (registry_pool_one_cpu in benchmarks/registry_bench.cpp, on a
 // 2.1 GHz KVM guest). When switched off at run time: one relaxed load per
 // spawn, and an id of 0 stored beside the task. With WEFT_NO_REGISTRY
