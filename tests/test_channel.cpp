@@ -324,6 +324,32 @@ TEST_CASE("channel: many producers and consumers, buffered and rendezvous: every
   }
 }
 
+// size() reads two counters, the receivers' and the senders', at two
+// moments; with both moving in between, their difference overshot the
+// capacity (a pool's stats().peak_queued reported 5 in a queue of 4).
+TEST_CASE("channel: size() never exceeds the capacity while senders and receivers race") {
+  constexpr std::size_t capacity = 2;
+  constexpr int pairs = 2;
+  const int per_sender = weft_test::under_sanitizer ? 20000 : 200000;
+  weft::channel<int> ch{capacity};
+  std::atomic<int> senders_left{pairs};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < pairs; ++p) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < per_sender;) i += ch.try_send(i) ? 1 : 0;
+      senders_left.fetch_sub(1);
+    });
+    threads.emplace_back([&] {
+      while (senders_left.load() != 0 || ch.size() != 0) (void)ch.try_recv();
+    });
+  }
+  std::size_t largest = 0;
+  while (senders_left.load() != 0) largest = std::max({largest, ch.size(), ch.stats().size});
+  for (auto& thread : threads) thread.join();
+  CHECK(largest <= capacity);
+  CHECK(ch.stats().sent == ch.stats().received);
+}
+
 TEST_CASE("channel: a task blocked on a channel shows in the registry as channel \"name\" send / recv") {
   weft::worker_pool pool{{.workers = 2}};
   weft::channel<int> full{1, "results"};

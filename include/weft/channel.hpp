@@ -346,7 +346,7 @@ class basic_channel {
     } else {
       s.received = ring_.popped();
       s.sent = ring_.pushed();
-      s.size = static_cast<std::size_t>(s.sent - std::min(s.sent, s.received));
+      s.size = ring_.size();  // of one moment, unlike sent - received (see bounded_ring::size)
       s.waiting_receivers = receivers_.size();
       s.waiting_senders = senders_.size();
     }

@@ -52,6 +52,7 @@
 // keep 64.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -218,10 +219,25 @@ class bounded_ring {
   std::uint64_t pushed() const noexcept { return tail_.load(std::memory_order_relaxed) & ~closed_bit; }
   std::uint64_t popped() const noexcept { return head_.load(std::memory_order_relaxed); }
 
+  // Values pushed and not yet popped, from the two counts read as of one
+  // moment: the pushed count is read again after the popped one, and the
+  // pair is kept when it had not moved. Read once each, a reader delayed
+  // between the two reads (preempted, say) subtracted counts thousands of
+  // operations apart: a channel of capacity 2 reported a size of 30,000.
+  // Against a steady stream of pushes, after a few tries, the difference is
+  // clamped to the capacity instead.
   std::size_t size() const noexcept {
-    const auto popped_count = popped();
-    const auto pushed_count = pushed();
-    return pushed_count > popped_count ? static_cast<std::size_t>(pushed_count - popped_count) : 0;
+    auto pushed_count = tail_.load(std::memory_order_acquire) & ~closed_bit;
+    for (int tries = 1;; ++tries) {
+      const auto popped_count = head_.load(std::memory_order_acquire);
+      const auto pushed_again = tail_.load(std::memory_order_acquire) & ~closed_bit;
+      if (pushed_again == pushed_count || tries == 4) {
+        if (pushed_again <= popped_count) return 0;
+        return static_cast<std::size_t>(
+            std::min<std::uint64_t>(pushed_again - popped_count, capacity_));
+      }
+      pushed_count = pushed_again;
+    }
   }
 
   // Seq_cst reads of the claim counters, for wake-up protocols without a
@@ -235,7 +251,10 @@ class bounded_ring {
     return (tail_.load(std::memory_order_seq_cst) & ~closed_bit) != head_.load(std::memory_order_relaxed);
   }
   bool full() const noexcept {
-    return (tail_.load(std::memory_order_relaxed) & ~closed_bit) - head_.load(std::memory_order_seq_cst) >= capacity_;
+    const auto pushed_count = tail_.load(std::memory_order_relaxed) & ~closed_bit;
+    // Popped past what this thread saw pushed: room was made meanwhile.
+    const auto popped_count = head_.load(std::memory_order_seq_cst);
+    return pushed_count >= popped_count && pushed_count - popped_count >= capacity_;
   }
 
   // True when a value is published at the head; a value being pushed right
