@@ -430,3 +430,36 @@ TEST_CASE("object_pool: under concurrent use no object is handed to two users, a
   CHECK(double_use == 0);
   CHECK(live == 0);
 }
+
+// stats() reads each count at its own moment: a get that missed between the
+// reads of `gets` and `misses` made misses exceed gets, and hits (their
+// difference) wrap around.
+TEST_CASE("object_pool: stats read while other threads miss never count more misses than gets") {
+  constexpr int threads = 2;
+  const int gets_per_thread = weft_test::under_sanitizer ? 20'000 : 200'000;
+  weft::object_pool<int> pool{[] { return 0; }};
+  std::atomic<int> getting{threads};
+  std::latch counted{threads + 1};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&] {
+      // Nothing goes back until every get is counted, so every get misses.
+      std::vector<weft::object_pool<int>::handle> held;
+      held.reserve(static_cast<std::size_t>(gets_per_thread));
+      for (int i = 0; i < gets_per_thread; ++i) held.push_back(pool.get());
+      getting.fetch_sub(1);
+      counted.arrive_and_wait();
+    });
+  }
+  std::uint64_t inconsistent = 0;
+  while (getting.load() != 0) {
+    const auto s = pool.stats();
+    inconsistent += s.misses > s.gets || s.hits > s.gets ? 1 : 0;
+  }
+  const auto s = pool.stats();
+  counted.arrive_and_wait();
+  for (auto& worker : workers) worker.join();
+  CHECK(inconsistent == 0);
+  CHECK(s.gets == static_cast<std::uint64_t>(threads * gets_per_thread));
+  CHECK(s.hits == 0);
+}

@@ -265,6 +265,10 @@ class object_pool_core {
       }
     }
     s.retained += stash_size_.load(std::memory_order_relaxed);
+    // Each count is read at its own moment, and a get that missed between
+    // the reads of `gets` and `misses` is in the second only: leave it out,
+    // as of a moment before it, so that hits + misses == gets.
+    s.misses = std::min(s.misses, s.gets);
     s.hits = s.gets - s.misses;
     return s;
   }
