@@ -190,7 +190,8 @@ class basic_channel {
   std::size_t capacity() const noexcept { return capacity_; }
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
   bool closed() const noexcept { return ring_.closed(); }
-  // Values buffered now (0 for a rendezvous channel); may be stale at once.
+  // Values buffered now, at most capacity() (0 for a rendezvous channel);
+  // may be stale at once.
   std::size_t size() const noexcept { return rendezvous() ? 0 : ring_.size(); }
 
   // ---- send ----
