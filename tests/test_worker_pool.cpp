@@ -1303,6 +1303,48 @@ TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued
   CHECK(s.total_queue_wait >= 0ns);
 }
 
+// stats() reads each count at its own moment: a task that completed
+// between the reads of `submitted` and `completed` made completed exceed
+// submitted, and one that failed between the reads of `completed` and
+// `failed` made failed exceed completed; a monitor computing
+// submitted - completed saw it wrap around.
+TEST_CASE("worker_pool: stats read while tasks run and fail keep failed <= completed <= submitted" *
+          doctest::timeout(120)) {
+  constexpr int producers = 2;
+  const int tasks_per_producer = weft_test::under_sanitizer ? 10'000 : 50'000;
+  weft::worker_pool pool{{.workers = 2, .queue_capacity = 64}};
+  pool.set_error_handler([](std::exception_ptr) {});
+  std::atomic<int> posting{producers};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < tasks_per_producer; ++i) {
+        if (i % 2 == 0) {
+          pool.post([] {});
+        } else if (i % 4 == 1) {
+          pool.post([] { throw std::runtime_error("posted"); });
+        } else {
+          (void)pool.submit([] { throw std::runtime_error("submitted"); });
+        }
+      }
+      posting.fetch_sub(1);
+    });
+  }
+  const auto total = static_cast<std::uint64_t>(producers * tasks_per_producer);
+  std::uint64_t inconsistent = 0;
+  for (;;) {
+    const auto s = pool.stats();
+    inconsistent += s.failed > s.completed || s.completed + s.dropped > s.submitted ? 1 : 0;
+    if (posting.load() == 0 && s.completed == total) break;
+  }
+  for (auto& thread : threads) thread.join();
+  const auto s = pool.stats();
+  CHECK(inconsistent == 0);
+  CHECK(s.submitted == total);
+  CHECK(s.completed == total);
+  CHECK(s.failed == total / 2);
+}
+
 TEST_CASE("default_executor runs tasks on the process-wide pool, which has one worker per hardware thread" *
           doctest::timeout(60)) {
   weft::worker_pool& pool = weft::default_pool();

@@ -331,23 +331,34 @@ class worker_pool {
       s.queued += workers_[i].held_count.load(std::memory_order_relaxed);
     }
     s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
-    s.submitted = ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed);
     s.rejected = counters_.rejected.load(std::memory_order_relaxed);
-    s.dropped = counters_.dropped.load(std::memory_order_relaxed);
+    // The counts are read one after another while tasks run, each at its
+    // own moment. They are read in the reverse of the order in which a task
+    // moves them (failed, completed and dropped, then submitted), and a
+    // count that still ran ahead of one read after it is cut to it, as of a
+    // moment before those tasks ended (the longest sampled wait likewise to
+    // the total). A monitor computing submitted - completed or
+    // completed - failed never sees it wrap around.
     s.failed = counters_.failed.load(std::memory_order_relaxed);
     std::int64_t total_wait = 0;
     std::int64_t max_wait = 0;
     auto add = [&](const task_counters& c) {
-      s.completed += c.completed.load(std::memory_order_relaxed);
       s.failed += c.failed.load(std::memory_order_relaxed);
-      total_wait += c.total_wait_ns.load(std::memory_order_relaxed);
+      s.completed += c.completed.load(std::memory_order_relaxed);
       max_wait = std::max(max_wait, c.max_wait_ns.load(std::memory_order_relaxed));
+      total_wait += c.total_wait_ns.load(std::memory_order_relaxed);
     };
     for (std::size_t i = 0; i < options_.workers; ++i) {
       add(workers_[i].counters);
       if (workers_[i].busy.load(std::memory_order_relaxed)) ++s.busy;
     }
     add(caller_counters_);
+    s.dropped = counters_.dropped.load(std::memory_order_relaxed);
+    s.submitted = ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed);
+    s.completed = std::min(s.completed, s.submitted);
+    s.dropped = std::min(s.dropped, s.submitted - s.completed);
+    s.failed = std::min(s.failed, s.completed);
+    max_wait = std::min(max_wait, total_wait * static_cast<std::int64_t>(queue_wait_sampling));
     s.total_queue_wait = std::chrono::nanoseconds{total_wait * static_cast<std::int64_t>(queue_wait_sampling)};
     s.max_queue_wait = std::chrono::nanoseconds{max_wait};
     return s;
