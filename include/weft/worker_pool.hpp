@@ -122,6 +122,8 @@ struct worker_pool_options {
   std::string name = "worker_pool";
 };
 
+// Counts read while tasks run are each of their own moment, but
+// failed <= completed and completed + dropped <= submitted always hold.
 struct worker_pool_stats {
   std::size_t workers = 0;
   std::size_t busy = 0;            // workers running a task now
