@@ -368,6 +368,46 @@ TEST_CASE("resource_pool: max_open can be raised and lowered while leases are ou
   CHECK_FALSE(pool.try_acquire());
 }
 
+// A returned slot is decided under the pool's lock and released after it,
+// once the resource is closed; set_max_open used to take the free slots in
+// between, miss these two, and owe them as well: with every lease back, a
+// max_open of 1 then granted 2 leases.
+TEST_CASE(
+    "resource_pool: leases coming back while max_open is lowered leave exactly the new limit "
+    "free") {
+  std::latch in_close{2};
+  std::latch let_close{1};
+  std::atomic<bool> hold_closes{false};
+  weft::resource_pool<int> pool{{.max_open = 2, .max_idle = 2},
+                                [] { return 0; },
+                                [&](int&) {
+                                  if (hold_closes.load()) {
+                                    in_close.count_down();
+                                    let_close.wait();
+                                  }
+                                }};
+  auto first = pool.acquire();
+  auto second = pool.acquire();
+  hold_closes = true;
+  std::thread returning_first{[&] { first.discard(); }};
+  std::thread returning_second{[&] { second.discard(); }};
+  in_close.wait();  // both are past the lock, their slots not yet released
+  pool.set_max_open(1);
+  let_close.count_down();
+  returning_first.join();
+  returning_second.join();
+  hold_closes = false;
+
+  std::vector<weft::resource_pool<int>::lease> granted;
+  while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
+  CHECK(granted.size() == 1);
+  CHECK(pool.stats().in_use == 1);
+  granted.clear();
+  pool.set_max_open(3);
+  while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
+  CHECK(granted.size() == 3);
+}
+
 TEST_CASE("resource_pool: a task waiting for a slot shows in the registry as resource_pool \"name\"") {
   fake_server server;
   auto pool = make_pool(server, {.max_open = 1, .name = "orders-db"});

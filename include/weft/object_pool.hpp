@@ -450,18 +450,26 @@ class object_pool_core {
   }
 
   WEFT_NOINLINE void put_slow(T* object, bool from_handle) noexcept {
+    cache* mine = nullptr;
+    if (!dead()) {
+      try {
+        mine = find_or_attach_cache();
+      } catch (...) {  // no memory for a cache: use the stash
+      }
+      if (mine != nullptr) mine->catch_up();
+    }
+    // Asked again once the cache has caught up: a pool destroyed while this
+    // thread found or attached its cache left that cache holding the dead
+    // epoch as current, and the fast path would then keep every handle of
+    // the dead pool returned on this thread.
     if (dead()) {  // a handle came back after the pool was destroyed
       delete object;
       // This thread's cache of the dead pool goes too. The handle is still
       // counted, so the pool's shared part outlives the retirement.
-      if (auto* mine = object_caches_gone ? nullptr : find_cache()) this_thread_object_caches()->retire(*mine);
+      if (auto* cache = object_caches_gone ? nullptr : find_cache())
+        this_thread_object_caches()->retire(*cache);
       forget_after_caches_if(from_handle);
       return;
-    }
-    cache* mine = nullptr;
-    try {
-      mine = find_or_attach_cache();
-    } catch (...) {  // no memory for a cache: use the stash
     }
     if (mine == nullptr) {
       put_into_stash(object);
@@ -469,7 +477,6 @@ class object_pool_core {
       forget_after_caches_if(from_handle);
       return;
     }
-    mine->catch_up();
     if (mine->count_now() == max_cached_) spill(*mine);
     mine->give(object, from_handle);
     mine->flush_handles_if_large();

@@ -273,30 +273,31 @@ class basic_resource_pool {
     checked_max_open(max_open);
     entry_list closing;
     std::size_t freed = 0;
-    std::size_t to_take = 0;
+    bool lowered = false;
     {
       std::lock_guard lock(mutex_);
+      const auto debt = debt_.load(std::memory_order_relaxed);
       if (max_open >= max_open_) {
         auto grow = max_open - max_open_;
-        const auto forgiven = std::min(debt_, grow);
-        debt_ -= forgiven;
+        const auto forgiven = std::min(debt, grow);
+        debt_.store(debt - forgiven, std::memory_order_relaxed);
         grow -= forgiven;
         withheld_ -= grow;
         freed = grow;
       } else {
-        to_take = max_open_ - max_open;
+        // Owed in full first, so that every slot coming back from now on
+        // pays it; collect_debt then takes the free ones.
+        debt_.store(debt + (max_open_ - max_open), std::memory_order_relaxed);
+        lowered = true;
         max_idle_ = std::min(max_idle_, max_open);
         trim_idle_locked(closing);
       }
       max_open_ = max_open;
     }
     if (freed != 0) slots_.release(static_cast<std::ptrdiff_t>(freed));
-    if (to_take != 0) {
-      std::size_t taken = 0;
-      while (taken < to_take && slots_.try_acquire(1)) ++taken;
-      std::lock_guard lock(mutex_);
-      withheld_ += taken;
-      debt_ += to_take - taken;
+    if (lowered) {
+      std::atomic_thread_fence(std::memory_order_seq_cst);  // see collect_debt
+      collect_debt();
     }
     close_all(closing);
   }
@@ -516,10 +517,40 @@ class basic_resource_pool {
   // With the mutex held, for a slot that is no longer used: true if it goes
   // back to the semaphore, false if a lowered max_open keeps it.
   bool slot_returns_locked() noexcept {
-    if (debt_ == 0) return true;
-    --debt_;
+    const auto debt = debt_.load(std::memory_order_relaxed);
+    if (debt == 0) return true;
+    debt_.store(debt - 1, std::memory_order_relaxed);
     ++withheld_;
     return false;
+  }
+
+  // Pays the debt of a lowered max_open with slots free in the semaphore.
+  //
+  // A slot comes back in two steps: whether it returns is decided under
+  // mutex_ (slot_returns_locked), and it is released after. A lowering
+  // between the two would miss that slot, which then lands in the semaphore
+  // with the debt unpaid: one lease more than max_open could be granted,
+  // for as long as nothing else came back (the stress suite saw 2 free slots
+  // under a max_open of 1 once every lease was back). So both sides look at
+  // the other after a seq_cst fence: set_max_open records the debt, fences,
+  // and takes free slots here; a returned slot is released, fenced, and the
+  // debt read, and taken here if any is owed. Of the two fences, the second
+  // sees what came before the first.
+  void collect_debt() noexcept {
+    std::lock_guard lock(mutex_);
+    auto debt = debt_.load(std::memory_order_relaxed);
+    while (debt != 0 && slots_.try_acquire(1)) {
+      --debt;
+      ++withheld_;
+    }
+    debt_.store(debt, std::memory_order_relaxed);
+  }
+
+  // Gives a slot back to the semaphore (see collect_debt).
+  void return_slot() noexcept {
+    slots_.release(1);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (debt_.load(std::memory_order_relaxed) != 0) collect_debt();
   }
 
   // The caller holds a slot: hand it an idle resource or a new one.
@@ -576,7 +607,7 @@ class basic_resource_pool {
         --open_;
         slot_returns = slot_returns_locked();
       }
-      if (slot_returns) slots_.release(1);
+      if (slot_returns) return_slot();
       throw;
     }
   }
@@ -613,7 +644,7 @@ class basic_resource_pool {
       }
     }
     if (!keep) close_function_(resource->resource);
-    if (slot_returns) slots_.release(1);
+    if (slot_returns) return_slot();
   }
 
   const char* name_;
@@ -634,7 +665,9 @@ class basic_resource_pool {
   std::chrono::nanoseconds max_lifetime_;
   std::chrono::nanoseconds max_idle_time_;
   std::size_t withheld_;  // slots the pool holds back from the semaphore
-  std::size_t debt_ = 0;  // slots to hold back as they come free (max_open was lowered)
+  // Slots to hold back as they come free (max_open was lowered); written
+  // under mutex_, read without it by return_slot.
+  std::atomic<std::size_t> debt_{0};
   std::uint64_t max_idle_closed_ = 0;
   std::uint64_t max_idle_time_closed_ = 0;
   std::uint64_t max_lifetime_closed_ = 0;
