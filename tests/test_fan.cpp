@@ -465,7 +465,53 @@ TEST_CASE("parallel_map, for_each and gather on a shut-down pool throw weft::rej
                     weft::rejected);
   }
   CHECK_THROWS_AS(weft::gather(pool.executor(), weft::cancel_token{}, [&] { return count(1); }), weft::rejected);
+  CHECK_THROWS_AS(weft::for_each(std::vector<int>{}, count, {.executor = pool.executor()}),
+                  weft::rejected);
   CHECK(calls.load() == 0);
+}
+
+// The pool refuses the caller's go() once it is shut down. The refusal used
+// to leave run_indexed by unwinding, which destroyed the state of the calls
+// still running before the group joined them, and dropped the exception of
+// a call that had failed before (printed as lost).
+TEST_CASE(
+    "parallel_map: a pool shut down while the call starts its tasks joins the started calls, and "
+    "an earlier exception of theirs wins" *
+    doctest::timeout(60)) {
+  for (int round = 0; round < 20; ++round) {
+    CAPTURE(round);
+    weft::worker_pool pool{{.workers = 2, .queue_capacity = 64}};
+    std::vector<int> input(10'000);
+    std::iota(input.begin(), input.end(), 0);
+    std::atomic<int> running{0};
+    std::atomic<bool> second_started{false};
+    // Element 0 fails once element 1 has started (a task skips the elements
+    // it claims after the failure); element 1, once its token says so, shuts
+    // the pool down while the caller is still starting tasks. Each claim
+    // takes one element, so no claim holds both.
+    const auto call = [&](int i, const weft::cancel_token& token) {
+      running.fetch_add(1);
+      if (i == 0) {
+        while (!second_started.load()) std::this_thread::yield();
+        running.fetch_sub(1);
+        throw std::runtime_error("element 0");
+      }
+      if (i == 1) {
+        second_started.store(true);
+        while (!token.cancelled()) std::this_thread::yield();
+        pool.shutdown();
+      }
+      running.fetch_sub(1);
+      return i;
+    };
+    try {
+      (void)weft::parallel_map(input, call, {.limit = input.size(), .executor = pool.executor()});
+      FAIL("element 0 threw, so parallel_map must throw");
+    } catch (const std::runtime_error& e) {
+      CHECK(std::string{e.what()} == "element 0");
+    }
+    CHECK(running.load() == 0);
+  }
 }
 
 TEST_CASE("parallel_map: a token cancelled before the call runs nothing and throws its cause" *

@@ -25,7 +25,11 @@
 //  - The calling thread does not sit idle: it runs calls itself while it
 //    waits, so a fan-out of small calls needs no wake-up round trip.
 //  - On an executor whose pool is shut down they throw weft::rejected and
-//    make no call, even one the calling thread would have made.
+//    make no call, even one the calling thread would have made (over an
+//    empty range too). When the pool shuts down while they start their
+//    tasks, the refusal fails the call as a call's exception would: the
+//    calls already started see their token cancelled and are joined, and
+//    weft::rejected is thrown, or the exception of a call that failed first.
 //  - parallel_map and for_each keep at most `limit` calls in flight (by
 //    default one per worker of the executor, plus the caller if the
 //    workers leave it a hardware thread). They do not
@@ -154,14 +158,13 @@ inline std::size_t default_fan_limit(std::size_t workers) noexcept {
 
 template <class Body>
 void run_indexed(std::size_t count, const fan_options& options, const spawn_site& site, Body body) {
-  if (count == 0) return;
   const pool_executor executor = options.executor ? *options.executor : default_executor();
   // As go() would, even when every call is to run on this thread.
   if (executor.context().is_shutdown()) {
     throw rejected("weft::parallel_map/for_each: the executor's pool \"" + executor.context().name() +
                    "\" is shut down");
   }
-  task_group group{executor, options.token};
+  if (count == 0) return;
   const std::size_t limit = options.limit != 0 ? options.limit : default_fan_limit(executor.context().size());
   const auto tasks = std::min(count, limit);
   std::atomic<std::size_t> next{0};
@@ -186,7 +189,20 @@ void run_indexed(std::size_t count, const fan_options& options, const spawn_site
     }
     done.fetch_add(mine, std::memory_order_relaxed);
   };
-  for (std::size_t t = 1; t < tasks; ++t) group.go(work, site);
+  // Declared after everything its tasks use, so that an exception leaving
+  // this function joins them (the group's destructor) before that is gone.
+  task_group group{executor, options.token};
+  try {
+    for (std::size_t t = 1; t < tasks; ++t) group.go(work, site);
+  } catch (const rejected&) {
+    // The pool was shut down while the tasks were being started. The
+    // refusal fails the group as a call's exception would: the started
+    // tasks see their token cancelled and are joined, and wait() throws
+    // the first failure, theirs if one came before.
+    task_group_access::fail(group, std::current_exception());
+    group.wait();
+    throw;
+  }
   // The calling thread's share runs here, counted in the group as a
   // coroutine's work is, rather than as a task that would go through the
   // group's queue only to come back. The registry lists it as the group's
@@ -307,7 +323,15 @@ auto gather(pool_executor executor, detail::at_call_site<const cancel_token> tok
       slots;
   {
     task_group group{executor, token.object};
-    detail::gather_into(group, slots, token.site, std::index_sequence_for<F...>{}, calls...);
+    try {
+      detail::gather_into(group, slots, token.site, std::index_sequence_for<F...>{}, calls...);
+    } catch (const rejected&) {
+      // The pool was shut down while the calls were being started: as in
+      // run_indexed, the refusal fails the group.
+      detail::task_group_access::fail(group, std::current_exception());
+      group.wait();
+      throw;
+    }
     group.wait();
   }
   return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);

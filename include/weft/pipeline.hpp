@@ -172,8 +172,14 @@ class stage_base {
   template <class In, class Out>
   stage_stats between_stats(const basic_channel<In>& input, const basic_channel<Out>& output) const {
     auto s = base_stats();
-    const auto in = input.stats();
+    // The output first: what a stage has sent, it received before, so the
+    // input read after it has counted those items too (the fence orders the
+    // reads), and a stage that sends at most one item per item never shows
+    // more out than in. Read the other way round, items that passed through
+    // between the two reads were counted out and not in.
     const auto out = output.stats();
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const auto in = input.stats();
     s.items_in = in.received;
     s.items_out = out.sent;
     s.waiting_for_input = in.recv_blocked;
@@ -462,7 +468,7 @@ class sink_stage final : public stage_base {
               f_(std::move(*item));
             }
           });
-          consumed_.fetch_add(1, std::memory_order_relaxed);
+          consumed_.fetch_add(1, std::memory_order_release);  // see between_stats
         }
       });
     }
@@ -470,9 +476,10 @@ class sink_stage final : public stage_base {
 
   stage_stats stats() const override {
     auto s = base_stats();
+    s.items_out = consumed_.load(std::memory_order_relaxed);  // first, as in between_stats
+    std::atomic_thread_fence(std::memory_order_acquire);
     const auto in = input_->stats();
     s.items_in = in.received;
-    s.items_out = consumed_.load(std::memory_order_relaxed);
     s.waiting_for_input = in.recv_blocked;
     return s;
   }

@@ -103,6 +103,9 @@ struct task_group_access {
   // False (and the task counts as skipped) when the group is cancelled.
   static bool begin(task_group& group);
   static void end(task_group& group, std::exception_ptr error) noexcept;
+  // Fails the group as a task that threw `error` would: the first failure
+  // is kept, and the token is cancelled.
+  static void fail(task_group& group, std::exception_ptr error) noexcept;
 };
 
 // f() or f(token), whichever f accepts.
@@ -614,8 +617,11 @@ inline bool task_group_access::begin(task_group& group) {
   return true;
 }
 inline void task_group_access::end(task_group& group, std::exception_ptr error) noexcept {
-  if (error) group.core_->record_failure(std::move(error));
+  if (error) fail(group, std::move(error));
   group.core_->pending.done();
+}
+inline void task_group_access::fail(task_group& group, std::exception_ptr error) noexcept {
+  group.core_->record_failure(std::move(error));
 }
 }  // namespace detail
 
