@@ -25,45 +25,17 @@
 
 #include <doctest/doctest.h>
 
+#include "budget.hpp"
 #include "seed.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool under_tsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool under_tsan = true;
-#else
-constexpr bool under_tsan = false;
-#endif
-#else
-constexpr bool under_tsan = false;
-#endif
-
-// How long one run (one thread count) of a scenario lasts: about 0.6 s, so a
-// case over four thread counts takes 2-3 s; a third of that under TSan, which
-// runs everything 5-15x slower anyway.
-std::chrono::steady_clock::duration run_budget() {
-  const auto base = under_tsan ? 200ms : 600ms;
-  return base * static_cast<int>(std::min<std::uint64_t>(weft_test::scale(), 1000));
-}
-
-// An upper bound on each thread's iterations, so every loop is bounded even
-// if the clock misbehaves.
-std::uint64_t iteration_cap() {
-  return 200'000 * std::min<std::uint64_t>(weft_test::scale(), 1000);
-}
-
-// More threads than cores, always.
-std::vector<int> thread_counts() {
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<int> counts{3, 8, 16, 32};
-  if (4 * cores > 32) counts.push_back(4 * cores);
-  return counts;
-}
+using weft_test::iteration_cap;
+using weft_test::run_budget;
+using weft_test::thread_counts;
+using weft_test::under_tsan;
 
 // Cancel sources that a chaos thread cancels and replaces at random; workers
 // wait on tokens taken from them.
@@ -134,7 +106,7 @@ TEST_CASE("semaphore conserves permits under random weights, cancellations and d
       const auto delay = [&] {
         return std::chrono::microseconds{std::uniform_int_distribution<int>{50, 2000}(rng)};
       };
-      for (std::uint64_t iteration = 0; iteration < iteration_cap(); ++iteration) {
+      for (std::uint64_t iteration = 0; iteration < iteration_cap(200'000); ++iteration) {
         if ((iteration & 15) == 0 &&
             (stop.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() >= until)) {
           break;
@@ -306,7 +278,7 @@ TEST_CASE(
       small.emplace_back([&, t] {
         std::mt19937_64 rng{seed + static_cast<std::uint64_t>(t)};
         for (std::uint64_t i = 0;
-             i < iteration_cap() * 100 && !big_done.load(std::memory_order_relaxed); ++i) {
+             i < iteration_cap(200'000) * 100 && !big_done.load(std::memory_order_relaxed); ++i) {
           if ((i & 255) == 0 && std::chrono::steady_clock::now() > give_up) {
             gave_up.store(true);
             break;
