@@ -31,12 +31,15 @@
 
 #include <doctest/doctest.h>
 
+#include "scenario.hpp"
 #include "seed.hpp"
 
 using namespace std::chrono_literals;
 using weft::wait_status;
 
 namespace {
+
+using weft_test::chaos_sources;
 
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
 constexpr bool under_sanitizer = true;
@@ -49,27 +52,6 @@ constexpr bool under_sanitizer = false;
 #else
 constexpr bool under_sanitizer = false;
 #endif
-
-// Cancel sources that the chaos thread cancels and replaces.
-class chaos_sources {
- public:
-  weft::cancel_token token(std::size_t index) {
-    std::lock_guard lock(mutex_);
-    return sources_[index % sources_.size()].token();
-  }
-  void cancel_one(std::size_t index) {
-    weft::cancel_source cancelled;
-    {
-      std::lock_guard lock(mutex_);
-      cancelled = std::exchange(sources_[index % sources_.size()], weft::cancel_source{});
-    }
-    cancelled.cancel();
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<weft::cancel_source> sources_{4};
-};
 
 struct run_counts {
   std::atomic<std::uint64_t> sent{0};
@@ -93,14 +75,14 @@ TEST_CASE("channel and select: every value sent is received exactly once, under 
     const auto total = static_cast<std::size_t>(producers * per_producer);
     std::vector<std::atomic<int>> sent(total);
     std::vector<std::atomic<int>> received(total);
-    chaos_sources chaos;
+    chaos_sources chaos{4};
     run_counts counts;
     std::atomic<bool> stop_chaos{false};
 
     std::thread chaos_thread([&] {
       std::mt19937_64 random{weft_test::seed() + static_cast<std::uint64_t>(round) * 7919};
       while (!stop_chaos.load()) {
-        chaos.cancel_one(random());
+        chaos.cancel_and_replace(random());
         std::this_thread::yield();
       }
     });

@@ -60,7 +60,7 @@
 
 #include <doctest/doctest.h>
 
-#include "budget.hpp"
+#include "scenario.hpp"
 #include "seed.hpp"
 
 using namespace std::chrono_literals;

@@ -25,51 +25,19 @@
 
 #include <doctest/doctest.h>
 
-#include "budget.hpp"
+#include "scenario.hpp"
 #include "seed.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
+using weft_test::chaos_sources;
+
 using weft_test::iteration_cap;
 using weft_test::run_budget;
 using weft_test::thread_counts;
 using weft_test::under_tsan;
-
-// Cancel sources that a chaos thread cancels and replaces at random; workers
-// wait on tokens taken from them.
-class chaos_sources {
- public:
-  explicit chaos_sources(std::size_t count) : sources_(count) {}
-
-  weft::cancel_token token(std::size_t index) {
-    std::lock_guard lock(mutex_);
-    return sources_[index % sources_.size()].token();
-  }
-
-  void cancel_and_replace(std::size_t index, bool with_cause) {
-    weft::cancel_source cancelled;
-    {
-      std::lock_guard lock(mutex_);
-      auto& slot = sources_[index % sources_.size()];
-      cancelled = slot;
-      slot = weft::cancel_source{};
-    }
-    // Outside the lock: the callbacks take the semaphore's queue lock.
-    if (with_cause) {
-      cancelled.cancel(std::make_error_code(std::errc::operation_canceled));
-    } else {
-      cancelled.cancel();
-    }
-  }
-
-  std::size_t size() const { return sources_.size(); }
-
- private:
-  std::mutex mutex_;
-  std::vector<weft::cancel_source> sources_;
-};
 
 struct tally {
   std::atomic<std::uint64_t> ok{0};

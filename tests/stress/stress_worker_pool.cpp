@@ -36,11 +36,14 @@
 #include <doctest/doctest.h>
 
 #include "../support.hpp"
+#include "scenario.hpp"
 #include "seed.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
+
+using weft_test::chaos_sources;
 
 using weft_test::under_sanitizer;
 
@@ -95,33 +98,6 @@ std::uint64_t random_gap(std::mt19937_64& rng) {
       return rng() % 2'000;
   }
 }
-
-// Cancel sources that a chaos thread cancels and replaces at random;
-// producers pass tokens taken from them to post(f, token).
-class chaos_sources {
- public:
-  explicit chaos_sources(std::size_t count) : sources_(count) {}
-
-  weft::cancel_token token(std::uint64_t index) {
-    std::lock_guard lock(mutex_);
-    return sources_[index % sources_.size()].token();
-  }
-
-  void cancel_and_replace(std::uint64_t index) {
-    weft::cancel_source cancelled;
-    {
-      std::lock_guard lock(mutex_);
-      auto& slot = sources_[index % sources_.size()];
-      cancelled = slot;
-      slot = weft::cancel_source{};
-    }
-    cancelled.cancel();  // outside the lock: the callbacks take the pool's queue lock
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<weft::cancel_source> sources_;
-};
 
 // Runs the chaos thread until stop() (or a generous iteration cap).
 class chaos_thread {
