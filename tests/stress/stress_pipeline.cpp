@@ -1429,9 +1429,8 @@ void run_fan(const fan_plan& plan, std::optional<weft::pool_executor> executor,
     bad.add(what + ": " + std::to_string(in_flight) + " calls still running when it " +
             result.describe());
   }
-  // (An empty range returns at once, shut-down pool or not: nothing to reject.)
-  if (shut_down_before &&
-      (record.calls.load() != 0 || (plan.count != 0 && result.kind != outcome::rejected))) {
+  // An empty range too: the pool is checked before the range.
+  if (shut_down_before && (record.calls.load() != 0 || result.kind != outcome::rejected)) {
     bad.add(what + ": on a pool shut down before the call, it made " +
             std::to_string(record.calls.load()) + " calls and " + result.describe());
   }
