@@ -1033,28 +1033,26 @@ void run_pipeline(const pipeline_plan& plan, pipeline_record& record, violations
       .fetch_add(1);
 }
 
-// Runs random pipelines on `drivers` threads at once for the run budget.
-void pipeline_scenario(std::uint64_t seed, int drivers, bool faults, bool cancels) {
-  violations bad;
-  violations skew;
-  pipeline_tally tally;
+// Runs rounds from `drivers` threads at once until the run budget is spent.
+// run_round(rng, run_id) makes one run or call and returns its record; a
+// function of a run that has returned must never be called again, so each
+// record's call count is checked once the driver's next round is over, and
+// the last ones once every driver has joined.
+template <class Record, class RunRound>
+void drive(int drivers, std::uint64_t seed, violations& bad, const std::string& what,
+           RunRound run_round) {
   std::mutex last_mutex;
-  std::vector<std::unique_ptr<pipeline_record>> last_records;
+  std::vector<std::unique_ptr<Record>> last_records;
   const auto until = std::chrono::steady_clock::now() + run_budget();
-
   const auto driver = [&](int index) {
-    std::mt19937_64 rng{seed + static_cast<std::uint64_t>(drivers) * 1000u +
-                        static_cast<std::uint64_t>(index)};
-    std::unique_ptr<pipeline_record> previous;
+    std::mt19937_64 rng{seed + static_cast<std::uint64_t>(index)};
+    std::unique_ptr<Record> previous;
     for (std::uint64_t round = 0; round < iteration_cap(20'000); ++round) {
       if (std::chrono::steady_clock::now() >= until) break;
-      const auto plan =
-          random_plan(rng, (static_cast<std::uint64_t>(index) << 32) | round, faults, cancels);
-      auto record = std::make_unique<pipeline_record>(plan.functions());
-      run_pipeline(plan, *record, bad, skew, tally);
-      // The previous run's functions: none ran during this whole run.
+      std::unique_ptr<Record> record =
+          run_round(rng, (static_cast<std::uint64_t>(index) << 32) | round);
       if (previous && previous->calls.load() != previous->calls_at_return) {
-        bad.add("a function of an earlier run was called after its run() had returned");
+        bad.add("a function of an earlier " + what + " was called after it had returned");
       }
       previous = std::move(record);
     }
@@ -1066,9 +1064,23 @@ void pipeline_scenario(std::uint64_t seed, int drivers, bool faults, bool cancel
   for (auto& t : threads) t.join();
   for (const auto& record : last_records) {
     if (record->calls.load() != record->calls_at_return) {
-      bad.add("a function of a last run was called after its run() had returned");
+      bad.add("a function of a last " + what + " was called after it had returned");
     }
   }
+}
+
+// Runs random pipelines on `drivers` threads at once for the run budget.
+void pipeline_scenario(std::uint64_t seed, int drivers, bool faults, bool cancels) {
+  violations bad;
+  violations skew;
+  pipeline_tally tally;
+  drive<pipeline_record>(drivers, seed + static_cast<std::uint64_t>(drivers) * 1000u, bad,
+                         "pipeline run", [&](std::mt19937_64& rng, std::uint64_t id) {
+                           const auto plan = random_plan(rng, id, faults, cancels);
+                           auto record = std::make_unique<pipeline_record>(plan.functions());
+                           run_pipeline(plan, *record, bad, skew, tally);
+                           return record;
+                         });
 
   CHECK_MESSAGE(bad.count() == 0, bad.count() << " violations; the first: " << bad.first());
   CHECK_MESSAGE(skew.count() == 0, skew.count()
@@ -1552,36 +1564,14 @@ void fan_scenario(std::uint64_t seed, int config, bool gathers, std::mt19937_64&
 
   violations bad;
   fan_tally tally;
-  std::mutex last_mutex;
-  std::vector<std::unique_ptr<fan_record>> last_records;
-  const auto until = std::chrono::steady_clock::now() + run_budget();
-  const auto driver = [&](int index) {
-    std::mt19937_64 rng{seed + static_cast<std::uint64_t>(config) * 1000u +
-                        static_cast<std::uint64_t>(index)};
-    std::unique_ptr<fan_record> previous;
-    for (std::uint64_t round = 0; round < iteration_cap(20'000); ++round) {
-      if (std::chrono::steady_clock::now() >= until) break;
-      const auto plan = random_fan_plan(rng, (static_cast<std::uint64_t>(index) << 32) | round,
-                                        gathers, !pool, rng() % 4 != 0, rng() % 2 == 0);
-      auto record = std::make_unique<fan_record>(plan.count);
-      run_fan(plan, executor, pool ? &*pool : nullptr, pool_size, *record, bad, tally);
-      // The previous call's functions: none ran during this whole call.
-      if (previous && previous->calls.load() != previous->calls_at_return) {
-        bad.add("a function of an earlier fan-out call was called after the call had returned");
-      }
-      previous = std::move(record);
-    }
-    std::lock_guard lock(last_mutex);
-    if (previous) last_records.push_back(std::move(previous));
-  };
-  std::vector<std::thread> threads;
-  for (int i = 0; i < drivers; ++i) threads.emplace_back(driver, i);
-  for (auto& t : threads) t.join();
-  for (const auto& record : last_records) {
-    if (record->calls.load() != record->calls_at_return) {
-      bad.add("a function of a last fan-out call was called after the call had returned");
-    }
-  }
+  drive<fan_record>(
+      drivers, seed + static_cast<std::uint64_t>(config) * 1000u, bad, "fan-out call",
+      [&](std::mt19937_64& rng, std::uint64_t id) {
+        const auto plan = random_fan_plan(rng, id, gathers, !pool, rng() % 4 != 0, rng() % 2 == 0);
+        auto record = std::make_unique<fan_record>(plan.count);
+        run_fan(plan, executor, pool ? &*pool : nullptr, pool_size, *record, bad, tally);
+        return record;
+      });
 
   CHECK_MESSAGE(bad.count() == 0, bad.count() << " violations; the first: " << bad.first());
   CHECK(tally.calls.load() > 0);
