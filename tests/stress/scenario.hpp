@@ -16,21 +16,10 @@
 #include <thread>
 #include <vector>
 
+#include "../support.hpp"
 #include "seed.hpp"
 
 namespace weft_test {
-
-#if defined(__SANITIZE_THREAD__)
-inline constexpr bool under_tsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-inline constexpr bool under_tsan = true;
-#else
-inline constexpr bool under_tsan = false;
-#endif
-#else
-inline constexpr bool under_tsan = false;
-#endif
 
 // How long one configuration of a scenario runs: about 0.6 s, a third of
 // that under TSan, which runs everything 5-15x slower anyway.

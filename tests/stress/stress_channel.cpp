@@ -31,6 +31,7 @@
 
 #include <doctest/doctest.h>
 
+#include "../support.hpp"
 #include "scenario.hpp"
 #include "seed.hpp"
 
@@ -40,18 +41,7 @@ using weft::wait_status;
 namespace {
 
 using weft_test::chaos_sources;
-
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool under_sanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool under_sanitizer = true;
-#else
-constexpr bool under_sanitizer = false;
-#endif
-#else
-constexpr bool under_sanitizer = false;
-#endif
+using weft_test::under_sanitizer;
 
 struct run_counts {
   std::atomic<std::uint64_t> sent{0};
