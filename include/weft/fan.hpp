@@ -197,11 +197,10 @@ void run_indexed(std::size_t count, const fan_options& options, const spawn_site
   } catch (const rejected&) {
     // The pool was shut down while the tasks were being started. The
     // refusal fails the group as a call's exception would: the started
-    // tasks see their token cancelled and are joined, and wait() throws
-    // the first failure, theirs if one came before.
+    // tasks see their token cancelled, this thread's share is skipped, and
+    // wait() below joins them and throws the first failure, theirs if one
+    // came before.
     task_group_access::fail(group, std::current_exception());
-    group.wait();
-    throw;
   }
   // The calling thread's share runs here, counted in the group as a
   // coroutine's work is, rather than as a task that would go through the
@@ -327,10 +326,8 @@ auto gather(pool_executor executor, detail::at_call_site<const cancel_token> tok
       detail::gather_into(group, slots, token.site, std::index_sequence_for<F...>{}, calls...);
     } catch (const rejected&) {
       // The pool was shut down while the calls were being started: as in
-      // run_indexed, the refusal fails the group.
+      // run_indexed, the refusal fails the group, and wait() throws.
       detail::task_group_access::fail(group, std::current_exception());
-      group.wait();
-      throw;
     }
     group.wait();
   }
