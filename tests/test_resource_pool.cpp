@@ -535,6 +535,44 @@ TEST_CASE("resource_pool: async_acquire completes on the handler's executor and 
   }
 }
 
+// An async acquire holds its slot from the grant until its handler runs on
+// its executor. If that executor's context is destroyed first, the slot
+// must go back the way a lease's does, so that a max_open lowered meanwhile
+// keeps it: it used to go straight back to the pool's semaphore, and the pool
+// then granted one lease more than its new limit.
+TEST_CASE("resource_pool: an async acquire dropped with its io_context pays a lowered max_open") {
+  using lease_type = weft::resource_pool<int>::lease;
+  weft::resource_pool<int> pool{{.max_open = 2}, [] { return 0; }, [](int&) {}};
+  std::vector<lease_type> granted;
+
+  SUBCASE("granted at once") {
+    {
+      boost::asio::io_context doomed;
+      weft::async_acquire(
+          pool, boost::asio::bind_executor(doomed, [](std::exception_ptr, lease_type) {}));
+      granted.push_back(pool.acquire());
+      pool.set_max_open(1);  // owed: the slot the handler holds
+    }
+  }
+  SUBCASE("granted by a returning lease") {
+    auto first = pool.acquire();
+    granted.push_back(pool.acquire());
+    {
+      boost::asio::io_context doomed;
+      weft::async_acquire(
+          pool, boost::asio::bind_executor(doomed, [](std::exception_ptr, lease_type) {}));
+      REQUIRE(pool.stats().waiting == 1);
+      first = {};  // its slot goes to the waiting handler
+      pool.set_max_open(1);
+    }
+  }
+  while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
+  CHECK(granted.size() == 1);
+  granted.clear();
+  while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
+  CHECK(granted.size() == 1);
+}
+
 TEST_CASE("resource_pool: under concurrent use max_open is never exceeded and nothing leaks") {
   fake_server server;
   constexpr int threads = 8;

@@ -352,6 +352,38 @@ class basic_resource_pool {
  private:
   friend struct detail::resource_pool_access;
 
+  // A slot taken for a lease not made yet: an async acquire's, from its
+  // grant until its handler runs on its executor. If it never runs (the
+  // executor's context is destroyed first), the slot goes back as a
+  // lease's does, through return_slot(), so a max_open lowered meanwhile
+  // keeps it.
+  class held_slot {
+   public:
+    held_slot() noexcept = default;
+    explicit held_slot(basic_resource_pool& pool) noexcept : pool_(&pool) {}
+    held_slot(held_slot&& other) noexcept : pool_(std::exchange(other.pool_, nullptr)) {}
+    held_slot& operator=(held_slot&& other) noexcept {
+      if (this != &other) {
+        give_back();
+        pool_ = std::exchange(other.pool_, nullptr);
+      }
+      return *this;
+    }
+    ~held_slot() { give_back(); }
+
+    explicit operator bool() const noexcept { return pool_ != nullptr; }
+
+    // The lease made for the slot owns it from here.
+    void hand_over() noexcept { pool_ = nullptr; }
+
+   private:
+    void give_back() noexcept {
+      if (pool_ != nullptr) std::exchange(pool_, nullptr)->return_slot();
+    }
+
+    basic_resource_pool* pool_ = nullptr;
+  };
+
   struct entry {
     R resource;
     typename Clock::time_point opened;

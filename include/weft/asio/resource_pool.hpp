@@ -35,6 +35,7 @@
 
 #include <chrono>
 #include <exception>
+#include <tuple>
 #include <utility>
 
 namespace weft {
@@ -59,27 +60,55 @@ struct resource_pool_access {
     std::move(handler)(error, std::move(leased));
   }
 
+  // What an async acquire delivers: the slot is held the moment the waiter
+  // is granted, so it goes back (see held_slot) if the handler never runs.
+  template <class R, class Clock>
+  class slot_result {
+   public:
+    using held_slot = typename pool_type<R, Clock>::held_slot;
+
+    explicit slot_result(pool_type<R, Clock>& pool) noexcept : pool_(&pool) {}
+
+    void settle(wait_status status) noexcept {
+      status_ = status;
+      if (status == wait_status::ok) {
+        slot_ = held_slot{*pool_};
+      } else {
+        semaphore_access::count_failure(pool_->slots_, status);
+      }
+    }
+
+    std::tuple<boost::system::error_code, held_slot> arguments() noexcept {
+      return {to_boost_error(status_), std::move(slot_)};
+    }
+
+   private:
+    pool_type<R, Clock>* pool_;
+    wait_status status_ = wait_status::ok;
+    held_slot slot_;
+  };
+
   template <class R, class Clock, class Handler>
   static void async_acquire(pool_type<R, Clock>& pool, Handler handler) {
+    using held_slot = typename pool_type<R, Clock>::held_slot;
     auto executor = boost::asio::get_associated_executor(handler, boost::asio::system_executor{});
-    if (auto permit = pool.slots_.try_acquire_permit(1)) {
-      // The permit rides in the posted function, so the slot goes back if
-      // the executor's context is destroyed before running it.
-      boost::asio::post(executor, [&pool, permit = std::move(permit), handler = std::move(handler)]() mutable {
-        permit.detach();
-        complete_with_lease<R, Clock>(pool, handler);
-      });
+    if (pool.slots_.try_acquire(1)) {
+      boost::asio::post(executor,
+                        [&pool, slot = held_slot{pool}, handler = std::move(handler)]() mutable {
+                          slot.hand_over();
+                          complete_with_lease<R, Clock>(pool, handler);
+                        });
       return;
     }
     auto slot = boost::asio::get_associated_cancellation_slot(handler);
     const auto start = pool.begin_wait();
-    weft::async_acquire(
+    semaphore_access::async_acquire(
         pool.slots_, 1,
         boost::asio::bind_cancellation_slot(
             slot, boost::asio::bind_executor(
-                      executor, [&pool, start, handler = std::move(handler)](
-                                    boost::system::error_code error,
-                                    typename basic_semaphore<Clock>::permit permit) mutable {
+                      executor,
+                      [&pool, start, handler = std::move(handler)](boost::system::error_code error,
+                                                                   held_slot granted) mutable {
                         pool.end_wait(start);
                         if (error) {
                           using lease = typename pool_type<R, Clock>::lease;
@@ -87,9 +116,10 @@ struct resource_pool_access {
                                              lease{});
                           return;
                         }
-                        permit.detach();  // the lease owns the slot from here
+                        granted.hand_over();
                         complete_with_lease<R, Clock>(pool, handler);
-                      })));
+                      })),
+        slot_result<R, Clock>(pool));
   }
 };
 

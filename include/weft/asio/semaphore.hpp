@@ -64,8 +64,16 @@ struct semaphore_access {
 
   template <class Clock, class Handler>
   static void async_acquire(basic_semaphore<Clock>& semaphore, std::ptrdiff_t n, Handler handler) {
-    auto result = acquire_result<Clock>(semaphore, n);
-    using waiter_type = async_waiter<Handler, decltype(result)>;
+    async_acquire(semaphore, n, std::move(handler), acquire_result<Clock>(semaphore, n));
+  }
+
+  // An async acquire of n whose outcome `result` settles and delivers, as
+  // acquire_result does: for a caller that hands its handler something
+  // other than a permit for what it was granted.
+  template <class Clock, class Handler, class Result>
+  static void async_acquire(basic_semaphore<Clock>& semaphore, std::ptrdiff_t n, Handler handler,
+                            Result result) {
+    using waiter_type = async_waiter<Handler, Result>;
     auto waiter = std::make_unique<waiter_type>(std::move(handler), std::move(result), semaphore.queue_);
     waiter->request = n;
     waiter->watch_cancellation();
@@ -79,6 +87,11 @@ struct semaphore_access {
       return;
     }
     waiter_type::finish(std::move(waiter), wait_status::ok);
+  }
+
+  template <class Clock>
+  static void count_failure(basic_semaphore<Clock>& semaphore, wait_status status) noexcept {
+    semaphore.count_failure(status);
   }
 
   template <class Clock>
