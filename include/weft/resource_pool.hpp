@@ -22,7 +22,11 @@
 //    opened). An acquire takes a slot first: the slots are a
 //    weft::semaphore, so waiters are served FIFO across threads and
 //    coroutines, may give up by token, deadline or Asio cancellation, and
-//    spin briefly before queueing, as every weft waiter does.
+//    spin briefly before queueing, as every weft waiter does. A resource
+//    closed as it comes back from a lease keeps its slot until its close()
+//    returns; an idle one closed for its age or for max_idle stops counting
+//    as it leaves the idle list, so its close() may overlap the open() of
+//    its replacement (a server that counts connections may see one more).
 //  - With a slot, an acquire takes the most recently returned idle resource
 //    (so the least used ones age out through max_idle_time), or opens a new
 //    one. open() runs outside the pool's lock, on the acquiring thread; if
