@@ -501,8 +501,12 @@ class basic_channel {
     return true;
   }
 
-  // With receivers_ locked: takes the value of a waiting sender.
+  // With receivers_ locked: takes the value of a waiting sender. Not once
+  // the channel is closed: close() marks it closed before it takes the lock
+  // to fail the senders still waiting, and a sender it is about to fail has
+  // not sent (a receive that saw closed() must not get its value).
   bool take_from_sender(std::optional<T>& out, detail::completion_list& done) noexcept {
+    if (ring_.closed()) return false;
     detail::wait_node* node = claim_waiter(true);
     if (node == nullptr) return false;
     out.emplace(std::move(*detail::slot_of<T>(*node).outgoing));
