@@ -14,6 +14,7 @@
 // group posts to the coroutine's executor, cannot run beside the coroutine.
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
+#include <weft/semaphore.hpp>
 #include <weft/task_group.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/worker_pool.hpp>
@@ -130,6 +131,83 @@ TEST_CASE("asio executor: post, dispatch and defer run handlers on the pool's wo
   pending.wait();
   CHECK(on_pool.load() == 90);
   CHECK(on_test_thread.load() == 0);
+}
+
+// Asio hands an executor the completions of operations already under way
+// (a timer's, a semaphore release()'s): execute() cannot refuse them. It used
+// to go through post(), which threw weft::rejected on a full queue under
+// overflow::reject and on a shutdown met while waiting for room, ran the work
+// in the caller under overflow::caller_runs, and made a release() that
+// completed an async_acquire call std::terminate.
+TEST_CASE("asio executor: a full queue makes post wait for room whatever the overflow policy" *
+          doctest::timeout(30)) {
+  for (const auto policy :
+       {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
+    CAPTURE(static_cast<int>(policy));
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
+    gate worker_gate;
+    std::latch busy{1};
+    pool.post([&busy, closed = worker_gate.closed] {
+      busy.count_down();
+      closed.wait();
+    });
+    busy.wait();
+    pool.post([] {});  // the queue is full
+    std::promise<bool> ran_on_pool;
+    std::exception_ptr thrown;
+    std::thread poster{[&] {
+      try {
+        asio::post(pool.executor(), [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
+      } catch (...) {
+        thrown = std::current_exception();
+      }
+    }};
+    worker_gate.open();
+    CHECK(ran_on_pool.get_future().get());
+    poster.join();
+    CHECK(message_of(thrown) == "no exception");
+  }
+}
+
+TEST_CASE("asio executor: work handed over while the pool shuts down is dropped, never thrown" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  gate worker_gate;
+  std::latch busy{1};
+  pool.post([&busy, closed = worker_gate.closed] {
+    busy.count_down();
+    closed.wait();
+  });
+  busy.wait();
+  pool.post([] {});  // the queue is full
+  weft::semaphore permits{1};
+  permits.acquire(1);
+  std::atomic<bool> granted{false};
+  weft::async_acquire(
+      permits, 1,
+      asio::bind_executor(pool.executor(), [&](error_code, weft::permit) { granted = true; }));
+  std::atomic<bool> posted_ran{false};
+  std::exception_ptr thrown;
+  std::thread poster{[&] {
+    try {
+      // Each waits for room until the shutdown below, or finds the pool
+      // shut down: either way its work is dropped.
+      asio::post(pool.executor(), [&] { posted_ran = true; });
+      permits.release(1);  // completes the async_acquire: its completion goes to the pool
+    } catch (...) {
+      thrown = std::current_exception();
+    }
+  }};
+  pool.shutdown();
+  worker_gate.open();
+  poster.join();
+  pool.join();
+  CHECK(message_of(thrown) == "no exception");
+  CHECK_FALSE(posted_ran.load());
+  CHECK_FALSE(granted.load());
+  CHECK(permits.available() == 1);  // the dropped completion gave its permit back
+  CHECK(pool.stats().rejected == 2);
+  CHECK(pool.stats().dropped == 0);
 }
 
 TEST_CASE("asio executor: the pool's execution_context is one per pool, and blocking is never" *

@@ -133,6 +133,7 @@ struct worker_pool_stats {
   std::uint64_t completed = 0;     // finished running, with or without an exception
   std::uint64_t failed = 0;        // of those, ended by an exception
   std::uint64_t rejected = 0;      // refused: full under overflow::reject, or shut down
+                                   // (Asio work handed to a shut-down pool too)
   std::uint64_t dropped = 0;       // destroyed unrun by shutdown_now()
   // Time from queue to start, measured on every 16th queued task: the total
   // is the sampled sum times 16 (an estimate), the max is over the sample.
@@ -480,7 +481,9 @@ class worker_pool {
       run_here(work, origin);
       return wait_status::ok;
     }
-    return wait_for_room(work, origin, detail::state_of(token));
+    const auto status = wait_for_room(work, origin, detail::state_of(token));
+    if (status == wait_status::closed) throw_closed();
+    return status;
   }
 
   // The registry's hooks around the ring: a task's record goes into its
@@ -567,7 +570,7 @@ class worker_pool {
           run_here(work, origin);
           return;
         }
-        wait_for_room(work, origin, nullptr);
+        if (wait_for_room(work, origin, nullptr) == wait_status::closed) throw_closed();
         return;
     }
   }
@@ -579,8 +582,22 @@ class worker_pool {
     run_task(work, 0, caller_counters_);
   }
 
+  // What Asio's execute does with a task (see worker_pool_access::execute):
+  // queue it, waiting for room whatever the overflow policy. False when the
+  // pool shut down while it waited.
+  bool execute_task(detail::task& work, const detail::task_origin& origin) {
+    if (enqueue(work, origin)) return true;
+    note_full();
+    if (running_in_this_thread()) {
+      run_here(work, origin);
+      return true;
+    }
+    return wait_for_room(work, origin, nullptr) == wait_status::ok;
+  }
+
   // The blocking part of post: spin briefly, then queue on room_ until a
-  // worker frees a slot, the token is cancelled, or the pool shuts down.
+  // worker frees a slot, the token is cancelled, or the pool shuts down
+  // (closed).
   wait_status wait_for_room(detail::task& work, const detail::task_origin& origin, detail::cancel_state* cancel) {
     // While it spins, the producer waits for a few free slots, not one: a
     // producer that takes each slot as the worker frees it pulls that slot's
@@ -590,7 +607,11 @@ class worker_pool {
     // slot.
     const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
     for (detail::backoff pause; pause.wait();) {
-      if (ring_.size() + slack <= options_.queue_capacity && enqueue(work, origin)) return wait_status::ok;
+      if (ring_.size() + slack > options_.queue_capacity) continue;
+      // Read after the room (an acquire of the head a worker moved): a
+      // shutdown before the worker made room is seen here, as below.
+      if (closed_.load(std::memory_order_relaxed)) return wait_status::closed;
+      if (enqueue(work, origin)) return wait_status::ok;
     }
     for (;;) {
       detail::thread_waiter waiter;
@@ -603,8 +624,7 @@ class worker_pool {
       for (;;) {
         if (closed_.load(std::memory_order_relaxed)) {
           room_waiters_.fetch_sub(1, std::memory_order_relaxed);
-          lock.unlock();
-          throw_closed();
+          return wait_status::closed;
         }
         if (enqueue(work, origin)) {
           queued = true;
@@ -620,7 +640,6 @@ class worker_pool {
       room_.push_back(waiter);
       const auto status = room_.wait(waiter, lock, cancel);
       room_waiters_.fetch_sub(1, std::memory_order_relaxed);
-      if (status == wait_status::closed) throw_closed();
       if (status != wait_status::ok) return status;
       if (enqueue(work, origin)) return wait_status::ok;  // else another producer took the slot: queue again
     }
@@ -1013,17 +1032,20 @@ class worker_pool {
 namespace detail {
 // What weft's own layers (weft/asio.hpp) need of a pool.
 struct worker_pool_access {
-  // Asio's execute: like post, except that work handed over after shutdown
-  // (a timer firing for a coroutine that still waits) is destroyed and
-  // counted in stats().dropped, as io_context destroys what is posted after
-  // stop(), instead of throwing into the thread that completed it.
+  // Asio's execute: like post, except that it never throws into the thread
+  // that completed an operation (a timer's, a semaphore release()'s). A full
+  // queue makes it wait for room whatever the overflow policy, since an
+  // Asio completion cannot be refused (a worker of the pool posting into its
+  // own full queue runs the work at once, as post does); work handed over
+  // after shutdown, or while it waited for room, is destroyed, as io_context
+  // destroys what is posted after stop(), and counted as rejected.
   template <class F>
   static void execute(worker_pool& pool, F&& f) {
-    if (pool.closed_.load(std::memory_order_acquire)) {
-      pool.counters_.dropped.fetch_add(1, std::memory_order_relaxed);
-      return;
+    if (!pool.closed_.load(std::memory_order_acquire)) {
+      detail::task work = worker_pool::make_task(std::forward<F>(f));
+      if (pool.execute_task(work, detail::make_origin(spawn_site{}, pool.tracked_name_))) return;
     }
-    pool.post(std::forward<F>(f), spawn_site{});
+    pool.counters_.rejected.fetch_add(1, std::memory_order_relaxed);
   }
 
   // Posts that the registry does not list: weft's own helpers (a group's

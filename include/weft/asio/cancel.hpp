@@ -51,16 +51,19 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     service_->add(*this);
   }
 
+  // Removes the token's callback also when the completion is destroyed
+  // unrun (its context shut down) after the slot claimed the wait; waits
+  // for the callback if it is still returning on another thread.
   ~token_waiter() {
     service_->remove(*this);
+    state_->remove_callback(*this);
     state_->unref();
   }
 
-  void withdraw() noexcept override {
-    if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
-    boost::asio::get_associated_cancellation_slot(handler_).clear();
-    state_->remove_callback(*this);
-    delete this;
+  bool withdraw() noexcept override {
+    if (claimed_.exchange(true, std::memory_order_acq_rel)) return false;
+    destroy();
+    return true;
   }
 
   static void start(std::unique_ptr<token_waiter> waiter) {
@@ -85,8 +88,6 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     std::unique_ptr<token_waiter> waiter;
     void operator()() {
       boost::asio::get_associated_cancellation_slot(waiter->handler_).clear();
-      // Waits for the token callback if it is still returning on another thread.
-      waiter->state_->remove_callback(*waiter);
       auto handler = std::move(waiter->handler_);
       const auto error = waiter->error_;
       waiter.reset();
@@ -97,8 +98,23 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   void claim(std::error_code error) noexcept {
     if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
     error_ = boost::system::error_code(error);
-    auto executor = work_;
-    boost::asio::post(std::move(executor), completion{std::unique_ptr<token_waiter>(this)});
+    waiter_service* service = service_;
+    if (service->begin_post(*this)) {
+      auto executor = work_;
+      try {
+        boost::asio::post(std::move(executor), completion{std::unique_ptr<token_waiter>(this)});
+      } catch (...) {  // the executor refused it; the completion, destroyed, freed the waiter
+      }
+    } else {
+      destroy();
+    }
+    service->end_post();
+  }
+
+  // Ends the wait without completing it (the handler is destroyed).
+  void destroy() noexcept {
+    boost::asio::get_associated_cancellation_slot(handler_).clear();
+    delete this;
   }
 
   Handler handler_;

@@ -14,12 +14,16 @@
 //    their reactor on an internal thread and hands completions to the pool.
 //  - execution::blocking: never. execute() only queues; it does not run the
 //    function inline (the one exception: a worker of the pool posting into
-//    its own full queue, see worker_pool.hpp).
+//    its own full queue, see worker_pool.hpp). On a full queue it waits for
+//    room whatever the pool's overflow policy: what Asio hands over is the
+//    completion of an operation already under way, which cannot be refused.
 //  - relationship, outstanding_work, allocator: accepted by prefer() and
 //    ignored. A pool runs until it is shut down, so it has no use for a
 //    count of outstanding work.
-// Work that Asio hands over after the pool is shut down is destroyed and
-// counted in stats().dropped, as io_context does after stop().
+// Work that Asio hands over after the pool is shut down, or while it waits
+// for room, is destroyed, as io_context destroys what is posted after
+// stop(), and counted in stats().rejected; execute() never throws
+// weft::rejected.
 #pragma once
 
 #include <weft/worker_pool.hpp>

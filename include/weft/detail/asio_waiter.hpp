@@ -24,7 +24,12 @@
 // the context shuts down, the service withdraws each waiter still queued
 // (it leaves the queue without completing, and the handler is destroyed, as
 // Asio destroys the handlers of its own pending operations), so a later
-// release() never touches the dead context.
+// release() never touches the dead context. A waiter that another thread
+// has already removed (a release() that granted it, on its way to post the
+// completion) is the remover's: the remover asks the service before it
+// posts (begin_post), the shutdown waits for posts under way, and a remover
+// that comes after the shutdown destroys the waiter instead of posting, its
+// result giving back what the grant gave it.
 #pragma once
 
 #include <weft/detail/wait_queue.hpp>
@@ -42,6 +47,8 @@
 #include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
 
+#include <condition_variable>
+#include <cstddef>
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -68,9 +75,10 @@ class context_bound_waiter {
   context_bound_waiter& operator=(const context_bound_waiter&) = delete;
 
   // At context shutdown: if the operation still waits, stop waiting without
-  // completing and destroy it; if its completion is already on its way, do
-  // nothing (the context destroys that completion, and it the operation).
-  virtual void withdraw() noexcept = 0;
+  // completing, destroy it and return true. Return false if another thread
+  // has removed it (a grant, a cancellation): that thread will call the
+  // service's begin_post for it.
+  virtual bool withdraw() noexcept = 0;
 
  protected:
   ~context_bound_waiter() = default;
@@ -106,31 +114,81 @@ class waiter_service final : public boost::asio::execution_context::service {
     waiter.registered_ = true;
   }
 
+  // For a waiter's destructor. A waiter leaves the list before its
+  // completion is posted (begin_post) or it is withdrawn, so only one whose
+  // initiation failed is still listed here; the others do not touch the
+  // service, which may be gone by then.
   void remove(context_bound_waiter& waiter) noexcept {
+    if (!waiter.registered_) return;
     std::lock_guard lock(mutex_);
+    unlink(waiter);
+  }
+
+  // For the thread that removed `waiter` from its wait, before it posts the
+  // completion to this context. True: post it. False: the context is
+  // shutting down, so destroy the operation instead (its result gives back
+  // what it holds). Either way call end_post() after, which the shutdown
+  // waits for: the operation holds work on the context, whose end must come
+  // before the context goes.
+  bool begin_post(context_bound_waiter& waiter) noexcept {
+    std::unique_lock lock(mutex_);
+    unlink(waiter);
+    ++posting_;
+    if (!shut_down_) return true;
+    if (withdrawing_ == &waiter) {
+      withdrawing_reached_ = true;
+      changed_.notify_all();
+      changed_.wait(lock, [&] { return withdrawing_ != &waiter; });
+    }
+    return false;
+  }
+
+  void end_post() noexcept {
+    std::lock_guard lock(mutex_);
+    // Notified under the mutex: once the shutdown sees the count at zero,
+    // the service may be destroyed.
+    if (--posting_ == 0) changed_.notify_all();
+  }
+
+ private:
+  // Waiters leave the list under the mutex, one at a time, so a remover
+  // either takes its waiter off the list first (and the shutdown never sees
+  // it) or finds it in withdrawing_ and waits until the shutdown is done
+  // with it. A waiter that withdraw() finds removed is waited for too: its
+  // remover is between the queue and begin_post, and must be counted in
+  // posting_ before the shutdown's last wait.
+  void shutdown() override {
+    std::unique_lock lock(mutex_);
+    shut_down_ = true;
+    while (head_ != nullptr) {
+      context_bound_waiter& waiter = *head_;
+      unlink(waiter);
+      withdrawing_ = &waiter;
+      withdrawing_reached_ = false;
+      lock.unlock();
+      const bool withdrawn = waiter.withdraw();
+      lock.lock();
+      if (!withdrawn) changed_.wait(lock, [&] { return withdrawing_reached_; });
+      withdrawing_ = nullptr;
+      changed_.notify_all();
+    }
+    changed_.wait(lock, [&] { return posting_ == 0; });
+  }
+
+  void unlink(context_bound_waiter& waiter) noexcept {
     if (!waiter.registered_) return;
     (waiter.previous_ != nullptr ? waiter.previous_->next_ : head_) = waiter.next_;
     if (waiter.next_ != nullptr) waiter.next_->previous_ = waiter.previous_;
     waiter.registered_ = false;
   }
 
- private:
-  void shutdown() override {
-    context_bound_waiter* waiters = nullptr;
-    {
-      std::lock_guard lock(mutex_);
-      waiters = std::exchange(head_, nullptr);
-      for (auto* waiter = waiters; waiter != nullptr; waiter = waiter->next_) waiter->registered_ = false;
-    }
-    while (waiters != nullptr) {
-      auto* waiter = waiters;
-      waiters = waiter->next_;  // read first: withdraw() may destroy it
-      waiter->withdraw();
-    }
-  }
-
   std::mutex mutex_;
+  std::condition_variable changed_;
   context_bound_waiter* head_ = nullptr;
+  bool shut_down_ = false;
+  std::size_t posting_ = 0;  // between begin_post and end_post
+  context_bound_waiter* withdrawing_ = nullptr;
+  bool withdrawing_reached_ = false;  // its remover is in begin_post
 };
 
 inline boost::system::error_code to_boost_error(wait_status status) noexcept {
@@ -159,8 +217,10 @@ class async_waiter final : public wait_node, public context_bound_waiter {
 
   ~async_waiter() { service_->remove(*this); }
 
-  void withdraw() noexcept override {
-    if (queue_->withdraw(*this)) destroy(*this);
+  bool withdraw() noexcept override {
+    if (!queue_->withdraw(*this)) return false;
+    destroy(*this);
+    return true;
   }
 
   // Step 1: call before the node is queued.
@@ -204,8 +264,17 @@ class async_waiter final : public wait_node, public context_bound_waiter {
   static void post_completion(wait_node& node) noexcept {
     auto* self = static_cast<async_waiter*>(&node);
     self->result_.settle(self->status);
-    auto executor = self->work_;
-    boost::asio::post(std::move(executor), completion{std::unique_ptr<async_waiter>(self)});
+    waiter_service* service = self->service_;
+    if (service->begin_post(*self)) {
+      auto executor = self->work_;
+      try {
+        boost::asio::post(std::move(executor), completion{std::unique_ptr<async_waiter>(self)});
+      } catch (...) {  // the executor refused it: the completion, destroyed, gave back what it held
+      }
+    } else {
+      destroy(*self);
+    }
+    service->end_post();
   }
 
   static void destroy(wait_node& node) noexcept {
