@@ -32,6 +32,7 @@
 
 #include <doctest/doctest.h>
 
+#include "asio_support.hpp"
 #include "support.hpp"
 #include <boost/asio.hpp>
 
@@ -48,6 +49,7 @@ namespace {
 
 using error_code = boost::system::error_code;
 
+using weft_test::io_threads;
 using weft_test::under_sanitizer;
 
 int more_than_cores() {
@@ -119,30 +121,6 @@ class grant_log {
   mutable std::mutex mutex_;
   std::vector<int> order_;
   std::vector<weft::permit> permits_;
-};
-
-// Runs an io_context on `count` threads until stop() (a work guard keeps it
-// alive while nothing is queued).
-class io_threads {
- public:
-  io_threads(asio::io_context& io, int count) : io_(io), guard_(asio::make_work_guard(io)) {
-    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { io_.run(); });
-  }
-  io_threads(const io_threads&) = delete;
-  io_threads& operator=(const io_threads&) = delete;
-  ~io_threads() { stop(); }
-  // Lets run() return once the queued work is done, and joins.
-  void stop() {
-    guard_.reset();
-    for (auto& t : threads_) {
-      if (t.joinable()) t.join();
-    }
-  }
-
- private:
-  asio::io_context& io_;
-  asio::executor_work_guard<asio::io_context::executor_type> guard_;
-  std::vector<std::thread> threads_;
 };
 
 }  // namespace

@@ -77,6 +77,7 @@
 #include <doctest/doctest.h>
 
 #include <boost/asio.hpp>
+#include "../asio_support.hpp"
 #include "scenario.hpp"
 #include "seed.hpp"
 
@@ -89,6 +90,7 @@ using error_code = boost::system::error_code;
 using strand_type = asio::strand<asio::io_context::executor_type>;
 
 using weft_test::chaos_sources;
+using weft_test::io_threads;
 using weft_test::iteration_cap;
 using weft_test::run_budget;
 using weft_test::spin_until;
@@ -107,29 +109,6 @@ bool is_cancelled(const std::exception_ptr& error) {
   }
   return false;
 }
-
-// Runs an io_context on `count` threads until stop() (a work guard keeps it
-// alive while nothing is queued).
-class io_threads {
- public:
-  io_threads(asio::io_context& io, int count) : io_(io), guard_(asio::make_work_guard(io)) {
-    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { io_.run(); });
-  }
-  io_threads(const io_threads&) = delete;
-  io_threads& operator=(const io_threads&) = delete;
-  ~io_threads() { stop(); }
-  void stop() {
-    guard_.reset();
-    for (auto& t : threads_) {
-      if (t.joinable()) t.join();
-    }
-  }
-
- private:
-  asio::io_context& io_;
-  asio::executor_work_guard<asio::io_context::executor_type> guard_;
-  std::vector<std::thread> threads_;
-};
 
 asio::cancellation_type_t random_cancellation(std::mt19937_64& rng) {
   switch (rng() % 8) {
