@@ -14,7 +14,9 @@
 //
 // Thread safety: every member may be called concurrently. Destroying the
 // wait_group while a thread waits on it is undefined (WEFT_ASSERT); pending
-// async waits are destroyed without being completed.
+// async waits are destroyed without being completed. A waiter may destroy it
+// as soon as wait() returns ok, even while the done() that released it is
+// still returning: that done() touches the group no more.
 //
 // Memory ordering: everything a task did before its done() is visible to a
 // waiter once wait() returns ok.
@@ -32,6 +34,7 @@
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/detail/backoff.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
@@ -43,6 +46,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 
 namespace weft {
 
@@ -73,10 +77,8 @@ class basic_wait_group {
 
   void add(std::int64_t delta = 1) {
     auto state = state_.load(std::memory_order_relaxed);
-    std::int64_t count = 0;
-    std::uint64_t next = 0;
-    do {
-      count = count_of(state) + delta;
+    for (;;) {
+      const std::int64_t count = count_of(state) + delta;
       if (count < 0) {
         throw std::logic_error("weft::wait_group: the count would go negative (" + std::to_string(count_of(state)) +
                                " + " + std::to_string(delta) + "); call done() once per add(1)");
@@ -84,27 +86,38 @@ class basic_wait_group {
       if (count > max_count) {
         throw std::overflow_error("weft::wait_group: the count would exceed 2^32 - 1");
       }
-      next = (state & ~count_bits) | (static_cast<std::uint64_t>(count) << count_shift);
+      auto next = (state & ~count_bits) | (static_cast<std::uint64_t>(count) << count_shift);
       // Reaching zero with waiters starts a new epoch: the waiters queued in
-      // the old one are released, later ones are not.
-      if (count == 0 && (state & waiters_mark) != 0) next += epoch_one;
-    } while (!state_.compare_exchange_weak(state, next, std::memory_order_acq_rel,
-                                           std::memory_order_relaxed));
-    if (count == 0 && (state & waiters_mark) != 0) release_waiters();
+      // the old one are released, later ones are not. One release at a
+      // time: an earlier one still under way is a few instructions from its
+      // end (see release_waiters).
+      const bool releases = count == 0 && (state & waiters_mark) != 0;
+      if (releases && (state & releasing_mark) != 0) {
+        wait_out_release();
+        state = state_.load(std::memory_order_relaxed);
+        continue;
+      }
+      if (releases) next = (next + epoch_one) | releasing_mark;
+      if (state_.compare_exchange_weak(state, next, std::memory_order_acq_rel,
+                                       std::memory_order_relaxed)) {
+        if (releases) release_waiters();
+        return;
+      }
+    }
   }
 
   void done() { add(-1); }
 
   // Blocks until the count is zero.
   void wait() {
-    if (is_zero()) return;
+    if (ready()) return;
     wait_in_queue<Clock, typename Clock::duration>(nullptr, nullptr);
   }
 
   // ok when the count reached zero; cancelled (or timeout, for a token's own
   // deadline) when the token was cancelled first.
   wait_status wait(const cancel_token& token) {
-    if (is_zero()) return wait_status::ok;
+    if (ready()) return wait_status::ok;
     if (token.cancelled()) {
       return detail::state_of(token)->by_deadline() ? wait_status::timeout : wait_status::cancelled;
     }
@@ -118,7 +131,7 @@ class basic_wait_group {
 
   template <class Duration>
   wait_status wait_until(const std::chrono::time_point<Clock, Duration>& deadline) {
-    if (is_zero()) return wait_status::ok;
+    if (ready()) return wait_status::ok;
     if (Clock::now() >= deadline) return wait_status::timeout;
     return wait_in_queue(nullptr, &deadline);
   }
@@ -132,20 +145,39 @@ class basic_wait_group {
   friend struct detail::wait_group_access;
 
   // Bit 0: waiters are queued (set and cleared under the queue's mutex).
-  // Bits 1-32: the count. Bits 33-63: the epoch, bumped each time the count
-  // reaches zero while waiters are queued.
+  // Bit 1: the done() that took the count to zero with waiters queued is
+  // still releasing them. Bits 2-33: the count. Bits 34-63: the epoch,
+  // bumped each time the count reaches zero while waiters are queued.
   static constexpr std::uint64_t waiters_mark = 1;
-  static constexpr unsigned count_shift = 1;
+  static constexpr std::uint64_t releasing_mark = 2;
+  static constexpr unsigned count_shift = 2;
   static constexpr std::int64_t max_count = 0xFFFF'FFFF;
   static constexpr std::uint64_t count_bits = std::uint64_t{0xFFFF'FFFF} << count_shift;
-  static constexpr unsigned epoch_shift = 33;
+  static constexpr unsigned epoch_shift = 34;
   static constexpr std::uint64_t epoch_one = std::uint64_t{1} << epoch_shift;
 
   static std::int64_t count_of(std::uint64_t state) noexcept {
     return static_cast<std::int64_t>((state & count_bits) >> count_shift);
   }
 
-  bool is_zero() const noexcept { return count_of(state_.load(std::memory_order_acquire)) == 0; }
+  // True when the count is zero, once no release is under way.
+  bool ready() const noexcept {
+    if (count_of(state_.load(std::memory_order_acquire)) != 0) return false;
+    wait_out_release();
+    return true;
+  }
+
+  // Returns once no done() is releasing waiters. A waiter that sees the
+  // count at zero may return and destroy the group, and the done() that
+  // took it there with waiters queued touches the group until it clears
+  // releasing_mark: a few instructions after the zero, around a short hold
+  // of the queue's lock. So this spins, then yields.
+  void wait_out_release() const noexcept {
+    detail::backoff pause;
+    while ((state_.load(std::memory_order_acquire) & releasing_mark) != 0) {
+      if (!pause.wait()) std::this_thread::yield();
+    }
+  }
 
   // With the queue's mutex held: true if the count is zero, else marks the
   // state and queues `node`, tagged with the current epoch.
@@ -162,15 +194,22 @@ class basic_wait_group {
     }
   }
 
-  void release_waiters() {
+  // Called by the done() whose count reached zero with waiters queued, with
+  // releasing_mark set; clearing it is its last touch of the group, and the
+  // released waiters are completed after that, from this stack.
+  void release_waiters() noexcept {
     detail::completion_list released;
-    auto lock = queue_.lock();
-    const auto epoch = static_cast<std::ptrdiff_t>(state_.load(std::memory_order_acquire) >> epoch_shift);
-    while (detail::wait_node* head = queue_.front()) {
-      if (head->request == epoch) break;  // queued after the count went up again
-      queue_.remove(*head, wait_status::ok, released);
+    {
+      auto lock = queue_.lock();
+      const auto epoch =
+          static_cast<std::ptrdiff_t>(state_.load(std::memory_order_acquire) >> epoch_shift);
+      while (detail::wait_node* head = queue_.front()) {
+        if (head->request == epoch) break;  // queued after the count went up again
+        queue_.remove(*head, wait_status::ok, released);
+      }
+      if (queue_.empty()) state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
     }
-    if (queue_.empty()) state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
+    state_.fetch_and(~releasing_mark, std::memory_order_release);
   }
 
   static void on_waiter_removed(void* self, detail::completion_list&) noexcept {
@@ -182,8 +221,16 @@ class basic_wait_group {
   wait_status wait_in_queue(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
     detail::thread_waiter waiter;
     auto lock = queue_.lock();
-    if (ready_or_enqueue(waiter)) return wait_status::ok;
-    return queue_.wait(waiter, lock, cancel, deadline);
+    if (ready_or_enqueue(waiter)) {
+      lock.unlock();
+      wait_out_release();
+      return wait_status::ok;
+    }
+    const auto status = queue_.wait(waiter, lock, cancel, deadline);
+    // The done() that released this waiter is done with the group; one that
+    // took the count to zero again meanwhile may not be.
+    if (status == wait_status::ok) wait_out_release();
+    return status;
   }
 
   const char* const name_ = nullptr;  // interned, for the registry; null if unnamed

@@ -43,6 +43,7 @@ struct wait_group_access {
       waiter.release();  // owned by the queue until completed
       return;
     }
+    group.wait_out_release();  // the handler may destroy the group
     waiter_type::finish(std::move(waiter), wait_status::ok);
   }
 };
