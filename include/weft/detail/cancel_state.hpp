@@ -121,11 +121,7 @@ class cancel_state {
     if (!cancelled()) {
       std::lock_guard lock(mutex_);
       if (!cancelled_.load(std::memory_order_relaxed)) {
-        node.prev = tail_;
-        node.next = nullptr;
-        (tail_ != nullptr ? tail_->next : head_) = &node;
-        tail_ = &node;
-        node.linked = true;
+        link(node);
         return true;
       }
     }
@@ -168,16 +164,21 @@ class cancel_state {
 #if defined(__cpp_lib_jthread)
   // A std::stop_token that is stopped when this state is cancelled.
   std::stop_token std_stop_token() {
-    std::unique_lock lock(mutex_);
+    std::lock_guard lock(mutex_);
     if (!std_link_) {
       std_link_.emplace();
       std_link_->invoke = [](callback_node& node) noexcept {
         static_cast<std_source_link&>(node).source.request_stop();
       };
-      auto token = std_link_->source.get_token();
-      lock.unlock();
-      add_callback(*std_link_);
-      return token;
+      // Linked, or stopped, before the mutex is released: a cancel() that
+      // has returned found the link, and no caller gets the token of a
+      // cancelled state unstopped. Nothing is registered on the new source
+      // yet, so stopping it here runs no callback under the mutex.
+      if (cancelled_.load(std::memory_order_relaxed)) {
+        std_link_->source.request_stop();
+      } else {
+        link(*std_link_);
+      }
     }
     return std_link_->source.get_token();
   }
@@ -199,6 +200,15 @@ class cancel_state {
       child.unref();
     };
     parent.add_callback(parent_link_);
+  }
+
+  // With the mutex held, before the state is cancelled.
+  void link(callback_node& node) noexcept {
+    node.prev = tail_;
+    node.next = nullptr;
+    (tail_ != nullptr ? tail_->next : head_) = &node;
+    tail_ = &node;
+    node.linked = true;
   }
 
   void unlink(callback_node& node) noexcept {
