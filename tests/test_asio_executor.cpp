@@ -160,6 +160,7 @@ TEST_CASE("asio executor: a full queue makes post wait for room whatever the ove
         asio::post(pool.executor(), [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
       } catch (...) {
         thrown = std::current_exception();
+        ran_on_pool.set_value(false);
       }
     }};
     worker_gate.open();
