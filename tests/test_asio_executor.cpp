@@ -106,6 +106,21 @@ asio::awaitable<void> count_after_timer(std::atomic<int>& done) {
   done.fetch_add(1);
 }
 
+// Keeps the one worker of `pool` busy until `worker_gate` opens, with its
+// queue of one full.
+void fill_until_open(weft::worker_pool& pool, gate& worker_gate) {
+  // The task owns the promise: nothing on this stack is touched once the
+  // future is ready.
+  std::promise<void> busy;
+  auto started = busy.get_future();
+  pool.post([busy = std::move(busy), closed = worker_gate.closed]() mutable {
+    busy.set_value();
+    closed.wait();
+  });
+  started.wait();
+  pool.post([] {});
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -146,13 +161,7 @@ TEST_CASE("asio executor: a full queue makes post wait for room whatever the ove
     CAPTURE(static_cast<int>(policy));
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
     gate worker_gate;
-    std::latch busy{1};
-    pool.post([&busy, closed = worker_gate.closed] {
-      busy.count_down();
-      closed.wait();
-    });
-    busy.wait();
-    pool.post([] {});  // the queue is full
+    fill_until_open(pool, worker_gate);
     std::promise<bool> ran_on_pool;
     std::exception_ptr thrown;
     std::thread poster{[&] {
@@ -174,13 +183,7 @@ TEST_CASE("asio executor: work handed over while the pool shuts down is dropped,
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   gate worker_gate;
-  std::latch busy{1};
-  pool.post([&busy, closed = worker_gate.closed] {
-    busy.count_down();
-    closed.wait();
-  });
-  busy.wait();
-  pool.post([] {});  // the queue is full
+  fill_until_open(pool, worker_gate);
   weft::semaphore permits{1};
   permits.acquire(1);
   std::atomic<bool> granted{false};

@@ -180,6 +180,20 @@ class op_table {
   std::size_t next_ = 0;
 };
 
+// Until `stop`: cancels and replaces a random source of `chaos`, and emits a
+// random cancellation on a recent operation of `ops`, over and over.
+std::thread start_chaos(chaos_sources& chaos, op_table& ops, const std::atomic<bool>& stop,
+                        std::uint64_t seed) {
+  return std::thread([&chaos, &ops, &stop, seed] {
+    std::mt19937_64 rng{seed};
+    while (!stop.load()) {
+      chaos.cancel_and_replace(rng());
+      ops.emit_random(rng);
+      for (auto spins = rng() % 16; spins > 0; --spins) std::this_thread::yield();
+    }
+  });
+}
+
 // Holds the concurrently held amount, and counts any moment above the limit.
 struct occupancy {
   explicit occupancy(std::ptrdiff_t most) : limit(most) {}
@@ -408,14 +422,7 @@ TEST_CASE(
       for (auto& f : mine) futures.push_back(std::move(f));
     };
 
-    std::thread chaos_thread([&] {
-      std::mt19937_64 rng{seed ^ 0xc4a05u};
-      while (!stop.load()) {
-        sc.chaos.cancel_and_replace(rng());
-        ops.emit_random(rng);
-        for (auto spins = rng() % 16; spins > 0; --spins) std::this_thread::yield();
-      }
-    });
+    std::thread chaos_thread = start_chaos(sc.chaos, ops, stop, seed ^ 0xc4a05u);
     std::vector<std::thread> drivers;
     for (int t = 0; t < s.drivers; ++t)
       drivers.emplace_back(driver, seed + 7919u * static_cast<std::uint64_t>(t + 1));
@@ -591,14 +598,7 @@ TEST_CASE(
         }
       };
 
-      std::thread chaos_thread([&] {
-        std::mt19937_64 rng{seed ^ 0xc4a06u};
-        while (!stop.load()) {
-          chaos.cancel_and_replace(rng());
-          ops.emit_random(rng);
-          for (auto spins = rng() % 16; spins > 0; --spins) std::this_thread::yield();
-        }
-      });
+      std::thread chaos_thread = start_chaos(chaos, ops, stop, seed ^ 0xc4a06u);
       std::vector<std::thread> drivers;
       for (int t = 0; t < s.drivers; ++t)
         drivers.emplace_back(driver, seed + 104729u * static_cast<std::uint64_t>(t + 1));
@@ -858,14 +858,7 @@ TEST_CASE(
         producers_done.fetch_add(1);
       };
 
-      std::thread chaos_thread([&] {
-        std::mt19937_64 rng{seed ^ 0xc4a07u};
-        while (!stop.load()) {
-          chaos.cancel_and_replace(rng());
-          ops.emit_random(rng);
-          for (auto spins = rng() % 16; spins > 0; --spins) std::this_thread::yield();
-        }
-      });
+      std::thread chaos_thread = start_chaos(chaos, ops, stop, seed ^ 0xc4a07u);
       std::vector<std::thread> threads;
       for (int p = 0; p < producers; ++p)
         threads.emplace_back(producer, static_cast<std::uint64_t>(p));
