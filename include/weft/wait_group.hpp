@@ -162,8 +162,9 @@ class basic_wait_group {
 
   // True when the count is zero, once no release is under way.
   bool ready() const noexcept {
-    if (count_of(state_.load(std::memory_order_acquire)) != 0) return false;
-    wait_out_release();
+    const auto state = state_.load(std::memory_order_acquire);
+    if (count_of(state) != 0) return false;
+    if ((state & releasing_mark) != 0) wait_out_release();
     return true;
   }
 
