@@ -6,6 +6,7 @@
 // and leak checks that must fail use a short grace period, which is the
 // time the check is specified to wait.
 #include <weft/asio.hpp>
+#include <weft/detail/tick_clock.hpp>
 #include <weft/fan.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
@@ -531,4 +532,84 @@ TEST_CASE("registry: a coroutine in a group is listed with its spawn line, block
   } catch (const std::exception&) {  // the cancellation, reported
   }
   CHECK(tasks_at(line).empty());
+}
+
+namespace {
+
+std::int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Stops a test's tick_clock before it is destroyed.
+struct stopped_at_end {
+  weft::detail::tick_clock& clock;
+  ~stopped_at_end() { clock.stop(); }
+};
+
+}  // namespace
+
+TEST_CASE("tick_clock: reads never run ahead of steady_clock and never go back, on any thread" *
+          doctest::timeout(60)) {
+  weft::detail::tick_clock clock{{.tick = 1ms, .idle_ticks = 1000}};
+  const stopped_at_end stop{clock};
+  constexpr int threads = 4;
+  constexpr int reads = 200'000;
+  // Each thread hands the last time it read to the next, which must never
+  // read less afterwards.
+  std::atomic<std::int64_t> handed_over{0};
+  std::atomic<int> went_back{0};
+  std::atomic<int> ran_ahead{0};
+  std::latch start{threads};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < threads; ++t) {
+    readers.emplace_back([&] {
+      start.arrive_and_wait();
+      std::int64_t last = 0;
+      for (int i = 0; i < reads; ++i) {
+        const auto floor = std::max(last, handed_over.load(std::memory_order_acquire));
+        const auto now = clock.now_ns();
+        const auto steady = steady_now_ns();
+        if (now < floor) went_back.fetch_add(1);
+        if (now > steady) ran_ahead.fetch_add(1);
+        last = now;
+        if (i % 64 == 0) handed_over.store(now, std::memory_order_release);
+      }
+    });
+  }
+  for (auto& reader : readers) reader.join();
+  CHECK(went_back.load() == 0);
+  CHECK(ran_ahead.load() == 0);
+}
+
+TEST_CASE("tick_clock: the ticker parks when nobody reads, and a read wakes it without going back" *
+          doctest::timeout(60)) {
+  weft::detail::tick_clock clock{{.tick = 1ms, .idle_ticks = 2}};
+  const stopped_at_end stop{clock};
+  for (int round = 0; round < 3; ++round) {
+    const auto before = clock.now_ns();
+    // Parking is what the ticker does after two ticks without a read.
+    while (!clock.parked()) std::this_thread::yield();
+    const auto floor = steady_now_ns();
+    const auto ticks = clock.ticks();
+    const auto woken = clock.now_ns();
+    CHECK(woken >= before);
+    // A parked ticker publishes nothing: the read took steady_clock's time.
+    CHECK(woken >= floor);
+    // And woke the ticker, which ticks again (the test times out if not).
+    while (clock.ticks() == ticks) std::this_thread::yield();
+  }
+}
+
+TEST_CASE("tick_clock: after stop, reads take steady_clock's time" * doctest::timeout(60)) {
+  weft::detail::tick_clock clock{{.tick = 1h, .idle_ticks = 1000}};
+  const auto first = clock.now_ns();
+  clock.stop();
+  // With a tick of an hour, only reads that go to steady_clock move.
+  const auto floor = steady_now_ns();
+  const auto later = clock.now_ns();
+  CHECK(later >= floor);
+  CHECK(later >= first);
+  clock.stop();  // a second stop is harmless
 }

@@ -32,7 +32,10 @@
 //  - A snapshot is not atomic: it reads each queue and each thread in turn.
 //    A task that starts or ends while it is taken may be left out; a task
 //    that moves from its queue to a thread is listed once.
-//  - Times come from the coarse monotonic clock (the kernel tick, 1-4 ms).
+//  - Times are steady_clock's, read from a copy that a thread of weft's
+//    refreshes every 4 ms while tasks are spawned (detail/tick_clock.hpp),
+//    so a time may be up to a tick early (an age up to 4 ms long); ages
+//    are measured against steady_clock::now().
 //  - live_count() and spawned_total() are sums of per-thread counters, read
 //    without stopping anyone: exact when nothing runs, close otherwise.
 //
@@ -223,7 +226,7 @@ inline bool enabled() noexcept { return detail::tracking(); }
 // oldest; a goroutine dump for people.
 inline void dump(std::ostream& out) {
   const auto tasks = snapshot();
-  const auto now = detail_registry::from_ns(detail::coarse_now_ns());
+  const auto now = task_info::clock::now();
   using key = std::tuple<std::string, std::uint32_t, std::string, std::string, task_state, std::string>;
   struct group {
     std::size_t count = 0;
@@ -258,7 +261,7 @@ inline void dump(std::ostream& out) {
 // ages in milliseconds.
 inline void dump_json(std::ostream& out) {
   const auto tasks = snapshot();
-  const auto now = detail_registry::from_ns(detail::coarse_now_ns());
+  const auto now = task_info::clock::now();
   const auto ms = [&](task_info::clock::time_point since) {
     return std::chrono::duration_cast<std::chrono::milliseconds>(now - since).count();
   };
@@ -430,7 +433,7 @@ class watchdog {
   void check(std::unordered_set<std::uint64_t>& reported) {
     try {
       const auto tasks = registry::snapshot();
-      const auto now = registry::detail_registry::from_ns(detail::coarse_now_ns());
+      const auto now = task_info::clock::now();
       std::unordered_set<std::uint64_t> live;
       for (const task_info& task : tasks) {
         live.insert(task.id);

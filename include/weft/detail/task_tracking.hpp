@@ -29,28 +29,31 @@
 //    fills the cell only after it has seen the slot freed, so a copy that
 //    read any of its values sees the sequence changed.
 //  - A frame has its own version, odd while its owner rewrites it. Popping a
-//    frame clears its id under the version, so a reader that loaded the old
-//    depth reads an empty frame, not a finished task.
+//    frame stores 0 in its id and changes nothing else, so a reader that
+//    loaded the old depth reads either an empty frame or, whole, the task
+//    that just ended (as if it had read before the end).
 //  - A task moves from a queue to a frame before its slot is freed (or
 //    before the overflow lock is released), and a snapshot reads the queues
 //    before the threads: a task that moves while a snapshot runs may be seen
 //    twice (the registry keeps one), never missed.
 //
 // Cost when tracking is on: at spawn, an id from a per-thread block, a read
-// of the coarse monotonic clock (about 4 ns; the registry's times have the
-// kernel tick's resolution, 1-4 ms) and the record into the slot's cell:
-// the id beside the task, the rest compared with what the slot held and
-// stored only where it differs (see origin_cell); at start, the loads of
-// the cell, a second clock read and a frame push on the thread's own cache
-// lines. Together 12-15 ns of CPU time per pool task, about 6 of them the
-// worker's (registry_pool_one_cpu in benchmarks/registry_bench.cpp, on a
-// 2.1 GHz KVM guest). When switched off at run time: one relaxed load per
+// of the tick clock (a load: see tick_clock.hpp; the registry's times are
+// up to its 4 ms tick early) and the record into the slot's cell: the id
+// beside the task, the rest compared with what the slot held and stored
+// only where it differs (see origin_cell); at start, the loads of the cell,
+// a second clock read and a frame push on the thread's own cache lines,
+// which writes only the origin and the time (see task_frame). Together
+// about 7 ns of CPU time per pool task: 44 ns against 37 compiled out in
+// registry_pool_one_cpu (benchmarks/registry_bench.cpp, on a 2.1 GHz KVM
+// guest). When switched off at run time: one relaxed load per
 // spawn, and an id of 0 stored beside the task. With WEFT_NO_REGISTRY
 // defined, the cells are empty and every hook compiles to nothing.
 #pragma once
 
 #include <weft/config.hpp>
 #include <weft/detail/bounded_ring.hpp>
+#include <weft/detail/tick_clock.hpp>
 #include <weft/spawn_site.hpp>
 
 #include <algorithm>
@@ -67,10 +70,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <time.h>
-#endif
-
 namespace weft::detail {
 
 #if defined(WEFT_NO_REGISTRY)
@@ -85,18 +84,6 @@ inline std::atomic<bool> tracking_enabled{true};
 inline bool tracking() noexcept { return registry_compiled && tracking_enabled.load(std::memory_order_relaxed); }
 
 enum class tracked_state : std::uint8_t { queued, running, blocked };
-
-// Nanoseconds on the steady clock's scale, at the kernel tick's resolution.
-inline std::int64_t coarse_now_ns() noexcept {
-#if defined(__linux__) && defined(CLOCK_MONOTONIC_COARSE)
-  timespec now{};
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
-  return static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
-#else
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-#endif
-}
 
 // What is known about a task from its spawn on. id 0: not tracked.
 struct task_origin {
@@ -203,10 +190,13 @@ class task_source {
 };
 
 // A running (or blocked) task on a thread; written by that thread only.
+// Outside a blocked_scope a frame says running and blocked on nothing (the
+// scope puts them back as it ends), so pushing a task rewrites only its
+// origin and its time.
 struct task_frame {
   std::atomic<std::uint32_t> version{0};  // odd while the owner rewrites the frame
   origin_cell origin;
-  std::atomic<std::uint8_t> state{0};
+  std::atomic<std::uint8_t> state{static_cast<std::uint8_t>(tracked_state::running)};
   std::atomic<const char*> blocked_kind{nullptr};
   std::atomic<const char*> blocked_name{nullptr};
   std::atomic<std::int64_t> since_ns{0};
@@ -335,7 +325,7 @@ inline task_origin make_origin(const spawn_site& site, const char* name) noexcep
   origin.function = site.function();
   origin.line = site.line();
   origin.name = name;
-  origin.spawned_ns = coarse_now_ns();
+  origin.spawned_ns = registry_clock.now_ns();
   return origin;
 }
 
@@ -424,10 +414,7 @@ class running_scope {
     }
     rewrite(tasks->frames[depth], [&](task_frame& frame) {
       frame.origin.store(origin);
-      frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
-      frame.blocked_kind.store(nullptr, std::memory_order_release);
-      frame.blocked_name.store(nullptr, std::memory_order_release);
-      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
     });
     tasks->depth.store(depth + 1, std::memory_order_release);
   }
@@ -450,7 +437,7 @@ class running_scope {
     }
     const auto depth = tasks->depth.load(std::memory_order_relaxed) - 1;
     tasks->depth.store(depth, std::memory_order_release);
-    rewrite(tasks->frames[depth], [](task_frame& frame) { frame.origin.id.store(0, std::memory_order_release); });
+    tasks->frames[depth].origin.id.store(0, std::memory_order_release);
   }
 
  private:
@@ -478,7 +465,7 @@ class blocked_scope {
       frame.state.store(static_cast<std::uint8_t>(tracked_state::blocked), std::memory_order_release);
       frame.blocked_kind.store(kind, std::memory_order_release);
       frame.blocked_name.store(name, std::memory_order_release);
-      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
     });
   }
 
@@ -491,7 +478,7 @@ class blocked_scope {
       frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
       frame.blocked_kind.store(nullptr, std::memory_order_release);
       frame.blocked_name.store(nullptr, std::memory_order_release);
-      frame.since_ns.store(coarse_now_ns(), std::memory_order_release);
+      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
     });
   }
 
