@@ -54,8 +54,10 @@ class tick_clock {
  public:
   struct settings {
     std::chrono::nanoseconds tick{std::chrono::milliseconds{4}};
-    // Ticks with no read before the ticker parks: a second, by default.
-    std::uint32_t idle_ticks = 250;
+    // Ticks with no read before the ticker parks: a tenth of a second, so
+    // that a service spawning a task now and then does not keep it awake
+    // (the read that wakes it pays for a system call).
+    std::uint32_t idle_ticks = 25;
   };
 
   constexpr tick_clock() noexcept = default;
