@@ -36,7 +36,11 @@
 // on it is undefined (checked by WEFT_ASSERT); values still buffered are
 // destroyed with it.
 //
-// Thread safety: every member may be called concurrently.
+// Thread safety: every member may be called concurrently. A waiter may
+// destroy the channel as soon as its operation returns, even while the
+// send, receive or close that let it through is still returning (Go's
+// one-shot reply channel: the destructor waits the few instructions until
+// that operation has stopped touching the channel).
 //
 // Memory ordering: a send happens-before the receive that takes its value.
 //
@@ -67,6 +71,7 @@
 #include <iterator>
 #include <optional>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -187,6 +192,15 @@ class basic_channel {
   basic_channel(const basic_channel&) = delete;
   basic_channel& operator=(const basic_channel&) = delete;
 
+  // Waits for the operations that let a waiter through to stop touching the
+  // channel (see begin_waking): for a few instructions, or a lock and a
+  // queue walk.
+  ~basic_channel() {
+    for (detail::backoff pause; wakers_.load(std::memory_order_acquire) != 0;) {
+      if (!pause.wait()) std::this_thread::yield();
+    }
+  }
+
   std::size_t capacity() const noexcept { return capacity_; }
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
   bool closed() const noexcept { return ring_.closed(); }
@@ -242,7 +256,6 @@ class basic_channel {
     T value;
     if (!fast_pop(value)) return out;
     out.emplace(std::move(value));
-    after_pop();
     return out;
   }
 
@@ -271,8 +284,12 @@ class basic_channel {
   // closed, receivers take what is left and then see the end. Returns false
   // if the channel was already closed.
   bool close() noexcept {
-    if (!ring_.close()) return false;
-    detail::completion_list woken;
+    detail::completion_list woken;  // completed last: a woken waiter may destroy the channel
+    begin_waking();                 // a waiter that sees the close may return and destroy it
+    if (!ring_.close()) {
+      end_waking();
+      return false;
+    }
     {
       auto lock = receivers_.lock();
       while (detail::wait_node* node = receivers_.front()) {
@@ -299,6 +316,7 @@ class basic_channel {
       while (detail::wait_node* node = senders_.front()) close_waiter(senders_, *node, woken);
       senders_waiting_.store(false, std::memory_order_relaxed);
     }
+    end_waking();
     return true;
   }
 
@@ -376,33 +394,74 @@ class basic_channel {
 
   // ---- buffered: the ring, and the hand-over to queued waiters ----
 
-  // Skips the ring while others wait, so a queued waiter is not overtaken.
-  bool fast_push(T& value) noexcept {
-    return !senders_waiting_.load(std::memory_order_relaxed) && ring_.try_push(value);
-  }
-  bool fast_pop(T& value) noexcept {
-    return !receivers_waiting_.load(std::memory_order_relaxed) && ring_.try_pop(value);
+  // A waiter may destroy the channel as soon as its operation returns, and
+  // the operation that let it through (a push, a pop, a close) may still be
+  // returning. So such an operation decides, before the step that lets a
+  // waiter through (publishing a value, freeing a slot, closing), whether it
+  // will touch the channel after that step; if it will, it counts itself in
+  // wakers_ first and out when it is done, and the destructor waits for
+  // wakers_ to come back to zero. The waiters it completes are completed
+  // after that, as they touch only their own nodes. A fast push or pop that
+  // finds nobody to wake touches nothing after its step, and pays nothing.
+  void begin_waking() noexcept { wakers_.fetch_add(1, std::memory_order_relaxed); }
+  void end_waking() noexcept { wakers_.fetch_sub(1, std::memory_order_release); }
+
+  // For a ring push or pop that will touch the channel afterwards: begins
+  // waking once the slot is claimed (a failed attempt owes nothing).
+  auto waking_hook() noexcept {
+    return [this](auto&, std::uint64_t) noexcept { begin_waking(); };
   }
 
-  // After a push: a receiver may wait for it. Queued waiters registered
-  // their mark (seq_cst) before they looked at the ring's claim counters, and
-  // the push claimed its slot with a seq_cst compare-and-swap, so either the
-  // waiter saw the claim (and did not queue) or this load sees its mark.
-  void after_push() noexcept {
-    while (receivers_waiting_.load(std::memory_order_seq_cst) && feed_receivers() &&
-           senders_waiting_.load(std::memory_order_seq_cst) && admit_senders()) {
-    }
+  // Pushes and then feeds the receivers that wait, if any. Skips the ring
+  // while senders wait, so a queued sender is not overtaken. Queued
+  // receivers registered their mark (seq_cst) before they looked at the
+  // ring's claim counters, and the push claims its slot with a seq_cst
+  // compare-and-swap before it reads the mark, so either the receiver saw
+  // the claim (and did not queue) or the push sees its mark.
+  bool fast_push(T& value) noexcept {
+    if (senders_waiting_.load(std::memory_order_relaxed)) return false;
+    bool waking = false;
+    const bool pushed = ring_.try_push(value, [&](auto&, std::uint64_t) noexcept {
+      waking = receivers_waiting_.load(std::memory_order_seq_cst);
+      if (waking) begin_waking();
+    });
+    if (waking) finish_push();
+    return pushed;
   }
-  void after_pop() noexcept {
-    while (senders_waiting_.load(std::memory_order_seq_cst) && admit_senders() &&
-           receivers_waiting_.load(std::memory_order_seq_cst) && feed_receivers()) {
+
+  // Pops and then admits the senders that wait, if any (as fast_push).
+  bool fast_pop(T& value) noexcept {
+    if (receivers_waiting_.load(std::memory_order_relaxed)) return false;
+    bool waking = false;
+    const bool popped = ring_.try_pop(value, [&](auto&, std::uint64_t) noexcept {
+      waking = senders_waiting_.load(std::memory_order_seq_cst);
+      if (waking) begin_waking();
+    });
+    if (waking) finish_pop();
+    return popped;
+  }
+
+  // What a push owes, by a thread that began waking before the push
+  // published its value: the receivers that wait are fed, then the senders
+  // that wait admitted into the room that made, and so on.
+  void finish_push() noexcept {
+    detail::completion_list woken;
+    while (receivers_waiting_.load(std::memory_order_seq_cst) && feed_receivers(woken) &&
+           senders_waiting_.load(std::memory_order_seq_cst) && admit_senders(woken)) {
     }
+    end_waking();
+  }
+  void finish_pop() noexcept {
+    detail::completion_list woken;
+    while (senders_waiting_.load(std::memory_order_seq_cst) && admit_senders(woken) &&
+           receivers_waiting_.load(std::memory_order_seq_cst) && feed_receivers(woken)) {
+    }
+    end_waking();
   }
 
   // Hands ring values to queued receivers, oldest first; wakes queued
   // selects to look again. Returns true if it popped anything.
-  bool feed_receivers() noexcept {
-    detail::completion_list fed;
+  bool feed_receivers(detail::completion_list& fed) noexcept {
     bool popped = false;
     auto lock = receivers_.lock();
     for (detail::wait_node* node = receivers_.front(); node != nullptr;) {
@@ -425,8 +484,7 @@ class basic_channel {
 
   // Moves queued senders' values into the ring, oldest first; wakes queued
   // selects to look again. Returns true if it pushed anything.
-  bool admit_senders() noexcept {
-    detail::completion_list admitted;
+  bool admit_senders(detail::completion_list& admitted) noexcept {
     bool pushed = false;
     auto lock = senders_.lock();
     for (detail::wait_node* node = senders_.front(); node != nullptr;) {
@@ -523,9 +581,7 @@ class basic_channel {
       auto lock = receivers_.lock();
       return !ring_.closed() && give_to_receiver(value, done);
     }
-    if (!fast_push(value)) return false;
-    after_push();
-    return true;
+    return fast_push(value);
   }
 
   template <class WaitClock, class Duration>
@@ -533,16 +589,10 @@ class basic_channel {
                          const std::chrono::time_point<WaitClock, Duration>* deadline) {
     if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
     if (rendezvous()) return send_queued(value, cancel, deadline);
-    if (fast_push(value)) {
-      after_push();
-      return wait_status::ok;
-    }
+    if (fast_push(value)) return wait_status::ok;
     for (detail::backoff pause; pause.wait();) {
       if (ring_.closed()) return wait_status::closed;
-      if (fast_push(value)) {
-        after_push();
-        return wait_status::ok;
-      }
+      if (fast_push(value)) return wait_status::ok;
     }
     return send_queued(value, cancel, deadline);
   }
@@ -569,10 +619,10 @@ class basic_channel {
         senders_waiting_.store(!senders_.empty(), std::memory_order_relaxed);
         return wait_status::closed;
       }
-      if (ring_.try_push(value)) {
+      if (ring_.try_push(value, waking_hook())) {
         senders_waiting_.store(!senders_.empty(), std::memory_order_relaxed);
         lock.unlock();
-        after_push();
+        finish_push();
         return wait_status::ok;
       }
       if (ring_.full()) break;
@@ -597,10 +647,10 @@ class basic_channel {
     for (;;) {
       receivers_waiting_.store(true, std::memory_order_seq_cst);
       T value;
-      if (ring_.try_pop(value)) {
+      if (ring_.try_pop(value, waking_hook())) {
         receivers_waiting_.store(!receivers_.empty(), std::memory_order_relaxed);
         lock.unlock();
-        after_pop();
+        finish_pop();
         out.emplace(std::move(value));
         return wait_status::ok;
       }
@@ -640,15 +690,9 @@ class basic_channel {
     if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
     if (!rendezvous()) {
       T value;
-      if (fast_pop(value)) {
-        after_pop();
-        return recv_result<T>{std::move(value)};
-      }
+      if (fast_pop(value)) return recv_result<T>{std::move(value)};
       for (detail::backoff pause; pause.wait();) {
-        if (fast_pop(value)) {
-          after_pop();
-          return recv_result<T>{std::move(value)};
-        }
+        if (fast_pop(value)) return recv_result<T>{std::move(value)};
         if (ring_.closed() && !ring_.claimed_unpopped()) break;
       }
     }
@@ -709,6 +753,9 @@ class basic_channel {
   std::atomic<std::uint64_t> handed_over_{0};  // rendezvous sends, under receivers_'s mutex
   std::atomic<std::int64_t> send_blocked_ns_{0};
   std::atomic<std::int64_t> recv_blocked_ns_{0};
+  // Operations that let a waiter through and still touch the channel (see
+  // begin_waking).
+  std::atomic<std::uint32_t> wakers_{0};
 };
 
 template <class T>

@@ -9,7 +9,8 @@
 // standard C++ analogue.
 //
 //   weft::resource_pool<pg_connection> db{
-//       {.max_open = 20, .max_idle = 10, .max_lifetime = 30min, .max_idle_time = 5min, .name = "db"},
+//       {.max_open = 20, .max_idle = 10, .max_lifetime = 30min, .max_idle_time = 5min, .name =
+//       "db"},
 //       [] { return pg_connection{conninfo}; },       // open
 //       [](pg_connection& c) { c.close(); },           // close
 //       [](pg_connection& c) { return c.healthy(); }}; // validate, on checkout
@@ -63,7 +64,10 @@
 // Thread safety: every member may be called concurrently. A lease is used
 // by one thread at a time and may move between threads. Destroying the pool
 // while a lease is out or a thread waits is undefined (checked by
-// WEFT_ASSERT); the destructor closes the idle resources.
+// WEFT_ASSERT); the destructor closes the idle resources. A waiter may
+// destroy the pool as soon as it has taken and returned its lease, even
+// while the return that let it through is still returning (draining a pool
+// by acquiring every slot is safe).
 //
 // Cost: an acquire or a return is a semaphore operation (one
 // compare-and-swap when nobody waits) plus one critical section of a few
@@ -76,6 +80,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
+#include <weft/detail/backoff.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/wait_status.hpp>
@@ -92,6 +97,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -220,6 +226,9 @@ class basic_resource_pool {
   basic_resource_pool& operator=(const basic_resource_pool&) = delete;
 
   ~basic_resource_pool() {
+    for (detail::backoff pause; returning_.load(std::memory_order_acquire) != 0;) {
+      if (!pause.wait()) std::this_thread::yield();
+    }
     entry_list idle;
     {
       std::lock_guard lock(mutex_);
@@ -582,11 +591,15 @@ class basic_resource_pool {
     debt_.store(debt, std::memory_order_relaxed);
   }
 
-  // Gives a slot back to the semaphore (see collect_debt).
+  // Gives a slot back to the semaphore (see collect_debt). The release may
+  // let a waiter take the slot, return it and destroy the pool while this
+  // still reads the debt: the destructor waits for returning_ to be zero.
   void return_slot() noexcept {
+    returning_.fetch_add(1, std::memory_order_relaxed);
     slots_.release(1);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (debt_.load(std::memory_order_relaxed) != 0) collect_debt();
+    returning_.fetch_sub(1, std::memory_order_release);
   }
 
   // The caller holds a slot: hand it an idle resource or a new one.
@@ -704,6 +717,7 @@ class basic_resource_pool {
   // Slots to hold back as they come free (max_open was lowered); written
   // under mutex_, read without it by return_slot.
   std::atomic<std::size_t> debt_{0};
+  std::atomic<std::uint32_t> returning_{0};  // return_slot calls under way
   std::uint64_t max_idle_closed_ = 0;
   std::uint64_t max_idle_time_closed_ = 0;
   std::uint64_t max_lifetime_closed_ = 0;

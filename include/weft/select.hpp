@@ -132,7 +132,7 @@ class recv_case : public channel_case<recv_case<T, Clock, F>, T, Clock> {
     }
     ch.receivers_waiting_.store(true, std::memory_order_seq_cst);
     T value;
-    if (ch.ring_.try_pop(value)) {
+    if (ch.ring_.try_pop(value, ch.waking_hook())) {
       value_.emplace(std::move(value));
       popped_ = true;
       return case_readiness::ready;
@@ -154,9 +154,10 @@ class recv_case : public channel_case<recv_case<T, Clock, F>, T, Clock> {
     if (!channel_->rendezvous()) channel_->receivers_waiting_.store(!queue().empty(), std::memory_order_relaxed);
   }
 
-  // After every lock is released: what the operation owes the channel.
+  // After every lock is released: what the operation owes the channel,
+  // which it has been waking since the pop (see basic_channel::begin_waking).
   void after_unlock() noexcept {
-    if (popped_) channel_->after_pop();
+    if (popped_) channel_->finish_pop();
   }
 
   void finish() { std::invoke(handler_, std::move(value_)); }
@@ -200,7 +201,7 @@ class send_case : public channel_case<send_case<T, Clock, F>, T, Clock> {
       return ch.give_to_receiver(*value_, done) ? case_readiness::ready : case_readiness::not_ready;
     }
     ch.senders_waiting_.store(true, std::memory_order_seq_cst);
-    if (ch.ring_.try_push(*value_)) {
+    if (ch.ring_.try_push(*value_, ch.waking_hook())) {
       pushed_ = true;
       return case_readiness::ready;
     }
@@ -212,7 +213,7 @@ class send_case : public channel_case<send_case<T, Clock, F>, T, Clock> {
   }
 
   void after_unlock() noexcept {
-    if (pushed_) channel_->after_push();
+    if (pushed_) channel_->finish_push();
   }
 
   void finish() {

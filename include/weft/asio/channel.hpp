@@ -75,14 +75,15 @@ struct channel_access {
     waiter->context = &result.slot;
     waiter->watch_cancellation();
     if (!channel.rendezvous() && channel.fast_push(result.value)) {
-      channel.after_push();
       return waiter_type::finish(std::move(waiter), wait_status::ok);
     }
     auto lock = queue.lock();
-    if (const auto finished = channel.send_or_enqueue(result.value, *waiter, lock)) {
-      return waiter_type::finish(std::move(waiter), *finished);
+    const auto finished = channel.send_or_enqueue(result.value, *waiter, lock);
+    if (!finished) {
+      waiter.release();  // owned by the queue until completed
+      return;
     }
-    waiter.release();  // owned by the queue until completed
+    finish_unlocked(std::move(waiter), *finished, lock);
   }
 
   template <class Handler>
@@ -97,16 +98,27 @@ struct channel_access {
     if (!channel.rendezvous()) {
       T value;
       if (channel.fast_pop(value)) {
-        channel.after_pop();
         result.incoming.emplace(std::move(value));
         return waiter_type::finish(std::move(waiter), wait_status::ok);
       }
     }
     auto lock = queue.lock();
-    if (const auto finished = channel.recv_or_enqueue(result.incoming, *waiter, lock)) {
-      return waiter_type::finish(std::move(waiter), *finished);
+    const auto finished = channel.recv_or_enqueue(result.incoming, *waiter, lock);
+    if (!finished) {
+      waiter.release();  // owned by the queue until completed
+      return;
     }
-    waiter.release();  // owned by the queue until completed
+    finish_unlocked(std::move(waiter), *finished, lock);
+  }
+
+ private:
+  // The completion may run on another thread at once and destroy the
+  // channel: the queue's lock is released first.
+  template <class Waiter>
+  static void finish_unlocked(std::unique_ptr<Waiter> waiter, wait_status status,
+                              detail::wait_queue::lock_type& lock) {
+    if (lock.owns_lock()) lock.unlock();
+    Waiter::finish(std::move(waiter), status);
   }
 };
 

@@ -96,23 +96,17 @@ class cancel_state {
   std::exception_ptr exception() const noexcept { return exception_; }
   bool by_deadline() const noexcept { return code_ == errc::deadline_exceeded; }
 
-  // Returns true when this call cancelled the state, false when it already was.
+  // Returns true when this call cancelled the state, false when it already
+  // was. A waiter that sees the cancel may drop what it holds at once (its
+  // cancel_source among them, on which this may have been called): the
+  // call holds a reference of its own until it is done with the state. It
+  // takes none from a state already being destroyed, whose destructor waits
+  // for this call (a deadline's timer, or the parent's link, firing).
   bool cancel(std::error_code code, std::exception_ptr exception = nullptr) noexcept {
-    std::unique_lock lock(mutex_);
-    if (cancelled_.load(std::memory_order_relaxed)) return false;
-    code_ = code;
-    exception_ = std::move(exception);
-    cancelled_.store(true, std::memory_order_release);
-    while (head_ != nullptr) {
-      callback_node* node = head_;
-      unlink(*node);
-      tracker_.begin(node);
-      lock.unlock();
-      node->invoke(*node);
-      lock.lock();
-      tracker_.end();
-    }
-    return true;
+    const bool referenced = try_ref();
+    const bool first = cancel_referenced(code, std::move(exception));
+    if (referenced) unref();
+    return first;
   }
 
   // Links `node`, or invokes it at once (on this thread) when already
@@ -185,6 +179,24 @@ class cancel_state {
 #endif
 
  private:
+  bool cancel_referenced(std::error_code code, std::exception_ptr exception) noexcept {
+    std::unique_lock lock(mutex_);
+    if (cancelled_.load(std::memory_order_relaxed)) return false;
+    code_ = code;
+    exception_ = std::move(exception);
+    cancelled_.store(true, std::memory_order_release);
+    while (head_ != nullptr) {
+      callback_node* node = head_;
+      unlink(*node);
+      tracker_.begin(node);
+      lock.unlock();
+      node->invoke(*node);
+      lock.lock();
+      tracker_.end();
+    }
+    return true;
+  }
+
   struct parent_link : callback_node {
     cancel_state* child = nullptr;
   };
