@@ -36,13 +36,17 @@
 // visible to a callback, and to any thread that sees cancelled() == true.
 //
 // Thread safety: every member of both classes may be called concurrently on
-// the same or different objects; copies share one state.
+// the same or different objects; copies share one state. A thread that sees
+// the cancel (its wait returns, cancelled() is true) may destroy its source
+// at once, even while the cancel() called on that very source is still
+// returning: cancel() keeps the state alive until it is done.
 //
 // Cost: a source allocates its state once (one allocation, ~100 bytes);
 // tokens copy with one atomic increment; cancelled() is one acquire load;
 // on_cancel allocates nothing (the registration holds the callback inline)
 // and takes the state's mutex once; cancel() takes it once plus once per
-// callback. A deadline adds one timer-heap entry.
+// callback, and a reference for as long as it runs. A deadline adds one
+// timer-heap entry.
 //
 // Example:
 //   weft::cancel_source request = weft::with_timeout(server_token, 2s);

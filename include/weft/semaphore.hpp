@@ -31,7 +31,10 @@
 // Thread safety: every member may be called concurrently. Destroying the
 // semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
 // pending async waits are destroyed without being completed, as Asio does at
-// shutdown.
+// shutdown. A waiter may destroy it as soon as its acquire returns, even
+// while the release that let it through is still returning: a release no
+// longer touches the semaphore once a waiter it let through can return
+// (stress_lifetime.cpp checks this).
 //
 // Memory ordering: a release() happens-before the acquire() it satisfies.
 //
