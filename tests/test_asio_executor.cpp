@@ -14,6 +14,7 @@
 // group posts to the coroutine's executor, cannot run beside the coroutine.
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
+#include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/task_group.hpp>
 #include <weft/wait_group.hpp>
@@ -181,7 +182,7 @@ TEST_CASE("asio executor: a full queue makes post wait for room whatever the ove
 
 TEST_CASE("asio executor: work handed over while the pool shuts down is dropped, never thrown" *
           doctest::timeout(30)) {
-  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .name = "target"}};
   gate worker_gate;
   fill_until_open(pool, worker_gate);
   weft::semaphore permits{1};
@@ -192,19 +193,28 @@ TEST_CASE("asio executor: work handed over while the pool shuts down is dropped,
       asio::bind_executor(pool.executor(), [&](error_code, weft::permit) { granted = true; }));
   std::atomic<bool> posted_ran{false};
   std::exception_ptr thrown;
-  std::thread poster{[&] {
+  // The poster is a task of its own pool, so that the registry shows when
+  // it waits for room: a post that found room before the shutdown would be
+  // taken, and run, as the shutdown drains the queue.
+  weft::worker_pool posters{{.workers = 1, .name = "poster"}};
+  auto posted = posters.submit([&] {
     try {
-      // Each waits for room until the shutdown below, or finds the pool
-      // shut down: either way its work is dropped.
-      asio::post(pool.executor(), [&] { posted_ran = true; });
-      permits.release(1);  // completes the async_acquire: its completion goes to the pool
+      asio::post(pool.executor(), [&] { posted_ran = true; });  // waits for room until the shutdown
+      permits.release(1);  // completes the async_acquire: its completion goes to the shut-down pool
     } catch (...) {
       thrown = std::current_exception();
     }
-  }};
+  });
+  const auto waiting_for_room = [] {
+    for (const auto& task : weft::registry::snapshot()) {
+      if (task.name == "poster" && task.blocked_on == "worker_pool \"target\" post") return true;
+    }
+    return false;
+  };
+  while (!waiting_for_room()) std::this_thread::yield();
   pool.shutdown();
+  posted.get();
   worker_gate.open();
-  poster.join();
   pool.join();
   CHECK(message_of(thrown) == "no exception");
   CHECK_FALSE(posted_ran.load());
