@@ -2,6 +2,10 @@
 // Helpers shared by weft's tests.
 #pragma once
 
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
 #include <thread>
 
 namespace weft_test {
@@ -38,5 +42,36 @@ template <class Condition>
 void spin_until(Condition condition) {
   while (!condition()) std::this_thread::yield();
 }
+
+// A reusable barrier on a mutex and a condition variable. Not std::barrier:
+// libc++'s changes phase inside the uninstrumented libc++.so, so
+// ThreadSanitizer would not see the hand-off it makes.
+class round_barrier {
+ public:
+  explicit round_barrier(std::size_t parties) : parties_(parties) {}
+
+  round_barrier(const round_barrier&) = delete;
+  round_barrier& operator=(const round_barrier&) = delete;
+
+  void arrive_and_wait() {
+    std::unique_lock lock(mutex_);
+    const std::uint64_t phase = phase_;
+    if (++arrived_ == parties_) {
+      arrived_ = 0;
+      ++phase_;
+      lock.unlock();
+      changed_.notify_all();
+      return;
+    }
+    changed_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  const std::size_t parties_;
+  std::size_t arrived_ = 0;
+  std::uint64_t phase_ = 0;
+};
 
 }  // namespace weft_test

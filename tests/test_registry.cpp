@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <barrier>
 #include <chrono>
 #include <cstdint>
 #include <future>
@@ -35,6 +34,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "support.hpp"
 
 using namespace std::chrono_literals;
 
@@ -550,10 +551,10 @@ struct stopped_at_end {
 };
 
 // Readers on `threads` threads read `clock` in `rounds` bursts; between
-// bursts, when `park_between` says so, they wait for the ticker to park, so
-// that each burst starts with every reader racing to wake it. Returns how
-// many reads went back (below one that happened before them) or ran ahead
-// of steady_clock.
+// bursts, when `park_between` says so, this thread waits for the ticker to
+// park, so that each burst starts with every reader racing to wake it.
+// Returns how many reads went back (below one that happened before them) or
+// ran ahead of steady_clock.
 int misread_times(weft::detail::tick_clock& clock, int rounds, bool park_between) {
   constexpr int threads = 4;
   constexpr int reads_per_round = 2'000;
@@ -561,15 +562,8 @@ int misread_times(weft::detail::tick_clock& clock, int rounds, bool park_between
   // read less afterwards.
   std::atomic<std::int64_t> handed_over{0};
   std::atomic<int> misread{0};
-  // Before the first burst nothing has read the clock: its ticker has not
-  // started, and will not park.
-  bool first_burst = true;
-  std::barrier burst_start{threads, [&]() noexcept {
-                             if (park_between && !first_burst) {
-                               while (!clock.parked()) std::this_thread::yield();
-                             }
-                             first_burst = false;
-                           }};
+  weft_test::round_barrier burst_start{threads + 1};
+  weft_test::round_barrier burst_end{threads + 1};
   std::vector<std::thread> readers;
   for (int t = 0; t < threads; ++t) {
     readers.emplace_back([&] {
@@ -584,8 +578,18 @@ int misread_times(weft::detail::tick_clock& clock, int rounds, bool park_between
           last = now;
           if (i % 64 == 0) handed_over.store(now, std::memory_order_release);
         }
+        burst_end.arrive_and_wait();
       }
     });
+  }
+  for (int round = 0; round < rounds; ++round) {
+    // Before the first burst nothing has read the clock: its ticker has not
+    // started, and will not park.
+    if (park_between && round != 0) {
+      while (!clock.parked()) std::this_thread::yield();
+    }
+    burst_start.arrive_and_wait();
+    burst_end.arrive_and_wait();
   }
   for (auto& reader : readers) reader.join();
   return misread.load();

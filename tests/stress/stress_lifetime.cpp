@@ -142,31 +142,6 @@ void await(const std::atomic<bool>& flag) {
   while (!flag.load(std::memory_order_acquire)) std::this_thread::yield();
 }
 
-// A reusable barrier for a lane's threads. (Not std::barrier: libc++'s
-// synchronises through fences, which ThreadSanitizer does not see.)
-class lane_barrier {
- public:
-  explicit lane_barrier(int parties) : parties_(parties) {}
-  void arrive_and_wait() {
-    std::unique_lock lock(mutex_);
-    const auto generation = generation_;
-    if (++arrived_ == parties_) {
-      arrived_ = 0;
-      ++generation_;
-      changed_.notify_all();
-      return;
-    }
-    changed_.wait(lock, [&] { return generation_ != generation; });
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  const int parties_;
-  int arrived_ = 0;
-  std::uint64_t generation_ = 0;
-};
-
 // Runs `lanes` independent groups of `roles` threads. Each round of a lane:
 // the owner (role 0) makes the objects (make), every role takes its part
 // of the setup (setup), every role acts (act: the owner waits and destroys,
@@ -179,8 +154,8 @@ std::uint64_t run_lanes(std::uint64_t seed, int lanes, int roles, Scenario& scen
   const auto until = std::chrono::steady_clock::now() + run_budget();
   const auto cap = iteration_cap(per_scale);
   struct lane_slot {
-    explicit lane_slot(int roles) : barrier(roles) {}
-    lane_barrier barrier;
+    explicit lane_slot(int roles) : barrier(static_cast<std::size_t>(roles)) {}
+    weft_test::round_barrier barrier;
     std::atomic<bool> go{false};
     lane_type state;
   };

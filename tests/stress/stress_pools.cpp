@@ -95,32 +95,6 @@ void raise_to(std::atomic<std::uint64_t>& most, std::uint64_t value) {
   }
 }
 
-// A reusable barrier. (libc++'s std::barrier synchronises inside the
-// uninstrumented library, so TSan does not see its hand-off.)
-class round_barrier {
- public:
-  explicit round_barrier(std::size_t parties) : parties_(parties) {}
-
-  void arrive_and_wait() {
-    std::unique_lock lock(mutex_);
-    const auto generation = generation_;
-    if (++arrived_ == parties_) {
-      arrived_ = 0;
-      ++generation_;
-      all_arrived_.notify_all();
-      return;
-    }
-    all_arrived_.wait(lock, [&] { return generation_ != generation; });
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable all_arrived_;
-  const std::size_t parties_;
-  std::size_t arrived_ = 0;
-  std::uint64_t generation_ = 0;
-};
-
 // ---------------------------------------------------------------------------
 // resource_pool
 
@@ -675,7 +649,7 @@ TEST_CASE("resource_pool lowered while its leases come back keeps exactly the ne
     std::atomic<bool> done{false};
     // Per round: holders acquire (phase 1), then return while the main
     // thread lowers the limit (phase 2), then the main thread checks.
-    round_barrier sync{holders + readers + 1};
+    weft_test::round_barrier sync{holders + readers + 1};
     std::vector<std::uint64_t> holder_yields(holders, 0);
 
     std::vector<std::thread> threads;

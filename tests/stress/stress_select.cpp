@@ -293,33 +293,6 @@ class stats_checker {
   std::size_t max_waiters_;
 };
 
-// A reusable barrier on a mutex and a condition variable. (libc++'s
-// std::barrier changes phase inside the uninstrumented libc++.so, so TSan
-// would not see the hand-off it makes.)
-class round_barrier {
- public:
-  explicit round_barrier(std::size_t parties) : parties_(parties) {}
-  void arrive_and_wait() {
-    std::unique_lock lock(mutex_);
-    const std::uint64_t phase = phase_;
-    if (++arrived_ == parties_) {
-      arrived_ = 0;
-      ++phase_;
-      lock.unlock();
-      changed_.notify_all();
-      return;
-    }
-    changed_.wait(lock, [&] { return phase_ != phase; });
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  const std::size_t parties_;
-  std::size_t arrived_ = 0;
-  std::uint64_t phase_ = 0;
-};
-
 // What one select's handlers did.
 struct select_probe {
   int fired = -1;
@@ -432,8 +405,8 @@ void run_mesh(int threads) {
   chaos_sources chaos{8};
   std::atomic<bool> finished{false};
   std::atomic<bool> stop_helpers{false};
-  round_barrier start(n + 1);
-  round_barrier end(n + 1);
+  weft_test::round_barrier start(n + 1);
+  weft_test::round_barrier end(n + 1);
   std::atomic<std::uint64_t> select_count{0};
 
   watchdog dog("select stress: mesh", n + 1, [&] {
@@ -891,7 +864,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
   std::atomic<std::uint64_t> received_count{0};
   std::atomic<std::uint64_t> refused_count{0};
   chaos_sources chaos{4};
-  round_barrier go(n + 2);
+  weft_test::round_barrier go(n + 2);
 
   watchdog dog("select stress: close racing blocked waiters", n + 2, [&] {
     print_channel("closing channel", main_ch);
@@ -1767,8 +1740,8 @@ void run_rendezvous_close_window(std::uint64_t seed, std::chrono::steady_clock::
   std::atomic<int> done{0};  // senders and receivers finished this round
   std::atomic<bool> quit{false};
   std::atomic<bool> use_select{false};
-  round_barrier begin(senders + receivers + 2);
-  round_barrier finish(senders + receivers + 2);
+  weft_test::round_barrier begin(senders + receivers + 2);
+  weft_test::round_barrier finish(senders + receivers + 2);
 
   watchdog dog("select stress: rendezvous close window", senders + receivers + 2,
                [&] { print_channel("rendezvous", *ch); });
