@@ -9,8 +9,7 @@
 // standard C++ analogue.
 //
 //   weft::resource_pool<pg_connection> db{
-//       {.max_open = 20, .max_idle = 10, .max_lifetime = 30min, .max_idle_time = 5min, .name =
-//       "db"},
+//       {.max_open = 20, .max_idle = 10, .max_lifetime = 30min, .max_idle_time = 5min, .name = "db"},
 //       [] { return pg_connection{conninfo}; },       // open
 //       [](pg_connection& c) { c.close(); },           // close
 //       [](pg_connection& c) { return c.healthy(); }}; // validate, on checkout
