@@ -6,9 +6,10 @@
 // Why: tracking stamps every task twice, when it is spawned and when it
 // starts. Even the kernel's coarse clock (CLOCK_MONOTONIC_COARSE through
 // the vDSO: a call and a sequence-locked read, about 2 ns each on the
-// 2.1 GHz KVM guest the benchmarks run on) was nearly a third of what tracking
-// cost per pool task; a load from a line that changes 250 times a second
-// costs next to nothing. Seastar's lowres_clock is kept the same way.
+// 2.1 GHz KVM guest the benchmarks run on) was nearly a third of what
+// tracking cost per pool task; a load from a line that changes 250 times a
+// second costs next to nothing. Seastar's lowres_clock is kept the same
+// way.
 //
 // Contract:
 //  - now_ns() is steady_clock's time since its epoch, in nanoseconds,
