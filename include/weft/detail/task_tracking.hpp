@@ -46,7 +46,9 @@
 // which writes only the origin and the time (see task_frame). Together
 // about 7 ns of CPU time per pool task: 44 ns against 37 compiled out in
 // registry_pool_one_cpu (benchmarks/registry_bench.cpp, on a 2.1 GHz KVM
-// guest). When switched off at run time: one relaxed load per
+// guest), and 14 ns (60 against 46) when that host ran slower and noisier,
+// which suggests cache misses on the records' lines, not instructions, are
+// what is left. When switched off at run time: one relaxed load per
 // spawn, and an id of 0 stored beside the task. With WEFT_NO_REGISTRY
 // defined, the cells are empty and every hook compiles to nothing.
 #pragma once
