@@ -71,7 +71,6 @@
 #include <iterator>
 #include <optional>
 #include <string_view>
-#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -196,9 +195,7 @@ class basic_channel {
   // channel (see begin_waking): for a few instructions, or a lock and a
   // queue walk.
   ~basic_channel() {
-    for (detail::backoff pause; wakers_.load(std::memory_order_acquire) != 0;) {
-      if (!pause.wait()) std::this_thread::yield();
-    }
+    detail::spin_until([this] { return wakers_.load(std::memory_order_acquire) == 0; });
   }
 
   std::size_t capacity() const noexcept { return capacity_; }
@@ -412,6 +409,15 @@ class basic_channel {
     return [this](auto&, std::uint64_t) noexcept { begin_waking(); };
   }
 
+  // waking_hook() only if someone waits on the other side (`others_waiting`,
+  // read once the slot is claimed); `waking` says whether it began.
+  auto waking_hook_if(const std::atomic<bool>& others_waiting, bool& waking) noexcept {
+    return [this, &others_waiting, &waking](auto&, std::uint64_t) noexcept {
+      waking = others_waiting.load(std::memory_order_seq_cst);
+      if (waking) begin_waking();
+    };
+  }
+
   // Pushes and then feeds the receivers that wait, if any. Skips the ring
   // while senders wait, so a queued sender is not overtaken. Queued
   // receivers registered their mark (seq_cst) before they looked at the
@@ -421,10 +427,7 @@ class basic_channel {
   bool fast_push(T& value) noexcept {
     if (senders_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const bool pushed = ring_.try_push(value, [&](auto&, std::uint64_t) noexcept {
-      waking = receivers_waiting_.load(std::memory_order_seq_cst);
-      if (waking) begin_waking();
-    });
+    const bool pushed = ring_.try_push(value, waking_hook_if(receivers_waiting_, waking));
     if (waking) finish_push();
     return pushed;
   }
@@ -433,10 +436,7 @@ class basic_channel {
   bool fast_pop(T& value) noexcept {
     if (receivers_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const bool popped = ring_.try_pop(value, [&](auto&, std::uint64_t) noexcept {
-      waking = senders_waiting_.load(std::memory_order_seq_cst);
-      if (waking) begin_waking();
-    });
+    const bool popped = ring_.try_pop(value, waking_hook_if(senders_waiting_, waking));
     if (waking) finish_pop();
     return popped;
   }

@@ -96,7 +96,6 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -225,9 +224,7 @@ class basic_resource_pool {
   basic_resource_pool& operator=(const basic_resource_pool&) = delete;
 
   ~basic_resource_pool() {
-    for (detail::backoff pause; returning_.load(std::memory_order_acquire) != 0;) {
-      if (!pause.wait()) std::this_thread::yield();
-    }
+    detail::spin_until([this] { return returning_.load(std::memory_order_acquire) == 0; });
     entry_list idle;
     {
       std::lock_guard lock(mutex_);

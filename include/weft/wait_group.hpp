@@ -46,7 +46,6 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <thread>
 
 namespace weft {
 
@@ -174,10 +173,8 @@ class basic_wait_group {
   // releasing_mark: a few instructions after the zero, around a short hold
   // of the queue's lock. So this spins, then yields.
   void wait_out_release() const noexcept {
-    detail::backoff pause;
-    while ((state_.load(std::memory_order_acquire) & releasing_mark) != 0) {
-      if (!pause.wait()) std::this_thread::yield();
-    }
+    detail::spin_until(
+        [this] { return (state_.load(std::memory_order_acquire) & releasing_mark) == 0; });
   }
 
   // With the queue's mutex held: true if the count is zero, else marks the

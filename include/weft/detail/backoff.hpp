@@ -39,4 +39,14 @@ class backoff {
   int yields_ = 0;
 };
 
+// Returns once done() holds: spins, then keeps yielding. For waits that
+// last a few instructions, or a short hold of a lock, on another thread
+// (an operation that let a waiter through and is still returning).
+template <class Done>
+void spin_until(Done done) noexcept {
+  for (backoff pause; !done();) {
+    if (!pause.wait()) std::this_thread::yield();
+  }
+}
+
 }  // namespace weft::detail
