@@ -1312,19 +1312,21 @@ TEST_CASE("worker_pool: stats read while tasks run and fail keep failed <= compl
           doctest::timeout(120)) {
   constexpr int producers = 2;
   const int tasks_per_producer = weft_test::under_sanitizer ? 10'000 : 50'000;
+  // One per producer, declared before the pool: see future_keeper.
+  std::array<std::vector<std::future<void>>, producers> submitted;
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 64}};
   pool.set_error_handler([](std::exception_ptr) {});
   std::atomic<int> posting{producers};
   std::vector<std::thread> threads;
   for (int p = 0; p < producers; ++p) {
-    threads.emplace_back([&] {
+    threads.emplace_back([&, p] {
       for (int i = 0; i < tasks_per_producer; ++i) {
         if (i % 2 == 0) {
           pool.post([] {});
         } else if (i % 4 == 1) {
           pool.post([] { throw std::runtime_error("posted"); });
         } else {
-          (void)pool.submit([] { throw std::runtime_error("submitted"); });
+          submitted[p].push_back(pool.submit([] { throw std::runtime_error("submitted"); }));
         }
       }
       posting.fetch_sub(1);
@@ -1343,6 +1345,17 @@ TEST_CASE("worker_pool: stats read while tasks run and fail keep failed <= compl
   CHECK(s.submitted == total);
   CHECK(s.completed == total);
   CHECK(s.failed == total / 2);
+  std::uint64_t reached_future = 0;
+  for (auto& futures : submitted) {
+    for (auto& future : futures) {
+      try {
+        future.get();
+      } catch (const std::runtime_error&) {
+        ++reached_future;
+      }
+    }
+  }
+  CHECK(reached_future == total / 4);
 }
 
 TEST_CASE("default_executor runs tasks on the process-wide pool, which has one worker per hardware thread" *
