@@ -5,8 +5,11 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <future>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace weft_test {
 
@@ -72,6 +75,25 @@ class round_barrier {
   const std::size_t parties_;
   std::size_t arrived_ = 0;
   std::uint64_t phase_ = 0;
+};
+
+// Keeps futures whose results nobody reads until it is destroyed. Declared
+// before the pool that fulfils them, it drops the last reference to each
+// shared state after the pool has joined its workers. A future dropped
+// before its task ran leaves the free of the state to whichever thread
+// releases it last, through libc++'s reference count, which ThreadSanitizer
+// cannot see: a false race with the worker's set_value (get() avoids it by
+// taking the state's mutex). Thread-safe.
+class future_sink {
+ public:
+  void keep(std::future<void> future) {
+    std::lock_guard lock(mutex_);
+    futures_.push_back(std::move(future));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::future<void>> futures_;
 };
 
 }  // namespace weft_test

@@ -6,6 +6,7 @@
 // and leak checks that must fail use a short grace period, which is the
 // time the check is specified to wait.
 #include <weft/asio.hpp>
+#include <weft/detail/task_tracking.hpp>
 #include <weft/detail/tick_clock.hpp>
 #include <weft/fan.hpp>
 #include <weft/registry.hpp>
@@ -417,6 +418,63 @@ TEST_CASE("registry: a reused queue slot lists only the task it holds now, whate
   third.cancel();
   third_done.wait();
   CHECK(queued_now().empty());
+}
+
+TEST_CASE(
+    "registry: a snapshot never mixes the records of tasks that follow each other on a thread" *
+    doctest::timeout(120)) {
+  // Two records that differ in every field but the time, taking turns on
+  // one thread's frame as fast as it can run them (with, now and then, a
+  // blocked_scope), while this thread reads them: an odd id must come with
+  // a's fields, an even one with b's.
+  constexpr std::uint64_t first_id = std::uint64_t{1} << 62;  // far above the registry's own ids
+  const weft::detail::task_origin a{.id = 0,
+                                    .parent = 11,
+                                    .file = "a.cpp",
+                                    .function = "fa",
+                                    .name = "na",
+                                    .line = 1,
+                                    .spawned_ns = 111};
+  const weft::detail::task_origin b{.id = 0,
+                                    .parent = 22,
+                                    .file = "b.cpp",
+                                    .function = "fb",
+                                    .name = "nb",
+                                    .line = 2,
+                                    .spawned_ns = 222};
+  const auto holds_its_own = [&](const weft::detail::task_origin& seen) {
+    const auto& own = seen.id % 2 != 0 ? a : b;
+    return seen.parent == own.parent && seen.file == own.file && seen.function == own.function &&
+           seen.name == own.name && seen.line == own.line && seen.spawned_ns == own.spawned_ns;
+  };
+  // Runs until this thread has read enough records of it.
+  const std::uint64_t enough = weft_test::under_sanitizer ? 20'000 : 200'000;
+  std::atomic<bool> read_enough{false};
+  std::atomic<bool> running{true};
+  std::thread runner([&] {
+    weft::detail::running_scope scope;
+    for (std::uint64_t i = 1; !read_enough.load(std::memory_order_relaxed); ++i) {
+      weft::detail::task_origin origin = i % 2 != 0 ? a : b;
+      origin.id = first_id + i;
+      scope.start(origin);
+      if (i % 64 == 0) {
+        const weft::detail::blocked_scope blocked{"semaphore", "s"};
+      }
+      scope.stop();
+    }
+    running.store(false);
+  });
+  std::uint64_t seen = 0;
+  std::uint64_t mixed = 0;
+  while (running.load()) {
+    for (const auto& record : weft::detail::collect_records()) {
+      if (record.origin.id <= first_id) continue;
+      if (++seen == enough) read_enough.store(true);
+      if (!holds_its_own(record.origin)) ++mixed;
+    }
+  }
+  runner.join();
+  CHECK(mixed == 0);
 }
 
 TEST_CASE("registry: blocked on a named wait_group, and a worker_pool post waiting for room" * doctest::timeout(60)) {

@@ -213,7 +213,7 @@ class worker_pool {
   void post(F&& f, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
-    post_task(work, detail::make_origin(site, tracked_name_));
+    post_task(work, detail::origin_to_make{site, tracked_name_});
   }
 
   // Queues f if there is room now; never blocks, never runs f here. False
@@ -222,7 +222,7 @@ class worker_pool {
   [[nodiscard]] bool try_post(F&& f, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
-    return try_post_task(work, detail::make_origin(site, tracked_name_));
+    return try_post_task(work, detail::origin_to_make{site, tracked_name_});
   }
 
   // Waits for room whatever the policy; ok once queued (or, on a worker of
@@ -234,7 +234,7 @@ class worker_pool {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     if (token.cancelled()) return status_of(token);
-    return post_task(work, token, detail::make_origin(site, tracked_name_));
+    return post_task(work, token, detail::origin_to_make{site, tracked_name_});
   }
 
   // Queues f and returns a future for its result or its exception.
@@ -462,26 +462,31 @@ class worker_pool {
     if (closed_.load(std::memory_order_relaxed)) [[unlikely]] throw_closed();
   }
 
-  void post_task(detail::task& work, const detail::task_origin& origin) {
+  // `origin`: a detail::task_origin, or an origin_to_make, which becomes
+  // one only where the task goes on past a full queue.
+  template <class Origin>
+  void post_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return;
-    post_to_full(work, origin);
+    post_to_full(work, detail::make_origin(origin));
   }
 
-  bool try_post_task(detail::task& work, const detail::task_origin& origin) {
+  template <class Origin>
+  bool try_post_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return true;
     note_full();
     counters_.rejected.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
 
-  wait_status post_task(detail::task& work, const cancel_token& token, const detail::task_origin& origin) {
+  template <class Origin>
+  wait_status post_task(detail::task& work, const cancel_token& token, const Origin& origin) {
     if (enqueue(work, origin)) return wait_status::ok;
     note_full();
     if (running_in_this_thread()) {
-      run_here(work, origin);
+      run_here(work, detail::make_origin(origin));
       return wait_status::ok;
     }
-    const auto status = wait_for_room(work, origin, detail::state_of(token));
+    const auto status = wait_for_room(work, detail::make_origin(origin), detail::state_of(token));
     if (status == wait_status::closed) throw_closed();
     return status;
   }
@@ -530,14 +535,16 @@ class worker_pool {
 
   // Queues `work` (moving it) if there is room, and makes sure a worker is
   // awake to take it.
-  bool enqueue(detail::task& work, const detail::task_origin& origin) noexcept {
+  template <class Origin>
+  bool enqueue(detail::task& work, const Origin& origin) noexcept {
     std::uint64_t position = 0;
+    std::uint64_t id = 0;
     const auto fill = [&](slot_extras& cell, std::uint64_t at) noexcept {
-      detail::store_origin(cell.origin, origin);
+      id = detail::store_origin(cell.origin, origin);
       if (timed(at)) cell.queued_ns = now_ns();
     };
     if (!ring_.try_push(work, fill, &position)) return false;
-    detail::accepted(origin);
+    detail::accepted(id);
     if (position % 64 == 0) note_queued(ring_.size());
     // The push claimed its position with a seq_cst compare-and-swap; a
     // worker going idle (or dropping its spinning mark) writes that with
@@ -585,14 +592,15 @@ class worker_pool {
   // What Asio's execute does with a task (see worker_pool_access::execute):
   // queue it, waiting for room whatever the overflow policy. False when the
   // pool shut down while it waited.
-  bool execute_task(detail::task& work, const detail::task_origin& origin) {
+  template <class Origin>
+  bool execute_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return true;
     note_full();
     if (running_in_this_thread()) {
-      run_here(work, origin);
+      run_here(work, detail::make_origin(origin));
       return true;
     }
-    return wait_for_room(work, origin, nullptr) == wait_status::ok;
+    return wait_for_room(work, detail::make_origin(origin), nullptr) == wait_status::ok;
   }
 
   // The blocking part of post: spin briefly, then queue on room_ until a
@@ -1043,7 +1051,7 @@ struct worker_pool_access {
   static void execute(worker_pool& pool, F&& f) {
     if (!pool.closed_.load(std::memory_order_acquire)) {
       detail::task work = worker_pool::make_task(std::forward<F>(f));
-      if (pool.execute_task(work, detail::make_origin(spawn_site{}, pool.tracked_name_))) return;
+      if (pool.execute_task(work, detail::origin_to_make{spawn_site{}, pool.tracked_name_})) return;
     }
     pool.counters_.rejected.fetch_add(1, std::memory_order_relaxed);
   }

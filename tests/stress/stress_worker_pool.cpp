@@ -26,7 +26,6 @@
 #include <exception>
 #include <future>
 #include <latch>
-#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -154,31 +153,13 @@ struct outcomes {
   std::atomic<std::uint64_t> cancelled{0};  // post(f, token) gave up
 };
 
-// Keeps the futures that submit() returns until the end of a round. Declared
-// before the pool, it drops the last reference to each shared state after
-// the pool joined its workers. Dropped at once, the state would be freed by
-// whichever thread releases it last, through libc++'s reference count,
-// which ThreadSanitizer cannot see (a false race with the worker's
-// set_value).
-class future_sink {
- public:
-  void keep(std::future<void> future) {
-    std::lock_guard lock(mutex_);
-    futures_.push_back(std::move(future));
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<std::future<void>> futures_;
-};
-
 enum class form { post, try_post, post_token, submit };
 
 // Hands `task` to `pool` through one of the four entry points and records
 // the outcome. Returns true when the pool accepted it.
 template <class Task>
-bool attempt(weft::worker_pool& pool, form how, Task&& task, const weft::cancel_token& token, outcomes& out,
-             future_sink& futures) {
+bool attempt(weft::worker_pool& pool, form how, Task&& task, const weft::cancel_token& token,
+             outcomes& out, weft_test::future_sink& futures) {
   out.attempts.fetch_add(1, std::memory_order_relaxed);
   try {
     switch (how) {
@@ -249,7 +230,7 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
     outcomes out;
     weft::wait_group done;
     chaos_sources chaos{4};
-    future_sink futures;  // before the pool: see future_sink
+    weft_test::future_sink futures;  // before the pool: see future_sink
     {
       weft::worker_pool pool{{.workers = workers, .queue_capacity = capacity, .on_full = policy, .name = "stress"}};
       pool.set_error_handler([&](std::exception_ptr) { handler_calls.fetch_add(1, std::memory_order_relaxed); });
@@ -384,7 +365,7 @@ TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every 
     instances inst;
     outcomes out;
     chaos_sources chaos{4};
-    future_sink futures;  // before the pool: see future_sink
+    weft_test::future_sink futures;  // before the pool: see future_sink
     std::size_t dropped_by_call = 0;
     {
       weft::worker_pool pool{{.workers = workers, .queue_capacity = capacity, .on_full = policy, .name = "stress"}};

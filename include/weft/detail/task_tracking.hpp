@@ -28,10 +28,16 @@
 //    copy kept is the record of the task at p. A writer of the next lap
 //    fills the cell only after it has seen the slot freed, so a copy that
 //    read any of its values sees the sequence changed.
-//  - A frame has its own version, odd while its owner rewrites it. Popping a
-//    frame stores 0 in its id and changes nothing else, so a reader that
-//    loaded the old depth reads either an empty frame or, whole, the task
-//    that just ended (as if it had read before the end).
+//  - A frame's id versions its origin and start time. A push fills an empty
+//    frame (id 0) and stores the id last; a pop stores 0 in the id and
+//    changes nothing else; ids are never reused. A reader loads the id
+//    first and again last, and keeps its copy only if both loads agree: a
+//    value it read from a later push would order that push's pop before its
+//    second load. So a reader that loaded the old depth reads either an
+//    empty frame or, whole, the task that just ended (as if it had read
+//    before the end). A blocked_scope rewrites the state, blocked-on and
+//    time of a frame whose id stays, under the frame's own version, odd
+//    while it writes.
 //  - A task moves from a queue to a frame before its slot is freed (or
 //    before the overflow lock is released), and a snapshot reads the queues
 //    before the threads: a task that moves while a snapshot runs may be seen
@@ -39,18 +45,19 @@
 //
 // Cost when tracking is on: at spawn, an id from a per-thread block, a read
 // of the tick clock (a load: see tick_clock.hpp; the registry's times are
-// up to its 4 ms tick early) and the record into the slot's cell: the id
-// beside the task, the rest compared with what the slot held and stored
-// only where it differs (see origin_cell); at start, the loads of the cell,
-// a second clock read and a frame push on the thread's own cache lines,
-// which writes only the origin and the time (see task_frame). Together
-// about 7 ns of CPU time per pool task: 44 ns against 37 compiled out in
-// registry_pool_one_cpu (benchmarks/registry_bench.cpp, on a 2.1 GHz KVM
-// guest), and 14 ns (60 against 46) when that host ran slower and noisier,
-// which suggests cache misses on the records' lines, not instructions, are
-// what is left. When switched off at run time: one relaxed load per
-// spawn, and an id of 0 stored beside the task. With WEFT_NO_REGISTRY
-// defined, the cells are empty and every hook compiles to nothing.
+// up to its 4 ms tick early) and the record, made straight into the slot's
+// cell (see origin_to_make): the id beside the task, the rest compared with
+// what the slot held and stored only where it differs (see origin_cell); at
+// start, a copy from the cell to a frame on the thread's own cache lines,
+// again stored only where it differs, and a second clock read (see
+// task_frame). Together about 6 ns of CPU time per pool task: 44 ns against
+// 38 compiled out in registry_pool_one_cpu (benchmarks/registry_bench.cpp,
+// on a 2.1 GHz KVM guest), and 10 ns (54 against 44) when that host ran
+// slower and noisier, which suggests cache misses on the records' lines,
+// not instructions, are what is left. When switched off at run time: one
+// relaxed load per spawn, and an id of 0 stored beside the task. With
+// WEFT_NO_REGISTRY defined, the cells are empty and every hook compiles to
+// nothing.
 #pragma once
 
 #include <weft/config.hpp>
@@ -122,12 +129,19 @@ struct origin_cell {
   void store(const task_origin& origin) noexcept {
     id.store(origin.id, std::memory_order_release);
     if (origin.id == 0) return;  // an untracked task: the other fields are not read
-    update(parent, origin.parent);
-    update(file, origin.file);
-    update(function, origin.function);
-    update(name, origin.name);
-    update(line, origin.line);
-    update(spawned_ns, origin.spawned_ns);
+    store_all_but_id(origin);
+  }
+
+  // Every field but the id, from a task_origin or from another cell (read
+  // field by field, building no record), each only where it differs.
+  template <class Origin>
+  void store_all_but_id(const Origin& origin) noexcept {
+    update(parent, value_of(origin.parent));
+    update(file, value_of(origin.file));
+    update(function, value_of(origin.function));
+    update(name, value_of(origin.name));
+    update(line, value_of(origin.line));
+    update(spawned_ns, value_of(origin.spawned_ns));
   }
 
   task_origin load() const noexcept {
@@ -158,6 +172,15 @@ struct origin_cell {
   template <class V>
   static void update(std::atomic<V>& field, V value) noexcept {
     if (field.load(std::memory_order_relaxed) != value) field.store(value, std::memory_order_release);
+  }
+
+  template <class V>
+  static V value_of(const std::atomic<V>& field) noexcept {
+    return field.load(std::memory_order_acquire);
+  }
+  template <class V>
+  static V value_of(V value) noexcept {
+    return value;
   }
 };
 
@@ -194,9 +217,9 @@ class task_source {
 // A running (or blocked) task on a thread; written by that thread only.
 // Outside a blocked_scope a frame says running and blocked on nothing (the
 // scope puts them back as it ends), so pushing a task rewrites only its
-// origin and its time.
+// origin and its time, published by the id (see the invariants above).
 struct task_frame {
-  std::atomic<std::uint32_t> version{0};  // odd while the owner rewrites the frame
+  std::atomic<std::uint32_t> version{0};  // odd while a blocked_scope rewrites the frame
   origin_cell origin;
   std::atomic<std::uint8_t> state{static_cast<std::uint8_t>(tracked_state::running)};
   std::atomic<const char*> blocked_kind{nullptr};
@@ -331,16 +354,42 @@ inline task_origin make_origin(const spawn_site& site, const char* name) noexcep
   return origin;
 }
 
+// A task that this thread spawns at `site` under `name`, whose record is
+// made only once a queue has taken it, straight into the queue's cell (see
+// store_origin): a record made first and handed down by reference lives in
+// memory, and its stores, drained before the queue's compare-and-swap,
+// were a fifth of what tracking cost a pool's producer.
+struct origin_to_make {
+  spawn_site site;
+  const char* name;
+};
+
+inline task_origin make_origin(const origin_to_make& origin) noexcept {
+  return make_origin(origin.site, origin.name);
+}
+inline const task_origin& make_origin(const task_origin& origin) noexcept { return origin; }
+
 // Counts a task as spawned once a queue (or the caller) has taken it; a
-// task refused by a full or closed queue was never spawned.
-inline void accepted(const task_origin& origin) noexcept {
-  if (origin.id == 0) return;
+// task refused by a full or closed queue was never spawned. id 0: an
+// untracked task.
+inline void accepted(std::uint64_t id) noexcept {
+  if (id == 0) return;
   if (thread_tasks* tasks = this_thread_tasks_pointer) bump(tasks->spawned);
 }
+inline void accepted(const task_origin& origin) noexcept { accepted(origin.id); }
 
-template <class Cell>
-void store_origin(Cell& cell, const task_origin& origin) noexcept {
-  if constexpr (std::is_same_v<Cell, origin_cell>) cell.store(origin);
+// Stores the record of a task in the cell of the slot that takes it, for a
+// producer between claiming the slot and publishing it; returns the task's
+// id (0: untracked, or no registry).
+template <class Cell, class Origin>
+std::uint64_t store_origin(Cell& cell, const Origin& origin) noexcept {
+  if constexpr (std::is_same_v<Cell, origin_cell>) {
+    const task_origin& made = make_origin(origin);
+    cell.store(made);
+    return made.id;
+  } else {
+    return 0;
+  }
 }
 
 template <class Cell>
@@ -349,16 +398,6 @@ task_origin load_origin(const Cell& cell) noexcept {
     return cell.load();
   } else {
     return {};
-  }
-}
-
-// The id in a cell; 0 for an untracked task, or with no registry.
-template <class Cell>
-std::uint64_t id_in(const Cell& cell) noexcept {
-  if constexpr (std::is_same_v<Cell, origin_cell>) {
-    return cell.id.load(std::memory_order_acquire);
-  } else {
-    return 0;
   }
 }
 
@@ -392,7 +431,8 @@ void rewrite(task_frame& frame, Write write) noexcept {
 // untracked task). Counts the task finished when it ends. A loop that runs
 // one task after another keeps one scope and calls start() and stop() for
 // each (GCC 12 warns, wrongly, of an uninitialised read when such a loop
-// re-emplaces a std::optional<running_scope>).
+// re-emplaces a std::optional<running_scope>). A scope belongs to the
+// thread that created it, whose records it keeps at hand.
 class running_scope {
  public:
   running_scope() noexcept = default;
@@ -404,46 +444,51 @@ class running_scope {
   ~running_scope() { stop(); }
 
   // Begins the task of `origin`; the scope must not be running one.
-  void start(const task_origin& origin) noexcept {
-    if (origin.id == 0) return;
-    thread_tasks* tasks = this_thread_tasks();
-    if (tasks == nullptr) return;
-    tasks_ = tasks;
-    const auto depth = tasks->depth.load(std::memory_order_relaxed);
-    if (depth == thread_tasks::max_depth) {
-      ++tasks->untracked_depth;
-      return;
-    }
-    rewrite(tasks->frames[depth], [&](task_frame& frame) {
-      frame.origin.store(origin);
-      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
-    });
-    tasks->depth.store(depth + 1, std::memory_order_release);
-  }
+  void start(const task_origin& origin) noexcept { push(origin, origin.id); }
 
-  // start(load_origin(cell)), building no record for an untracked task
-  // (see origin_cell::load_into).
+  // start(load_origin(cell)), copying the cell into the frame field by
+  // field, with no record built in between.
   template <class Cell>
   void start_from(const Cell& cell) noexcept {
-    if (id_in(cell) != 0) start(load_origin(cell));
+    if constexpr (std::is_same_v<Cell, origin_cell>) {
+      push(cell, cell.id.load(std::memory_order_acquire));
+    }
   }
 
   // Ends the task begun by start(), if any.
   void stop() noexcept {
-    if (tasks_ == nullptr) return;
-    thread_tasks* tasks = std::exchange(tasks_, nullptr);
-    bump(tasks->finished);
-    if (tasks->untracked_depth != 0) {
-      --tasks->untracked_depth;
+    if (!running_) return;
+    running_ = false;
+    bump(thread_->finished);
+    if (thread_->untracked_depth != 0) {
+      --thread_->untracked_depth;
       return;
     }
-    const auto depth = tasks->depth.load(std::memory_order_relaxed) - 1;
-    tasks->depth.store(depth, std::memory_order_release);
-    tasks->frames[depth].origin.id.store(0, std::memory_order_release);
+    const auto depth = thread_->depth.load(std::memory_order_relaxed) - 1;
+    thread_->depth.store(depth, std::memory_order_release);
+    thread_->frames[depth].origin.id.store(0, std::memory_order_release);
   }
 
  private:
-  thread_tasks* tasks_ = nullptr;
+  template <class Origin>
+  void push(const Origin& origin, std::uint64_t id) noexcept {
+    if (id == 0) return;
+    if (thread_ == nullptr && (thread_ = this_thread_tasks()) == nullptr) return;
+    running_ = true;
+    const auto depth = thread_->depth.load(std::memory_order_relaxed);
+    if (depth == thread_tasks::max_depth) {
+      ++thread_->untracked_depth;
+      return;
+    }
+    task_frame& frame = thread_->frames[depth];
+    frame.origin.store_all_but_id(origin);
+    frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
+    frame.origin.id.store(id, std::memory_order_release);
+    thread_->depth.store(depth + 1, std::memory_order_release);
+  }
+
+  thread_tasks* thread_ = nullptr;
+  bool running_ = false;
 };
 
 // While it lives, the task this thread runs (if any) is blocked on `kind`
@@ -536,12 +581,16 @@ inline std::vector<task_record> collect_records() {
         if (before % 2 != 0) continue;
         task_record record;
         record.origin = frame.origin.load();
+        if (record.origin.id == 0) break;
         record.state = static_cast<tracked_state>(frame.state.load(std::memory_order_acquire));
         record.blocked_kind = frame.blocked_kind.load(std::memory_order_acquire);
         record.blocked_name = frame.blocked_name.load(std::memory_order_acquire);
         record.since_ns = frame.since_ns.load(std::memory_order_acquire);
-        if (frame.version.load(std::memory_order_acquire) != before) continue;
-        if (record.origin.id != 0) out.push_back(record);
+        if (frame.version.load(std::memory_order_acquire) != before ||
+            frame.origin.id.load(std::memory_order_acquire) != record.origin.id) {
+          continue;
+        }
+        out.push_back(record);
         break;
       }
     }
