@@ -424,9 +424,10 @@ TEST_CASE(
     "registry: a snapshot never mixes the records of tasks that follow each other on a thread" *
     doctest::timeout(120)) {
   // Two records that differ in every field but the time, taking turns on
-  // one thread's frame as fast as it can run them (with, now and then, a
-  // blocked_scope), while this thread reads them: an odd id must come with
-  // a's fields, an even one with b's.
+  // one thread's frame as fast as it can run them, each now and then
+  // blocked on a wait of its own, while this thread reads them: an odd id
+  // must come with a's fields, an even one with b's, and a blocked record
+  // with its own wait's name.
   constexpr std::uint64_t first_id = std::uint64_t{1} << 62;  // far above the registry's own ids
   const weft::detail::task_origin a{.id = 0,
                                     .parent = 11,
@@ -442,10 +443,22 @@ TEST_CASE(
                                     .name = "nb",
                                     .line = 2,
                                     .spawned_ns = 222};
-  const auto holds_its_own = [&](const weft::detail::task_origin& seen) {
-    const auto& own = seen.id % 2 != 0 ? a : b;
-    return seen.parent == own.parent && seen.file == own.file && seen.function == own.function &&
-           seen.name == own.name && seen.line == own.line && seen.spawned_ns == own.spawned_ns;
+  const char* const blocked_kind = "semaphore";
+  const char* const blocked_a = "wait-a";
+  const char* const blocked_b = "wait-b";
+  const auto holds_its_own = [&](const weft::detail::task_record& record) {
+    const auto& seen = record.origin;
+    const bool odd = seen.id % 2 != 0;
+    const auto& own = odd ? a : b;
+    const bool blocked_as_own = record.state == weft::detail::tracked_state::blocked
+                                    ? record.blocked_kind == blocked_kind &&
+                                          record.blocked_name == (odd ? blocked_a : blocked_b)
+                                    : record.state == weft::detail::tracked_state::running &&
+                                          record.blocked_kind == nullptr &&
+                                          record.blocked_name == nullptr;
+    return blocked_as_own && seen.parent == own.parent && seen.file == own.file &&
+           seen.function == own.function && seen.name == own.name && seen.line == own.line &&
+           seen.spawned_ns == own.spawned_ns;
   };
   // Runs until this thread has read enough records of it.
   const std::uint64_t enough = weft_test::under_sanitizer ? 20'000 : 200'000;
@@ -457,8 +470,8 @@ TEST_CASE(
       weft::detail::task_origin origin = i % 2 != 0 ? a : b;
       origin.id = first_id + i;
       scope.start(origin);
-      if (i % 64 == 0) {
-        const weft::detail::blocked_scope blocked{"semaphore", "s"};
+      if (i % 4 < 2) {
+        const weft::detail::blocked_scope blocked{blocked_kind, i % 2 != 0 ? blocked_a : blocked_b};
       }
       scope.stop();
     }
@@ -470,7 +483,7 @@ TEST_CASE(
     for (const auto& record : weft::detail::collect_records()) {
       if (record.origin.id <= first_id) continue;
       if (++seen == enough) read_enough.store(true);
-      if (!holds_its_own(record.origin)) ++mixed;
+      if (!holds_its_own(record)) ++mixed;
     }
   }
   runner.join();

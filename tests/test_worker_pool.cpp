@@ -1312,7 +1312,7 @@ TEST_CASE("worker_pool: stats read while tasks run and fail keep failed <= compl
           doctest::timeout(120)) {
   constexpr int producers = 2;
   const int tasks_per_producer = weft_test::under_sanitizer ? 10'000 : 50'000;
-  // One per producer, declared before the pool: see future_keeper.
+  // One per producer, declared before the pool: see weft_test::future_sink.
   std::array<std::vector<std::future<void>>, producers> submitted;
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 64}};
   pool.set_error_handler([](std::exception_ptr) {});

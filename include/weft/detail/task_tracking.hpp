@@ -333,10 +333,10 @@ inline thread_tasks* this_thread_tasks() noexcept {
 inline bool register_this_thread_early() noexcept { return this_thread_tasks() != nullptr; }
 
 // The record of a task being spawned now by this thread, whose records are
-// `tasks` (null: untracked, id 0), whose site is `site` and which runs
-// under `name` (interned).
-inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site,
-                               const char* name) noexcept {
+// `tasks` (null: untracked, id 0), whose site is `site`, which runs under
+// `name` (interned) and was spawned at `spawned_ns` (registry_clock).
+inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site, const char* name,
+                               std::int64_t spawned_ns) noexcept {
   task_origin origin;
   if (tasks == nullptr) return origin;
   if (tasks->next_id == tasks->id_limit) {
@@ -350,7 +350,7 @@ inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site,
   origin.function = site.function();
   origin.line = site.line();
   origin.name = name;
-  origin.spawned_ns = registry_clock.now_ns();
+  origin.spawned_ns = spawned_ns;
   return origin;
 }
 
@@ -359,9 +359,10 @@ inline thread_tasks* tracking_tasks() noexcept {
   return tracking() ? this_thread_tasks() : nullptr;
 }
 
-// The same, id 0 when tracking is off.
+// The same, spawned now; id 0 when tracking is off.
 inline task_origin make_origin(const spawn_site& site, const char* name) noexcept {
-  return make_origin(tracking_tasks(), site, name);
+  thread_tasks* tasks = tracking_tasks();
+  return make_origin(tasks, site, name, tasks != nullptr ? registry_clock.now_ns() : 0);
 }
 
 // A task that this thread spawns at `site` under `name`, whose record is
@@ -371,18 +372,23 @@ inline task_origin make_origin(const spawn_site& site, const char* name) noexcep
 // were most of what tracking cost a pool's producer (1.5-3 ns a task in a
 // profile of registry_pool_one_cpu; 0.3 ns made in the cell). The thread's
 // records are looked up (and the thread registered, under the registry's
-// mutex) as it is made, so that nothing inside the queue's claim can block.
+// mutex) and the clock read (which may wake or start its ticker) as it is
+// made, so that nothing inside the queue's claim can block.
 struct origin_to_make {
   origin_to_make(const spawn_site& where, const char* under) noexcept
-      : tasks(tracking_tasks()), site(where), name(under) {}
+      : tasks(tracking_tasks()),
+        spawned_ns(tasks != nullptr ? registry_clock.now_ns() : 0),
+        site(where),
+        name(under) {}
 
   thread_tasks* tasks;
+  std::int64_t spawned_ns;
   spawn_site site;
   const char* name;
 };
 
 inline task_origin make_origin(const origin_to_make& origin) noexcept {
-  return make_origin(origin.tasks, origin.site, origin.name);
+  return make_origin(origin.tasks, origin.site, origin.name, origin.spawned_ns);
 }
 inline const task_origin& make_origin(const task_origin& origin) noexcept { return origin; }
 
