@@ -203,12 +203,8 @@ auto run_on(weft::worker_pool& pool, F f) {
   return future.get();
 }
 
-// Keeps what submit() returned alive until the end of the test. Declared
-// before the pool, it drops the last reference to each future's shared
-// state after the pool has joined its workers. Dropped first, the state
-// would be freed on a worker (by the task's promise) through libc++'s
-// reference count, which ThreadSanitizer cannot see, and TSan would report
-// a false race with this thread's earlier wait on that state.
+// weft_test::future_sink (see there why) for one thread and futures of any
+// type, handing back a shared_future that the test reads later.
 class future_keeper {
  public:
   template <class T>
