@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <random>
 #include <ranges>
 #include <stdexcept>
 #include <string>
@@ -532,6 +533,152 @@ TEST_CASE("parallel_map: a token cancelled before the call runs nothing and thro
   REQUIRE(error != nullptr);
   CHECK(code_of(error) == std::errc::timed_out);
   CHECK(calls.load() == 0);
+}
+
+TEST_CASE(
+    "parallel_map: a busy pool leaves every call to the calling thread, and the late helper does "
+    "nothing" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::cancel_source release;
+  std::latch holding{1};
+  pool.post([&] {
+    holding.count_down();
+    release.token().wait();
+  });
+  holding.wait();
+  // The helper is queued behind the task that holds the only worker; the
+  // call must not wait for it.
+  const auto caller = std::this_thread::get_id();
+  std::atomic<int> elsewhere{0};
+  std::vector<int> input(100);
+  std::iota(input.begin(), input.end(), 0);
+  const auto out = weft::parallel_map(input,
+                                      [&](int x) {
+                                        if (std::this_thread::get_id() != caller)
+                                          elsewhere.fetch_add(1);
+                                        return 2 * x;
+                                      },
+                                      {.limit = 2, .executor = pool.executor()});
+  CHECK(elsewhere.load() == 0);
+  for (std::size_t i = 0; i < input.size(); ++i) CHECK(out[i] == 2 * input[i]);
+  // The helper now runs after its call returned: it must neither call f
+  // nor touch the returned call's frame (ASan would see that).
+  release.cancel();
+  spin_until([&] { return pool.stats().completed == 2; });
+  CHECK(elsewhere.load() == 0);
+}
+
+TEST_CASE("parallel_map: a helper dropped unrun by shutdown_now lets go of what it held" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::cancel_source release;
+  std::latch holding{1};
+  pool.post([&] {
+    holding.count_down();
+    release.token().wait();
+  });
+  holding.wait();
+  const auto out = weft::parallel_map(std::vector<int>{1, 2, 3}, [](int x) { return x + 1; },
+                                      {.limit = 2, .executor = pool.executor()});
+  CHECK(out == std::vector<int>{2, 3, 4});
+  release.cancel();
+  // The helper is still queued (the worker may not have left the first
+  // task yet); dropping it must free the state it shares (LSan checks).
+  (void)pool.shutdown_now();
+}
+
+TEST_CASE("parallel_map: every element runs exactly once while tasks steal unevenly sized work" *
+          doctest::timeout(120)) {
+  std::mt19937 random{20261205};
+  for (const std::size_t workers : {1u, 2u, 3u, 5u}) {
+    weft::worker_pool pool{{.workers = workers}};
+    for (int round = 0; round < 200; ++round) {
+      const std::size_t count = std::uniform_int_distribution<std::size_t>{1, 300}(random);
+      const std::size_t limit = std::uniform_int_distribution<std::size_t>{0, workers + 2}(random);
+      // Some elements yield a few times: a task that holds them falls
+      // behind, and the others steal what it has not claimed.
+      std::vector<int> slow(count);
+      for (auto& s : slow)
+        s = std::uniform_int_distribution<int>{0, 7}(random) == 0
+                ? 1 + static_cast<int>(random() % 20)
+                : 0;
+      std::vector<std::atomic<int>> runs(count);
+      std::vector<std::size_t> input(count);
+      std::iota(input.begin(), input.end(), std::size_t{0});
+      CAPTURE(workers);
+      CAPTURE(round);
+      CAPTURE(count);
+      CAPTURE(limit);
+      const auto out = weft::parallel_map(input,
+                                          [&](std::size_t i) {
+                                            runs[i].fetch_add(1);
+                                            for (int y = 0; y < slow[i]; ++y)
+                                              std::this_thread::yield();
+                                            return i * 3;
+                                          },
+                                          {.limit = limit, .executor = pool.executor()});
+      REQUIRE(out.size() == count);
+      for (std::size_t i = 0; i < count; ++i) {
+        REQUIRE(runs[i].load() == 1);
+        REQUIRE(out[i] == i * 3);
+      }
+    }
+  }
+}
+
+TEST_CASE("parallel_map: a token a call kept is never cancelled by a later call's failure" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<weft::cancel_token> kept;
+  std::mutex kept_mutex;
+  (void)weft::parallel_map(std::vector<int>{1, 2, 3, 4},
+                           [&](int x, const weft::cancel_token& token) {
+                             std::lock_guard lock(kept_mutex);
+                             kept.push_back(token);
+                             return x;
+                           },
+                           {.executor = pool.executor()});
+  // Later calls on this thread reuse what the first one shared with its
+  // helpers; a failure there cancels their own token only.
+  for (int round = 0; round < 3; ++round) {
+    CHECK_THROWS_AS(weft::parallel_map(std::vector<int>{1, 2, 3, 4},
+                                       [](int x) {
+                                         if (x == 3) throw std::runtime_error("three");
+                                         return x;
+                                       },
+                                       {.executor = pool.executor()}),
+                    std::runtime_error);
+  }
+  REQUIRE(kept.size() == 4);
+  for (const auto& token : kept) CHECK_FALSE(token.cancelled());
+}
+
+TEST_CASE(
+    "parallel_map: a later call under a parent token follows that parent, not an earlier one" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::cancel_source first_parent;
+  (void)weft::parallel_map(std::vector<int>{1, 2}, [](int x) { return x; },
+                           {.token = first_parent.token(), .executor = pool.executor()});
+  weft::cancel_source second_parent;
+  second_parent.cancel();
+  std::atomic<int> calls{0};
+  const auto error = thrown_by([&] {
+    (void)weft::parallel_map(std::vector<int>{1, 2},
+                             [&](int x) {
+                               calls.fetch_add(1);
+                               return x;
+                             },
+                             {.token = second_parent.token(), .executor = pool.executor()});
+  });
+  REQUIRE(error != nullptr);
+  CHECK(code_of(error) == weft::errc::cancelled);
+  CHECK(calls.load() == 0);
+  // And the first parent's cancellation reaches nothing that runs now.
+  first_parent.cancel();
+  CHECK(weft::parallel_map(std::vector<int>{5, 6}, [](int x) { return x; },
+                           {.executor = pool.executor()}) == std::vector<int>{5, 6});
 }
 
 // ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@
 //
 //   std::vector<thumb> thumbs = weft::parallel_map(images, make_thumbnail, {.limit = 4});
 //
-// Semantics (all three are built on task_group, and inherit its rules):
+// Semantics (gather is built on task_group; parallel_map and for_each keep
+// its rules with helper tasks of their own, see below):
 //  - Each call may take a weft::cancel_token as its last parameter; the
 //    token is cancelled by the caller's token, by the deadline, or by the
 //    first call that throws. The first exception is rethrown to the caller
@@ -32,13 +33,19 @@
 //    weft::rejected is thrown, or the exception of a call that failed first.
 //  - parallel_map and for_each keep at most `limit` calls in flight (by
 //    default one per worker of the executor, plus the caller if the
-//    workers leave it a hardware thread). They do not
-//    post a task per element: `limit` tasks each claim a run of the next
+//    workers leave it a hardware thread). They do not post a task per
+//    element: the calling thread and up to `limit` - 1 helpers (one per
+//    worker at most, and none the pool has no room for) claim runs of
 //    elements until none is left, so a million elements cost a million
-//    calls, not a million posts. A claim takes 1/(2 x limit) of what is
-//    left (at least one element), so claims are few while much is left and
+//    calls, not a million posts. The calling thread starts with every
+//    element; a task with none left steals the back half of what another
+//    has not claimed. A claim takes 1/(2 x limit) of what the claimer holds
+//    (at least one element), so claims are few while much is left and
 //    single elements at the end. Elements of one claim run one after
 //    another on one task: an element must not wait for another element.
+//    A helper that the pool starts after the call has returned does
+//    nothing. Their tasks are listed in the registry as "task_group" tasks
+//    at the line that called them.
 //  - gather returns a std::tuple of the calls' results in argument order; a
 //    call returning void gives std::monostate.
 //  - merge(group, out, in1, in2, ...) and fan_out(group, in, n, f) start
@@ -59,6 +66,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
+#include <weft/detail/fan_core.hpp>
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>
 
@@ -133,18 +141,13 @@ auto call_for_result(F& f, const cancel_token& token) {
 template <class F>
 concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, const cancel_token&>;
 
-// Runs body(i) for every i in [0, count) on at most `limit` tasks, each
-// claiming the next indices until none is left: the calling thread's own
-// share, and the others in a group.
-//
-// A claim is a read-modify-write on a line that every task shares, so a
-// claim per index made a map over many cheap elements pay a cache-line
-// transfer per element (100,000 elements on 2 cores: 120x slower than a
-// plain loop), and neighbouring results were written from different cores.
-// Each claim takes a share of what is left instead (guided
-// self-scheduling: 1/(2 x tasks) of it), so claims are few while much is
-// left, and the last ones are single indices that keep the tasks' ends
-// level.
+// Runs body(i) for every i in [0, count) on at most `limit` tasks: the
+// calling thread and helpers it posts to the pool, one per worker at most.
+// The indices are claimed from lanes (see fan_core.hpp): the caller's lane
+// starts with all of them, and each claim takes 1/(2 x tasks) of what is
+// left in the claimer's lane (at least one index), so claims are few while
+// much is left, and the last ones are single indices that keep the tasks'
+// ends level.
 //
 // The default limit is one task per worker, plus one for the calling thread
 // only while the workers leave a hardware thread free for it. On a pool as
@@ -155,6 +158,75 @@ concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, cons
 inline std::size_t default_fan_limit(std::size_t workers) noexcept {
   return workers < hardware_threads() ? workers + 1 : workers;
 }
+
+// What a task of run_indexed needs from the calling thread's frame; a
+// helper reads it only once it has entered the core's gate.
+template <class Body>
+struct fan_call {
+  const Body& body;
+  const spawn_site& site;
+};
+
+// One task's share: claims and runs indices until none is left or the
+// token is cancelled. Listed in the registry as a group's task is.
+template <class Body>
+void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) noexcept {
+  const task_origin origin = make_origin(call.site, "task_group");
+  accepted(origin);
+  const cancel_token& token = core.token();
+  // A copy on this task's stack: read through the caller's frame for every
+  // call, the captures would share lines with what the caller writes as it
+  // runs its own calls, and both would wait for those lines (16 calls of
+  // 170 ns on 2 cores: every call took 300 ns while both tasks ran).
+  Body body = call.body;
+  std::size_t calls = 0;
+  {
+    const running_scope running{origin};
+    try {
+      for (fan_core::unit_range units{}; !token.cancelled() && core.claim(lane, units);) {
+        const auto elements = core.elements_of(units);
+        for (auto i = elements.first; i < elements.last && !token.cancelled(); ++i) {
+          body(i, token);
+          ++calls;
+        }
+      }
+    } catch (...) {
+      core.fail(std::current_exception());
+    }
+  }
+  core.add_run(lane, calls);
+}
+
+// What the pool runs for a helper: three words, inline in the pool's slot.
+// One destroyed unrun (shutdown_now) only lets go of the core.
+template <class Body>
+class fan_helper {
+ public:
+  fan_helper(fan_core& core, const fan_call<Body>& call, std::size_t lane) noexcept
+      : core_(&core), call_(&call), lane_(lane) {
+    core.add_ref();
+  }
+  fan_helper(fan_helper&& other) noexcept
+      : core_(std::exchange(other.core_, nullptr)), call_(other.call_), lane_(other.lane_) {}
+  fan_helper& operator=(fan_helper&&) = delete;
+  ~fan_helper() {
+    if (core_ != nullptr) core_->unref();
+  }
+
+  void operator()() noexcept {
+    fan_core* core = std::exchange(core_, nullptr);
+    if (core->enter()) {
+      run_fan_lane(*core, lane_, *call_);
+      core->leave();
+    }
+    core->unref();
+  }
+
+ private:
+  fan_core* core_;
+  const fan_call<Body>* call_;
+  std::size_t lane_;
+};
 
 template <class Body>
 void run_indexed(std::size_t count, const fan_options& options, const spawn_site& site, Body body) {
@@ -167,67 +239,40 @@ void run_indexed(std::size_t count, const fan_options& options, const spawn_site
   if (count == 0) return;
   const std::size_t limit = options.limit != 0 ? options.limit : default_fan_limit(executor.context().size());
   const auto tasks = std::min(count, limit);
-  std::atomic<std::size_t> next{0};
-  std::atomic<std::size_t> done{0};
-  // The indices [first, last) for the calling task; {count, count} once none is left.
-  const auto claim = [&]() noexcept {
-    auto first = next.load(std::memory_order_relaxed);
-    std::size_t last = count;
-    do {
-      if (first >= count) return std::pair{count, count};
-      last = first + std::max<std::size_t>(1, (count - first) / (2 * tasks));
-    } while (!next.compare_exchange_weak(first, last, std::memory_order_relaxed));
-    return std::pair{first, last};
-  };
-  const auto work = [&](const cancel_token& token) {
-    std::size_t mine = 0;
-    for (auto range = claim(); range.first != count && !token.cancelled(); range = claim()) {
-      for (auto i = range.first; i < range.second && !token.cancelled(); ++i) {
-        body(i, token);
-        ++mine;
-      }
-    }
-    done.fetch_add(mine, std::memory_order_relaxed);
-  };
-  // Declared after everything its tasks use, so that an exception leaving
-  // this function joins them (the group's destructor) before that is gone.
-  task_group group{executor, options.token};
+  const auto lanes = std::min(tasks, executor.context().size() + 1);
+  fan_core& core = *fan_core::make(count, lanes, tasks, options.token);
+  const fan_call<Body> call{body, site};
+  // A helper that the pool has no room for is not needed: its workers are
+  // busy, and this thread runs what no helper takes.
   try {
-    for (std::size_t t = 1; t < tasks; ++t) group.go(work, site);
-  } catch (const rejected&) {
-    // The pool was shut down while the tasks were being started. The
-    // refusal fails the group as a call's exception would: the started
-    // tasks see their token cancelled, this thread's share is skipped, and
-    // wait() below joins them and throws the first failure, theirs if one
-    // came before.
-    task_group_access::fail(group, std::current_exception());
-  }
-  // The calling thread's share runs here, counted in the group as a
-  // coroutine's work is, rather than as a task that would go through the
-  // group's queue only to come back. The registry lists it as the group's
-  // other tasks are.
-  if (task_group_access::begin(group)) {
-    const task_origin origin = make_origin(site, "task_group");
-    accepted(origin);
-    std::exception_ptr error;
-    {
-      const running_scope running{origin};
-      try {
-        work(group.token());
-      } catch (...) {
-        error = std::current_exception();
-      }
+    for (std::size_t lane = 1; lane < lanes; ++lane) {
+      if (!worker_pool_access::try_post_untracked(executor.context(),
+                                                  fan_helper<Body>{core, call, lane}))
+        break;
     }
-    task_group_access::end(group, std::move(error));
+  } catch (...) {
+    // The pool was shut down while the helpers were being posted (or a
+    // post could not allocate). That fails the call as a call's exception
+    // would: the helpers already posted see the token cancelled, and the
+    // first failure is thrown below, theirs if one came before.
+    core.fail(std::current_exception());
   }
-  group.wait();
-  // A loop that saw the token cancelled stopped without an exception; the
-  // elements it left are reported, as skipped tasks are.
-  if (done.load(std::memory_order_relaxed) != count) group.token().cause().rethrow();
+  run_fan_lane(core, 0, call);
+  core.close_and_wait();
+  const std::exception_ptr error = core.first_error();
+  // A task that saw the token cancelled stopped without an exception; the
+  // elements it left are reported, as a group's skipped tasks are.
+  const bool skipped = !error && core.calls_run() != count;
+  const cancel_cause cause = skipped ? core.token().cause() : cancel_cause{};
+  core.release_by_caller();
+  if (error) std::rethrow_exception(error);
+  if (skipped) cause.rethrow();
 }
 
 // The elements of a range, addressable by index: the range's own iterator
-// when it is random-access, else its iterators, collected once.
+// when it is random-access, else its iterators, collected once. indexer()
+// is what the calls capture: a copy small enough for each task to keep on
+// its own stack (see run_fan_lane).
 template <class Iterator>
 struct random_access_elements {
   Iterator first;
@@ -236,13 +281,19 @@ struct random_access_elements {
   decltype(auto) operator[](std::size_t i) const {
     return first[static_cast<std::iter_difference_t<Iterator>>(i)];
   }
+  random_access_elements indexer() const { return *this; }
 };
 
 template <class Iterator>
 struct collected_elements {
+  struct collected_indexer {
+    const Iterator* iterators;
+    decltype(auto) operator[](std::size_t i) const { return *iterators[i]; }
+  };
+
   std::vector<Iterator> iterators;
   std::size_t size() const noexcept { return iterators.size(); }
-  decltype(auto) operator[](std::size_t i) const { return *iterators[i]; }
+  collected_indexer indexer() const noexcept { return {iterators.data()}; }
 };
 
 template <class Range>
@@ -288,15 +339,19 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
   if constexpr (std::is_nothrow_default_constructible_v<result> && std::is_nothrow_move_assignable_v<result> &&
                 !std::is_same_v<result, bool>) {
     std::vector<result> out(elements.size());
-    detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
-      out[i] = detail::invoke_maybe_with_token(f, token, elements[i]);
-    });
+    detail::run_indexed(elements.size(), options, site,
+                        [results = out.data(), elements = elements.indexer(), &f](
+                            std::size_t i, const cancel_token& token) {
+                          results[i] = detail::invoke_maybe_with_token(f, token, elements[i]);
+                        });
     return out;
   } else {
     std::vector<std::optional<result>> slots(elements.size());
-    detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
-      slots[i].emplace(detail::invoke_maybe_with_token(f, token, elements[i]));
-    });
+    detail::run_indexed(elements.size(), options, site,
+                        [slots = slots.data(), elements = elements.indexer(), &f](
+                            std::size_t i, const cancel_token& token) {
+                          slots[i].emplace(detail::invoke_maybe_with_token(f, token, elements[i]));
+                        });
     std::vector<result> out;
     out.reserve(slots.size());
     for (auto& slot : slots) out.push_back(std::move(*slot));
@@ -308,9 +363,11 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
 template <class Range, class F>
 void for_each(Range&& range, F&& f, const fan_options& options = {}, spawn_site site = spawn_site::current()) {
   auto elements = detail::elements_of(range);
-  detail::run_indexed(elements.size(), options, site, [&](std::size_t i, const cancel_token& token) {
-    detail::invoke_maybe_with_token(f, token, elements[i]);
-  });
+  detail::run_indexed(
+      elements.size(), options, site,
+      [elements = elements.indexer(), &f](std::size_t i, const cancel_token& token) {
+        detail::invoke_maybe_with_token(f, token, elements[i]);
+      });
 }
 
 // Runs every call concurrently on `executor` under `token`; returns their
