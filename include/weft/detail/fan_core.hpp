@@ -61,8 +61,9 @@ namespace weft::detail {
 
 class fan_core {
  public:
-  // Lanes count indices in units of this many elements when a range has
-  // more elements than 32 bits can count (a lane is one 64-bit word).
+  // A claimed run of units. A unit is one element, or, for a range with
+  // more elements than 32 bits can count (a lane is one 64-bit word), as
+  // many as it takes to count them in 32 bits.
   struct unit_range {
     std::size_t first;
     std::size_t last;
