@@ -14,8 +14,8 @@
 //
 //   std::vector<thumb> thumbs = weft::parallel_map(images, make_thumbnail, {.limit = 4});
 //
-// Semantics (gather is built on task_group; parallel_map and for_each keep
-// its rules with helper tasks of their own, see below):
+// Semantics (gather, parallel_map and for_each keep task_group's rules,
+// with helper tasks of their own, see below):
 //  - Each call may take a weft::cancel_token as its last parameter; the
 //    token is cancelled by the caller's token, by the deadline, or by the
 //    first call that throws. The first exception is rethrown to the caller
@@ -47,7 +47,10 @@
 //    nothing. Their tasks are listed in the registry as "task_group" tasks
 //    at the line that called them.
 //  - gather returns a std::tuple of the calls' results in argument order; a
-//    call returning void gives std::monostate.
+//    call returning void gives std::monostate. Its calls are claimed as
+//    elements are, one at a time and all at once (its limit is the number
+//    of calls): the calling thread and up to one helper per worker run
+//    them, and a call may wait for another while a task is free to run it.
 //  - merge(group, out, in1, in2, ...) and fan_out(group, in, n, f) start
 //    tasks in a group the caller owns and joins (group.wait()), so they are
 //    structured like any other task: they block their worker while they
@@ -309,17 +312,11 @@ auto elements_of(Range& range) {
   }
 }
 
-// Starts call I of a gather, which fills slot I of the tuple. (A lambda
-// with a pack init-capture would be shorter, but crashes Clang 14.)
-template <std::size_t I, class Slots, class F>
-void gather_one(task_group& group, Slots& slots, F& call, const spawn_site& site) {
-  group.go([&slot = std::get<I>(slots), &call](const cancel_token& token) { slot.emplace(call_for_result(call, token)); },
-           site);
-}
-
+// Runs call `index` of a gather into its slot of the tuple.
 template <class Slots, std::size_t... I, class... F>
-void gather_into(task_group& group, Slots& slots, const spawn_site& site, std::index_sequence<I...>, F&... calls) {
-  (gather_one<I>(group, slots, calls, site), ...);
+void run_gather_call(std::size_t index, Slots& slots, const cancel_token& token,
+                     std::index_sequence<I...>, F&... calls) {
+  ((index == I ? (void)std::get<I>(slots).emplace(call_for_result(calls, token)) : void()), ...);
 }
 
 }  // namespace detail
@@ -378,17 +375,16 @@ auto gather(pool_executor executor, detail::at_call_site<const cancel_token> tok
   std::tuple<std::optional<decltype(detail::call_for_result(std::declval<std::decay_t<F>&>(),
                                                             std::declval<const cancel_token&>()))>...>
       slots;
-  {
-    task_group group{executor, token.object};
-    try {
-      detail::gather_into(group, slots, token.site, std::index_sequence_for<F...>{}, calls...);
-    } catch (const rejected&) {
-      // The pool was shut down while the calls were being started: as in
-      // run_indexed, the refusal fails the group, and wait() throws.
-      detail::task_group_access::fail(group, std::current_exception());
-    }
-    group.wait();
-  }
+  // Calls are elements of a run with no limit below their number: each
+  // claim takes one, and the calls run on the calling thread and on up to
+  // one helper per worker.
+  constexpr std::size_t count = sizeof...(F);
+  detail::run_indexed(
+      count, fan_options{.limit = count, .token = token.object, .executor = executor}, token.site,
+      [&slots, &calls...](std::size_t index, const cancel_token& call_token) {
+        detail::run_gather_call(index, slots, call_token, std::index_sequence_for<F...>{},
+                                calls...);
+      });
   return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);
 }
 
