@@ -2,7 +2,9 @@
 // Randomised stress for task_group, result_group and the fan-out calls:
 // random trees of tasks that spawn into their own group, fail, cancel, wait
 // on nested groups and run under limits; groups destroyed at random points
-// with tasks still running; result order under random finishing. Every
+// with tasks still running; result order under random finishing;
+// parallel_map and gather called from many threads at once, nested inside
+// their own calls, failing and cancelled by their parents. Every
 // random choice comes from weft_test::seed(); replay with
 //
 //   ./weft_stress --seed N --test-case="*task_group*"
@@ -36,6 +38,7 @@
 #include <doctest/doctest.h>
 
 #include "../support.hpp"
+#include "scenario.hpp"
 #include "seed.hpp"
 
 namespace {
@@ -315,4 +318,110 @@ TEST_CASE("stress: result_group and parallel_map keep spawn order under random f
     pool_holder.reset();
     CHECK(counted_error::live.load() == 0);
   }
+}
+
+TEST_CASE(
+    "stress: parallel_map and gather from many threads on one pool, nested, failing and cancelled" *
+    doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  for (const std::size_t workers : {1u, 2u, 3u}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers, .queue_capacity = 16}};
+    weft_test::chaos_sources parents{4};
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint64_t> calls_after_return{0};
+    std::atomic<std::uint64_t> runs_twice{0};
+    std::atomic<std::uint64_t> wrong_results{0};
+    std::atomic<std::uint64_t> unexpected_errors{0};
+    std::atomic<std::uint64_t> fan_outs{0};
+    // Calls that land while their fan-out's `returned` is set are counted:
+    // a late helper must never run one.
+    const auto fan_out = [&](std::mt19937_64& rng, const weft::cancel_token& parent,
+                             bool may_nest) {
+      const auto count = std::uniform_int_distribution<std::size_t>{0, 64}(rng);
+      const auto limit = std::uniform_int_distribution<std::size_t>{0, workers + 2}(rng);
+      const int fail_at = rng() % 4 == 0 && count > 0 ? static_cast<int>(rng() % count) : -1;
+      const int nest_at =
+          may_nest && rng() % 4 == 0 && count > 0 ? static_cast<int>(rng() % count) : -1;
+      std::vector<std::atomic<int>> runs(count);
+      std::atomic<bool> returned{false};
+      std::vector<int> input(count);
+      std::iota(input.begin(), input.end(), 0);
+      const auto spins = static_cast<std::uint32_t>(rng() % 300);
+      const auto call = [&](int x, const weft::cancel_token& token) {
+        if (returned.load()) calls_after_return.fetch_add(1);
+        runs[static_cast<std::size_t>(x)].fetch_add(1);
+        spin_for(spins * static_cast<std::uint32_t>(x % 4));
+        if (x == nest_at) {
+          // From a pool worker or the calling thread: its helpers queue
+          // behind busy workers, and it must not wait for them.
+          (void)weft::parallel_map(std::vector<int>{1, 2, 3, 4}, [](int y) { return y; },
+                                   {.token = token, .executor = pool.executor()});
+        }
+        if (x == fail_at) throw counted_error(x);
+        return 3 * x;
+      };
+      try {
+        if (count >= 2 && rng() % 5 == 0) {
+          // Elements 0 and 1 as two of three heterogeneous calls.
+          const auto [first, second, name] = weft::gather(
+              pool.executor(), parent, [&](const weft::cancel_token& t) { return call(0, t); },
+              [&](const weft::cancel_token& t) { return call(1, t); },
+              [] { return std::string{"third"}; });
+          returned.store(true);
+          if (first != 0 || second != 3 || name != "third" || fail_at == 0 || fail_at == 1)
+            wrong_results.fetch_add(1);
+        } else {
+          const auto out = weft::parallel_map(
+              input, call, {.limit = limit, .token = parent, .executor = pool.executor()});
+          returned.store(true);
+          bool right = out.size() == count && fail_at < 0;
+          for (std::size_t i = 0; right && i < count; ++i)
+            right = out[i] == 3 * input[i] && runs[i].load() == 1;
+          if (!right) wrong_results.fetch_add(1);
+        }
+      } catch (const counted_error& e) {
+        if (e.id() != fail_at) unexpected_errors.fetch_add(1);
+      } catch (const std::system_error& e) {
+        // The parent was cancelled, or a nested call saw its token cancelled.
+        if (e.code() != weft::errc::cancelled && e.code() != std::errc::operation_canceled) {
+          unexpected_errors.fetch_add(1);
+        }
+      }
+      returned.store(true);
+      for (const auto& r : runs) {
+        if (r.load() > 1) runs_twice.fetch_add(1);
+      }
+      fan_outs.fetch_add(1);
+    };
+
+    std::vector<std::thread> callers;
+    const int caller_count = weft_test::thread_counts().front();
+    for (int t = 0; t < caller_count; ++t) {
+      callers.emplace_back([&, t] {
+        std::mt19937_64 rng{seed ^ (0xfa40u + static_cast<std::uint64_t>(t))};
+        for (std::uint64_t i = 0; i < weft_test::iteration_cap(2'000) && !stop.load(); ++i) {
+          fan_out(rng, rng() % 3 == 0 ? parents.token(rng()) : weft::cancel_token{}, true);
+        }
+      });
+    }
+    std::thread chaos([&] {
+      std::mt19937_64 rng{seed ^ 0xc4a05u};
+      const auto until = std::chrono::steady_clock::now() + weft_test::run_budget();
+      while (std::chrono::steady_clock::now() < until) {
+        parents.cancel_and_replace(rng(), rng() % 2 == 0);
+        for (int y = 0; y < 50; ++y) std::this_thread::yield();
+      }
+      stop.store(true);
+    });
+    chaos.join();
+    for (auto& caller : callers) caller.join();
+    CHECK(fan_outs.load() > 0);
+    CHECK(calls_after_return.load() == 0);
+    CHECK(runs_twice.load() == 0);
+    CHECK(wrong_results.load() == 0);
+    CHECK(unexpected_errors.load() == 0);
+  }
+  CHECK(counted_error::live.load() == 0);
 }
