@@ -535,18 +535,28 @@ TEST_CASE("parallel_map: a token cancelled before the call runs nothing and thro
   CHECK(calls.load() == 0);
 }
 
+// A one-worker pool whose worker a task holds until release(), so that
+// what is posted meanwhile waits in the queue.
+struct held_pool {
+  weft::cancel_source gate;
+  std::latch holding{1};
+  weft::worker_pool pool{{.workers = 1}};  // last: destroyed (joined) first
+
+  held_pool() {
+    pool.post([this, token = gate.token()] {
+      holding.count_down();
+      token.wait();
+    });
+    holding.wait();
+  }
+  void release() { gate.cancel(); }
+};
+
 TEST_CASE(
     "parallel_map: a busy pool leaves every call to the calling thread, and the late helper does "
     "nothing" *
     doctest::timeout(30)) {
-  weft::worker_pool pool{{.workers = 1}};
-  weft::cancel_source release;
-  std::latch holding{1};
-  pool.post([&] {
-    holding.count_down();
-    release.token().wait();
-  });
-  holding.wait();
+  held_pool held;
   // The helper is queued behind the task that holds the only worker; the
   // call must not wait for it.
   const auto caller = std::this_thread::get_id();
@@ -559,33 +569,25 @@ TEST_CASE(
                                           elsewhere.fetch_add(1);
                                         return 2 * x;
                                       },
-                                      {.limit = 2, .executor = pool.executor()});
+                                      {.limit = 2, .executor = held.pool.executor()});
   CHECK(elsewhere.load() == 0);
   for (std::size_t i = 0; i < input.size(); ++i) CHECK(out[i] == 2 * input[i]);
   // The helper now runs after its call returned: it must neither call f
   // nor touch the returned call's frame (ASan would see that).
-  release.cancel();
-  spin_until([&] { return pool.stats().completed == 2; });
+  held.release();
+  spin_until([&] { return held.pool.stats().completed == 2; });
   CHECK(elsewhere.load() == 0);
 }
 
 TEST_CASE("parallel_map: a helper dropped unrun by shutdown_now lets go of what it held" *
           doctest::timeout(30)) {
-  weft::worker_pool pool{{.workers = 1}};
-  weft::cancel_source release;
-  std::latch holding{1};
-  pool.post([&] {
-    holding.count_down();
-    release.token().wait();
-  });
-  holding.wait();
+  held_pool held;
   const auto out = weft::parallel_map(std::vector<int>{1, 2, 3}, [](int x) { return x + 1; },
-                                      {.limit = 2, .executor = pool.executor()});
+                                      {.limit = 2, .executor = held.pool.executor()});
   CHECK(out == std::vector<int>{2, 3, 4});
-  release.cancel();
-  // The helper is still queued (the worker may not have left the first
-  // task yet); dropping it must free the state it shares (LSan checks).
-  (void)pool.shutdown_now();
+  // Dropping the queued helper must free the state it shares (LSan checks).
+  CHECK(held.pool.shutdown_now() == 1);
+  held.release();
 }
 
 TEST_CASE("parallel_map: every element runs exactly once while tasks steal unevenly sized work" *
