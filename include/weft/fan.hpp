@@ -65,6 +65,16 @@
 // Thread safety: each call is independent; the range must not change while
 // parallel_map or for_each runs, and f is called concurrently from several
 // threads.
+//
+// Cost: gather, parallel_map and for_each take their thread's spare shared
+// state (allocating one when a helper of an earlier call still holds it),
+// plus a child token's state under a parent token; they post up to one
+// helper per worker (three words, inline in the pool's slot), and wait for
+// the helpers that started, spinning briefly before they sleep. A claim is
+// a compare-and-swap on the claimer's own cache line; a steal moves the
+// victim's line and a shared counter's. parallel_map also allocates its
+// result vector, and for a range that is not random-access and sized, a
+// vector of its iterators.
 #pragma once
 
 #include <weft/cancel.hpp>
