@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: BSL-1.0
-// detail::fan_core: what the thread that calls parallel_map or for_each
-// shares with the helpers it posts to the pool: the indices not yet claimed,
+// detail::fan_core: what the thread that calls gather, parallel_map or
+// for_each shares with the helpers it posts to the pool: the indices not yet claimed,
 // split into lanes; a gate that turns helpers away once the call is over;
 // and the outcome (the first exception, the token the calls see).
 //
@@ -8,8 +8,8 @@
 // transfers: on the 2-core VM one costs about 200 ns, as much as a call.
 // With one shared counter of claimed indices every claim moved that line,
 // and at the end of a run, where claims are single indices, the tasks took
-// turns on it: 16 calls of 180 ns took 4.4 us on 2 tasks, the calls
-// themselves 300 ns each once both ran. Each task owns a lane here (a
+// turns on it (16 calls of 180 ns took 4.4 us on 2 tasks, with the tasks'
+// other costs). Each task owns a lane here (a
 // range of unclaimed indices on its own line) and claims from its front, a
 // compare-and-swap on a line no other task touches; a task whose lane is
 // empty steals the back half of the fullest lane. So lines move once per
@@ -29,7 +29,8 @@
 //    empty and was given the same range again (ABA); it then takes indices
 //    that are unclaimed in that lane, which is all it ever means.
 //  - A task leaves only after a scan that found every lane empty with no
-//    thief in between (the steal word did not change across the scan).
+//    thief in between: the steal word did not change across the scan, and
+//    counted no thief between its compare-and-swap and its store.
 //    So an index is never left unclaimed while every task is gone, and an
 //    element blocked on another element still unclaimed is never left
 //    without a task that can run it, as long as a task is free.
