@@ -10,7 +10,8 @@
 //
 // What is tracked: every task started through a worker_pool (post, try_post,
 // submit, the executor; queued and running), a task_group or result_group
-// (go, try_go), parallel_map / for_each, and coroutines added to a group
+// (go, try_go), gather / parallel_map / for_each (their tasks once they run:
+// a helper still queued holds no call yet), and coroutines added to a group
 // with weft::co_spawn (weft/asio.hpp). Each has an id, a name (the pool's
 // name, "task_group" or "coroutine"), the spawn site (the user's line, see
 // spawn_site.hpp), the id of the task that spawned it, its state (queued,
