@@ -66,6 +66,7 @@
 #include <weft/config.hpp>
 #include <weft/detail/bounded_ring.hpp>
 #include <weft/detail/futex.hpp>
+#include <weft/detail/reusable_source.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/detail/task.hpp>
 #include <weft/detail/task_tracking.hpp>
@@ -132,7 +133,7 @@ class task_group {
   task_group& operator=(const task_group&) = delete;
 
   ~task_group() {
-    if (started_since_wait_.load(std::memory_order_relaxed)) core_->source->cancel();
+    if (started_since_wait_.load(std::memory_order_relaxed)) core_->cancellation.cancel();
     join();
     if (core_->failed.load(std::memory_order_acquire) && !error_delivered_) report_undelivered();
     core_->release_outcome();
@@ -178,10 +179,10 @@ class task_group {
   }
 
   // Cancelled by the first failure, by cancel(), or by the parent token.
-  [[nodiscard]] cancel_token token() const noexcept { return core_->token; }
+  [[nodiscard]] cancel_token token() const noexcept { return core_->cancellation.token(); }
 
   // Asks the group's tasks to stop (those not started are skipped).
-  void cancel() noexcept { core_->source->cancel(); }
+  void cancel() noexcept { core_->cancellation.cancel(); }
 
   pool_executor executor() const noexcept { return core_->executor; }
 
@@ -227,16 +228,11 @@ class task_group {
           }
         }
       }
-      // A parentless group can keep the source it had, if nothing touched it.
-      if (!c->source || detail::state_of(parent) != nullptr) {
-        c->token = cancel_token{};
-        try {
-          c->source.emplace(parent.child());
-        } catch (...) {
-          destroy(c);
-          throw;
-        }
-        c->token = c->source->token();
+      try {
+        c->cancellation.renew(parent);
+      } catch (...) {
+        destroy(c);
+        throw;
       }
       return c;
     }
@@ -267,11 +263,7 @@ class task_group {
     // catcher's what() (and stalled the worker while it symbolised them).
     void release_outcome() noexcept {
       first_error = nullptr;
-      // The source and token hold a reference each.
-      if (source && !detail::state_of(token)->pristine(2)) {
-        token = cancel_token{};
-        source.reset();
-      }
+      cancellation.release();
     }
 
     // Once every reference is gone, the group's too: release_outcome() has run.
@@ -354,7 +346,7 @@ class task_group {
     // Runs one task; counts its completion in `finished` (the caller
     // subtracts those from `pending` in a batch).
     void run(detail::task& work) noexcept {
-      if (token.cancelled()) {
+      if (cancellation.token().cancelled()) {
         skipped.store(true, std::memory_order_relaxed);
       } else {
         try {
@@ -375,7 +367,7 @@ class task_group {
           failed.store(true, std::memory_order_release);
         }
       }
-      source->cancel(std::move(error));
+      cancellation.cancel(std::move(error));
     }
 
     // Posts a runner if fewer than max_runners are out. If the pool is full
@@ -433,10 +425,7 @@ class task_group {
 
     std::atomic<std::uint32_t> refs{1};
     pool_executor executor;
-    std::optional<cancel_source> source;  // set while the core is in use
-    // Handed to tasks by reference: a copy per task would be two
-    // read-modify-writes on the token's count, a line every runner shares.
-    cancel_token token;
+    detail::reusable_source cancellation;  // renewed for each group
     // On a line of its own: go() adds to it for every task, and a runner
     // reads the fields that shared its line (token, limit) for every task,
     // so each go() pulled the line back from the runner's core
@@ -515,7 +504,9 @@ class task_group {
     if (!started_since_wait_.load(std::memory_order_relaxed)) started_since_wait_.store(true, std::memory_order_relaxed);
     const detail::task_origin origin = detail::make_origin(site, "task_group");
     try {
-      core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable { detail::invoke_with_token(f, c->token); }),
+      core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable {
+                    detail::invoke_with_token(f, c->cancellation.token());
+                  }),
                   origin);
       detail::accepted(origin);
     } catch (...) {
@@ -575,7 +566,7 @@ class task_group {
     }
     if (core_->skipped.exchange(false, std::memory_order_relaxed)) {
       try {
-        core_->token.cause().rethrow();
+        core_->cancellation.token().cause().rethrow();
       } catch (...) {
         return std::current_exception();
       }
@@ -608,7 +599,7 @@ namespace detail {
 inline wait_group& task_group_access::pending(task_group& group) noexcept { return group.core_->pending; }
 inline std::exception_ptr task_group_access::outcome(task_group& group) { return group.outcome(); }
 inline bool task_group_access::begin(task_group& group) {
-  if (group.core_->token.cancelled()) {
+  if (group.core_->cancellation.token().cancelled()) {
     group.core_->skipped.store(true, std::memory_order_relaxed);
     return false;
   }

@@ -38,14 +38,18 @@
 // Invariants (gate): a helper runs only after it enters the gate, and the
 // calling thread returns only after it has closed the gate and the count of
 // helpers inside has dropped to zero; a helper that finds the gate closed
-// leaves without touching the caller's frame. The core itself lives until
+// leaves without touching the caller's frame or the gate. So once closed,
+// the count only falls, and the last helper to leave completes the
+// caller's parker exactly once (none does when none was inside). The core
+// itself lives until
 // the caller and every posted helper (run or dropped unrun by the pool) have
 // let go of it.
 #pragma once
 
 #include <weft/cancel.hpp>
 #include <weft/detail/backoff.hpp>
-#include <weft/detail/futex.hpp>
+#include <weft/detail/parker.hpp>
+#include <weft/detail/reusable_source.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -54,7 +58,6 @@
 #include <exception>
 #include <limits>
 #include <memory>
-#include <optional>
 #include <thread>
 #include <utility>
 
@@ -95,17 +98,14 @@ class fan_core {
   // The caller's release: the core is kept as this thread's spare when no
   // helper still holds it (helpers dropped unrun, or turned away late, may).
   void release_by_caller() noexcept {
-    if (refs_.load(std::memory_order_acquire) == 1) {
-      release_outcome();
-      fan_core*& spare = thread_spare();
-      if (spare == nullptr) {
-        spare = this;
-        return;
-      }
-      delete this;
+    first_error_ =
+        nullptr;  // freed here, on the thread that read it (see task_group's release_outcome)
+    cancellation_.release();
+    fan_core*& spare = thread_spare();
+    if (spare == nullptr && refs_.load(std::memory_order_acquire) == 1) {
+      spare = this;
       return;
     }
-    release_outcome();
     unref();
   }
 
@@ -113,36 +113,29 @@ class fan_core {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
-  const cancel_token& token() const noexcept { return token_; }
+  const cancel_token& token() const noexcept { return cancellation_.token(); }
 
   // Helpers: true if this one may run (the call is not over); leave() after.
+  // Once the gate is closed its count only falls, so it reaches zero once.
   bool enter() noexcept {
-    if (gate_.fetch_add(gate_helper, std::memory_order_acquire) & gate_closed) {
-      leave();
-      return false;
-    }
+    auto word = gate_.load(std::memory_order_relaxed);
+    do {
+      if ((word & gate_closed) != 0) return false;
+    } while (!gate_.compare_exchange_weak(word, word + gate_helper, std::memory_order_acquire,
+                                          std::memory_order_relaxed));
     return true;
   }
 
   void leave() noexcept {
-    const auto before = gate_.fetch_sub(gate_helper, std::memory_order_release);
-    if ((before & gate_sleeping) != 0 && before / gate_helper == 1) futex_wake_all(gate_);
+    if (gate_.fetch_sub(gate_helper, std::memory_order_acq_rel) == (gate_closed | gate_helper)) {
+      drained_.complete();
+    }
   }
 
   // The caller: turns away helpers that have not entered, and waits for
-  // those inside to leave.
+  // the last of those inside to leave.
   void close_and_wait() noexcept {
-    auto word = gate_.fetch_or(gate_closed, std::memory_order_acquire) | gate_closed;
-    for (backoff pause; word / gate_helper != 0 && pause.wait();)
-      word = gate_.load(std::memory_order_acquire);
-    while (word / gate_helper != 0) {
-      if ((word & gate_sleeping) == 0 &&
-          !gate_.compare_exchange_weak(word, word | gate_sleeping, std::memory_order_acquire)) {
-        continue;
-      }
-      futex_wait(gate_, word | gate_sleeping);
-      word = gate_.load(std::memory_order_acquire);
-    }
+    if (gate_.fetch_or(gate_closed, std::memory_order_acq_rel) != 0) drained_.wait_completed();
   }
 
   // The next units for the task on `lane`: from its own lane, else stolen.
@@ -171,7 +164,7 @@ class fan_core {
   // other tasks stop.
   void fail(std::exception_ptr error) noexcept {
     if (!failed_.exchange(true, std::memory_order_acq_rel)) first_error_ = error;
-    source_->cancel(std::move(error));
+    cancellation_.cancel(std::move(error));
   }
 
   // Once every task has left.
@@ -179,8 +172,7 @@ class fan_core {
 
  private:
   static constexpr std::uint32_t gate_closed = 1;
-  static constexpr std::uint32_t gate_sleeping = 2;
-  static constexpr std::uint32_t gate_helper = 4;
+  static constexpr std::uint32_t gate_helper = 2;
   // The steal word: thieves between their start and finish in the low half,
   // finished steals in the high half.
   static constexpr std::uint64_t steal_started = 1;
@@ -224,13 +216,7 @@ class fan_core {
       lanes_ = std::make_unique<lane_state[]>(lanes);
       lane_capacity_ = lanes;
     }
-    // A parentless call can keep the source it had, if nothing touched it.
-    if (!source_ || state_of(parent) != nullptr) {
-      token_ = cancel_token{};
-      source_.reset();
-      source_.emplace(parent.child());
-      token_ = source_->token();
-    }
+    cancellation_.renew(parent);
     constexpr std::size_t max_units = std::numeric_limits<std::uint32_t>::max();
     count_ = count;
     unit_ = count <= max_units ? 1 : (count + max_units - 1) / max_units;
@@ -243,19 +229,9 @@ class fan_core {
     lanes_[0].unclaimed.store(pack(0, (count + unit_ - 1) / unit_), std::memory_order_relaxed);
     refs_.store(1, std::memory_order_relaxed);
     gate_.store(0, std::memory_order_relaxed);
+    drained_.reset();
     steals_.store(0, std::memory_order_relaxed);
     failed_.store(false, std::memory_order_relaxed);
-  }
-
-  // Drops the outcome on the caller's thread (see task_group's
-  // release_outcome for why the exception is let go of here).
-  void release_outcome() noexcept {
-    first_error_ = nullptr;
-    // The source and token hold a reference each.
-    if (source_ && !state_of(token_)->pristine(2)) {
-      token_ = cancel_token{};
-      source_.reset();
-    }
   }
 
   bool take_front(std::atomic<std::uint64_t>& lane, unit_range& claimed) const noexcept {
@@ -312,12 +288,11 @@ class fan_core {
   std::size_t unit_ = 1;
   std::uint64_t claim_divisor_ = 2;
 
-  std::optional<cancel_source> source_;
-  // Handed to calls by reference; see task_group's core.
-  cancel_token token_;
+  reusable_source cancellation_;
 
   // Helpers touch these together as they enter and steal.
   alignas(64) std::atomic<std::uint32_t> gate_{0};
+  parker drained_;  // completed by the last helper to leave a closed gate
   std::atomic<std::uint64_t> steals_{0};
   std::atomic<std::uint32_t> refs_{1};
   std::atomic<bool> failed_{false};

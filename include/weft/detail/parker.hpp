@@ -50,6 +50,10 @@ class parker {
     return (word_.load(std::memory_order_acquire) & completed_bit) != 0;
   }
 
+  // Owner only, once nobody else can complete or poke it: as new, for
+  // another wait.
+  void reset() noexcept { word_.store(0, std::memory_order_relaxed); }
+
   // Owner only: forget a poke that has been handled.
   void clear_poke() noexcept { word_.fetch_and(~poked_bit, std::memory_order_relaxed); }
 
