@@ -98,8 +98,8 @@ class fan_core {
   // The caller's release: the core is kept as this thread's spare when no
   // helper still holds it (helpers dropped unrun, or turned away late, may).
   void release_by_caller() noexcept {
-    first_error_ =
-        nullptr;  // freed here, on the thread that read it (see task_group's release_outcome)
+    // Freed here, on the thread that read it (see task_group's release_outcome).
+    first_error_ = nullptr;
     cancellation_.release();
     fan_core*& spare = thread_spare();
     if (spare == nullptr && refs_.load(std::memory_order_acquire) == 1) {
