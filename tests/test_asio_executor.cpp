@@ -32,6 +32,7 @@
 #include <system_error>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include <doctest/doctest.h>
 
@@ -150,73 +151,93 @@ TEST_CASE("asio executor: post, dispatch and defer run handlers on the pool's wo
 }
 
 // Asio hands an executor the completions of operations already under way
-// (a timer's, a semaphore release()'s): execute() cannot refuse them. It used
-// to go through post(), which threw weft::rejected on a full queue under
-// overflow::reject and on a shutdown met while waiting for room, ran the work
-// in the caller under overflow::caller_runs, and made a release() that
-// completed an async_acquire call std::terminate.
-TEST_CASE("asio executor: a full queue makes post wait for room whatever the overflow policy" *
-          doctest::timeout(30)) {
+// (a timer's, a semaphore release()'s), from threads that must not wait for
+// the pool's workers (Asio's reactor, weft's deadline thread). execute()
+// used to wait for room on a full queue: a group's cancellation, which posts
+// to its coroutines' strands, then blocked the deadline thread, and every
+// deadline in the process, until a worker made room.
+TEST_CASE(
+    "asio executor: a full queue takes Asio work past its capacity at once, whatever the overflow "
+    "policy" *
+    doctest::timeout(30)) {
   for (const auto policy :
        {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
     gate worker_gate;
     fill_until_open(pool, worker_gate);
-    std::promise<bool> ran_on_pool;
-    std::exception_ptr thrown;
-    std::thread poster{[&] {
-      try {
-        asio::post(pool.executor(), [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
-      } catch (...) {
-        thrown = std::current_exception();
-        ran_on_pool.set_value(false);
-      }
-    }};
+    std::promise<bool> first_ran_on_pool;
+    std::promise<bool> second_ran_on_pool;
+    // On this thread, with the one worker held: a post that waited for room,
+    // or ran its handler here, would never return, or fail the checks below.
+    asio::post(pool.executor(),
+               [&] { first_ran_on_pool.set_value(pool.running_in_this_thread()); });
+    asio::post(pool.executor(),
+               [&] { second_ran_on_pool.set_value(pool.running_in_this_thread()); });
+    const weft::worker_pool_stats held = pool.stats();
+    CHECK(held.queued == 3);
+    CHECK(held.over_capacity == 2);
+    CHECK(held.rejected == 0);
     worker_gate.open();
-    CHECK(ran_on_pool.get_future().get());
-    poster.join();
-    CHECK(message_of(thrown) == "no exception");
+    CHECK(first_ran_on_pool.get_future().get());
+    CHECK(second_ran_on_pool.get_future().get());
+    pool.shutdown();
+    pool.join();
+    const weft::worker_pool_stats after = pool.stats();
+    CHECK(after.submitted == 4);
+    CHECK(after.completed == 4);
+    CHECK(after.queued == 0);
   }
 }
 
-TEST_CASE("asio executor: work handed over while the pool shuts down is dropped, never thrown" *
+TEST_CASE(
+    "asio executor: work queued past a full queue runs before the queue, and shutdown_now drops "
+    "it" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  gate worker_gate;
+  std::promise<void> busy;
+  pool.post([&busy, closed = worker_gate.closed] {
+    busy.set_value();
+    closed.wait();
+  });
+  busy.get_future().wait();
+  std::vector<int> order;  // written by the one worker, read after join
+  pool.post([&] { order.push_back(0); });
+  asio::post(pool.executor(), [&] { order.push_back(1); });
+  asio::post(pool.executor(), [&] { order.push_back(2); });
+  worker_gate.open();
+  pool.shutdown();
+  pool.join();
+  CHECK(order == std::vector<int>{1, 2, 0});
+
+  weft::worker_pool dropping{{.workers = 1, .queue_capacity = 1}};
+  gate second_gate;
+  fill_until_open(dropping, second_gate);
+  std::atomic<bool> ran{false};
+  asio::post(dropping.executor(), [&] { ran = true; });
+  CHECK(dropping.shutdown_now() == 2);  // the queued task and the one past it
+  second_gate.open();
+  dropping.join();
+  CHECK_FALSE(ran.load());
+  CHECK(dropping.stats().dropped == 2);
+}
+
+TEST_CASE("asio executor: work handed over after the pool shut down is dropped, never thrown" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .name = "target"}};
-  gate worker_gate;
-  fill_until_open(pool, worker_gate);
   weft::semaphore permits{1};
   permits.acquire(1);
   std::atomic<bool> granted{false};
   weft::async_acquire(
       permits, 1,
       asio::bind_executor(pool.executor(), [&](error_code, weft::permit) { granted = true; }));
-  std::atomic<bool> posted_ran{false};
-  std::exception_ptr thrown;
-  // The poster is a task of its own pool, so that the registry shows when
-  // it waits for room: a post that found room before the shutdown would be
-  // taken, and run, as the shutdown drains the queue.
-  weft::worker_pool posters{{.workers = 1, .name = "poster"}};
-  auto posted = posters.submit([&] {
-    try {
-      asio::post(pool.executor(), [&] { posted_ran = true; });  // waits for room until the shutdown
-      permits.release(1);  // completes the async_acquire: its completion goes to the shut-down pool
-    } catch (...) {
-      thrown = std::current_exception();
-    }
-  });
-  const auto waiting_for_room = [] {
-    for (const auto& task : weft::registry::snapshot()) {
-      if (task.name == "poster" && task.blocked_on == "worker_pool \"target\" post") return true;
-    }
-    return false;
-  };
-  while (!waiting_for_room()) std::this_thread::yield();
   pool.shutdown();
-  posted.get();
-  worker_gate.open();
+  std::atomic<bool> posted_ran{false};
+  CHECK_NOTHROW(asio::post(pool.executor(), [&] { posted_ran = true; }));
+  CHECK_NOTHROW(permits.release(
+      1));  // completes the async_acquire: its completion goes to the shut-down pool
   pool.join();
-  CHECK(message_of(thrown) == "no exception");
   CHECK_FALSE(posted_ran.load());
   CHECK_FALSE(granted.load());
   CHECK(permits.available() == 1);  // the dropped completion gave its permit back
@@ -434,6 +455,45 @@ TEST_CASE("asio task_group: cancelling the group aborts a coroutine's day-long t
   }
 }
 
+// The group posts each cancellation to its coroutine's strand. The thread
+// that cancels must not wait for room in a full pool: on weft's deadline
+// thread, that wait stopped every deadline in the process, the one that
+// would have freed the worker included.
+TEST_CASE("asio task_group: cancelling a group whose pool is full and held returns at once" *
+          doctest::timeout(60)) {
+  enum class how { parent_cancel, parent_deadline };
+  for (const how way : {how::parent_cancel, how::parent_deadline}) {
+    CAPTURE(static_cast<int>(way));
+    {
+      weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+      weft::cancel_source parent;
+      weft::task_group group{pool.executor(), parent.token()};
+      std::latch started{1};
+      std::promise<error_code> ended;
+      weft::co_spawn(group, wait_a_day(started, ended));
+      started.wait();
+      gate worker_gate;
+      fill_until_open(pool, worker_gate);
+      if (way == how::parent_cancel) {
+        parent.cancel();
+      } else {
+        // The deadline thread cancels the parent (this thread, should the
+        // deadline pass before the relay is registered).
+        const weft::cancel_source deadline = weft::with_timeout(weft::cancel_token{}, 1ms);
+        const auto relay = weft::on_cancel(deadline.token(), [&parent] { parent.cancel(); });
+        parent.token().wait();
+        // Fires only once the deadline thread is done with the first one's
+        // callbacks, the group's post among them.
+        weft::with_timeout(weft::cancel_token{}, 1ms).token().wait();
+      }
+      worker_gate.open();
+      CHECK(ended.get_future().get() == asio::error::operation_aborted);
+      CHECK_NOTHROW(group.wait());
+    }
+    CHECK(frame_marker::live.load() == 0);
+  }
+}
+
 TEST_CASE("asio task_group: the three-argument co_spawn runs the coroutine on the executor it names" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
@@ -486,6 +546,40 @@ TEST_CASE("asio task_group: a group already cancelled starts no coroutine and wa
     CHECK(e.code() == weft::errc::cancelled);
   }
   CHECK_FALSE(body_ran.load());
+}
+
+TEST_CASE("asio task_group: co_spawn onto a shut-down pool throws weft::rejected, as go() does" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .name = "closed"}};
+  weft::task_group group{pool.executor()};
+  pool.shutdown();
+  std::atomic<int> done{0};
+  CHECK_THROWS_WITH_AS(weft::co_spawn(group, count_after_timer(done)),
+                       "weft::co_spawn: the pool \"closed\" is shut down", weft::rejected);
+  CHECK_THROWS_AS(weft::co_spawn(group, pool.executor(), count_after_timer(done)), weft::rejected);
+  CHECK_NOTHROW(group.wait());  // nothing was counted in the group
+  CHECK(done.load() == 0);
+  CHECK(frame_marker::live.load() == 0);
+}
+
+// A coroutine whose pool is joined while it waits can never resume: the
+// pool's Asio services abandon its wait, which destroys it, and its task
+// ends with weft::rejected. Before, nothing ended the task, and wait() (or
+// the group's destructor) waited for good.
+TEST_CASE(
+    "asio task_group: a coroutine waiting when its pool is joined ends its task with "
+    "weft::rejected" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  std::latch started{1};
+  std::promise<error_code> ended;  // never set: the coroutine never resumes
+  weft::co_spawn(group, wait_a_day(started, ended));
+  started.wait();
+  pool.shutdown();
+  pool.join();
+  CHECK(frame_marker::live.load() == 0);
+  CHECK_THROWS_AS(group.wait(), weft::rejected);
 }
 
 TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception, tasks go on" *

@@ -232,8 +232,10 @@ void free_function() { free_function_calls.fetch_add(1); }
 // ---------------------------------------------------------------------------
 // Construction
 
-TEST_CASE("worker_pool with zero workers or zero queue capacity throws invalid_argument naming the option" *
-          doctest::timeout(60)) {
+TEST_CASE(
+    "worker_pool with zero workers, zero queue capacity or no overflow policy throws "
+    "invalid_argument" *
+    doctest::timeout(60)) {
   CHECK_THROWS_AS(weft::worker_pool({.workers = 0}), std::invalid_argument);
   CHECK_THROWS_AS(weft::worker_pool({.workers = 2, .queue_capacity = 0}), std::invalid_argument);
   CHECK_THROWS_AS(weft::worker_pool({.workers = 0, .queue_capacity = 0}), std::invalid_argument);
@@ -250,6 +252,13 @@ TEST_CASE("worker_pool with zero workers or zero queue capacity throws invalid_a
     FAIL("queue_capacity = 0 was accepted");
   } catch (const std::invalid_argument& error) {
     CHECK(std::string(error.what()).find("queue_capacity") != std::string::npos);
+  }
+  // A value cast into the enum: a full queue would otherwise drop its task.
+  try {
+    weft::worker_pool pool{{.workers = 1, .on_full = static_cast<weft::overflow>(7)}};
+    FAIL("an out-of-range overflow policy was accepted");
+  } catch (const std::invalid_argument& error) {
+    CHECK(std::string(error.what()).find("on_full") != std::string::npos);
   }
 }
 

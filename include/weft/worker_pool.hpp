@@ -23,6 +23,16 @@
 // while another worker is idle, but tasks do not always start in the order
 // they were queued, and up to 7 per worker can wait beyond queue_capacity.
 //
+// Asio: what Asio hands the pool (boost::asio::post onto pool.executor(), a
+// timer's or a socket's completion, a strand's turn, a coroutine's next
+// step) never waits for room: it is queued past a full queue, in a list
+// that workers serve before the queue, and counted in stats().queued and
+// stats().over_capacity. Waiting there would block the thread that
+// completed the operation: Asio's reactor thread, or the thread behind
+// every weft deadline, while the workers wait for one of them. It is
+// bounded by the Asio work under way; a producer that needs backpressure
+// posts with post().
+//
 // Errors: a task that throws never kills its worker. For submit() the
 // exception reaches the future; for post() it goes to the error handler
 // (set_error_handler; by default it writes one line to stderr), and both
@@ -80,6 +90,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <future>
@@ -135,6 +146,7 @@ struct worker_pool_stats {
   std::uint64_t rejected = 0;      // refused: full under overflow::reject, or shut down
                                    // (Asio work handed to a shut-down pool too)
   std::uint64_t dropped = 0;       // destroyed unrun by shutdown_now()
+  std::uint64_t over_capacity = 0;  // Asio work queued past a full queue (see above)
   // Time from queue to start, measured on every 16th queued task: the total
   // is the sampled sum times 16 (an estimate), the max is over the sample.
   std::chrono::nanoseconds total_queue_wait{0};
@@ -273,6 +285,7 @@ class worker_pool {
       ++dropped;
     }
     for (std::size_t i = 0; i < options_.workers; ++i) dropped += drop_held(workers_[i]);
+    dropped += drop_over_capacity();
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
     return dropped;
   }
@@ -305,6 +318,21 @@ class worker_pool {
         run_task(work, queued_ns, caller_counters_);
       }
     }
+    if (discarding_.load(std::memory_order_relaxed)) {
+      counters_.dropped.fetch_add(drop_over_capacity(), std::memory_order_relaxed);
+      return;
+    }
+    for (detail::task work; take_over_capacity(work, queued_ns, running, true); running.stop()) {
+      run_task(work, queued_ns, caller_counters_);
+    }
+    // Asio operations still pending can complete on no worker now: the
+    // pool's execution context abandons them (see asio/executor.hpp).
+    std::vector<std::function<void()>> hooks;
+    {
+      std::lock_guard extensions_guard(extensions_mutex_);
+      hooks.swap(joined_hooks_);
+    }
+    for (auto& hook : hooks) hook();
   }
 
   bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }
@@ -333,6 +361,8 @@ class worker_pool {
     for (std::size_t i = 0; i < options_.workers; ++i) {
       s.queued += workers_[i].held_count.load(std::memory_order_relaxed);
     }
+    s.queued += over_capacity_count_.load(std::memory_order_relaxed);
+    s.over_capacity = over_capacity_pushed_.load(std::memory_order_relaxed);
     s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
     s.rejected = counters_.rejected.load(std::memory_order_relaxed);
     // The counts are read one after another while tasks run, each at its
@@ -357,7 +387,8 @@ class worker_pool {
     }
     add(caller_counters_);
     s.dropped = counters_.dropped.load(std::memory_order_relaxed);
-    s.submitted = ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed);
+    s.submitted =
+        ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed) + s.over_capacity;
     s.completed = std::min(s.completed, s.submitted);
     s.dropped = std::min(s.dropped, s.submitted - s.completed);
     s.failed = std::min(s.failed, s.completed);
@@ -439,6 +470,12 @@ class worker_pool {
     if (options.workers == 0) {
       throw std::invalid_argument("weft::worker_pool \"" + options.name +
                                   "\": workers must be at least 1 (weft::hardware_threads() is the machine's)");
+    }
+    if (options.on_full != overflow::block && options.on_full != overflow::reject &&
+        options.on_full != overflow::caller_runs) {
+      throw std::invalid_argument(
+          "weft::worker_pool \"" + options.name +
+          "\": on_full is not an overflow policy (block, reject or caller_runs)");
     }
     if (options.queue_capacity == 0) {
       throw std::invalid_argument("weft::worker_pool \"" + options.name +
@@ -524,6 +561,8 @@ class worker_pool {
           detail::add_queued(out, w.held[w.held_first + k].origin);
         }
       }
+      std::lock_guard guard(pool.over_capacity_mutex_);
+      for (const claimed_task& task : pool.over_capacity_) detail::add_queued(out, task.origin);
     }
     const worker_pool& pool;
   };
@@ -590,17 +629,59 @@ class worker_pool {
   }
 
   // What Asio's execute does with a task (see worker_pool_access::execute):
-  // queue it, waiting for room whatever the overflow policy. False when the
-  // pool shut down while it waited.
+  // queue it, past a full queue if need be. Never waits.
   template <class Origin>
-  bool execute_task(detail::task& work, const Origin& origin) {
-    if (enqueue(work, origin)) return true;
+  void execute_task(detail::task& work, const Origin& origin) {
+    if (enqueue(work, origin)) return;
     note_full();
-    if (running_in_this_thread()) {
-      run_here(work, detail::make_origin(origin));
-      return true;
+    claimed_task task{std::move(work), detail::make_origin(origin), 0};
+    const detail::task_origin queued_origin = task.origin;
+    try {
+      std::lock_guard guard(over_capacity_mutex_);
+      over_capacity_.push_back(std::move(task));
+      // Seq_cst, as a post's claim is: a worker going idle reads it after
+      // its own seq_cst write (see park and run_worker).
+      over_capacity_count_.store(over_capacity_.size(), std::memory_order_seq_cst);
+    } catch (...) {
+      detail::finished_unrun(queued_origin);  // out of memory: Asio sees the exception
+      throw;
     }
-    return wait_for_room(work, detail::make_origin(origin), nullptr) == wait_status::ok;
+    over_capacity_pushed_.fetch_add(1, std::memory_order_relaxed);
+    detail::accepted(queued_origin);
+    wake_idle_worker();
+  }
+
+  bool has_over_capacity() const noexcept {
+    return over_capacity_count_.load(std::memory_order_seq_cst) != 0;
+  }
+
+  // Takes the oldest task queued past a full queue (untimed: queued_ns is
+  // 0); its record goes onto this thread's frames before it leaves the list.
+  bool take_over_capacity(detail::task& work, std::int64_t& queued_ns,
+                          detail::running_scope& running, bool tracked) noexcept {
+    if (over_capacity_count_.load(std::memory_order_relaxed) == 0) return false;
+    std::lock_guard guard(over_capacity_mutex_);
+    if (over_capacity_.empty()) return false;
+    claimed_task& task = over_capacity_.front();
+    work = std::move(task.work);
+    queued_ns = 0;
+    if (tracked) running.start(task.origin);
+    over_capacity_.pop_front();
+    over_capacity_count_.store(over_capacity_.size(), std::memory_order_relaxed);
+    return true;
+  }
+
+  // Destroys the tasks queued past a full queue, unrun, outside the lock
+  // (their destructors are user code); returns how many.
+  std::size_t drop_over_capacity() noexcept {
+    std::deque<claimed_task> dropped;
+    {
+      std::lock_guard guard(over_capacity_mutex_);
+      dropped.swap(over_capacity_);
+      over_capacity_count_.store(0, std::memory_order_relaxed);
+    }
+    for (claimed_task& task : dropped) detail::finished_unrun(task.origin);
+    return dropped.size();
   }
 
   // The blocking part of post: spin briefly, then queue on room_ until a
@@ -725,7 +806,8 @@ class worker_pool {
       idle_.push_back(&self);
       idle_count_.store(idle_.size(), std::memory_order_seq_cst);  // see enqueue
     }
-    if (ring_.claimed_unpopped() || any_held() || closed_.load(std::memory_order_seq_cst)) {
+    if (ring_.claimed_unpopped() || any_held() || has_over_capacity() ||
+        closed_.load(std::memory_order_seq_cst)) {
       std::lock_guard guard(idle_mutex_);
       if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
         idle_.erase(it);
@@ -867,14 +949,18 @@ class worker_pool {
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      if (take_held(self, self, work, queued_ns, running) || claim(self, work, queued_ns, running) ||
-          steal(self, work, queued_ns, running)) {
+      // Work queued past a full queue first: producers that keep the
+      // queue full would otherwise keep it waiting for good.
+      if (take_over_capacity(work, queued_ns, running, self.registered) ||
+          take_held(self, self, work, queued_ns, running) ||
+          claim(self, work, queued_ns, running) || steal(self, work, queued_ns, running)) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on. Held tasks
           // count as work: a claim's own wake-up is skipped while this
           // searcher (the claimer, perhaps) still holds its mark.
-          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && (ring_.claimed_unpopped() || any_held())) {
+          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+              (ring_.claimed_unpopped() || any_held() || has_over_capacity())) {
             wake_idle_worker();
           }
         }
@@ -899,11 +985,11 @@ class worker_pool {
         // spinners would share the lines of every worker's held tasks.
         std::uint32_t polls = 0;
         for (detail::backoff pause; !found && pause.wait();) {
-          found = ring_.has_ready() || (++polls % 8 == 0 && any_held());
+          found = ring_.has_ready() || (++polls % 8 == 0 && (any_held() || has_over_capacity()));
         }
         if (found) continue;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
-        if (ring_.claimed_unpopped() || any_held()) {
+        if (ring_.claimed_unpopped() || any_held() || has_over_capacity()) {
           // Work came after all, and a producer that saw this searcher may
           // have skipped its wake-up: search again, so that the pop hands
           // the search on (above) if more is queued. Popping it as a plain
@@ -916,7 +1002,10 @@ class worker_pool {
       }
       // Tasks another worker holds keep this one: their holder may be
       // blocked on them.
-      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held_or_claiming()) break;
+      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held_or_claiming() &&
+          !has_over_capacity()) {
+        break;
+      }
       park(self);
       spinning = true;
     }
@@ -1020,6 +1109,12 @@ class worker_pool {
   alignas(64) std::atomic<std::uint32_t> room_waiters_{0};
   detail::wait_queue room_;
 
+  // Asio work queued past a full queue (see execute_task).
+  alignas(64) std::atomic<std::size_t> over_capacity_count_{0};  // written under the mutex
+  mutable detail::spin_mutex over_capacity_mutex_;
+  std::deque<claimed_task> over_capacity_;
+  std::atomic<std::uint64_t> over_capacity_pushed_{0};
+
   alignas(64) std::atomic<std::size_t> peak_queued_{0};
   struct {
     std::atomic<std::uint64_t> ran_by_caller{0};
@@ -1032,6 +1127,7 @@ class worker_pool {
   std::mutex join_mutex_;
   std::mutex extensions_mutex_;
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
+  std::vector<std::function<void()>> joined_hooks_;  // under extensions_mutex_
   mutable detail::spin_mutex handler_mutex_;
   std::function<void(std::exception_ptr)> error_handler_;
   const queued_tasks queued_tasks_{*this};
@@ -1040,20 +1136,20 @@ class worker_pool {
 namespace detail {
 // What weft's own layers (weft/asio.hpp) need of a pool.
 struct worker_pool_access {
-  // Asio's execute: like post, except that it never throws into the thread
-  // that completed an operation (a timer's, a semaphore release()'s). A full
-  // queue makes it wait for room whatever the overflow policy, since an
-  // Asio completion cannot be refused (a worker of the pool posting into its
-  // own full queue runs the work at once, as post does); work handed over
-  // after shutdown, or while it waited for room, is destroyed, as io_context
-  // destroys what is posted after stop(), and counted as rejected.
+  // Asio's execute: like post, except that it never throws into, nor
+  // blocks, the thread that completed an operation (a timer's, a semaphore
+  // release()'s): a full queue sends the work past its capacity whatever
+  // the overflow policy (see the top of this file). Work handed over after
+  // shutdown is destroyed, as io_context destroys what is posted after
+  // stop(), and counted as rejected.
   template <class F>
   static void execute(worker_pool& pool, F&& f) {
-    if (!pool.closed_.load(std::memory_order_acquire)) {
-      detail::task work = worker_pool::make_task(std::forward<F>(f));
-      if (pool.execute_task(work, detail::origin_to_make{spawn_site{}, pool.tracked_name_})) return;
+    if (pool.closed_.load(std::memory_order_acquire)) {
+      pool.counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+      return;
     }
-    pool.counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    detail::task work = worker_pool::make_task(std::forward<F>(f));
+    pool.execute_task(work, detail::origin_to_make{spawn_site{}, pool.tracked_name_});
   }
 
   // Posts that the registry does not list: weft's own helpers (a group's
@@ -1074,6 +1170,8 @@ struct worker_pool_access {
 
   // An object of type T, made from the pool on first use, that lives until
   // the pool's workers have been joined (the pool's Asio execution_context).
+  // Its pool_joined(), if it has one, runs when join() returns the first
+  // time after it was made.
   template <class T>
   static T& extension(worker_pool& pool) {
     static const char key = 0;
@@ -1083,6 +1181,11 @@ struct worker_pool_access {
     }
     auto object = std::make_shared<T>(pool);
     T& result = *object;
+    if constexpr (requires { result.pool_joined(); }) {
+      pool.joined_hooks_.reserve(pool.joined_hooks_.size() + 1);
+      pool.extensions_.reserve(pool.extensions_.size() + 1);
+      pool.joined_hooks_.emplace_back([&result] { result.pool_joined(); });
+    }
     pool.extensions_.emplace_back(&key, std::move(object));
     return result;
   }

@@ -5,6 +5,9 @@
 //   boost::asio::post(pool.executor(), handler);
 //   boost::asio::co_spawn(pool.executor(), serve(socket), boost::asio::detached);
 //
+// Analogue: boost::asio::thread_pool's executor; in Go, the runtime's
+// scheduler that resumes a goroutine when its I/O is ready.
+//
 // It meets Asio's standard executor requirements (execute, equality, the
 // properties below), and converts to boost::asio::any_io_executor, the
 // executor of use_awaitable coroutines.
@@ -12,18 +15,29 @@
 //    the pool, made on first use and destroyed after the pool's workers are
 //    joined. Services that need one (a steady_timer's) live there; Asio runs
 //    their reactor on an internal thread and hands completions to the pool.
-//  - execution::blocking: never. execute() only queues; it does not run the
-//    function inline (the one exception: a worker of the pool posting into
-//    its own full queue, see worker_pool.hpp). On a full queue it waits for
-//    room whatever the pool's overflow policy: what Asio hands over is the
-//    completion of an operation already under way, which cannot be refused.
+//  - execution::blocking: never. execute() only queues; it never runs the
+//    function inline and never waits for room: on a full queue the work goes
+//    past the queue's capacity, whatever the pool's overflow policy (see
+//    worker_pool.hpp). What Asio hands over is mostly the completion of an
+//    operation already under way, which cannot be refused, and the thread
+//    handing it over (Asio's reactor, weft's deadline thread) must not wait
+//    for workers that may be waiting for it.
 //  - relationship, outstanding_work, allocator: accepted by prefer() and
 //    ignored. A pool runs until it is shut down, so it has no use for a
 //    count of outstanding work.
-// Work that Asio hands over after the pool is shut down, or while it waits
-// for room, is destroyed, as io_context destroys what is posted after
-// stop(), and counted in stats().rejected; execute() never throws
-// weft::rejected.
+// Work that Asio hands over after the pool is shut down is destroyed and
+// counted in stats().rejected; execute() never throws weft::rejected. Once
+// join() has joined the workers, Asio operations still pending on the
+// pool's context are abandoned and their handlers destroyed, as
+// io_context's destructor does: a coroutine waiting on one is destroyed,
+// and a task group's coroutine ends its task with weft::rejected.
+//
+// Thread safety: an executor is a pointer to its pool; copy it and use the
+// copies from any thread while the pool lives.
+//
+// Cost: execute() is a post (one compare-and-swap on the queue's tail) plus
+// the task's allocation when its captures do not fit inline; past a full
+// queue, a spin lock and a std::deque push.
 #pragma once
 
 #include <weft/worker_pool.hpp>
@@ -43,6 +57,14 @@ class pool_execution_context final : public boost::asio::execution_context {
     shutdown();
     destroy();
   }
+
+  // Once the workers are joined, no completion can run: the services
+  // abandon their pending operations and destroy their handlers, as
+  // io_context's destructor does, so that what waits on them (a task
+  // group's coroutine) learns now, not when the pool is destroyed. The
+  // services themselves live on until then, for the I/O objects that still
+  // refer to them; shutting one down again does nothing more.
+  void pool_joined() { shutdown(); }
 };
 
 }  // namespace detail

@@ -21,6 +21,23 @@
 // cancellation slot, it completes with a boost::system::system_error
 // (errc::cancelled), and the group's tasks keep running. It must not run
 // concurrently with another wait on the same group.
+//
+// Go analogue: errgroup.Group's Go and Wait, where a goroutine blocked on
+// I/O is what a suspended coroutine is here. Asio analogue:
+// experimental::make_parallel_group, for a set known up front.
+//
+// Errors: co_spawn onto a pool that is shut down throws weft::rejected, as
+// go() does. A coroutine that its executor destroys unfinished (its pool
+// was joined while it waited, or its io_context destroyed) ends its task
+// with weft::rejected, so wait() reports it instead of waiting for good.
+//
+// Thread safety: co_spawn may be called from any thread, as go() may, and
+// from inside the group's own tasks and coroutines.
+//
+// Cost, per coroutine: a strand, a shared state holding its cancellation
+// signal, a registration on the group's token, and its registry record;
+// Asio's co_spawn allocates the coroutine's frames. A cancellation is one
+// post to the strand per coroutine.
 #pragma once
 
 #include <weft/asio/cancel.hpp>
@@ -42,6 +59,9 @@
 
 #include <exception>
 #include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -153,6 +173,22 @@ boost::asio::awaitable<void, AwaitableExecutor> run_group_coroutine(
   if (error) std::rethrow_exception(error);
 }
 
+// What a group learns of a coroutine whose executor destroyed it unfinished.
+inline std::exception_ptr coroutine_dropped() noexcept {
+  try {
+    return std::make_exception_ptr(
+        rejected("weft::co_spawn: the coroutine was destroyed before it finished; its executor "
+                 "dropped its next "
+                 "step (a pool shut down, or an io_context stopped and destroyed)"));
+  } catch (...) {
+    return std::current_exception();
+  }
+}
+
+// The coroutine's completion handler: ends the coroutine's task in the
+// group, with what it threw. Destroyed uncalled (the executor dropped the
+// coroutine's next step), it ends the task with coroutine_dropped(), so the
+// group's wait() does not wait for a coroutine that will never finish.
 template <class Strand>
 struct group_coroutine_completion {
   using cancellation_slot_type = boost::asio::cancellation_slot;
@@ -160,49 +196,85 @@ struct group_coroutine_completion {
   group_coroutine_completion(task_group& target, std::shared_ptr<coroutine_cancellation> state,
                              std::unique_ptr<cancel_callback<post_cancellation<Strand>>> token_link) noexcept
       : group(&target), cancellation(std::move(state)), link(std::move(token_link)) {}
-  group_coroutine_completion(group_coroutine_completion&&) noexcept = default;
+  group_coroutine_completion(group_coroutine_completion&& other) noexcept
+      : group(std::exchange(other.group, nullptr)),
+        cancellation(std::move(other.cancellation)),
+        link(std::move(other.link)) {}
   group_coroutine_completion& operator=(group_coroutine_completion&&) = delete;
 
-  // Destroyed without being called (its executor went away with the
-  // coroutine pending): the record must not outlive the state it lives in.
   ~group_coroutine_completion() {
-    if (cancellation) cancellation->unregister();
+    if (group != nullptr) end(coroutine_dropped());
   }
 
   cancellation_slot_type get_cancellation_slot() const noexcept { return cancellation->signal.slot(); }
 
   void operator()(std::exception_ptr error) {
     cancellation->finished = true;
-    cancellation->unregister();
-    link.reset();  // unregisters from the token before the group may go
-    task_group_access::end(*group, std::move(error));
+    end(std::move(error));
   }
 
-  task_group* group;
+  // Ends the task without reporting anything: for a spawn that failed
+  // before the coroutine could start, whose caller gets the exception.
+  void disarm() noexcept {
+    cancellation->unregister();
+    link.reset();
+    group = nullptr;
+  }
+
+  void end(std::exception_ptr error) noexcept {
+    // The record must not outlive the state it lives in, and the link
+    // unregisters from the token before the group may go.
+    cancellation->unregister();
+    link.reset();
+    task_group_access::end(*std::exchange(group, nullptr), std::move(error));
+  }
+
+  task_group* group;  // null once the task has ended, or moved from
   std::shared_ptr<coroutine_cancellation> cancellation;
   std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
 };
 
 }  // namespace detail
 
+namespace detail {
+inline void check_open(const pool_executor& executor) {
+  if (executor.context().is_shutdown()) {
+    throw rejected("weft::co_spawn: the pool \"" + executor.context().name() + "\" is shut down");
+  }
+}
+}  // namespace detail
+
+// Throws weft::rejected when `executor` is a pool's and the pool is shut
+// down, as task_group::go does.
 template <class Executor, class AwaitableExecutor>
 void co_spawn(task_group& group, const Executor& executor, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
               spawn_site site = spawn_site::current()) {
-  if (!detail::task_group_access::begin(group)) return;
+  if constexpr (std::is_same_v<Executor, pool_executor>) detail::check_open(executor);
   // The coroutine runs on a strand, where its cancellation is emitted (see
   // coroutine_cancellation): a pool runs a coroutine's steps on any worker.
-  auto strand = boost::asio::make_strand(executor);
-  using strand_type = decltype(strand);
+  using strand_type = decltype(boost::asio::make_strand(executor));
+  if (!detail::task_group_access::begin(group)) return;
+  std::optional<detail::group_coroutine_completion<strand_type>> completion;
   try {
+    auto strand = boost::asio::make_strand(executor);
     auto cancellation = std::make_shared<detail::coroutine_cancellation>();
     auto link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
         group.token(), detail::post_cancellation<strand_type>{cancellation, strand});
-    detail::group_coroutine_completion<strand_type> completion{group, cancellation, std::move(link)};
+    completion.emplace(group, cancellation, std::move(link));
     cancellation->register_with_registry(detail::make_origin(site, "coroutine"));
-    boost::asio::co_spawn(strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
-                          std::move(completion));
+    boost::asio::co_spawn(
+        strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
+        std::move(*completion));
   } catch (...) {
-    detail::task_group_access::end(group, nullptr);
+    // Unless co_spawn took the completion (whose destruction then ended
+    // the task), the task ends here, with nothing to report: the caller
+    // gets the exception.
+    if (!completion) {
+      detail::task_group_access::end(group, nullptr);
+    } else if (completion->group != nullptr) {
+      completion->disarm();
+      detail::task_group_access::end(group, nullptr);
+    }
     throw;
   }
 }
@@ -210,6 +282,7 @@ void co_spawn(task_group& group, const Executor& executor, boost::asio::awaitabl
 template <class AwaitableExecutor>
 void co_spawn(task_group& group, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
               spawn_site site = spawn_site::current()) {
+  detail::check_open(group.executor());
   co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
 }
 
