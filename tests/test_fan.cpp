@@ -33,6 +33,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -110,6 +111,14 @@ TEST_CASE("gather: heterogeneous results in argument order, void is monostate, m
   weft::cancel_source request;
   auto [c] = weft::gather(request.token(), [](const weft::cancel_token& token) { return token.cancelled(); });
   CHECK_FALSE(c);
+
+  // One call whose result is a pair, or a tuple, is one element of the tuple.
+  auto pair_result = weft::gather(request.token(), [] { return std::pair{1, 2.5}; });
+  static_assert(std::is_same_v<decltype(pair_result), std::tuple<std::pair<int, double>>>);
+  CHECK(std::get<0>(pair_result) == std::pair{1, 2.5});
+  auto tuple_result = weft::gather(request.token(), [] { return std::tuple{'x'}; });
+  static_assert(std::is_same_v<decltype(tuple_result), std::tuple<std::tuple<char>>>);
+  CHECK(std::get<0>(std::get<0>(tuple_result)) == 'x');
 }
 
 TEST_CASE("gather: the calls run concurrently (one waits for another's signal)" * doctest::timeout(30)) {

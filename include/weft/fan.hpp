@@ -395,7 +395,13 @@ auto gather(pool_executor executor, detail::at_call_site<const cancel_token> tok
         detail::run_gather_call(index, slots, call_token, std::index_sequence_for<F...>{},
                                 calls...);
       });
-  return std::apply([](auto&... slot) { return std::tuple{std::move(*slot)...}; }, slots);
+  // Spelled out: std::tuple{...} would unwrap a single pair or tuple result.
+  return std::apply(
+      [](auto&... slot) {
+        return std::tuple<typename std::remove_reference_t<decltype(slot)>::value_type...>{
+            std::move(*slot)...};
+      },
+      slots);
 }
 
 // gather on the default executor.
