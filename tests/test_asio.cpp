@@ -150,6 +150,47 @@ TEST_CASE("async_acquire completes a plain callback with a permit" * doctest::ti
   CHECK(sem.stats().acquisitions == 1);
 }
 
+TEST_CASE(
+    "async_acquire: a wait that queued counts in stats() wait times, on the semaphore's clock" *
+    doctest::timeout(60)) {
+  weft::basic_semaphore<weft::manual_clock> sem{1};
+  sem.acquire(1);
+  asio::io_context io;
+  std::vector<error_code> results;
+  const auto record = [&](error_code ec, weft::basic_semaphore<weft::manual_clock>::permit) {
+    results.push_back(ec);
+  };
+  weft::async_acquire(sem, 1, asio::bind_executor(io, record));
+  REQUIRE(sem.stats().waiters == 1);
+  weft::manual_clock::advance(5s);
+  sem.release(1);
+  io.run();
+  REQUIRE(results.size() == 1);
+  CHECK_FALSE(results[0]);
+  auto stats = sem.stats();
+  CHECK(stats.total_wait == 5s);
+  CHECK(stats.max_wait == 5s);
+
+  // A wait cancelled through its slot counts its time, and as a cancellation.
+  sem.acquire(1);
+  asio::cancellation_signal signal;
+  weft::async_acquire(sem, 1,
+                      asio::bind_cancellation_slot(signal.slot(), asio::bind_executor(io, record)));
+  REQUIRE(sem.stats().waiters == 1);
+  weft::manual_clock::advance(7s);
+  signal.emit(asio::cancellation_type::terminal);
+  io.restart();
+  io.run();
+  REQUIRE(results.size() == 2);
+  CHECK(is_cancelled(results[1]));
+  stats = sem.stats();
+  CHECK(stats.total_wait == 12s);
+  CHECK(stats.max_wait == 7s);
+  CHECK(stats.cancellations == 1);
+  CHECK(stats.acquisitions == 3);  // the two blocking ones and the granted async one
+  sem.release(1);
+}
+
 TEST_CASE("async_acquire works with use_awaitable in a coroutine" * doctest::timeout(60)) {
   weft::semaphore sem{3};
   asio::io_context io;

@@ -42,11 +42,19 @@ struct semaphore_access {
 
     acquire_result(basic_semaphore<Clock>& semaphore, std::ptrdiff_t n) noexcept : semaphore_(&semaphore), n_(n) {}
 
+    // Called under the queue's lock, as the waiter is queued: a wait that
+    // queued counts in stats() as a thread's does.
+    void queued(typename Clock::time_point at) noexcept {
+      queued_at_ = at;
+      was_queued_ = true;
+    }
+
     void settle(wait_status status) noexcept {
       status_ = status;
-      if (status == wait_status::ok) {
-        permit_ = permit{semaphore_, n_};
-      } else {
+      if (status == wait_status::ok) permit_ = permit{semaphore_, n_};
+      if (was_queued_) {
+        semaphore_->record_wait(status, Clock::now() - queued_at_);
+      } else if (status != wait_status::ok) {
         semaphore_->count_failure(status);
       }
     }
@@ -60,6 +68,8 @@ struct semaphore_access {
     std::ptrdiff_t n_;
     wait_status status_ = wait_status::ok;
     permit permit_;
+    typename Clock::time_point queued_at_{};
+    bool was_queued_ = false;
   };
 
   template <class Clock, class Handler>
@@ -81,6 +91,9 @@ struct semaphore_access {
     {
       auto lock = semaphore.queue_.lock();
       taken = semaphore.take_or_enqueue(*waiter);
+      if constexpr (requires { waiter->result().queued(Clock::now()); }) {
+        if (!taken) waiter->result().queued(Clock::now());
+      }
     }
     if (!taken) {
       waiter.release();  // owned by the queue until completed
