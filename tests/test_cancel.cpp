@@ -984,14 +984,30 @@ TEST_CASE("a steady_clock deadline fires by itself, running callbacks on another
 }
 
 TEST_CASE("several steady_clock deadlines fire, the earliest first" * doctest::timeout(30)) {
+  // Scheduled latest first, so firing in the order of scheduling would show.
   auto late = weft::with_timeout(weft::cancel_token{}, 60ms);
   auto early = weft::with_timeout(weft::cancel_token{}, 10ms);
   auto never = weft::with_timeout(weft::cancel_token{}, 24h);
-  CHECK(late.token().wait() == wait_status::ok);
-  CHECK(early.cancelled());  // 10 ms is long past by the time 60 ms fired
+  std::mutex mutex;
+  std::vector<std::string> fired;
+  std::latch both_fired{2};
+  const auto record = [&](const char* name) {
+    return [&, name] {
+      {
+        const std::lock_guard guard(mutex);
+        fired.emplace_back(name);
+      }
+      both_fired.count_down();
+    };
+  };
+  auto on_late = weft::on_cancel(late.token(), record("late"));
+  auto on_early = weft::on_cancel(early.token(), record("early"));
+  both_fired.wait();
   CHECK(late.token().cause().is_deadline());
   CHECK(early.token().cause().is_deadline());
   CHECK_FALSE(never.cancelled());
+  const std::lock_guard guard(mutex);
+  CHECK(fired == std::vector<std::string>{"early", "late"});
 }
 
 // ---------------------------------------------------------------------------
