@@ -574,6 +574,31 @@ TEST_CASE("task_group: waiting from inside the only worker runs the group's own 
   CHECK(outcome.get() == 10);
 }
 
+TEST_CASE(
+    "task_group: a task that waits on its own group gets std::logic_error, a nested group's wait "
+    "works" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group group{pool.executor()};
+  std::string message;
+  std::atomic<int> nested_ran{0};
+  group.go([&] {
+    try {
+      group.wait();
+    } catch (const std::logic_error& error) {
+      message = error.what();
+    }
+    weft::task_group nested{pool.executor()};
+    nested.go([&] { nested_ran.fetch_add(1); });
+    nested.wait();  // another group's wait, from inside this one's task
+  });
+  group.wait();
+  CHECK(message.find("own tasks") != std::string::npos);
+  CHECK(nested_ran.load() == 1);
+  group.go([] {});
+  CHECK_NOTHROW(group.wait());  // the thread that made it may wait again
+}
+
 TEST_CASE("task_group: a helping wait runs only its own group's tasks (TileDB#1994)" * doctest::timeout(30)) {
   // One worker: the outer group's runner. Task A waits on a nested group
   // there; task B of the outer group is queued behind A. If A's wait ran B,

@@ -45,7 +45,8 @@
 // from any thread, including from the group's own tasks. wait() may run
 // concurrently with go() from inside the group's tasks (it returns once the
 // count of tasks reaches zero); set_limit and the destructor may not run
-// concurrently with anything else. A task must not wait() on its own group.
+// concurrently with anything else. A task must not wait() on its own group:
+// that wait throws std::logic_error.
 //
 // Cost: a group takes the shared state of a finished group when one is
 // spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
@@ -96,6 +97,10 @@ namespace weft {
 class task_group;
 
 namespace detail {
+// The shared state of the group whose task this thread is running, if any:
+// a task that waits on its own group would wait for itself.
+inline thread_local const void* group_of_running_task = nullptr;
+
 // What weft/asio.hpp needs of a group: to count work that is not a posted
 // task (a coroutine), and to wait for it without blocking.
 struct task_group_access {
@@ -174,6 +179,12 @@ class task_group {
   // then rethrows the first task exception, or reports skipped tasks (see
   // the top of this header).
   void wait() {
+    if (detail::group_of_running_task == core_) [[unlikely]] {
+      throw std::logic_error(
+          "weft::task_group::wait: called from one of the group's own tasks, which would wait for "
+          "itself; "
+          "wait where the group was made, and let tasks use token() to stop early");
+    }
     join();
     if (auto error = outcome()) std::rethrow_exception(error);
   }
@@ -349,11 +360,13 @@ class task_group {
       if (cancellation.token().cancelled()) {
         skipped.store(true, std::memory_order_relaxed);
       } else {
+        const void* outer = std::exchange(detail::group_of_running_task, this);
         try {
           work();
         } catch (...) {
           record_failure(std::current_exception());
         }
+        detail::group_of_running_task = outer;
       }
       work.reset();
       if (limit) limit->release();
