@@ -138,7 +138,7 @@ struct worker_pool_options {
 struct worker_pool_stats {
   std::size_t workers = 0;
   std::size_t busy = 0;            // workers running a task now
-  std::size_t queued = 0;          // tasks waiting now, in the queue or held by a worker
+  std::size_t queued = 0;          // waiting now: queued, held by a worker, or past a full queue
   std::size_t peak_queued = 0;     // sampled every 64 posts, exact when the queue filled
   std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
   std::uint64_t completed = 0;     // finished running, with or without an exception

@@ -41,6 +41,11 @@
 //    granted by plain-thread releases: asio::post never throws (work handed
 //    over after shutdown is dropped, weft/asio/executor.hpp), every function
 //    runs once or is destroyed, no permit is lost, every frame destroyed.
+//  - Asio posts that find the pool's queue full (they go past it) mixed
+//    with plain posts that wait for room, from several threads, on pools
+//    of 1-3 workers and queues of 1-4, with pauses that let the workers
+//    park: every function runs, so no worker parks with work left past
+//    the queue.
 //
 // Hand-offs: atomics and spin_until (yield) on counts the handlers keep, and
 // promises. No sleeps; the only deadlines are real 50 us - 1 ms ones that
@@ -1444,4 +1449,80 @@ TEST_CASE(
   CHECK(bad.load() == 0);
   CHECK(alive.load() == 0);
   CHECK(frame_counter::live.load() == 0);
+}
+
+// Asio work that finds the pool's queue full goes past it, to a list the
+// workers serve first (weft/worker_pool.hpp). A worker going idle must look
+// at that list as it looks at the queue, or work sits there while every
+// worker is parked: a round would then never finish, and the test time out.
+TEST_CASE("asio executor: work posted past a full queue always runs, while workers park and wake" *
+          doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  std::mt19937_64 rng{seed ^ 0x0c4a};
+
+  std::uint64_t rounds = 0;
+  std::uint64_t held_rounds = 0;
+  const auto until = std::chrono::steady_clock::now() + run_budget();
+  for (std::size_t workers = 1; workers <= 3; ++workers) {
+    weft::worker_pool pool{{.workers = workers, .queue_capacity = 1 + rng() % 4}};
+    const auto pool_until = std::chrono::steady_clock::now() + run_budget() / 3;
+    for (std::uint64_t round = 0; round < iteration_cap(3'000); ++round) {
+      if (std::chrono::steady_clock::now() >= std::min(until, pool_until) && round > 0) break;
+      ++rounds;
+      // Some rounds hold every worker first, so the queue fills for sure.
+      weft::cancel_source gate;
+      const bool held = rng() % 3 == 0;
+      if (held) {
+        ++held_rounds;
+        for (std::size_t w = 0; w < workers; ++w)
+          pool.post([token = gate.token()] { token.wait(); });
+      }
+      std::atomic<int> ran{0};
+      const int producers = 1 + static_cast<int>(rng() % 3);
+      std::vector<int> posts(static_cast<std::size_t>(producers));
+      int total = 0;
+      for (auto& count : posts) total += count = 1 + static_cast<int>(rng() % 48);
+      std::vector<std::thread> threads;
+      for (int p = 0; p < producers; ++p) {
+        threads.emplace_back([&, p, local_seed = rng()] {
+          std::mt19937_64 local{local_seed};
+          for (int i = 0; i < posts[static_cast<std::size_t>(p)]; ++i) {
+            // Plain posts wait for room, Asio's go past it; both feed the
+            // same workers.
+            if (local() % 4 == 0) {
+              pool.post([&] { ran.fetch_add(1); });
+            } else {
+              asio::post(pool.executor(), [&] { ran.fetch_add(1); });
+            }
+            if (local() % 8 == 0) {
+              for (auto n = local() % 64; n != 0; --n) std::this_thread::yield();
+            }
+          }
+        });
+      }
+      if (held) {
+        // More than the queue and the workers' claimed runs can hold while
+        // the workers wait on the gate: one at least goes past the queue.
+        const auto past_full = pool.queue_capacity() + 7 * workers + 1;
+        for (std::size_t i = 0; i < past_full; ++i)
+          asio::post(pool.executor(), [&] { ran.fetch_add(1); });
+        total += static_cast<int>(past_full);
+        for (auto n = rng() % 256; n != 0; --n) std::this_thread::yield();
+        gate.cancel();
+      }
+      for (auto& t : threads) t.join();
+      spin_until([&] { return ran.load() == total; });
+      // Sometimes a pause long enough for the workers to park before the
+      // next round's first post.
+      if (rng() % 4 == 0) {
+        for (auto n = rng() % 4'000; n != 0; --n) std::this_thread::yield();
+      }
+    }
+    const weft::worker_pool_stats stats = pool.stats();
+    CHECK(stats.queued == 0);
+    CHECK(stats.over_capacity >= held_rounds);
+    held_rounds = 0;
+  }
+  CHECK(rounds > 0);
 }
