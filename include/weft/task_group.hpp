@@ -181,9 +181,8 @@ class task_group {
   void wait() {
     if (detail::group_of_running_task == core_) [[unlikely]] {
       throw std::logic_error(
-          "weft::task_group::wait: called from one of the group's own tasks, which would wait for "
-          "itself; "
-          "wait where the group was made, and let tasks use token() to stop early");
+          "weft::task_group::wait: called from one of the group's own tasks, which would wait "
+          "for itself; wait where the group was made, and let tasks use token() to stop early");
     }
     join();
     if (auto error = outcome()) std::rethrow_exception(error);

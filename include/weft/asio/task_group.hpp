@@ -176,10 +176,9 @@ boost::asio::awaitable<void, AwaitableExecutor> run_group_coroutine(
 // What a group learns of a coroutine whose executor destroyed it unfinished.
 inline std::exception_ptr coroutine_dropped() noexcept {
   try {
-    return std::make_exception_ptr(
-        rejected("weft::co_spawn: the coroutine was destroyed before it finished; its executor "
-                 "dropped its next "
-                 "step (a pool shut down, or an io_context stopped and destroyed)"));
+    return std::make_exception_ptr(rejected(
+        "weft::co_spawn: the coroutine was destroyed before it finished: its executor dropped "
+        "its next step (a pool joined, or an io_context destroyed, while it waited)"));
   } catch (...) {
     return std::current_exception();
   }
@@ -234,14 +233,12 @@ struct group_coroutine_completion {
   std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
 };
 
-}  // namespace detail
-
-namespace detail {
 inline void check_open(const pool_executor& executor) {
   if (executor.context().is_shutdown()) {
     throw rejected("weft::co_spawn: the pool \"" + executor.context().name() + "\" is shut down");
   }
 }
+
 }  // namespace detail
 
 // Throws weft::rejected when `executor` is a pool's and the pool is shut
