@@ -156,10 +156,8 @@ TEST_CASE("asio executor: post, dispatch and defer run handlers on the pool's wo
 // used to wait for room on a full queue: a group's cancellation, which posts
 // to its coroutines' strands, then blocked the deadline thread, and every
 // deadline in the process, until a worker made room.
-TEST_CASE(
-    "asio executor: a full queue takes Asio work past its capacity at once, whatever the overflow "
-    "policy" *
-    doctest::timeout(30)) {
+TEST_CASE("asio executor: a full queue takes Asio work past it at once, under every policy" *
+          doctest::timeout(30)) {
   for (const auto policy :
        {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
@@ -190,10 +188,8 @@ TEST_CASE(
   }
 }
 
-TEST_CASE(
-    "asio executor: work queued past a full queue runs before the queue, and shutdown_now drops "
-    "it" *
-    doctest::timeout(30)) {
+TEST_CASE("asio executor: work past a full queue runs before the queue, shutdown_now drops it" *
+          doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   gate worker_gate;
   std::promise<void> busy;
@@ -235,8 +231,8 @@ TEST_CASE("asio executor: work handed over after the pool shut down is dropped, 
   pool.shutdown();
   std::atomic<bool> posted_ran{false};
   CHECK_NOTHROW(asio::post(pool.executor(), [&] { posted_ran = true; }));
-  CHECK_NOTHROW(permits.release(
-      1));  // completes the async_acquire: its completion goes to the shut-down pool
+  // Completes the async_acquire, whose completion goes to the shut-down pool.
+  CHECK_NOTHROW(permits.release(1));
   pool.join();
   CHECK_FALSE(posted_ran.load());
   CHECK_FALSE(granted.load());
@@ -566,10 +562,8 @@ TEST_CASE("asio task_group: co_spawn onto a shut-down pool throws weft::rejected
 // pool's Asio services abandon its wait, which destroys it, and its task
 // ends with weft::rejected. Before, nothing ended the task, and wait() (or
 // the group's destructor) waited for good.
-TEST_CASE(
-    "asio task_group: a coroutine waiting when its pool is joined ends its task with "
-    "weft::rejected" *
-    doctest::timeout(30)) {
+TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with weft::rejected" *
+          doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1}};
   weft::task_group group{pool.executor()};
   std::latch started{1};

@@ -574,10 +574,8 @@ TEST_CASE("task_group: waiting from inside the only worker runs the group's own 
   CHECK(outcome.get() == 10);
 }
 
-TEST_CASE(
-    "task_group: a task that waits on its own group gets std::logic_error, a nested group's wait "
-    "works" *
-    doctest::timeout(30)) {
+TEST_CASE("task_group: a task's wait() on its own group throws std::logic_error, on another works" *
+          doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   weft::task_group group{pool.executor()};
   std::string message;
