@@ -79,6 +79,20 @@ std::exception_ptr thrown_by(F&& f) {
   return nullptr;
 }
 
+// What parallel_map over `elements` under `token` throws; `calls` counts the
+// calls it made.
+std::exception_ptr map_error_under(weft::worker_pool& pool, const weft::cancel_token& token,
+                                   std::vector<int> elements, std::atomic<int>& calls) {
+  return thrown_by([&] {
+    (void)weft::parallel_map(elements,
+                             [&](int x) {
+                               calls.fetch_add(1);
+                               return x;
+                             },
+                             {.token = token, .executor = pool.executor()});
+  });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -530,15 +544,7 @@ TEST_CASE("parallel_map: a token cancelled before the call runs nothing and thro
   weft::cancel_source request;
   request.cancel(std::make_error_code(std::errc::timed_out));
   std::atomic<int> calls{0};
-  const auto error = thrown_by([&] {
-    (void)weft::parallel_map(
-        std::vector<int>{1, 2, 3},
-        [&](int x) {
-          calls.fetch_add(1);
-          return x;
-        },
-        {.token = request.token(), .executor = pool.executor()});
-  });
+  const auto error = map_error_under(pool, request.token(), {1, 2, 3}, calls);
   REQUIRE(error != nullptr);
   CHECK(code_of(error) == std::errc::timed_out);
   CHECK(calls.load() == 0);
@@ -675,14 +681,7 @@ TEST_CASE(
   weft::cancel_source second_parent;
   second_parent.cancel();
   std::atomic<int> calls{0};
-  const auto error = thrown_by([&] {
-    (void)weft::parallel_map(std::vector<int>{1, 2},
-                             [&](int x) {
-                               calls.fetch_add(1);
-                               return x;
-                             },
-                             {.token = second_parent.token(), .executor = pool.executor()});
-  });
+  const auto error = map_error_under(pool, second_parent.token(), {1, 2}, calls);
   REQUIRE(error != nullptr);
   CHECK(code_of(error) == weft::errc::cancelled);
   CHECK(calls.load() == 0);

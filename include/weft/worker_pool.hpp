@@ -651,6 +651,13 @@ class worker_pool {
     wake_idle_worker();
   }
 
+  // Whether any task waits for a worker: claimed in the queue, held by a
+  // worker, or past a full queue. Seq_cst loads, for a worker that has just
+  // dropped its spinning mark or joined the idle list (see enqueue).
+  bool work_waiting() const noexcept {
+    return ring_.claimed_unpopped() || any_held() || has_over_capacity();
+  }
+
   bool has_over_capacity() const noexcept {
     return over_capacity_count_.load(std::memory_order_seq_cst) != 0;
   }
@@ -806,8 +813,7 @@ class worker_pool {
       idle_.push_back(&self);
       idle_count_.store(idle_.size(), std::memory_order_seq_cst);  // see enqueue
     }
-    if (ring_.claimed_unpopped() || any_held() || has_over_capacity() ||
-        closed_.load(std::memory_order_seq_cst)) {
+    if (work_waiting() || closed_.load(std::memory_order_seq_cst)) {
       std::lock_guard guard(idle_mutex_);
       if (auto it = std::find(idle_.begin(), idle_.end(), &self); it != idle_.end()) {
         idle_.erase(it);
@@ -959,8 +965,7 @@ class worker_pool {
           // The last searcher to find work hands the search on. Held tasks
           // count as work: a claim's own wake-up is skipped while this
           // searcher (the claimer, perhaps) still holds its mark.
-          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
-              (ring_.claimed_unpopped() || any_held() || has_over_capacity())) {
+          if (spinning_.fetch_sub(1, std::memory_order_seq_cst) == 1 && work_waiting()) {
             wake_idle_worker();
           }
         }
@@ -989,7 +994,7 @@ class worker_pool {
         }
         if (found) continue;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
-        if (ring_.claimed_unpopped() || any_held() || has_over_capacity()) {
+        if (work_waiting()) {
           // Work came after all, and a producer that saw this searcher may
           // have skipped its wake-up: search again, so that the pop hands
           // the search on (above) if more is queued. Popping it as a plain
