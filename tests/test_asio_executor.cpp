@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cstddef>
 #include <exception>
+#include <functional>
 #include <future>
 #include <latch>
 #include <memory>
@@ -123,6 +124,57 @@ void fill_until_open(weft::worker_pool& pool, gate& worker_gate) {
   pool.post([] {});
 }
 
+// A service in a pool's execution context that owns a thread, as Asio's
+// reactor does, and joins it when the context shuts down (on join()).
+struct thread_owning_service final : asio::execution_context::service {
+  static inline asio::execution_context::id id;
+  explicit thread_owning_service(asio::execution_context& context) : service(context) {
+    alive = true;
+  }
+  ~thread_owning_service() override { alive = false; }
+  void shutdown() override {
+    stopping.open();
+    if (thread.joinable()) thread.join();
+  }
+  std::thread thread;
+  gate stopping;
+  static inline std::atomic<bool> alive{false};
+};
+
+// A handler whose first move (the pool's, inside execute(), once the pool
+// was found open) waits for the service to start stopping. Records whether
+// it was run, and whether it was destroyed while the service was alive.
+struct handed_over_late {
+  std::latch* inside;
+  weft::cancel_token stopping;
+  bool owner = true;
+  static inline std::atomic<bool> ran{false};
+  static inline std::atomic<int> destroyed_with_service{0};
+  static inline std::atomic<int> destroyed_after_service{0};
+
+  handed_over_late(std::latch& inside_execute, weft::cancel_token service_stopping)
+      : inside(&inside_execute), stopping(std::move(service_stopping)) {}
+  handed_over_late(handed_over_late&& other) noexcept
+      : inside(std::exchange(other.inside, nullptr)),
+        stopping(other.stopping),
+        owner(std::exchange(other.owner, false)) {
+    if (inside != nullptr) {
+      inside->count_down();
+      stopping.wait();
+    }
+  }
+  handed_over_late& operator=(handed_over_late&&) = delete;
+  ~handed_over_late() {
+    if (!owner) return;
+    if (thread_owning_service::alive) {
+      ++destroyed_with_service;
+    } else {
+      ++destroyed_after_service;
+    }
+  }
+  void operator()() { ran = true; }
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -188,8 +240,14 @@ TEST_CASE("asio executor: a full queue takes Asio work past it at once, under ev
   }
 }
 
-TEST_CASE("asio executor: work past a full queue runs before the queue, shutdown_now drops it" *
+// A worker takes work past a full queue and work from the queue in turns,
+// so neither can keep the other waiting however fast it refills. Serving
+// the list first, a handler that hands itself back to a full pool (as a
+// coroutine that yields in a loop does) ran to its end before the queued
+// task ran.
+TEST_CASE("asio executor: work past a full queue and the queue take turns, shutdown_now drops it" *
           doctest::timeout(30)) {
+  constexpr int rounds = 8;
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   gate worker_gate;
   std::promise<void> busy;
@@ -198,15 +256,57 @@ TEST_CASE("asio executor: work past a full queue runs before the queue, shutdown
     closed.wait();
   });
   busy.get_future().wait();
-  std::vector<int> order;  // written by the one worker, read after join
-  pool.post([&] { order.push_back(0); });
-  asio::post(pool.executor(), [&] { order.push_back(1); });
-  asio::post(pool.executor(), [&] { order.push_back(2); });
-  worker_gate.open();
-  pool.shutdown();
-  pool.join();
-  CHECK(order == std::vector<int>{1, 2, 0});
+  // Written by the one worker; read once the last round has run.
+  std::string order;
+  int rounds_left = rounds;
+  std::promise<void> all_ran;
+  std::function<void()> round;
+  std::function<void()> run_past_queue;
 
+  SUBCASE("Asio work that keeps coming past the queue") {
+    pool.post([&] { order += 'q'; });  // fills the queue
+    run_past_queue = [&] {
+      order += 'a';
+      if (--rounds_left == 0) {
+        all_ran.set_value();
+      } else {
+        asio::post(pool.executor(), run_past_queue);  // past the queue while 'q' waits in it
+      }
+    };
+    asio::post(pool.executor(), run_past_queue);
+    CHECK(pool.stats().over_capacity == 1);
+    worker_gate.open();
+    all_ran.get_future().wait();
+    pool.shutdown();
+    pool.join();
+    REQUIRE(order.size() == rounds + 1);
+    CHECK(order.find('q') <= 1);
+  }
+  SUBCASE("a queue that keeps refilling") {
+    bool refilled = true;
+    round = [&] {
+      order += 'q';
+      if (--rounds_left == 0) {
+        all_ran.set_value();
+      } else {
+        refilled = refilled && pool.try_post(round);  // into the slot this task left
+      }
+    };
+    pool.post(round);  // fills the queue
+    asio::post(pool.executor(), [&] { order += 'a'; });
+    CHECK(pool.stats().over_capacity == 1);
+    worker_gate.open();
+    all_ran.get_future().wait();
+    pool.shutdown();
+    pool.join();
+    CHECK(refilled);
+    REQUIRE(order.size() == rounds + 1);
+    CHECK(order.find('a') <= 1);
+  }
+}
+
+TEST_CASE("asio executor: work past a full queue is dropped by shutdown_now" *
+          doctest::timeout(30)) {
   weft::worker_pool dropping{{.workers = 1, .queue_capacity = 1}};
   gate second_gate;
   fill_until_open(dropping, second_gate);
@@ -239,6 +339,29 @@ TEST_CASE("asio executor: work handed over after the pool shut down is dropped, 
   CHECK(permits.available() == 1);  // the dropped completion gave its permit back
   CHECK(pool.stats().rejected == 2);
   CHECK(pool.stats().dropped == 0);
+}
+
+// join() shuts the pool's Asio services down, and a service that owns a
+// thread (Asio's reactor) joins it then: what that thread hands the pool
+// meanwhile comes after join() has run or dropped the queue. It stayed
+// queued, to be destroyed with the pool after the services it may refer to
+// (a strand's: a use after free). It is dropped before join() returns.
+TEST_CASE("asio executor: work handed over as join() stops the services is dropped before them" *
+          doctest::timeout(30)) {
+  // Destroyed at the end of the block: shutdown(), join(), then the services.
+  {
+    weft::worker_pool pool{{.workers = 1}};
+    auto& service = asio::use_service<thread_owning_service>(
+        asio::query(pool.executor(), asio::execution::context));
+    std::latch inside_execute{1};
+    service.thread = std::thread([&pool, &inside_execute, stopping = service.stopping.closed] {
+      pool.executor().execute(handed_over_late{inside_execute, stopping});
+    });
+    inside_execute.wait();  // past execute()'s check that the pool is open
+  }
+  CHECK_FALSE(handed_over_late::ran.load());
+  CHECK(handed_over_late::destroyed_with_service.load() == 1);
+  CHECK(handed_over_late::destroyed_after_service.load() == 0);
 }
 
 TEST_CASE("asio executor: the pool's execution_context is one per pool, and blocking is never" *
@@ -562,6 +685,8 @@ TEST_CASE("asio task_group: co_spawn onto a shut-down pool throws weft::rejected
 // pool's Asio services abandon its wait, which destroys it, and its task
 // ends with weft::rejected. Before, nothing ended the task, and wait() (or
 // the group's destructor) waited for good.
+// After shutdown_now() too: there, join() used to return before it shut
+// the services down.
 TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with weft::rejected" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1}};
@@ -570,7 +695,8 @@ TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with 
   std::promise<error_code> ended;  // never set: the coroutine never resumes
   weft::co_spawn(group, wait_a_day(started, ended));
   started.wait();
-  pool.shutdown();
+  SUBCASE("shutdown") { pool.shutdown(); }
+  SUBCASE("shutdown_now") { pool.shutdown_now(); }
   pool.join();
   CHECK(frame_marker::live.load() == 0);
   CHECK_THROWS_AS(group.wait(), weft::rejected);

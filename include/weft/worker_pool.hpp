@@ -26,7 +26,7 @@
 // Asio: what Asio hands the pool (boost::asio::post onto pool.executor(), a
 // timer's or a socket's completion, a strand's turn, a coroutine's next
 // step) never waits for room: it is queued past a full queue, in a list
-// that workers serve before the queue, and counted in stats().queued and
+// that workers serve in turn with the queue, and counted in stats().queued and
 // stats().over_capacity. Waiting there would block the thread that
 // completed the operation: Asio's reactor thread, or the thread behind
 // every weft deadline, while the workers wait for one of them. It is
@@ -45,7 +45,9 @@
 // workers to exit. The destructor is shutdown() + join(). Producers blocked
 // on a full queue wake with weft::rejected. A post that races shutdown()
 // either throws weft::rejected or its task runs (if the workers have already
-// exited, on the thread that calls join()).
+// exited, on the thread that calls join(); after shutdown_now(), join()
+// drops it). What Asio hands over while join() stops the pool's Asio
+// services is dropped (see asio/executor.hpp).
 //
 // Thread safety: every member may be called concurrently, except that the
 // destructor and join() must not run on one of the pool's own workers (the
@@ -302,37 +304,21 @@ class worker_pool {
     for (worker* w : started_) {
       if (w->thread.joinable()) w->thread.join();
     }
-    detail::running_scope running;
-    std::int64_t queued_ns = 0;
-    for (detail::task work; ring_.try_pop(work, [&](const slot_extras& cell, std::uint64_t position) noexcept {
-           if (discarding_.load(std::memory_order_relaxed)) {
-             drop_origin(cell);
-           } else {
-             queued_ns = begin_running(cell, position, running);
-           }
-         });
-         running.stop()) {
-      if (discarding_.load(std::memory_order_relaxed)) {
-        counters_.dropped.fetch_add(1, std::memory_order_relaxed);
-      } else {
-        run_task(work, queued_ns, caller_counters_);
-      }
-    }
-    if (discarding_.load(std::memory_order_relaxed)) {
-      counters_.dropped.fetch_add(drop_over_capacity(), std::memory_order_relaxed);
-      return;
-    }
-    for (detail::task work; take_over_capacity(work, queued_ns, running, true); running.stop()) {
-      run_task(work, queued_ns, caller_counters_);
-    }
+    finish_leftovers(discarding_.load(std::memory_order_relaxed));
     // Asio operations still pending can complete on no worker now: the
-    // pool's execution context abandons them (see asio/executor.hpp).
+    // pool's execution context abandons them (see asio/executor.hpp), after
+    // shutdown_now() too.
     std::vector<std::function<void()>> hooks;
     {
       std::lock_guard extensions_guard(extensions_mutex_);
       hooks.swap(joined_hooks_);
     }
+    if (hooks.empty()) return;
     for (auto& hook : hooks) hook();
+    // What Asio's reactor handed over while the context stopped it is
+    // dropped, as io_context drops what is queued when it is destroyed:
+    // left queued, it would outlive the services it refers to.
+    finish_leftovers(true);
   }
 
   bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }
@@ -362,7 +348,6 @@ class worker_pool {
       s.queued += workers_[i].held_count.load(std::memory_order_relaxed);
     }
     s.queued += over_capacity_count_.load(std::memory_order_relaxed);
-    s.over_capacity = over_capacity_pushed_.load(std::memory_order_relaxed);
     s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
     s.rejected = counters_.rejected.load(std::memory_order_relaxed);
     // The counts are read one after another while tasks run, each at its
@@ -387,6 +372,7 @@ class worker_pool {
     }
     add(caller_counters_);
     s.dropped = counters_.dropped.load(std::memory_order_relaxed);
+    s.over_capacity = over_capacity_pushed_.load(std::memory_order_relaxed);
     s.submitted =
         ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed) + s.over_capacity;
     s.completed = std::min(s.completed, s.submitted);
@@ -628,6 +614,40 @@ class worker_pool {
     run_task(work, 0, caller_counters_);
   }
 
+  // After the workers have exited: runs, on this thread, what a post racing
+  // shutdown() queued after they left, or (discard) drops it.
+  void finish_leftovers(bool discard) {
+    detail::running_scope running;
+    std::int64_t queued_ns = 0;
+    const auto on_pop = [&](const slot_extras& cell, std::uint64_t position) noexcept {
+      if (discard) {
+        drop_origin(cell);
+      } else {
+        queued_ns = begin_running(cell, position, running);
+      }
+    };
+    for (detail::task work; ring_.try_pop(work, on_pop); running.stop()) {
+      if (discard) {
+        counters_.dropped.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        run_task(work, queued_ns, caller_counters_);
+      }
+    }
+    if (discard) {
+      counters_.dropped.fetch_add(drop_over_capacity(), std::memory_order_relaxed);
+      return;
+    }
+    // Registered first: take_over_capacity starts the record under its
+    // lock, inside which the registry's mutex must never be taken (a
+    // snapshot takes that lock inside the registry's mutex).
+    bool registered = false;
+    if constexpr (detail::registry_compiled) registered = detail::register_this_thread_early();
+    for (detail::task work; take_over_capacity(work, queued_ns, running, registered);
+         running.stop()) {
+      run_task(work, queued_ns, caller_counters_);
+    }
+  }
+
   // What Asio's execute does with a task (see worker_pool_access::execute):
   // queue it, past a full queue if need be. Never waits.
   template <class Origin>
@@ -636,17 +656,19 @@ class worker_pool {
     note_full();
     claimed_task task{std::move(work), detail::make_origin(origin), 0};
     const detail::task_origin queued_origin = task.origin;
-    try {
+    std::size_t past_capacity = 0;
+    {
+      // Out of memory, the task is destroyed here and Asio sees the
+      // exception; the registry never counted it.
       std::lock_guard guard(over_capacity_mutex_);
       over_capacity_.push_back(std::move(task));
+      past_capacity = over_capacity_.size();
       // Seq_cst, as a post's claim is: a worker going idle reads it after
       // its own seq_cst write (see park and run_worker).
-      over_capacity_count_.store(over_capacity_.size(), std::memory_order_seq_cst);
-    } catch (...) {
-      detail::finished_unrun(queued_origin);  // out of memory: Asio sees the exception
-      throw;
+      over_capacity_count_.store(past_capacity, std::memory_order_seq_cst);
     }
     over_capacity_pushed_.fetch_add(1, std::memory_order_relaxed);
+    note_queued(options_.queue_capacity + past_capacity);
     detail::accepted(queued_origin);
     wake_idle_worker();
   }
@@ -949,17 +971,22 @@ class worker_pool {
     // mutex (taken to register a thread) must never be taken.
     if constexpr (detail::registry_compiled) self.registered = detail::register_this_thread_early();
     bool spinning = false;
+    bool past_capacity_first = false;
     detail::task work;
     std::int64_t queued_ns = 0;
     detail::running_scope running;
     for (;;) {
       // After shutdown_now() the queue is not for workers: join() drops what is left.
       if (discarding_.load(std::memory_order_relaxed)) break;
-      // Work queued past a full queue first: producers that keep the
-      // queue full would otherwise keep it waiting for good.
-      if (take_over_capacity(work, queued_ns, running, self.registered) ||
+      // Work queued past a full queue and the queue take turns. Served
+      // after the queue, the list waited for good while producers kept the
+      // queue full; served before it, the queue waited for good while Asio
+      // work kept coming past it (a coroutine that yields in a loop).
+      past_capacity_first = !past_capacity_first;
+      if ((past_capacity_first && take_over_capacity(work, queued_ns, running, self.registered)) ||
           take_held(self, self, work, queued_ns, running) ||
-          claim(self, work, queued_ns, running) || steal(self, work, queued_ns, running)) {
+          claim(self, work, queued_ns, running) || steal(self, work, queued_ns, running) ||
+          (!past_capacity_first && take_over_capacity(work, queued_ns, running, self.registered))) {
         if (spinning) {
           spinning = false;
           // The last searcher to find work hands the search on. Held tasks

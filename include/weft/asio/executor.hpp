@@ -30,7 +30,10 @@
 // join() has joined the workers, Asio operations still pending on the
 // pool's context are abandoned and their handlers destroyed, as
 // io_context's destructor does: a coroutine waiting on one is destroyed,
-// and a task group's coroutine ends its task with weft::rejected.
+// and a task group's coroutine ends its task with weft::rejected. What
+// Asio's reactor thread hands over while the services stop it is dropped
+// before join() returns (counted in stats().dropped), as io_context drops
+// what is queued when it is destroyed.
 //
 // Thread safety: an executor is a pointer to its pool; copy it and use the
 // copies from any thread while the pool lives.
