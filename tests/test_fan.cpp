@@ -802,3 +802,49 @@ TEST_CASE("fan_out runs n workers over one channel, the first exception stops th
   CHECK_THROWS_WITH_AS(group.wait(), "bad record 3", std::runtime_error);
   CHECK_THROWS_AS(weft::fan_out(group, failing, 0, [](int) {}), std::invalid_argument);
 }
+
+namespace {
+
+// Fans out from its destructor, which runs at its thread's exit after the
+// thread's spare shared state was freed (it was made first, so it is
+// destroyed last).
+struct fans_out_at_exit {
+  weft::worker_pool* pool;
+  std::promise<std::vector<int>>* result;
+  ~fans_out_at_exit() {
+    const std::vector<int> input{1, 2, 3, 4};
+    result->set_value(
+        weft::parallel_map(input, [](int x) { return x * 10; }, {.executor = pool->executor()}));
+  }
+};
+
+}  // namespace
+
+// The spare was freed at exit and then taken again by the next fan-out (a
+// use after free, which ASan reports).
+TEST_CASE("parallel_map: a fan-out from a thread_local's destructor at thread exit works" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::promise<std::vector<int>> at_exit;
+  auto result = at_exit.get_future();
+  std::thread([&] {
+    thread_local fans_out_at_exit fans{&pool, &at_exit};
+    const std::vector<int> input{1, 2};
+    CHECK(weft::parallel_map(input, [](int x) { return x; }, {.executor = pool.executor()}) ==
+          input);
+  }).join();
+  CHECK(result.get() == std::vector<int>{10, 20, 30, 40});
+}
+
+// A proxy result (std::vector<bool>::reference) was assigned to a default
+// one, writing through its null pointer.
+TEST_CASE("parallel_map: results that are proxies are returned, not assigned through" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<bool> flags(100);
+  for (std::size_t i = 0; i < flags.size(); i += 3) flags[i] = true;
+  const auto proxies =
+      weft::parallel_map(flags, [](auto flag) { return flag; }, {.executor = pool.executor()});
+  REQUIRE(proxies.size() == flags.size());
+  for (std::size_t i = 0; i < flags.size(); ++i) CHECK(bool(proxies[i]) == (i % 3 == 0));
+}

@@ -814,3 +814,157 @@ TEST_CASE("result_group: an exception is rethrown and every result is still dest
   CHECK(counted::live.load() == 0);
   CHECK(counted_error::live.load() == 0);
 }
+
+namespace {
+
+// A task whose copy throws.
+struct copy_throws {
+  copy_throws() = default;
+  copy_throws(const copy_throws&) { throw std::runtime_error("copy failed"); }
+  copy_throws& operator=(const copy_throws&) = delete;
+  int operator()() const { return 1; }
+};
+
+// A result whose move throws when `fail` is set; counts the moves that did not.
+struct move_throws {
+  int value;
+  static inline std::atomic<bool> fail{false};
+  static inline std::atomic<int> moved{0};
+  explicit move_throws(int v) : value(v) {}
+  move_throws(move_throws&& other) : value(other.value) {
+    if (fail) throw std::runtime_error("move failed");
+    ++moved;
+  }
+  move_throws& operator=(move_throws&&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("result_group: a go() or try_go() that throws leaves no slot behind" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::result_group<int> group{pool.executor()};
+  group.go([] { return 1; });
+  const copy_throws throwing;
+  CHECK_THROWS_WITH_AS(group.go(throwing), "copy failed", std::runtime_error);
+  CHECK_THROWS_WITH_AS((void)group.try_go(throwing), "copy failed", std::runtime_error);
+  group.go([] { return 2; });
+  CHECK(group.wait() == std::vector<int>{1, 2});
+  pool.shutdown();
+  CHECK_THROWS_AS((void)group.try_go([] { return 3; }), weft::rejected);
+  CHECK(group.wait().empty());
+}
+
+TEST_CASE("result_group: wait() from one of its own tasks throws and leaves the results alone" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::result_group<int> group{pool.executor()};
+  std::atomic<bool> threw{false};
+  for (int i = 0; i < 8; ++i) {
+    group.go([&, i] {
+      if (i == 0) {
+        try {
+          (void)group.wait();
+        } catch (const std::logic_error&) {
+          threw = true;
+        }
+      }
+      return i;
+    });
+  }
+  CHECK(group.wait() == std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7});
+  CHECK(threw.load());
+}
+
+TEST_CASE("result_group: a result whose move throws leaves nothing for the next wait()" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::result_group<move_throws> group{pool.executor()};
+  for (int i = 0; i < 3; ++i) group.go([i] { return move_throws{i}; });
+  // Once each task has moved its result into its slot.
+  weft_test::spin_until([] { return move_throws::moved.load() == 3; });
+  move_throws::fail = true;
+  CHECK_THROWS_WITH_AS((void)group.wait(), "move failed", std::runtime_error);
+  move_throws::fail = false;
+  group.go([] { return move_throws{10}; });
+  const auto results = group.wait();
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].value == 10);
+}
+
+// The waiting thread, asleep on the group's count, used to sleep through a
+// task that a running task added, leaving it to a runner that no worker was
+// free to run: the task that added it and waited for it waited for good.
+TEST_CASE("task_group: a sleeping wait() wakes to run a task that a running task adds" *
+          doctest::timeout(30)) {
+  // Two workers: one runs the waiting task, one the task that adds another.
+  weft::worker_pool pool{{.workers = 2}};
+  auto outcome = pool.submit([&] {
+    weft::task_group group{pool.executor()};
+    std::latch started{1};
+    std::latch added_ran{1};
+    group.go([&] {
+      started.count_down();
+      // Once the waiter sleeps on the count.
+      weft_test::spin_until(
+          [&] { return weft::detail::task_group_access::pending(group).stats().waiters == 1; });
+      group.go([&] { added_ran.count_down(); });
+      added_ran.wait();
+    });
+    started.wait();  // on the other worker, not run by the wait below
+    group.wait();
+  });
+  CHECK_NOTHROW(outcome.get());
+}
+
+TEST_CASE(
+    "task_group: wait() from a task of a group nested in one of its tasks throws std::logic_error" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group outer{pool.executor()};
+  std::atomic<bool> threw{false};
+  outer.go([&] {
+    weft::task_group inner{pool.executor()};
+    inner.go([&] {
+      try {
+        outer.wait();
+      } catch (const std::logic_error&) {
+        threw = true;
+      }
+    });
+    inner.wait();
+  });
+  outer.wait();
+  CHECK(threw.load());
+}
+
+// Two tasks fail at once: the token's cause is the exception wait()
+// rethrows, whichever failure comes first. The second failure used to
+// cancel the token first at times (a third of the rounds on 2 cores).
+TEST_CASE(
+    "task_group: the token's cause is the exception wait() rethrows when tasks fail together" *
+    doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 2}};
+  for (int round = 0; round < 2000; ++round) {
+    weft::task_group group{pool.executor()};
+    // A spinning rendezvous, so that the two throw at the same moment (a
+    // latch parks the first to arrive).
+    std::atomic<int> arrived{0};
+    for (int id = 0; id < 2; ++id) {
+      group.go([&arrived, id] {
+        arrived.fetch_add(1);
+        while (arrived.load() < 2) {
+        }
+        throw counted_error(id);
+      });
+    }
+    std::exception_ptr rethrown;
+    try {
+      group.wait();
+    } catch (...) {
+      rethrown = std::current_exception();
+    }
+    REQUIRE(rethrown != nullptr);
+    CHECK(group.token().cause().exception() == rethrown);
+  }
+}

@@ -64,7 +64,10 @@
 //
 // Thread safety: each call is independent; the range must not change while
 // parallel_map or for_each runs, and f is called concurrently from several
-// threads.
+// threads. for_each that writes elements through a reference must not be
+// given a range whose elements share a memory location (a std::vector<bool>
+// packs 64 in a word): writes from two threads to one word lose each other.
+// The range must be a forward range.
 //
 // Cost: gather, parallel_map and for_each take their thread's spare shared
 // state (allocating one when a helper of an earlier call still holds it),
@@ -312,6 +315,11 @@ struct collected_elements {
 
 template <class Range>
 auto elements_of(Range& range) {
+  // Copies of a single-pass iterator all read the stream's current element.
+  static_assert(std::ranges::forward_range<Range>,
+                "weft::parallel_map/for_each: the range must be a forward range (a single-pass "
+                "range, such as a stream, cannot be read by several tasks); collect it into a "
+                "vector first");
   using iterator = std::ranges::iterator_t<Range>;
   if constexpr (std::ranges::random_access_range<Range> && std::ranges::sized_range<Range>) {
     return random_access_elements<iterator>{std::ranges::begin(range), static_cast<std::size_t>(std::ranges::size(range))};
@@ -339,13 +347,15 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
       std::declval<std::decay_t<F>&>(), std::declval<const cancel_token&>(), std::declval<element>()))>;
   static_assert(!std::is_void_v<result>, "weft::parallel_map: f returns void; use weft::for_each");
   auto elements = detail::elements_of(range);
-  // Results that default-construct and move-assign without throwing
-  // (numbers, strings, vectors) are assigned in place; others wait in
-  // optionals and move out after, so a type whose default constructor may
-  // throw (or has none) is never default-constructed. Not bools: std::vector<bool> packs them, and neighbours
-  // written from two threads would race.
-  if constexpr (std::is_nothrow_default_constructible_v<result> && std::is_nothrow_move_assignable_v<result> &&
-                !std::is_same_v<result, bool>) {
+  // Results of trivially copyable types (numbers, plain structs) are
+  // assigned in place, where assigning is constructing; others are made in
+  // optionals and moved out after, so a type whose default constructor may
+  // throw (or has none) is never default-constructed, and a proxy (as
+  // std::vector<bool>::reference), whose assignment writes through it, is
+  // never assigned to. Not bools: std::vector<bool> packs them, and
+  // neighbours written from two threads would race.
+  if constexpr (std::is_trivially_copyable_v<result> &&
+                std::is_nothrow_default_constructible_v<result> && !std::is_same_v<result, bool>) {
     std::vector<result> out(elements.size());
     detail::run_indexed(elements.size(), options, site,
                         [results = out.data(), elements = elements.indexer(), &f](

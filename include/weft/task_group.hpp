@@ -25,6 +25,8 @@
 //    tasks that no worker has started yet (never another group's), so a
 //    short fan-out finishes without a wake-up round trip, and waiting from
 //    inside a pool task cannot deadlock a pool whose workers are all busy.
+//    A waiter asleep on the count is woken by a task added meanwhile (by
+//    one of the group's tasks) to run it.
 //  - set_limit(n): at most n tasks in flight; go() waits for a slot
 //    (backpressure), running the group's unstarted tasks meanwhile;
 //    try_go() returns false instead. Only while no task is
@@ -45,8 +47,9 @@
 // from any thread, including from the group's own tasks. wait() may run
 // concurrently with go() from inside the group's tasks (it returns once the
 // count of tasks reaches zero); set_limit and the destructor may not run
-// concurrently with anything else. A task must not wait() on its own group:
-// that wait throws std::logic_error.
+// concurrently with anything else. A task must not wait() on its own group,
+// nor on the group of a task it runs inside: that wait throws
+// std::logic_error (a coroutine's async_wait is not checked).
 //
 // Cost: a group takes the shared state of a finished group when one is
 // spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
@@ -95,11 +98,18 @@
 namespace weft {
 
 class task_group;
+template <class T>
+class result_group;
 
 namespace detail {
-// The shared state of the group whose task this thread is running, if any:
-// a task that waits on its own group would wait for itself.
-inline thread_local const void* group_of_running_task = nullptr;
+// The groups whose tasks this thread is running, innermost first: a task
+// that waits on its own group, or on the group of a task it runs inside,
+// would wait for itself.
+struct running_group {
+  const void* group;
+  const running_group* outer;
+};
+inline thread_local const running_group* running_groups = nullptr;
 
 // What weft/asio.hpp needs of a group: to count work that is not a posted
 // task (a coroutine), and to wait for it without blocking.
@@ -179,11 +189,7 @@ class task_group {
   // then rethrows the first task exception, or reports skipped tasks (see
   // the top of this header).
   void wait() {
-    if (detail::group_of_running_task == core_) [[unlikely]] {
-      throw std::logic_error(
-          "weft::task_group::wait: called from one of the group's own tasks, which would wait "
-          "for itself; wait where the group was made, and let tasks use token() to stop early");
-    }
+    check_not_own_task();
     join();
     if (auto error = outcome()) std::rethrow_exception(error);
   }
@@ -201,6 +207,8 @@ class task_group {
 
  private:
   friend struct detail::task_group_access;
+  template <class T>
+  friend class result_group;
 
   // What the group shares with the runners it posts; freed by whichever of
   // them (or the group) lets go last, so a runner that an executor runs
@@ -359,27 +367,37 @@ class task_group {
       if (cancellation.token().cancelled()) {
         skipped.store(true, std::memory_order_relaxed);
       } else {
-        const void* outer = std::exchange(detail::group_of_running_task, this);
+        const detail::running_group here{this, detail::running_groups};
+        detail::running_groups = &here;
         try {
           work();
         } catch (...) {
           record_failure(std::current_exception());
         }
-        detail::group_of_running_task = outer;
+        detail::running_groups = here.outer;
       }
       work.reset();
       if (limit) limit->release();
     }
 
+    // Only the first failure cancels the token, so that its cause is the
+    // exception wait() rethrows: a later one cancelling first made them
+    // differ.
     void record_failure(std::exception_ptr error) noexcept {
       {
         std::lock_guard guard(error_mutex);
-        if (!failed.load(std::memory_order_relaxed)) {
-          first_error = error;
-          failed.store(true, std::memory_order_release);
-        }
+        if (failed.load(std::memory_order_relaxed)) return;
+        first_error = error;
+        failed.store(true, std::memory_order_release);
       }
       cancellation.cancel(std::move(error));
+    }
+
+    // A waiter parked on `pending` (see task_group::park) is woken when a
+    // task is added: it may be the only thread free to run it.
+    void wake_waiter() noexcept {
+      std::lock_guard guard(waiter_mutex);
+      if (waiter_wake) waiter_wake->cancel();
     }
 
     // Posts a runner if fewer than max_runners are out. If the pool is full
@@ -446,6 +464,9 @@ class task_group {
     alignas(64) std::unique_ptr<semaphore> limit;
     std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
+    std::atomic<int> waiters_parked{0};  // read by every start(), beside runners
+    detail::spin_mutex waiter_mutex;
+    std::optional<cancel_source> waiter_wake;  // under waiter_mutex
 
     detail::bounded_ring<detail::task, detail::slot_cell, detail::handoff_slot_alignment> unstarted{
         ring_capacity};
@@ -526,8 +547,22 @@ class task_group {
       core_->pending.done();
       throw;
     }
-    // The push was a seq_cst claim (or store, past the ring); see drain().
+    // The push was a seq_cst claim (or store, past the ring); see drain()
+    // and park().
     if (core_->runners.load(std::memory_order_seq_cst) < core_->max_runners) core_->add_runner();
+    if (core_->waiters_parked.load(std::memory_order_seq_cst) != 0) [[unlikely]] {
+      core_->wake_waiter();
+    }
+  }
+
+  void check_not_own_task() const {
+    for (const detail::running_group* g = detail::running_groups; g != nullptr; g = g->outer) {
+      if (g->group == core_) [[unlikely]] {
+        throw std::logic_error(
+            "weft::task_group::wait: called from one of the group's own tasks, which would wait "
+            "for itself; wait where the group was made, and let tasks use token() to stop early");
+      }
+    }
   }
 
   void join() noexcept {
@@ -547,10 +582,45 @@ class task_group {
         continue;
       }
       if (tasks_end_soon()) continue;
-      const detail::blocked_scope blocked{"task_group::wait", nullptr};
-      core_->pending.wait();
+      park();
     }
     core_->pending.wait();  // the count is zero: one acquire load, after which the tasks' writes are visible
+  }
+
+  // Sleeps until the count reaches zero or a task is added. A parked waiter
+  // that slept through a task added by one of the group's running tasks
+  // left it to a runner, and there may be no worker to run that: a task
+  // that adds a task and waits for it, on a pool whose workers are all
+  // busy, waited for good (a waiter inside a task of a one-worker pool).
+  void park() noexcept {
+    // The waiters share one source; a woken one makes the next.
+    cancel_token wake;
+    try {
+      std::optional<cancel_source> fresh;  // made outside the lock
+      for (;;) {
+        {
+          std::lock_guard guard(core_->waiter_mutex);
+          if (!core_->waiter_wake || core_->waiter_wake->token().cancelled()) {
+            if (fresh) core_->waiter_wake.swap(fresh);
+          }
+          if (core_->waiter_wake && !core_->waiter_wake->token().cancelled()) {
+            wake = core_->waiter_wake->token();
+            break;
+          }
+        }
+        fresh.emplace();
+      }
+    } catch (...) {
+      // Out of memory: a sleep that only the count ends.
+    }
+    // Seq_cst, against start()'s push then load: either start() sees the
+    // waiter parked and wakes it, or the waiter sees the task.
+    core_->waiters_parked.fetch_add(1, std::memory_order_seq_cst);
+    if (!core_->has_unstarted()) {
+      const detail::blocked_scope blocked{"task_group::wait", nullptr};
+      (void)core_->pending.wait(wake);
+    }
+    core_->waiters_parked.fetch_sub(1, std::memory_order_relaxed);
   }
 
   // Watches, for a while, for the last tasks to finish or for a task to
@@ -639,22 +709,25 @@ class result_group {
 
   template <class F>
   void go(F&& f, spawn_site site = spawn_site::current()) {
-    auto [task, slot] = bind(std::forward<F>(f));
+    slot* target = add_slot();
     try {
-      group_.go(std::move(task), site);
+      group_.go(bind(target, std::forward<F>(f)), site);
     } catch (...) {
-      std::lock_guard guard(mutex_);
-      slot->used = false;
+      give_back(target);
       throw;
     }
   }
 
   template <class F>
   [[nodiscard]] bool try_go(F&& f, spawn_site site = spawn_site::current()) {
-    auto [task, slot] = bind(std::forward<F>(f));
-    if (group_.try_go(std::move(task), site)) return true;
-    std::lock_guard guard(mutex_);
-    slot->used = false;
+    slot* target = add_slot();
+    try {
+      if (group_.try_go(bind(target, std::forward<F>(f)), site)) return true;
+    } catch (...) {
+      give_back(target);
+      throw;
+    }
+    give_back(target);
     return false;
   }
 
@@ -663,20 +736,28 @@ class result_group {
   // The results in the order their go() calls returned; rethrows as
   // task_group::wait() does. The group may then be reused.
   std::vector<T> wait() {
+    // Before the slots are touched: the group's tasks still write them.
+    group_.check_not_own_task();
+    // The tasks so far are reported, by the results or by the exception,
+    // and the next wait starts afresh: the slots are taken out first, so
+    // that a T whose move throws leaves none behind.
+    std::deque<slot> finished;
     try {
       group_.wait();
     } catch (...) {
       std::lock_guard guard(mutex_);
-      results_.clear();  // the tasks so far are reported; the next wait starts afresh
+      results_.clear();
       throw;
     }
+    {
+      std::lock_guard guard(mutex_);
+      finished.swap(results_);
+    }
     std::vector<T> out;
-    std::lock_guard guard(mutex_);
-    out.reserve(results_.size());
-    for (auto& r : results_) {
+    out.reserve(finished.size());
+    for (auto& r : finished) {
       if (r.used) out.push_back(std::move(*r.value));
     }
-    results_.clear();
     return out;
   }
 
@@ -689,22 +770,28 @@ class result_group {
     bool used = true;  // false when try_go declined the task
   };
 
-  // The task to run, and the slot (in spawn order) it fills.
+  // The next slot in spawn order; a deque, so earlier slots never move.
+  slot* add_slot() {
+    std::lock_guard guard(mutex_);
+    return &results_.emplace_back();
+  }
+
+  // A slot whose task was declined, or whose go() threw: skipped by wait().
+  void give_back(slot* target) noexcept {
+    std::lock_guard guard(mutex_);
+    target->used = false;
+  }
+
+  // The task that fills `target`.
   template <class F>
-  auto bind(F&& f) {
+  static auto bind(slot* target, F&& f) {
     static_assert(std::is_convertible_v<decltype(detail::invoke_with_token(std::declval<std::decay_t<F>&>(),
                                                                            std::declval<const cancel_token&>())),
                                         T>,
                   "weft::result_group<T>: each task must return something convertible to T");
-    slot* target = nullptr;
-    {
-      std::lock_guard guard(mutex_);
-      target = &results_.emplace_back();  // a deque: earlier slots never move
-    }
-    auto task = [target, f = std::forward<F>(f)](const cancel_token& token) mutable {
+    return [target, f = std::forward<F>(f)](const cancel_token& token) mutable {
       target->value.emplace(detail::invoke_with_token(f, token));
     };
-    return std::pair{std::move(task), target};
   }
 
   // Destroyed after group_, which joins every task that writes a slot.

@@ -78,8 +78,8 @@ class fan_core {
   // when it has one. The caller holds one reference.
   static fan_core* make(std::size_t count, std::size_t lanes, std::size_t claim_divisor,
                         const cancel_token& parent) {
-    fan_core*& spare = thread_spare();
-    fan_core* core = std::exchange(spare, nullptr);
+    fan_core** spare = thread_spare();
+    fan_core* core = spare != nullptr ? std::exchange(*spare, nullptr) : nullptr;
     if (core == nullptr) core = new fan_core;
     try {
       core->reset(count, lanes, claim_divisor, parent);
@@ -101,9 +101,9 @@ class fan_core {
     // Freed here, on the thread that read it (see task_group's release_outcome).
     first_error_ = nullptr;
     cancellation_.release();
-    fan_core*& spare = thread_spare();
-    if (spare == nullptr && refs_.load(std::memory_order_acquire) == 1) {
-      spare = this;
+    fan_core** spare = thread_spare();
+    if (spare != nullptr && *spare == nullptr && refs_.load(std::memory_order_acquire) == 1) {
+      *spare = this;
       return;
     }
     unref();
@@ -161,9 +161,11 @@ class fan_core {
   }
 
   // Keeps the first failure, and cancels the token with it so that the
-  // other tasks stop.
+  // other tasks stop. Later failures are dropped: one that cancelled first
+  // made the token's cause differ from the exception the caller rethrows.
   void fail(std::exception_ptr error) noexcept {
-    if (!failed_.exchange(true, std::memory_order_acq_rel)) first_error_ = error;
+    if (failed_.exchange(true, std::memory_order_acq_rel)) return;
+    first_error_ = error;
     cancellation_.cancel(std::move(error));
   }
 
@@ -200,15 +202,23 @@ class fan_core {
   fan_core() = default;
   ~fan_core() = default;
 
-  // A thread's spare core; freed when the thread exits.
-  static fan_core*& thread_spare() noexcept {
+  // A thread's spare core, freed when the thread exits; null from then on,
+  // for a fan-out made by a destructor that runs later in the thread's exit
+  // (or, on the main thread, by a static object's), which used to take the
+  // freed core again.
+  static fan_core** thread_spare() noexcept {
     struct holder {
       fan_core* core = nullptr;
-      ~holder() { delete core; }
+      ~holder() {
+        delete std::exchange(core, nullptr);
+        spares_gone = true;
+      }
     };
+    if (spares_gone) return nullptr;
     thread_local holder spare;
-    return spare.core;
+    return &spare.core;
   }
+  static inline thread_local constinit bool spares_gone = false;
 
   void reset(std::size_t count, std::size_t lanes, std::size_t claim_divisor,
              const cancel_token& parent) {
