@@ -702,6 +702,32 @@ TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with 
   CHECK_THROWS_AS(group.wait(), weft::rejected);
 }
 
+// shutdown_now() drops the group's only runner while its task waits in the
+// group's queue: no runner will come, and async_wait(), which cannot run
+// the task itself, waited for good. The task is abandoned and the group
+// fails with weft::rejected.
+TEST_CASE("asio task_group: async_wait ends in weft::rejected when the runner is dropped" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  gate worker_gate;
+  fill_until_open(pool, worker_gate);
+  weft::task_group group{pool.executor()};
+  std::atomic<bool> ran{false};
+  group.go([&] { ran = true; });  // its runner waits in the pool's queue
+  std::promise<std::exception_ptr> waited;
+  weft::async_wait(group, [&](std::exception_ptr error) { waited.set_value(error); });
+  CHECK(pool.shutdown_now() == 2);  // the filler and the runner
+  const std::exception_ptr error = waited.get_future().get();
+  CHECK(message_of(error) ==
+        "weft::task_group: its executor's pool \"worker_pool\" shut down before the group's tasks "
+        "could run");
+  CHECK_THROWS_AS(group.wait(), weft::rejected);
+  worker_gate.open();
+  pool.join();
+  CHECK_FALSE(ran.load());
+  CHECK(group.in_flight() == 0);
+}
+
 TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception, tasks go on" *
           doctest::timeout(30)) {
   // Four workers: up to three runners (one per task, held by the gate) and

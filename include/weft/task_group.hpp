@@ -39,6 +39,10 @@
 //    is written to stderr, never lost silently.
 //  - After a failure the group is spent: its token stays cancelled, later
 //    tasks are skipped, and every wait() rethrows the same exception.
+//  - If the pool shuts down before tasks of the group have started, with
+//    none of the group's runners left on it (shutdown_now() dropped them, or
+//    go() raced shutdown()), those tasks are destroyed unrun and the group
+//    fails with weft::rejected, as go() on that pool would.
 //
 // result_group<T> is the same with tasks that return a T; wait() returns
 // the results in spawn order.
@@ -393,6 +397,49 @@ class task_group {
       cancellation.cancel(std::move(error));
     }
 
+    // The unstarted tasks of a group whose pool shut down with no runner
+    // left: destroyed unrun, and the group fails with weft::rejected, as
+    // go() on that pool would. A waiting thread could run them, but
+    // async_wait() cannot, and waited for good.
+    void abandon_unstarted() noexcept {
+      std::int64_t abandoned = 0;
+      const auto unrun = [](const detail::slot_cell& cell, std::uint64_t) noexcept {
+        detail::finished_unrun(detail::load_origin(cell));
+      };
+      for (detail::task work; unstarted.try_pop(work, unrun);) {
+        work.reset();
+        ++abandoned;
+      }
+      // Taken whole, and destroyed outside the lock (their destructors are
+      // user code, and finished_unrun may take the registry's mutex).
+      std::vector<queued_task> overflowed;
+      std::size_t first = 0;
+      {
+        std::lock_guard guard(overflow_mutex);
+        overflowed.swap(overflow);
+        first = std::exchange(overflow_head, 0);
+        overflow_size.store(0, std::memory_order_release);
+      }
+      for (std::size_t i = first; i < overflowed.size(); ++i)
+        detail::finished_unrun(overflowed[i].origin);
+      abandoned += static_cast<std::int64_t>(overflowed.size() - first);
+      overflowed.clear();
+      if (abandoned == 0) return;
+      record_failure(pool_shut_down());
+      if (limit) limit->release(abandoned);
+      pending.add(-abandoned);
+    }
+
+    std::exception_ptr pool_shut_down() const noexcept {
+      try {
+        return std::make_exception_ptr(rejected("weft::task_group: its executor's pool \"" +
+                                                executor.context().name() +
+                                                "\" shut down before the group's tasks could run"));
+      } catch (...) {
+        return std::current_exception();
+      }
+    }
+
     // A waiter parked on `pending` (see task_group::park) is woken when a
     // task is added: it may be the only thread free to run it.
     void wake_waiter() noexcept {
@@ -404,8 +451,7 @@ class task_group {
     // and no other runner is out, waits for room whatever the pool's policy
     // (as post(f, token) does; on one of the pool's own workers it runs the
     // runner here), so queued tasks always have a runner coming. Only a shut
-    // down pool refuses; the runner is then destroyed unrun, which gives back
-    // its count and reference, and wait() runs the tasks.
+    // down pool refuses; the runner is then destroyed unrun (see runner).
     void add_runner() noexcept {
       if (!claim_runner_slot()) return;
       try {
@@ -484,8 +530,11 @@ class task_group {
   };
 
   // What the executor runs: 8 bytes, inline in the pool's slot. A runner
-  // destroyed unrun (shutdown_now) lets go of the core and its count; the
-  // waiting thread runs the tasks instead.
+  // destroyed unrun lets go of the core and its count: refused by a full
+  // queue, it is followed by a post that waits (see add_runner). Dropped by
+  // a shut-down pool (shutdown_now, or a post that raced shutdown) as the
+  // last runner out, no runner will come: the group's unstarted tasks are
+  // abandoned (see abandon_unstarted).
   class runner {
    public:
     explicit runner(core* c) noexcept : core_(c) {}
@@ -493,7 +542,10 @@ class task_group {
     runner& operator=(runner&&) = delete;
     ~runner() {
       if (core_ != nullptr) {
-        core_->runners.fetch_sub(1, std::memory_order_relaxed);
+        // Seq_cst, as drain() gives up its count: a runner still draining
+        // either counts here or sees the tasks as it leaves.
+        const bool last = core_->runners.fetch_sub(1, std::memory_order_seq_cst) == 1;
+        if (last && core_->executor.context().is_shutdown()) core_->abandon_unstarted();
         core_->unref();
       }
     }
