@@ -420,8 +420,9 @@ class task_group {
         first = std::exchange(overflow_head, 0);
         overflow_size.store(0, std::memory_order_release);
       }
-      for (std::size_t i = first; i < overflowed.size(); ++i)
+      for (std::size_t i = first; i < overflowed.size(); ++i) {
         detail::finished_unrun(overflowed[i].origin);
+      }
       abandoned += static_cast<std::int64_t>(overflowed.size() - first);
       overflowed.clear();
       if (abandoned == 0) return;
