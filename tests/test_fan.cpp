@@ -780,6 +780,35 @@ TEST_CASE("merge forwards every input into one channel and closes it when all in
   for (int i = 0; i < 300; ++i) CHECK(got[static_cast<std::size_t>(i)] == i);
 }
 
+// A forwarder that a cancelled group skipped, or that go() refused, never
+// counted its input off, and `out` stayed open for good.
+TEST_CASE("merge closes its output when its forwarders are skipped or refused" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::cancel_source worker_gate;
+  std::latch busy{1};
+  pool.post([&busy, closed = worker_gate.token()] {
+    busy.count_down();
+    closed.wait();
+  });
+  busy.wait();
+  weft::channel<int> a{1};
+  weft::channel<int> b{1};
+  weft::channel<int> all{1};
+  weft::task_group group{pool.executor()};
+  weft::merge(group, all, a, b);  // queued behind the busy worker
+  group.cancel();
+  worker_gate.cancel();
+  CHECK_THROWS_AS(group.wait(), std::system_error);  // the forwarders were skipped
+  CHECK(all.closed());
+
+  // And when go() refuses a forwarder: the pool is shut down.
+  weft::channel<int> refused{1};
+  pool.shutdown();
+  CHECK_THROWS_AS(weft::merge(group, refused, a, b), weft::rejected);
+  CHECK(refused.closed());
+}
+
 TEST_CASE("fan_out runs n workers over one channel, the first exception stops them and reaches wait()") {
   weft::worker_pool pool{{.workers = 3}};
   weft::channel<int> jobs{16};

@@ -428,6 +428,34 @@ auto gather_for(std::chrono::duration<Rep, Period> timeout, detail::at_call_site
   return gather(default_executor(), detail::at_call_site<const cancel_token>{deadline.token(), token.site}, std::forward<F>(calls)...);
 }
 
+namespace detail {
+// merge()'s count of open inputs: an input is counted off when its
+// forwarder is destroyed, whether it ran to its end, was skipped by a
+// cancelled group, or was dropped by a go() that threw. Counted off at the
+// end of the forwarder's run, a skipped one left `out` open for good.
+template <class T, class Clock>
+class merge_input_done {
+ public:
+  merge_input_done(std::shared_ptr<std::atomic<std::size_t>> open, basic_channel<T, Clock>& out)
+      : open_(std::move(open)), out_(&out) {}
+  merge_input_done(merge_input_done&&) noexcept = default;
+  merge_input_done& operator=(merge_input_done&&) = delete;
+  ~merge_input_done() { count_off(open_, *out_, 1); }
+
+  // Closes `out` when these are the last open inputs.
+  static void count_off(const std::shared_ptr<std::atomic<std::size_t>>& open,
+                        basic_channel<T, Clock>& out, std::size_t inputs) {
+    if (open && inputs != 0 && open->fetch_sub(inputs, std::memory_order_acq_rel) == inputs) {
+      out.close();
+    }
+  }
+
+ private:
+  std::shared_ptr<std::atomic<std::size_t>> open_;
+  basic_channel<T, Clock>* out_;
+};
+}  // namespace detail
+
 // Fan-in over channels: forwards every value of `inputs` into `out`, from
 // one task of `group` per input, and closes `out` once every input is closed
 // and drained (or the group's token is cancelled, which drops the values
@@ -436,18 +464,26 @@ template <class T, class Clock, class... Inputs>
   requires(sizeof...(Inputs) > 0 && (std::is_same_v<Inputs, basic_channel<T, Clock>> && ...))
 void merge(detail::at_call_site<task_group> group, basic_channel<T, Clock>& out, Inputs&... inputs) {
   auto open_inputs = std::make_shared<std::atomic<std::size_t>>(sizeof...(Inputs));
+  std::size_t started = 0;
   const auto forward = [&](basic_channel<T, Clock>& in) {
+    ++started;
     group.object.go(
-        [&in, &out, open_inputs](const cancel_token& token) {
+        [&in, &out,
+         done = detail::merge_input_done<T, Clock>{open_inputs, out}](const cancel_token& token) {
           for (;;) {
             auto value = in.recv(token);
             if (!value || out.send(std::move(*value), token) != wait_status::ok) break;
           }
-          if (open_inputs->fetch_sub(1, std::memory_order_acq_rel) == 1) out.close();
         },
         group.site);
   };
-  (forward(inputs), ...);
+  try {
+    (forward(inputs), ...);
+  } catch (...) {
+    // The inputs whose go() was never tried.
+    detail::merge_input_done<T, Clock>::count_off(open_inputs, out, sizeof...(Inputs) - started);
+    throw;
+  }
 }
 
 // Fan-out over a channel: `workers` tasks of `group` each receive from `in`
