@@ -53,7 +53,10 @@
 // count of tasks reaches zero); set_limit and the destructor may not run
 // concurrently with anything else. A task must not wait() on its own group,
 // nor on the group of a task it runs inside: that wait throws
-// std::logic_error (a coroutine's async_wait is not checked).
+// std::logic_error where the thread can tell, that is from the group's own
+// task, or from a nested group's task that runs on the thread of the task
+// it is nested in (as the nested group's wait() runs it). Elsewhere (a
+// nested task on another worker, a coroutine's async_wait) it deadlocks.
 //
 // Cost: a group takes the shared state of a finished group when one is
 // spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
