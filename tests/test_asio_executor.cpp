@@ -37,8 +37,9 @@
 
 #include <doctest/doctest.h>
 
-#include "support.hpp"
 #include <boost/asio.hpp>
+#include "pool_support.hpp"
+#include "support.hpp"
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -107,21 +108,6 @@ asio::awaitable<void> count_after_timer(std::atomic<int>& done) {
   asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
   co_await timer.async_wait(asio::use_awaitable);
   done.fetch_add(1);
-}
-
-// Keeps the one worker of `pool` busy until `worker_gate` opens, with its
-// queue of one full.
-void fill_until_open(weft::worker_pool& pool, gate& worker_gate) {
-  // The task owns the promise: nothing on this stack is touched once the
-  // future is ready.
-  std::promise<void> busy;
-  auto started = busy.get_future();
-  pool.post([busy = std::move(busy), closed = worker_gate.closed]() mutable {
-    busy.set_value();
-    closed.wait();
-  });
-  started.wait();
-  pool.post([] {});
 }
 
 // A service in a pool's execution context that owns a thread, as Asio's
@@ -215,7 +201,7 @@ TEST_CASE("asio executor: a full queue takes Asio work past it at once, under ev
     CAPTURE(static_cast<int>(policy));
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
     gate worker_gate;
-    fill_until_open(pool, worker_gate);
+    weft_test::hold_only_worker(pool, worker_gate.closed, 1);
     std::promise<bool> first_ran_on_pool;
     std::promise<bool> second_ran_on_pool;
     // On this thread, with the one worker held: a post that waited for room,
@@ -249,12 +235,7 @@ TEST_CASE("asio executor: work past a full queue and the queue take turns" * doc
   constexpr int rounds = 8;
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   gate worker_gate;
-  std::promise<void> busy;
-  pool.post([&busy, closed = worker_gate.closed] {
-    busy.set_value();
-    closed.wait();
-  });
-  busy.get_future().wait();
+  weft_test::hold_only_worker(pool, worker_gate.closed);
   // Written by the one worker; read once the last round has run.
   std::string order;
   int rounds_left = rounds;
@@ -308,7 +289,7 @@ TEST_CASE("asio executor: work past a full queue is dropped by shutdown_now" *
           doctest::timeout(30)) {
   weft::worker_pool dropping{{.workers = 1, .queue_capacity = 1}};
   gate second_gate;
-  fill_until_open(dropping, second_gate);
+  weft_test::hold_only_worker(dropping, second_gate.closed, 1);
   std::atomic<bool> ran{false};
   asio::post(dropping.executor(), [&] { ran = true; });
   CHECK(dropping.shutdown_now() == 2);  // the queued task and the one past it
@@ -591,7 +572,7 @@ TEST_CASE("asio task_group: cancelling a group whose pool is full and held retur
       weft::co_spawn(group, wait_a_day(started, ended));
       started.wait();
       gate worker_gate;
-      fill_until_open(pool, worker_gate);
+      weft_test::hold_only_worker(pool, worker_gate.closed, 1);
       if (way == how::parent_cancel) {
         parent.cancel();
       } else {
@@ -709,7 +690,7 @@ TEST_CASE("asio task_group: async_wait ends in weft::rejected when the runner is
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1}};
   gate worker_gate;
-  fill_until_open(pool, worker_gate);
+  weft_test::hold_only_worker(pool, worker_gate.closed, 1);
   weft::task_group group{pool.executor()};
   std::atomic<bool> ran{false};
   group.go([&] { ran = true; });  // its runner waits in the pool's queue

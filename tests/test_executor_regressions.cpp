@@ -18,6 +18,9 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "pool_support.hpp"
+
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 
@@ -78,13 +81,7 @@ TEST_CASE("task_group: limit 2 on a two-worker pool, two tasks that meet, a thir
 TEST_CASE("async_wait(group) completes when the pool was full at go()" * doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   weft::cancel_source gate;
-  std::latch running{1};
-  pool.post([&running, closed = gate.token()] {
-    running.count_down();
-    closed.wait();
-  });
-  running.wait();
-  pool.post([] {});  // the queue is full now
+  weft_test::hold_only_worker(pool, gate.token(), 1);  // the queue is full now
   weft::task_group group{pool.executor()};
   std::atomic<bool> ran{false};
   std::thread spawner([&] { group.go([&] { ran = true; }); });  // waits for room
@@ -99,13 +96,7 @@ TEST_CASE("task_group: on a full overflow::reject pool, go() waits for room inst
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::reject}};
   weft::cancel_source gate;
-  std::latch running{1};
-  pool.post([&running, closed = gate.token()] {
-    running.count_down();
-    closed.wait();
-  });
-  running.wait();
-  pool.post([] {});  // the queue is full now
+  weft_test::hold_only_worker(pool, gate.token(), 1);  // the queue is full now
   weft::task_group group{pool.executor()};
   std::atomic<bool> ran{false};
   std::thread spawner([&] { group.go([&] { ran = true; }); });

@@ -39,6 +39,7 @@
 
 #include <doctest/doctest.h>
 
+#include "pool_support.hpp"
 #include "support.hpp"
 
 using namespace std::chrono_literals;
@@ -786,12 +787,7 @@ TEST_CASE("merge closes its output when its forwarders are skipped or refused" *
           doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 1}};
   weft::cancel_source worker_gate;
-  std::latch busy{1};
-  pool.post([&busy, closed = worker_gate.token()] {
-    busy.count_down();
-    closed.wait();
-  });
-  busy.wait();
+  weft_test::hold_only_worker(pool, worker_gate.token());
   weft::channel<int> a{1};
   weft::channel<int> b{1};
   weft::channel<int> all{1};

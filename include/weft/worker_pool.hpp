@@ -281,13 +281,8 @@ class worker_pool {
   // Tasks already running finish.
   std::size_t shutdown_now() noexcept {
     close(true);
-    std::size_t dropped = 0;
-    for (detail::task work;
-         ring_.try_pop(work, [](const slot_extras& cell, std::uint64_t) noexcept { drop_origin(cell); });) {
-      ++dropped;
-    }
+    std::size_t dropped = drop_queued();
     for (std::size_t i = 0; i < options_.workers; ++i) dropped += drop_held(workers_[i]);
-    dropped += drop_over_capacity();
     counters_.dropped.fetch_add(dropped, std::memory_order_relaxed);
     return dropped;
   }
@@ -304,7 +299,11 @@ class worker_pool {
     for (worker* w : started_) {
       if (w->thread.joinable()) w->thread.join();
     }
-    finish_leftovers(discarding_.load(std::memory_order_relaxed));
+    if (discarding_.load(std::memory_order_relaxed)) {
+      counters_.dropped.fetch_add(drop_queued(), std::memory_order_relaxed);
+    } else {
+      run_leftovers();
+    }
     // Asio operations still pending can complete on no worker now: the
     // pool's execution context abandons them (see asio/executor.hpp), after
     // shutdown_now() too.
@@ -318,7 +317,7 @@ class worker_pool {
     // What Asio's reactor handed over while the context stopped it is
     // dropped, as io_context drops what is queued when it is destroyed:
     // left queued, it would outlive the services it refers to.
-    finish_leftovers(true);
+    counters_.dropped.fetch_add(drop_queued(), std::memory_order_relaxed);
   }
 
   bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }
@@ -615,27 +614,15 @@ class worker_pool {
   }
 
   // After the workers have exited: runs, on this thread, what a post racing
-  // shutdown() queued after they left, or (discard) drops it.
-  void finish_leftovers(bool discard) {
+  // shutdown() queued after they left.
+  void run_leftovers() {
     detail::running_scope running;
     std::int64_t queued_ns = 0;
     const auto on_pop = [&](const slot_extras& cell, std::uint64_t position) noexcept {
-      if (discard) {
-        drop_origin(cell);
-      } else {
-        queued_ns = begin_running(cell, position, running);
-      }
+      queued_ns = begin_running(cell, position, running);
     };
     for (detail::task work; ring_.try_pop(work, on_pop); running.stop()) {
-      if (discard) {
-        counters_.dropped.fetch_add(1, std::memory_order_relaxed);
-      } else {
-        run_task(work, queued_ns, caller_counters_);
-      }
-    }
-    if (discard) {
-      counters_.dropped.fetch_add(drop_over_capacity(), std::memory_order_relaxed);
-      return;
+      run_task(work, queued_ns, caller_counters_);
     }
     // Registered first: take_over_capacity starts the record under its
     // lock, inside which the registry's mutex must never be taken (a
@@ -698,6 +685,17 @@ class worker_pool {
     over_capacity_.pop_front();
     over_capacity_count_.store(over_capacity_.size(), std::memory_order_relaxed);
     return true;
+  }
+
+  // Destroys the queued tasks, unrun, except those a worker holds (see
+  // drop_held); returns how many.
+  std::size_t drop_queued() noexcept {
+    std::size_t dropped = 0;
+    for (detail::task work; ring_.try_pop(
+             work, [](const slot_extras&cell, std::uint64_t) noexcept { drop_origin(cell); });) {
+      ++dropped;
+    }
+    return dropped + drop_over_capacity();
   }
 
   // Destroys the tasks queued past a full queue, unrun, outside the lock
