@@ -695,6 +695,35 @@ TEST_CASE(
 // ---------------------------------------------------------------------------
 // for_each
 
+// A call on a helper, on another worker than the group's task that fanned
+// out, that waited on that group deadlocked: the helper's thread knew
+// nothing of the group.
+TEST_CASE(
+    "for_each: a call that waits on the group of the task that fanned out throws logic_error" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  weft::task_group outer{pool.executor()};
+  std::atomic<int> threw{0};
+  std::latch started{1};
+  outer.go([&] {
+    started.count_down();
+    std::latch both{2};  // the two calls run at once, one of them on the helper
+    const std::array<int, 2> two{0, 1};
+    const auto wait_on_outer = [&](int) {
+      both.arrive_and_wait();
+      try {
+        outer.wait();
+      } catch (const std::logic_error&) {
+        threw.fetch_add(1);
+      }
+    };
+    weft::for_each(two, wait_on_outer, {.limit = 2, .executor = pool.executor()});
+  });
+  started.wait();  // on a worker, not run by the wait below
+  outer.wait();
+  CHECK(threw.load() == 2);
+}
+
 TEST_CASE("for_each: visits each element exactly once, by reference" * doctest::timeout(30)) {
   for (const std::size_t workers : {1u, 2u, 3u, 8u}) {
     for (const std::size_t limit : {0u, 1u, 2u, 5u}) {

@@ -920,9 +920,7 @@ TEST_CASE("task_group: a sleeping wait() wakes to run a task that a running task
 TEST_CASE("task_group: wait() from a nested group's task on the same thread throws logic_error" *
           doctest::timeout(30)) {
   // One worker, running the outer task: the inner task can only be run by
-  // the inner wait(), on that worker, where the thread knows both groups.
-  // (Run by another worker, the wait on the outer group cannot be told
-  // from a wait on any other group there, and it deadlocks.)
+  // the inner wait(), on that worker.
   weft::worker_pool pool{{.workers = 1}};
   weft::task_group outer{pool.executor()};
   std::atomic<bool> threw{false};
@@ -942,6 +940,47 @@ TEST_CASE("task_group: wait() from a nested group's task on the same thread thro
   started.wait();  // on the worker, not run by the wait below
   outer.wait();
   CHECK(threw.load());
+}
+
+// On another worker than the task it is nested in, a nested group's task
+// that waited on the outer group deadlocked: that thread knew only the
+// nested group.
+TEST_CASE("task_group: wait() from a nested group's task on another worker throws logic_error" *
+          doctest::timeout(30)) {
+  // Depth 1: the outer task on one worker, its group's task on the other.
+  // Depth 2: a group made in that task, whose task runs on a third worker.
+  for (const int depth : {1, 2}) {
+    CAPTURE(depth);
+    weft::worker_pool pool{{.workers = static_cast<std::size_t>(depth) + 1}};
+    weft::task_group outer{pool.executor()};
+    std::atomic<bool> threw{false};
+    std::function<void(int)> nest = [&](int level) {
+      if (level == depth) {
+        try {
+          outer.wait();
+        } catch (const std::logic_error&) {
+          threw = true;
+        }
+        return;
+      }
+      weft::task_group inner{pool.executor()};
+      std::latch started{1};
+      inner.go([&] {
+        started.count_down();
+        nest(level + 1);
+      });
+      started.wait();  // so a free worker runs it, not the wait below
+      inner.wait();
+    };
+    std::latch started{1};
+    outer.go([&] {
+      started.count_down();
+      nest(0);
+    });
+    started.wait();  // on a worker, not run by the wait below
+    outer.wait();
+    CHECK(threw.load());
+  }
 }
 
 // Two tasks fail at once: the token's cause is the exception wait()

@@ -181,6 +181,7 @@ template <class Body>
 struct fan_call {
   const Body& body;
   const spawn_site& site;
+  group_ancestry callers;  // see task_group.hpp
 };
 
 // One task's share: claims and runs indices until none is left or the
@@ -193,6 +194,7 @@ void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) 
   std::size_t calls = 0;
   {
     const running_scope running{origin};
+    const running_group_scope running_here{group_ancestry::no_group_id, call.callers};
     try {
       // A copy on this task's stack: read through the caller's frame for
       // every call, the captures share lines with what the caller writes
@@ -258,7 +260,8 @@ void run_indexed(std::size_t count, const fan_options& options, const spawn_site
   const auto tasks = std::min(count, limit);
   const auto lanes = std::min(tasks, executor.context().size() + 1);
   fan_core& core = *fan_core::make(count, lanes, tasks, options.token);
-  const fan_call<Body> call{body, site};
+  fan_call<Body> call{body, site, {}};
+  call.callers.record_this_thread();
   // A helper that the pool has no room for is not needed: its workers are
   // busy, and this thread runs what no helper takes.
   try {

@@ -52,16 +52,18 @@
 // concurrently with go() from inside the group's tasks (it returns once the
 // count of tasks reaches zero); set_limit and the destructor may not run
 // concurrently with anything else. A task must not wait() on its own group,
-// nor on the group of a task it runs inside: that wait throws
-// std::logic_error where the thread can tell, that is from the group's own
-// task, or from a nested group's task that runs on the thread of the task
-// it is nested in (as the nested group's wait() runs it). Elsewhere (a
-// nested task on another worker, a coroutine's async_wait) it deadlocks.
+// nor on the group of a task it runs inside: that wait would wait for
+// itself, and throws std::logic_error instead, from the group's own tasks
+// and from the tasks of groups and fan-outs started inside them (each
+// group records up to eight groups it was started inside), on whichever
+// thread they run. A coroutine's async_wait on its own group is not
+// caught, and waits for good.
 //
 // Cost: a group takes the shared state of a finished group when one is
 // spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
 // else allocates one; a group with a parent token also allocates its child
-// token's state. go() adds to the group's count and pushes the task into
+// token's state; a group made inside a task copies the ids of the groups
+// it is nested in. go() adds to the group's count and pushes the task into
 // the ring (captures up to five pointers kept inline, no allocation); it posts a
 // runner to the pool only while fewer runners than workers are out, and each
 // runner takes tasks until none is left, publishing completions in batches.
@@ -109,14 +111,89 @@ template <class T>
 class result_group;
 
 namespace detail {
-// The groups whose tasks this thread is running, innermost first: a task
-// that waits on its own group, or on the group of a task it runs inside,
-// would wait for itself.
+// The groups whose tasks were running on a thread when it made a group or
+// started a fan-out, and the groups they were made inside, in turn. The
+// group's or fan-out's tasks may run on other threads, and a wait() there
+// on one of these groups would wait for itself (through the join of the
+// group or fan-out in between). Kept by value, as ids that no other group
+// ever gets: a group may outlive the task that made it, and a finished
+// group's state is reused.
+struct group_ancestry {
+  static constexpr std::size_t capacity = 8;  // deeper nesting goes unchecked
+  std::uint64_t ids[capacity];
+  std::size_t count = 0;
+
+  // This thread's; defined below.
+  void record_this_thread() noexcept;
+
+  bool contains(std::uint64_t id) const noexcept {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (ids[i] == id) return true;
+    }
+    return false;
+  }
+  void add(std::uint64_t id) noexcept {
+    if (id != no_group_id && count < capacity && !contains(id)) ids[count++] = id;
+  }
+
+  // What a fan-out's task runs as: it has no group of its own.
+  static constexpr std::uint64_t no_group_id = 0;
+};
+
+// The groups whose tasks this thread is running, innermost first.
 struct running_group {
-  const void* group;
+  std::uint64_t group_id;
+  const group_ancestry* ancestry;
   const running_group* outer;
 };
 inline thread_local const running_group* running_groups = nullptr;
+
+inline void group_ancestry::record_this_thread() noexcept {
+  count = 0;
+  for (const running_group* g = running_groups; g != nullptr; g = g->outer) {
+    add(g->group_id);
+    for (std::size_t i = 0; i < g->ancestry->count; ++i) add(g->ancestry->ids[i]);
+  }
+}
+
+// Runs a task with `ancestry` as its group's, so that it and the groups it
+// makes know where they are nested.
+class running_group_scope {
+ public:
+  running_group_scope(std::uint64_t group_id, const group_ancestry& ancestry) noexcept
+      : here_{group_id, &ancestry, running_groups} {
+    running_groups = &here_;
+  }
+  running_group_scope(const running_group_scope&) = delete;
+  running_group_scope& operator=(const running_group_scope&) = delete;
+  ~running_group_scope() { running_groups = here_.outer; }
+
+ private:
+  const running_group here_;
+};
+
+// Ids are taken in blocks, so that threads making groups at once do not
+// share a line for them. The first is 1 (no_group_id is 0).
+inline std::uint64_t next_group_id() noexcept {
+  constexpr std::uint64_t block = 1024;
+  static constinit std::atomic<std::uint64_t> taken{0};
+  constinit thread_local std::uint64_t next = 0;
+  constinit thread_local std::uint64_t end = 0;
+  if (next == end) {
+    next = taken.fetch_add(block, std::memory_order_relaxed) + 1;
+    end = next + block;
+  }
+  return next++;
+}
+
+// Whether a task running on this thread belongs to group `id`, or to a
+// group or fan-out started inside one of its tasks.
+inline bool running_inside(std::uint64_t id) noexcept {
+  for (const running_group* g = running_groups; g != nullptr; g = g->outer) {
+    if (g->group_id == id || g->ancestry->contains(id)) return true;
+  }
+  return false;
+}
 
 // What weft/asio.hpp needs of a group: to count work that is not a posted
 // task (a coroutine), and to wait for it without blocking.
@@ -259,6 +336,8 @@ class task_group {
         destroy(c);
         throw;
       }
+      c->id = detail::next_group_id();
+      c->ancestry.record_this_thread();
       return c;
     }
 
@@ -374,14 +453,12 @@ class task_group {
       if (cancellation.token().cancelled()) {
         skipped.store(true, std::memory_order_relaxed);
       } else {
-        const detail::running_group here{this, detail::running_groups};
-        detail::running_groups = &here;
+        const detail::running_group_scope running_here{id, ancestry};
         try {
           work();
         } catch (...) {
           record_failure(std::current_exception());
         }
-        detail::running_groups = here.outer;
       }
       work.reset();
       if (limit) limit->release();
@@ -504,6 +581,8 @@ class task_group {
     }
 
     std::atomic<std::uint32_t> refs{1};
+    std::uint64_t id = 0;  // this group's, never reused
+    detail::group_ancestry ancestry;
     pool_executor executor;
     detail::reusable_source cancellation;  // renewed for each group
     // On a line of its own: go() adds to it for every task, and a runner
@@ -612,12 +691,11 @@ class task_group {
   }
 
   void check_not_own_task() const {
-    for (const detail::running_group* g = detail::running_groups; g != nullptr; g = g->outer) {
-      if (g->group == core_) [[unlikely]] {
-        throw std::logic_error(
-            "weft::task_group::wait: called from one of the group's own tasks, which would wait "
-            "for itself; wait where the group was made, and let tasks use token() to stop early");
-      }
+    if (detail::running_inside(core_->id)) [[unlikely]] {
+      throw std::logic_error(
+          "weft::task_group::wait: called from one of the group's own tasks, or from a task of a "
+          "group made inside one, which would wait for itself; wait where the group was made, and "
+          "let tasks use token() to stop early");
     }
   }
 
