@@ -682,6 +682,49 @@ TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with 
   CHECK_THROWS_AS(group.wait(), weft::rejected);
 }
 
+// Runs without suspending until `opened` is cancelled, then returns or
+// throws.
+asio::awaitable<void> finish_when_opened(std::latch& started, weft::cancel_token opened,
+                                         bool throws) {
+  frame_marker marker;
+  started.count_down();
+  opened.wait();
+  if (throws) throw std::runtime_error("its own error");
+  co_return;
+}
+
+// A coroutine that finishes as its pool shuts down reports its own
+// outcome. Its end was left to the completion handler, which Asio's entry
+// point reaches through a post to the strand; the shut-down pool dropped
+// that step, and wait() waited for join() to report weft::rejected.
+TEST_CASE(
+    "asio task_group: a coroutine that finishes as its pool shuts down reports its own outcome" *
+    doctest::timeout(30)) {
+  for (const bool now : {false, true}) {
+    for (const bool throws : {false, true}) {
+      CAPTURE(now);
+      CAPTURE(throws);
+      weft::worker_pool pool{{.workers = 1}};
+      weft::task_group group{pool.executor()};
+      std::latch started{1};
+      gate body_gate;
+      weft::co_spawn(group, finish_when_opened(started, body_gate.closed, throws));
+      started.wait();
+      if (now) {
+        pool.shutdown_now();
+      } else {
+        pool.shutdown();
+      }
+      body_gate.open();
+      if (throws) {
+        CHECK_THROWS_WITH_AS(group.wait(), "its own error", std::runtime_error);
+      } else {
+        CHECK_NOTHROW(group.wait());
+      }
+    }
+  }
+}
+
 // shutdown_now() drops the group's only runner while its task waits in the
 // group's queue: no runner will come, and async_wait(), which cannot run
 // the task itself, waited for good. The task is abandoned and the group

@@ -27,9 +27,14 @@
 // experimental::make_parallel_group, for a set known up front.
 //
 // Errors: co_spawn onto a pool that is shut down throws weft::rejected, as
-// go() does. A coroutine that its executor destroys unfinished (its pool
-// was joined while it waited, or its io_context destroyed) ends its task
-// with weft::rejected, so wait() reports it instead of waiting for good.
+// go() does (only for the pool's own executor: a strand or an
+// any_io_executor wrapping it is not checked). A coroutine that its
+// executor destroys unfinished (its pool was joined while it waited, or
+// its io_context destroyed) ends its task with weft::rejected, so wait()
+// reports it instead of waiting for good; so does one whose co_spawn raced
+// the pool's shutdown, its first step dropped, once the pool is joined. A
+// coroutine whose body has returned or thrown reports that, whatever
+// happens to its pool afterwards.
 //
 // Thread safety: co_spawn may be called from any thread, as go() may, and
 // from inside the group's own tasks and coroutines.
@@ -57,9 +62,9 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <atomic>
 #include <exception>
 #include <memory>
-#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -148,30 +153,16 @@ struct coroutine_cancellation {
   }
 };
 
+// Weak: the registration lives in the state it targets (coroutine_task).
 template <class Strand>
 struct post_cancellation {
-  std::shared_ptr<coroutine_cancellation> target;
+  std::weak_ptr<coroutine_cancellation> target;
   Strand strand;
   void operator()() noexcept {
-    boost::asio::post(strand, [target = target] { target->emit(); });
+    if (auto alive = target.lock())
+      boost::asio::post(strand, [alive = std::move(alive)] { alive->emit(); });
   }
 };
-
-template <class AwaitableExecutor>
-boost::asio::awaitable<void, AwaitableExecutor> run_group_coroutine(
-    boost::asio::awaitable<void, AwaitableExecutor> body, std::shared_ptr<coroutine_cancellation> cancellation,
-    cancel_token token) {
-  cancellation->started = true;
-  if (token.cancelled()) cancellation->emit();  // it came before the start: the first co_await throws
-  std::exception_ptr error;
-  try {
-    co_await std::move(body);
-  } catch (...) {
-    error = std::current_exception();
-  }
-  co_await boost::asio::this_coro::throw_if_cancelled(false);
-  if (error) std::rethrow_exception(error);
-}
 
 // What a group learns of a coroutine whose executor destroyed it unfinished.
 inline std::exception_ptr coroutine_dropped() noexcept {
@@ -184,53 +175,103 @@ inline std::exception_ptr coroutine_dropped() noexcept {
   }
 }
 
-// The coroutine's completion handler: ends the coroutine's task in the
-// group, with what it threw. Destroyed uncalled (the executor dropped the
-// coroutine's next step), it ends the task with coroutine_dropped(), so the
-// group's wait() does not wait for a coroutine that will never finish.
+// A coroutine's task in its group, shared by the coroutine and its
+// completion handler: whichever comes first ends it, once.
 template <class Strand>
-struct group_coroutine_completion {
-  using cancellation_slot_type = boost::asio::cancellation_slot;
+struct coroutine_task final : coroutine_cancellation {
+  task_group* group = nullptr;  // null once the task has ended
+  std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
+  // A handler destroyed uncalled while co_spawn runs leaves the ending to
+  // co_spawn's caller: if co_spawn then throws, the caller gets that
+  // exception, and the group should not report the coroutine as well.
+  enum class spawn : int { running, returned, handler_dropped };
+  std::atomic<spawn> spawned{spawn::running};
 
-  group_coroutine_completion(task_group& target, std::shared_ptr<coroutine_cancellation> state,
-                             std::unique_ptr<cancel_callback<post_cancellation<Strand>>> token_link) noexcept
-      : group(&target), cancellation(std::move(state)), link(std::move(token_link)) {}
-  group_coroutine_completion(group_coroutine_completion&& other) noexcept
-      : group(std::exchange(other.group, nullptr)),
-        cancellation(std::move(other.cancellation)),
-        link(std::move(other.link)) {}
-  group_coroutine_completion& operator=(group_coroutine_completion&&) = delete;
-
-  ~group_coroutine_completion() {
-    if (group != nullptr) end(coroutine_dropped());
+  // For co_spawn's caller, once it has returned.
+  void spawn_returned() noexcept {
+    auto expected = spawn::running;
+    if (!spawned.compare_exchange_strong(expected, spawn::returned, std::memory_order_acq_rel)) {
+      end(coroutine_dropped());
+    }
   }
 
-  cancellation_slot_type get_cancellation_slot() const noexcept { return cancellation->signal.slot(); }
-
-  void operator()(std::exception_ptr error) {
-    cancellation->finished = true;
-    end(std::move(error));
-  }
-
-  // Ends the task without reporting anything: for a spawn that failed
-  // before the coroutine could start, whose caller gets the exception.
-  void disarm() noexcept {
-    cancellation->unregister();
-    link.reset();
-    group = nullptr;
+  // For the handler destroyed uncalled.
+  void handler_dropped() noexcept {
+    auto expected = spawn::running;
+    if (spawned.compare_exchange_strong(expected, spawn::handler_dropped,
+                                        std::memory_order_acq_rel))
+      return;
+    end(coroutine_dropped());
   }
 
   void end(std::exception_ptr error) noexcept {
+    if (group == nullptr) return;
     // The record must not outlive the state it lives in, and the link
     // unregisters from the token before the group may go.
-    cancellation->unregister();
+    unregister();
     link.reset();
     task_group_access::end(*std::exchange(group, nullptr), std::move(error));
   }
 
-  task_group* group;  // null once the task has ended, or moved from
-  std::shared_ptr<coroutine_cancellation> cancellation;
-  std::unique_ptr<cancel_callback<post_cancellation<Strand>>> link;
+  // Ends the task without reporting anything.
+  void disarm() noexcept {
+    unregister();
+    link.reset();
+    group = nullptr;
+  }
+};
+
+// Ends the coroutine's task as soon as its body is done, here on the
+// strand. Left to the completion handler, the outcome was lost when the
+// pool shut down meanwhile: Asio's entry point posts to the strand before
+// it calls the handler (for a body that never suspended), a shut-down pool
+// drops that step, and the group learnt only at join() that the coroutine
+// was destroyed, as weft::rejected.
+template <class AwaitableExecutor, class Strand>
+boost::asio::awaitable<void, AwaitableExecutor> run_group_coroutine(
+    boost::asio::awaitable<void, AwaitableExecutor> body,
+    std::shared_ptr<coroutine_task<Strand>> task, cancel_token token) {
+  task->started = true;
+  if (token.cancelled()) task->emit();  // it came before the start: the first co_await throws
+  std::exception_ptr error;
+  try {
+    co_await std::move(body);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  task->finished = true;
+  co_await boost::asio::this_coro::throw_if_cancelled(false);
+  task->end(std::move(error));
+}
+
+// The coroutine's completion handler. The coroutine ends its own task
+// (see run_group_coroutine); the handler ends it only when the coroutine
+// could not: called with what escaped the coroutine's entry point, or
+// destroyed uncalled (the executor dropped the coroutine's next step), when
+// it ends the task with coroutine_dropped(), so that the group's wait()
+// does not wait for a coroutine that will never finish.
+template <class Strand>
+struct group_coroutine_completion {
+  using cancellation_slot_type = boost::asio::cancellation_slot;
+
+  explicit group_coroutine_completion(std::shared_ptr<coroutine_task<Strand>> state) noexcept
+      : task(std::move(state)) {}
+  group_coroutine_completion(group_coroutine_completion&&) noexcept = default;
+  group_coroutine_completion& operator=(group_coroutine_completion&&) = delete;
+
+  ~group_coroutine_completion() {
+    if (task != nullptr && !called) task->handler_dropped();
+  }
+
+  cancellation_slot_type get_cancellation_slot() const noexcept { return task->signal.slot(); }
+
+  void operator()(std::exception_ptr error) {
+    called = true;
+    task->end(std::move(error));
+  }
+
+  std::shared_ptr<coroutine_task<Strand>> task;  // null once moved from
+  bool called = false;
 };
 
 inline void check_open(const pool_executor& executor) {
@@ -251,27 +292,23 @@ void co_spawn(task_group& group, const Executor& executor, boost::asio::awaitabl
   // coroutine_cancellation): a pool runs a coroutine's steps on any worker.
   using strand_type = decltype(boost::asio::make_strand(executor));
   if (!detail::task_group_access::begin(group)) return;
-  std::optional<detail::group_coroutine_completion<strand_type>> completion;
+  std::shared_ptr<detail::coroutine_task<strand_type>> task;
   try {
     auto strand = boost::asio::make_strand(executor);
-    auto cancellation = std::make_shared<detail::coroutine_cancellation>();
-    auto link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
-        group.token(), detail::post_cancellation<strand_type>{cancellation, strand});
-    completion.emplace(group, cancellation, std::move(link));
-    cancellation->register_with_registry(detail::make_origin(site, "coroutine"));
-    boost::asio::co_spawn(
-        strand, detail::run_group_coroutine(std::move(coroutine), cancellation, group.token()),
-        std::move(*completion));
+    task = std::make_shared<detail::coroutine_task<strand_type>>();
+    task->group = &group;
+    task->link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
+        group.token(), detail::post_cancellation<strand_type>{task, strand});
+    task->register_with_registry(detail::make_origin(site, "coroutine"));
+    boost::asio::co_spawn(strand,
+                          detail::run_group_coroutine(std::move(coroutine), task, group.token()),
+                          detail::group_coroutine_completion<strand_type>{task});
+    task->spawn_returned();
   } catch (...) {
-    // Unless co_spawn took the completion (whose destruction then ended
-    // the task), the task ends here, with nothing to report: the caller
-    // gets the exception.
-    if (!completion) {
-      detail::task_group_access::end(group, nullptr);
-    } else if (completion->group != nullptr) {
-      completion->disarm();
-      detail::task_group_access::end(group, nullptr);
-    }
+    // The task ends here, with nothing to report: the caller gets the
+    // exception. (A handler destroyed meanwhile left it to this.)
+    if (task) task->disarm();
+    detail::task_group_access::end(group, nullptr);
     throw;
   }
 }
