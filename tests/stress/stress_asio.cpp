@@ -41,6 +41,10 @@
 //    granted by plain-thread releases: asio::post never throws (work handed
 //    over after shutdown is dropped, weft/asio/executor.hpp), every function
 //    runs once or is destroyed, no permit is lost, every frame destroyed.
+//  - A group's coroutine racing its pool's shutdown() or shutdown_now():
+//    a body that finished reports its own outcome, without waiting for
+//    join(); one that never started reports weft::rejected, or co_spawn
+//    threw it.
 //  - Asio posts that find the pool's queue full (they go past it) mixed
 //    with plain posts that wait for room, from several threads, on pools
 //    of 1-3 workers and queues of 1-4, with pauses that let the workers
@@ -1525,4 +1529,89 @@ TEST_CASE("asio executor: work posted past a full queue always runs, while worke
     held_rounds = 0;
   }
   CHECK(rounds > 0);
+}
+
+namespace {
+struct coroutine_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Runs without suspending for `spins` yields, then returns or throws.
+asio::awaitable<void> finish_after_spins(std::atomic<bool>& started, std::atomic<bool>& finished,
+                                         std::uint64_t spins, bool throws) {
+  started = true;
+  for (; spins != 0; --spins) std::this_thread::yield();
+  finished = true;
+  if (throws) throw coroutine_error("the coroutine's own");
+  co_return;
+}
+}  // namespace
+
+// A group's coroutine races its pool's shutdown() or shutdown_now(): a body
+// that finished reports its own outcome (its end used to go through a step
+// that the shut-down pool dropped, and the group reported weft::rejected);
+// a coroutine that never started reports weft::rejected (once the pool is
+// joined), or co_spawn threw it.
+TEST_CASE(
+    "asio task_group: a coroutine racing its pool's shutdown reports its own outcome once it ran" *
+    doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  std::mt19937_64 rng{seed ^ 0x5e11};
+
+  std::uint64_t rounds = 0;
+  std::uint64_t own_outcomes = 0;
+  const auto until = std::chrono::steady_clock::now() + run_budget();
+  for (; rounds < iteration_cap(2'000) && (rounds == 0 || std::chrono::steady_clock::now() < until);
+       ++rounds) {
+    const bool now = rng() % 2 == 0;
+    const bool throws = rng() % 2 == 0;
+    weft::worker_pool pool{{.workers = 1 + rng() % 2}};
+    weft::task_group group{pool.executor()};
+    std::atomic<bool> started{false};
+    std::atomic<bool> finished{false};
+    std::atomic<bool> go{false};
+    std::thread closer([&, pause = rng() % 64] {
+      while (!go.load()) std::this_thread::yield();
+      for (auto n = pause; n != 0; --n) std::this_thread::yield();
+      if (now) {
+        pool.shutdown_now();
+      } else {
+        pool.shutdown();
+      }
+    });
+    bool spawn_threw = false;
+    go = true;
+    for (auto n = rng() % 64; n != 0; --n) std::this_thread::yield();
+    try {
+      weft::co_spawn(group, finish_after_spins(started, finished, rng() % 64, throws));
+    } catch (const weft::rejected&) {
+      spawn_threw = true;
+    }
+    closer.join();
+    const auto check_own_outcome = [&] {
+      if (throws) {
+        CHECK_THROWS_AS(group.wait(), coroutine_error);
+      } else {
+        CHECK_NOTHROW(group.wait());
+      }
+    };
+    // Before join(): a finished body does not wait for the pool.
+    if (finished.load()) {
+      check_own_outcome();
+      ++own_outcomes;
+    }
+    pool.join();
+    if (spawn_threw) {
+      CHECK_FALSE(started.load());
+      CHECK_NOTHROW(group.wait());
+    } else if (!started.load()) {
+      CHECK_THROWS_AS(group.wait(), weft::rejected);
+    } else {
+      REQUIRE(finished.load());  // it never suspends, and join() waited for the workers
+      check_own_outcome();
+    }
+  }
+  CHECK(rounds > 0);
+  MESSAGE("rounds " << rounds << ", own outcomes " << own_outcomes);
 }
