@@ -2,11 +2,16 @@
 // Helpers shared by weft's tests.
 #pragma once
 
+#include <unistd.h>
+
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <future>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -94,6 +99,49 @@ class future_sink {
  private:
   std::mutex mutex_;
   std::vector<std::future<void>> futures_;
+};
+
+// Sends what this process writes to stderr (file descriptor 2) to a
+// temporary file until text() is called, or the capture is destroyed.
+class stderr_capture {
+ public:
+  stderr_capture() : file_(std::tmpfile()) {
+    if (file_ == nullptr) throw std::runtime_error("stderr_capture: no temporary file");
+    std::fflush(stderr);
+    saved_ = ::dup(2);
+    if (saved_ < 0 || ::dup2(::fileno(file_), 2) < 0) {
+      if (saved_ >= 0) ::close(saved_);
+      std::fclose(file_);
+      throw std::runtime_error("stderr_capture: cannot redirect stderr");
+    }
+  }
+  stderr_capture(const stderr_capture&) = delete;
+  stderr_capture& operator=(const stderr_capture&) = delete;
+  ~stderr_capture() {
+    restore();
+    std::fclose(file_);
+  }
+
+  // Ends the capture; returns what was written.
+  std::string text() {
+    restore();
+    std::string out;
+    std::rewind(file_);
+    for (int c; (c = std::fgetc(file_)) != EOF;) out.push_back(static_cast<char>(c));
+    return out;
+  }
+
+ private:
+  void restore() {
+    if (saved_ < 0) return;
+    std::fflush(stderr);
+    ::dup2(saved_, 2);
+    ::close(saved_);
+    saved_ = -1;
+  }
+
+  std::FILE* file_;
+  int saved_ = -1;
 };
 
 }  // namespace weft_test

@@ -932,18 +932,40 @@ TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted
   CHECK(pool.stats().failed == 3);
 }
 
-TEST_CASE("worker_pool: an error handler that throws does not kill the worker" * doctest::timeout(60)) {
+// The handler's exception used to replace the task's, which was lost.
+TEST_CASE(
+    "worker_pool: an error handler that throws does not kill the worker, and both errors are "
+    "written" *
+    doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 1, .name = "throwing-handler"}};
   std::atomic<int> calls{0};
   pool.set_error_handler([&](std::exception_ptr) {
     calls++;
     throw std::runtime_error("expected in this test: the handler throws");
   });
+  weft_test::stderr_capture captured;
   pool.post([] { throw std::runtime_error("expected in this test: task"); });
   CHECK(run_on(pool, [] { return 4; }) == 4);
   wait_for_completed(pool, 2);
+  const std::string written = captured.text();
   CHECK(calls.load() == 1);
   CHECK(pool.stats().failed == 1);
+  CHECK(written.find("a posted task threw") != std::string::npos);
+  CHECK(written.find("expected in this test: task") != std::string::npos);
+  CHECK(written.find("the error handler threw") != std::string::npos);
+  CHECK(written.find("expected in this test: the handler throws") != std::string::npos);
+}
+
+// The handler was copied for every error, so what it kept was lost.
+TEST_CASE("worker_pool: the error handler is one object, called for every error" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1, .name = "stateful-handler"}};
+  std::vector<int> seen;  // written by the one worker
+  pool.set_error_handler(
+      [&seen, count = 0](std::exception_ptr) mutable { seen.push_back(++count); });
+  for (int i = 0; i < 3; ++i) pool.post([] { throw std::runtime_error("expected in this test"); });
+  CHECK(run_on(pool, [] { return 5; }) == 5);
+  CHECK(seen == std::vector<int>{1, 2, 3});
 }
 
 // ---------------------------------------------------------------------------

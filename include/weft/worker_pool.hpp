@@ -36,18 +36,21 @@
 // Errors: a task that throws never kills its worker. For submit() the
 // exception reaches the future; for post() it goes to the error handler
 // (set_error_handler; by default it writes one line to stderr), and both
-// count in stats().failed. Posting after shutdown throws weft::rejected.
-// Zero workers or a zero queue capacity throw std::invalid_argument.
+// count in stats().failed; a handler that throws has both exceptions
+// written to stderr. A task's destructor must not throw (a static_assert
+// says so). Posting after shutdown throws weft::rejected. Zero workers or a
+// zero queue capacity throw std::invalid_argument.
 //
 // Shutdown: shutdown() stops intake; the workers run what is queued, then
 // exit. shutdown_now() stops intake and destroys what is queued without
 // running it, returning how many tasks that was. join() waits for the
 // workers to exit. The destructor is shutdown() + join(). Producers blocked
 // on a full queue wake with weft::rejected. A post that races shutdown()
-// either throws weft::rejected or its task runs (if the workers have already
-// exited, on the thread that calls join(); after shutdown_now(), join()
-// drops it). What Asio hands over while join() stops the pool's Asio
-// services is dropped (see asio/executor.hpp).
+// either throws weft::rejected or its task is queued before shutdown()
+// returns, and runs before join() returns (on the thread that calls join(),
+// if the workers have already exited; after shutdown_now(), join() drops
+// it). What Asio hands over while join() stops the pool's Asio services is
+// dropped (see asio/executor.hpp).
 //
 // Thread safety: every member may be called concurrently, except that the
 // destructor and join() must not run on one of the pool's own workers (the
@@ -92,6 +95,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -323,11 +327,21 @@ class worker_pool {
   bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }
 
   // Replaces the handler that receives exceptions thrown by posted tasks.
-  // It runs on the worker that ran the task; an empty handler restores the
-  // default (one line to stderr).
+  // It runs on the worker that ran the task, so on several at once; a
+  // worker that took the old handler may still be calling it as this
+  // returns. An empty handler restores the default (one line to stderr).
+  // An exception the handler throws is written to stderr after the task's.
   void set_error_handler(std::function<void(std::exception_ptr)> handler) {
-    std::lock_guard guard(handler_mutex_);
-    error_handler_ = std::move(handler);
+    std::shared_ptr<const std::function<void(std::exception_ptr)>> replacement;
+    if (handler)
+      replacement =
+          std::make_shared<const std::function<void(std::exception_ptr)>>(std::move(handler));
+    {
+      std::lock_guard guard(handler_mutex_);
+      error_handler_.swap(replacement);
+    }
+    // The old handler is destroyed here, outside the lock (its destructor
+    // is user code), or by a worker still calling it.
   }
 
   executor_type executor() noexcept { return executor_type{*this}; }
@@ -495,6 +509,7 @@ class worker_pool {
   template <class Origin>
   bool try_post_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return true;
+    if (ring_.closed()) throw_closed();
     note_full();
     counters_.rejected.fetch_add(1, std::memory_order_relaxed);
     return false;
@@ -503,6 +518,7 @@ class worker_pool {
   template <class Origin>
   wait_status post_task(detail::task& work, const cancel_token& token, const Origin& origin) {
     if (enqueue(work, origin)) return wait_status::ok;
+    if (ring_.closed()) throw_closed();
     note_full();
     if (running_in_this_thread()) {
       run_here(work, detail::make_origin(origin));
@@ -587,6 +603,7 @@ class worker_pool {
   void note_full() noexcept { note_queued(options_.queue_capacity); }
 
   WEFT_NOINLINE void post_to_full(detail::task& work, const detail::task_origin& origin) {
+    if (ring_.closed()) throw_closed();
     note_full();
     switch (options_.on_full) {
       case overflow::reject:
@@ -640,7 +657,6 @@ class worker_pool {
   template <class Origin>
   void execute_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return;
-    note_full();
     claimed_task task{std::move(work), detail::make_origin(origin), 0};
     const detail::task_origin queued_origin = task.origin;
     std::size_t past_capacity = 0;
@@ -648,12 +664,21 @@ class worker_pool {
       // Out of memory, the task is destroyed here and Asio sees the
       // exception; the registry never counted it.
       std::lock_guard guard(over_capacity_mutex_);
-      over_capacity_.push_back(std::move(task));
-      past_capacity = over_capacity_.size();
-      // Seq_cst, as a post's claim is: a worker going idle reads it after
-      // its own seq_cst write (see park and run_worker).
-      over_capacity_count_.store(past_capacity, std::memory_order_seq_cst);
+      // Shut down since execute() looked (see close): dropped as there,
+      // outside the lock (its destructor is user code).
+      if (!closed_.load(std::memory_order_relaxed)) {
+        over_capacity_.push_back(std::move(task));
+        past_capacity = over_capacity_.size();
+        // Seq_cst, as a post's claim is: a worker going idle reads it after
+        // its own seq_cst write (see park and run_worker).
+        over_capacity_count_.store(past_capacity, std::memory_order_seq_cst);
+      }
     }
+    if (past_capacity == 0) {
+      counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    note_full();
     over_capacity_pushed_.fetch_add(1, std::memory_order_relaxed);
     note_queued(options_.queue_capacity + past_capacity);
     detail::accepted(queued_origin);
@@ -728,6 +753,7 @@ class worker_pool {
       // shutdown before the worker made room is seen here, as below.
       if (closed_.load(std::memory_order_relaxed)) return wait_status::closed;
       if (enqueue(work, origin)) return wait_status::ok;
+      if (ring_.closed()) return wait_status::closed;
     }
     for (;;) {
       detail::thread_waiter waiter;
@@ -745,6 +771,10 @@ class worker_pool {
         if (enqueue(work, origin)) {
           queued = true;
           break;
+        }
+        if (ring_.closed()) {
+          room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+          return wait_status::closed;
         }
         if (ring_.full()) break;
         detail::cpu_relax();  // a slot is being freed right now
@@ -776,6 +806,14 @@ class worker_pool {
   void close(bool discard) noexcept {
     if (discard) discarding_.store(true, std::memory_order_relaxed);
     closed_.store(true, std::memory_order_seq_cst);
+    // A post that passed check_open() before this now either claimed its
+    // slot already, where the workers or join() find it, or is refused
+    // (enqueue() fails, and the poster sees the ring closed). Checked alone,
+    // closed_ let a post land after join() had run what was queued.
+    ring_.close();
+    // The same for work going past a full queue: pushed before this, or it
+    // sees closed_ under the lock.
+    { std::lock_guard guard(over_capacity_mutex_); }
     {
       detail::completion_list woken;
       auto lock = room_.lock();
@@ -1091,33 +1129,36 @@ class worker_pool {
     }
   }
 
-  void report(std::exception_ptr error) noexcept {
-    std::function<void(std::exception_ptr)> handler;
+  // The handler is shared, not copied per error: a copy lost the state
+  // a handler object keeps, and could throw (out of memory) here.
+  void report(const std::exception_ptr& error) noexcept {
+    std::shared_ptr<const std::function<void(std::exception_ptr)>> handler;
     {
       std::lock_guard guard(handler_mutex_);
       handler = error_handler_;
     }
-    try {
-      if (handler) {
-        handler(error);
-        return;
-      }
-    } catch (...) {
-      error = std::current_exception();
-      std::fprintf(stderr, "weft::worker_pool \"%s\": the error handler threw\n", options_.name.c_str());
+    if (!handler) {
+      print_error("a posted task", error);
+      return;
     }
-    print_error(error);
+    try {
+      (*handler)(error);
+    } catch (...) {
+      // Both are reported: the task's own error first.
+      print_error("a posted task", error);
+      print_error("the error handler", std::current_exception());
+    }
   }
 
-  void print_error(const std::exception_ptr& error) const noexcept {
+  void print_error(const char* thrower, const std::exception_ptr& error) const noexcept {
     try {
       std::rethrow_exception(error);
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "weft::worker_pool \"%s\": a posted task threw %s: %s\n", options_.name.c_str(),
-                   typeid(e).name(), e.what());
+      std::fprintf(stderr, "weft::worker_pool \"%s\": %s threw %s: %s\n", options_.name.c_str(),
+                   thrower, typeid(e).name(), e.what());
     } catch (...) {
-      std::fprintf(stderr, "weft::worker_pool \"%s\": a posted task threw a non-standard exception\n",
-                   options_.name.c_str());
+      std::fprintf(stderr, "weft::worker_pool \"%s\": %s threw a non-standard exception\n",
+                   options_.name.c_str(), thrower);
     }
   }
 
@@ -1159,13 +1200,30 @@ class worker_pool {
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
   std::vector<std::function<void()>> joined_hooks_;  // under extensions_mutex_
   mutable detail::spin_mutex handler_mutex_;
-  std::function<void(std::exception_ptr)> error_handler_;
+  std::shared_ptr<const std::function<void(std::exception_ptr)>>
+      error_handler_;  // under handler_mutex_
   const queued_tasks queued_tasks_{*this};
 };
 
 namespace detail {
 // What weft's own layers (weft/asio.hpp) need of a pool.
 struct worker_pool_access {
+  // At exit: shutdown() and join(), or, when exit() was called from one of
+  // the pool's tasks, shutdown() and a join of the other workers (join()
+  // would wait for this one, and throws instead).
+  static void finish_at_exit(worker_pool& pool) {
+    pool.shutdown();
+    if (!pool.running_in_this_thread()) {
+      pool.join();
+      return;
+    }
+    std::lock_guard guard(pool.join_mutex_);
+    for (worker_pool::worker* w : pool.started_) {
+      if (w->thread.joinable() && w->thread.get_id() != std::this_thread::get_id())
+        w->thread.join();
+    }
+  }
+
   // Asio's execute: like post, except that it never throws into, nor
   // blocks, the thread that completed an operation (a timer's, a semaphore
   // release()'s): a full queue sends the work past its capacity whatever
@@ -1236,10 +1294,21 @@ inline bool pool_executor::running_in_this_thread() const noexcept { return pool
 
 // The process-wide pool behind task groups and fan-out calls that name no
 // executor: one worker per hardware thread, a queue of 4096 that applies
-// backpressure, started on first use and joined when the program exits.
+// backpressure, started on first use and shut down and joined when the
+// program exits (by an atexit handler registered then, so after the
+// destructors of statics made after that first use). It is never
+// destroyed: code that runs later in the exit (a static's destructor)
+// finds it shut down, and gets weft::rejected, where a destroyed pool
+// would be a use after free. An exit called from one of its tasks joins
+// the other workers, not the one running that task.
 inline worker_pool& default_pool() {
-  static worker_pool pool{{.workers = hardware_threads(), .queue_capacity = 4096, .name = "weft-default"}};
-  return pool;
+  static worker_pool* const pool = [] {
+    auto* made = new worker_pool{
+        {.workers = hardware_threads(), .queue_capacity = 4096, .name = "weft-default"}};
+    std::atexit([] { detail::worker_pool_access::finish_at_exit(default_pool()); });
+    return made;
+  }();
+  return *pool;
 }
 
 inline pool_executor default_executor() { return default_pool().executor(); }

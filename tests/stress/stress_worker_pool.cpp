@@ -477,6 +477,73 @@ TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every 
   }
 }
 
+// join() returns while producers still post: every post that returned
+// (accepted) ran before join() returned, and every later one is refused.
+// A producer woken with room just before shutdown(), or one between its
+// check that the pool was open and its push, used to queue its task after
+// join() had run what was queued: it ran only in the pool's destructor.
+TEST_CASE(
+    "worker_pool stress: posts racing shutdown() and join() ran before join() returned, or were "
+    "refused" *
+    doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  std::mt19937_64 setup{seed ^ 0x6a09e667u};
+  const auto until = std::chrono::steady_clock::now() + weft_test::run_budget();
+  std::uint64_t round = 0;
+  for (; round < weft_test::iteration_cap(400) &&
+         (round == 0 || std::chrono::steady_clock::now() < until);
+       ++round) {
+    const std::size_t workers = 1 + setup() % 2;
+    const weft::overflow policy = setup() % 2 == 0 ? weft::overflow::block : weft::overflow::reject;
+    const int producers = producer_count(setup);
+    const std::uint64_t round_seed = setup();
+    CAPTURE(round);
+    weft::worker_pool pool{
+        {.workers = workers, .queue_capacity = 1 + setup() % 2, .on_full = policy}};
+    std::atomic<std::uint64_t> ran{0};
+    std::atomic<std::uint64_t> accepted{0};
+    std::atomic<int> started{0};
+    std::vector<std::thread> threads;
+    for (int p = 0; p < producers; ++p) {
+      threads.emplace_back([&, p] {
+        std::mt19937_64 rng{round_seed + static_cast<std::uint64_t>(p)};
+        started.fetch_add(1);
+        for (;;) {
+          try {
+            const auto task = [&ran] { ran.fetch_add(1, std::memory_order_relaxed); };
+            bool ok = true;
+            switch (rng() % 3) {
+              case 0:
+                pool.post(task);
+                break;
+              case 1:
+                ok = pool.try_post(task);
+                break;
+              default:
+                ok = pool.post(task, weft::cancel_token{}) == weft::wait_status::ok;
+                break;
+            }
+            if (ok) accepted.fetch_add(1, std::memory_order_relaxed);
+          } catch (const weft::rejected&) {
+            if (pool.is_shutdown()) return;  // else full under overflow::reject
+          }
+        }
+      });
+    }
+    weft_test::spin_until([&] { return started.load() == producers; });
+    for (auto n = setup() % 256; n != 0; --n) std::this_thread::yield();
+    pool.shutdown();
+    pool.join();
+    const std::uint64_t ran_by_join = ran.load();
+    const std::uint64_t queued_at_join = pool.stats().queued;
+    for (auto& t : threads) t.join();
+    CHECK(queued_at_join == 0);
+    CHECK(accepted.load() == ran_by_join);
+  }
+  CHECK(round > 0);
+}
+
 // A few tasks block for good while more are queued, and the workers left
 // must still run everything else. A worker that takes a task without
 // handing on the search for the next one (a searcher that had given up, one

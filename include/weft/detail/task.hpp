@@ -28,6 +28,10 @@ class task {
     requires(!std::is_same_v<std::remove_cvref_t<F>, task> && std::is_invocable_v<std::decay_t<F>&>)
   task(F&& callable) {  // NOLINT(google-explicit-constructor): a task is made from any callable
     using stored = std::decay_t<F>;
+    // Destroyed on a worker, after it ran or unrun, where nothing could
+    // catch what the destructor threw.
+    static_assert(std::is_nothrow_destructible_v<stored>,
+                  "weft: a task's destructor (and those of its captures) must not throw");
     if constexpr (fits_inline<stored>) {
       ::new (static_cast<void*>(storage_)) stored(std::forward<F>(callable));
       operations_ = &inline_operations<stored>;
