@@ -23,6 +23,7 @@
 
 #include <weft/detail/invocation_tracker.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -58,8 +59,8 @@ class timer_queue {
   // must then look again).
   bool schedule(node& n) {
     std::lock_guard lock(mutex_);
-    n.heap_index = heap_.size();
     heap_.push_back(&n);
+    n.heap_index = heap_.size() - 1;
     sift_up(n.heap_index);
     return heap_.front() == &n;
   }
@@ -168,10 +169,13 @@ class timer_service {
     return *service;
   }
 
+  // The thread starts before the node is queued: when it cannot start
+  // (std::system_error, say under a thread limit), the node must not stay
+  // queued, since the caller frees it as the exception unwinds.
   void schedule(node& n) {
+    start_thread();
     if (!queue_.schedule(n)) return;
     std::lock_guard lock(mutex_);
-    if (!thread_.joinable() && !stopping_) thread_ = std::thread([this] { run(); });
     rearm_ = true;
     wake_.notify_one();
   }
@@ -185,6 +189,13 @@ class timer_service {
   };
 
   timer_service() = default;
+
+  void start_thread() {
+    if (started_.load(std::memory_order_acquire)) return;
+    std::lock_guard lock(mutex_);
+    if (!thread_.joinable() && !stopping_) thread_ = std::thread([this] { run(); });
+    started_.store(true, std::memory_order_release);
+  }
 
   void stop() noexcept {
     std::thread thread;
@@ -222,6 +233,9 @@ class timer_service {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::thread thread_;
+  // Set once the thread has started (or never will, after stop()), so that
+  // scheduling a timer takes mutex_ only to wake the thread.
+  std::atomic<bool> started_{false};
   bool rearm_ = false;
   bool stopping_ = false;
 };
