@@ -22,10 +22,12 @@
 #include <exception>
 #include <functional>
 #include <latch>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <ostream>  // doctest prints std::error_code through operator<<
+#include <ratio>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -804,6 +806,102 @@ TEST_CASE("a deadline source destroyed before its deadline never fires" * doctes
   CHECK(survivor.cause().is_deadline());
 }
 
+TEST_CASE("with_timeout too long for the clock gives a source that its deadline never cancels" *
+          doctest::timeout(30)) {
+  const auto timers_before = manual_clock::pending_timers();
+  {
+    auto steady_hours = weft::with_timeout(weft::cancel_token{}, std::chrono::hours::max());
+    auto steady_seconds = weft::with_timeout(weft::cancel_token{}, std::chrono::seconds::max());
+    auto steady_nanoseconds =
+        weft::with_timeout(weft::cancel_token{}, std::chrono::nanoseconds::max());
+    auto manual_hours =
+        weft::with_timeout<manual_clock>(weft::cancel_token{}, std::chrono::hours::max());
+    manual_clock::advance(24h);
+    for (const auto* source :
+         {&steady_hours, &steady_seconds, &steady_nanoseconds, &manual_hours}) {
+      CHECK_FALSE(source->token().cancelled());
+    }
+    // Still cancellable by hand, with a plain cause.
+    CHECK(manual_hours.cancel());
+    CHECK_FALSE(manual_hours.token().cause().is_deadline());
+  }
+  CHECK(manual_clock::pending_timers() == timers_before);
+}
+
+namespace {
+// A clock whose time a test sets, to put now() next to the ends of its range.
+template <class Duration>
+struct settable_clock {
+  using duration = Duration;
+  using rep = typename duration::rep;
+  using period = typename duration::period;
+  using time_point = std::chrono::time_point<settable_clock>;
+  [[maybe_unused]] static constexpr bool is_steady = true;
+
+  static inline rep ticks = 0;
+  static time_point now() noexcept { return time_point{duration{ticks}}; }
+};
+}  // namespace
+
+TEST_CASE(
+    "a timeout's deadline is rounded up to the clock's tick and saturates at the clock's maximum" *
+    doctest::timeout(30)) {
+  using std::chrono::duration;
+  using std::chrono::hours;
+  using std::chrono::microseconds;
+  using std::chrono::nanoseconds;
+  using std::chrono::seconds;
+  using weft::detail::deadline_after;
+  SUBCASE("a nanosecond clock") {
+    using clock = settable_clock<nanoseconds>;
+    const auto max = clock::time_point::max();
+    clock::ticks = 1'000;
+    CHECK(deadline_after<clock>(5ns) == clock::now() + 5ns);
+    CHECK(deadline_after<clock>(2h) == clock::now() + 2h);
+    CHECK(deadline_after<clock>(0s) == clock::now());
+    CHECK(deadline_after<clock>(-1s) == clock::now());
+    CHECK(deadline_after<clock>(seconds::min()) == clock::now());
+    CHECK(deadline_after<clock>(nanoseconds::max()) == max);
+    CHECK(deadline_after<clock>(seconds::max()) == max);
+    CHECK(deadline_after<clock>(hours::max()) == max);
+    CHECK(deadline_after<clock>(duration<double>{1.5e-9}) == clock::now() + 2ns);
+    CHECK(deadline_after<clock>(duration<double>{1e300}) == max);
+    CHECK(deadline_after<clock>(duration<double>{std::numeric_limits<double>::infinity()}) == max);
+    CHECK(deadline_after<clock>(duration<long long, std::ratio<1, 3>>{1}) ==
+          clock::now() + 333'333'334ns);
+    CHECK(deadline_after<clock>(duration<long long, std::ratio<1, 3>>::max()) == max);
+
+    clock::ticks = nanoseconds::max().count() - 10;
+    CHECK(deadline_after<clock>(9ns) == max - 1ns);
+    CHECK(deadline_after<clock>(10ns) == max);
+    CHECK(deadline_after<clock>(11ns) == max);
+    CHECK(deadline_after<clock>(1s) == max);
+
+    clock::ticks = nanoseconds::min().count();  // before the epoch: the whole range is ahead
+    CHECK(deadline_after<clock>(nanoseconds::max()) == clock::now() + nanoseconds::max());
+    CHECK(deadline_after<clock>(seconds::max()) == max);
+  }
+  SUBCASE("a microsecond clock (libc++'s system_clock)") {
+    using clock = settable_clock<microseconds>;
+    const auto max = clock::time_point::max();
+    clock::ticks = 1'000;
+    CHECK(deadline_after<clock>(1ns) == clock::now() + 1us);
+    CHECK(deadline_after<clock>(1'000ns) == clock::now() + 1us);
+    CHECK(deadline_after<clock>(1'001ns) == clock::now() + 2us);
+    CHECK(deadline_after<clock>(nanoseconds::max()) ==
+          clock::now() + std::chrono::ceil<microseconds>(nanoseconds::max()));
+    CHECK(deadline_after<clock>(hours::max()) == max);
+
+    clock::ticks = microseconds::max().count() - 1;
+    CHECK(deadline_after<clock>(999ns) == max);
+    CHECK(deadline_after<clock>(1'000ns) == max);
+    CHECK(deadline_after<clock>(1'001ns) == max);
+    CHECK(deadline_after<clock>(1s) == max);
+    clock::ticks = microseconds::max().count() - 2;
+    CHECK(deadline_after<clock>(1ns) == max - 1us);
+  }
+}
+
 namespace {
 // A manual clock like weft::manual_clock (it drives its own timer_queue, the
 // documented hook for test clocks), whose next now() can be made to pause
@@ -1120,6 +1218,23 @@ TEST_CASE("wait_for and wait_until with a deadline already past time out at once
   CHECK(token.wait_until(manual_clock::now()) == wait_status::timeout);
   CHECK(token.wait_until(std::chrono::steady_clock::now() - 1s) == wait_status::timeout);
   CHECK(callback_count(token) == 0);
+}
+
+TEST_CASE("wait_for with a timeout too long for the clock waits until the token is cancelled" *
+          doctest::timeout(30)) {
+  weft::cancel_source source;
+  const auto token = source.token();
+  std::atomic<bool> returned{false};
+  wait_status status = wait_status::closed;
+  std::thread waiter([&] {
+    status = token.wait_for(std::chrono::hours::max());
+    returned = true;
+  });
+  spin_until([&] { return callback_count(token) == 1 || returned.load(); });
+  CHECK_FALSE(returned.load());  // it waits instead of timing out at once
+  source.cancel();
+  waiter.join();
+  CHECK(status == wait_status::ok);
 }
 
 TEST_CASE("a wait on a deadline token ends with ok when the deadline fires" * doctest::timeout(30)) {

@@ -17,12 +17,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <latch>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -172,7 +174,11 @@ TEST_CASE("a negative weight or one above the capacity is rejected by every oper
     CHECK_THROWS_AS(sem.acquire_for(n, 1s), std::invalid_argument);
     CHECK_THROWS_AS(sem.acquire_until(n, std::chrono::steady_clock::now() + 1s),
                     std::invalid_argument);
-    CHECK_THROWS_AS(sem.release(n), std::invalid_argument);
+    if (n < 0) {
+      CHECK_THROWS_AS(sem.release(n), std::invalid_argument);
+    } else {
+      CHECK_THROWS_AS(sem.release(n), std::logic_error);  // an over-release, not a bad weight
+    }
     CHECK_THROWS_AS((void)sem.acquire_permit(n), std::invalid_argument);
     CHECK_THROWS_AS((void)sem.try_acquire_permit(n), std::invalid_argument);
     CHECK_THROWS_AS((void)sem.acquire_permit(n, token), std::invalid_argument);
@@ -247,6 +253,31 @@ TEST_CASE("releasing more permits than are held throws logic_error and changes n
     sem.release(2);
     CHECK(sem.available() == 3);
   }
+}
+
+TEST_CASE("releasing more permits than the capacity is reported as an over-release" *
+          doctest::timeout(60)) {
+  weft::semaphore sem{1};
+  sem.acquire();
+  for (const std::ptrdiff_t n : {std::ptrdiff_t{2}, PTRDIFF_MAX}) {
+    CAPTURE(n);
+    try {
+      sem.release(n);
+      FAIL("an over-release was accepted");
+    } catch (const std::invalid_argument& error) {
+      FAIL("an over-release was reported as a bad argument: " << std::string(error.what()));
+    } catch (const std::logic_error& error) {
+      const std::string message = error.what();
+      CHECK(message.find("release") != std::string::npos);
+      CHECK(message.find("held") != std::string::npos);
+      CHECK(message.find("never be granted") == std::string::npos);
+    }
+    CHECK(sem.available() == 0);
+  }
+  // A negative n is still a bad argument.
+  CHECK_THROWS_AS(sem.release(-1), std::invalid_argument);
+  sem.release(1);
+  CHECK(sem.available() == 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -624,6 +655,43 @@ TEST_CASE("a deadline already passed times out at once without queueing" * docte
   sem.release();
   CHECK(sem.acquire_for(1, 0s) == wait_status::ok);
   sem.release();
+}
+
+// Timeouts too long for the clock (seconds::max() is more nanoseconds than
+// an int64_t holds) mean "wait as long as it takes", not "already expired".
+template <class Semaphore, class Duration>
+void check_waits_out_an_endless_timeout(Duration endless) {
+  Semaphore sem{2};
+  CHECK(sem.acquire_for(2, endless) == wait_status::ok);  // free permits: taken at once
+  std::atomic<bool> returned{false};
+  wait_status status = wait_status::timeout;
+  std::thread waiter([&] {
+    status = sem.acquire_for(1, endless);
+    returned = true;
+  });
+  weft_test::spin_until([&] { return sem.stats().waiters == 1 || returned.load(); });
+  CHECK_FALSE(returned.load());  // it queued instead of timing out at once
+  if constexpr (std::is_same_v<typename Semaphore::clock, weft::manual_clock>) {
+    weft::manual_clock::advance(24h);  // a deadline that wrapped would have fired
+  }
+  sem.release(1);
+  waiter.join();
+  CHECK(status == wait_status::ok);
+  CHECK(sem.stats().timeouts == 0);
+}
+
+TEST_CASE("acquire_for with a timeout too long for the clock waits until it is granted" *
+          doctest::timeout(60)) {
+  const auto run = [](auto endless) {
+    SUBCASE("steady_clock") { check_waits_out_an_endless_timeout<weft::semaphore>(endless); }
+    SUBCASE("manual_clock") { check_waits_out_an_endless_timeout<manual_semaphore>(endless); }
+  };
+  SUBCASE("seconds::max()") { run(std::chrono::seconds::max()); }
+  SUBCASE("hours::max()") { run(std::chrono::hours::max()); }
+  SUBCASE("nanoseconds::max()") { run(std::chrono::nanoseconds::max()); }
+  SUBCASE("an infinite duration<double>") {
+    run(std::chrono::duration<double>{std::numeric_limits<double>::infinity()});
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -20,11 +20,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <latch>
+#include <limits>
 #include <ostream>  // doctest prints std::error_code through operator<<
 #include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -161,6 +163,32 @@ TEST_CASE("a count above 2^32 - 1 throws std::overflow_error and leaves the coun
   group.add(-std::int64_t{0xFFFF'FFFF});
   CHECK(group.count() == 0);
   CHECK_THROWS_AS(group.add(std::int64_t{1} << 40), std::overflow_error);
+  CHECK(group.count() == 0);
+}
+
+TEST_CASE(
+    "an add whose sum would not fit an int64_t throws std::overflow_error and leaves the count "
+    "unchanged" *
+    doctest::timeout(30)) {
+  weft::wait_group group;
+  group.add(1);
+  for (const std::int64_t delta :
+       {std::numeric_limits<std::int64_t>::max(), std::int64_t{0xFFFF'FFFF}}) {
+    CAPTURE(delta);
+    try {
+      group.add(delta);
+      FAIL("the count went past 2^32 - 1");
+    } catch (const std::overflow_error& error) {
+      CHECK(std::string(error.what()).find("exceed") != std::string::npos);
+    } catch (const std::exception& error) {
+      FAIL("expected overflow_error, got: " << std::string(error.what()));
+    }
+    CHECK(group.count() == 1);
+  }
+  // The most negative delta is a done() too many, not an overflow.
+  CHECK_THROWS_AS(group.add(std::numeric_limits<std::int64_t>::min()), std::logic_error);
+  CHECK(group.count() == 1);
+  group.done();
   CHECK(group.count() == 0);
 }
 
@@ -321,6 +349,45 @@ TEST_CASE("wait_for on a manual clock returns ok when the count reaches zero bef
   waiter.join();
   CHECK(status == wait_status::ok);
   CHECK(manual_clock::pending_timers() == timers_before);
+}
+
+// A timeout too long for the clock (hours::max() overflows nanoseconds)
+// waits as long as it takes instead of timing out at once.
+template <class Group, class Duration>
+void check_wait_for_outlasts(Duration endless) {
+  Group group;
+  CHECK(group.wait_for(endless) == wait_status::ok);  // a zero count: at once
+  group.add(1);
+  std::atomic<bool> returned{false};
+  wait_status status = wait_status::closed;
+  std::thread waiter([&] {
+    status = group.wait_for(endless);
+    returned = true;
+  });
+  spin_until([&] { return group.stats().waiters == 1 || returned.load(); });
+  CHECK_FALSE(returned.load());  // it waits instead of timing out at once
+  if constexpr (std::is_same_v<typename Group::clock, manual_clock>) {
+    manual_clock::advance(24h);  // a deadline that wrapped would have fired
+  }
+  group.done();
+  waiter.join();
+  CHECK(status == wait_status::ok);
+}
+
+TEST_CASE("wait_for with a timeout too long for the clock returns ok once the count reaches zero" *
+          doctest::timeout(30)) {
+  SUBCASE("steady_clock, seconds::max()") {
+    check_wait_for_outlasts<weft::wait_group>(std::chrono::seconds::max());
+  }
+  SUBCASE("steady_clock, hours::max()") {
+    check_wait_for_outlasts<weft::wait_group>(std::chrono::hours::max());
+  }
+  SUBCASE("steady_clock, nanoseconds::max()") {
+    check_wait_for_outlasts<weft::wait_group>(std::chrono::nanoseconds::max());
+  }
+  SUBCASE("manual_clock, hours::max()") {
+    check_wait_for_outlasts<weft::basic_wait_group<manual_clock>>(std::chrono::hours::max());
+  }
 }
 
 TEST_CASE("wait_until a manual-clock deadline already past times out at once" * doctest::timeout(30)) {

@@ -55,6 +55,7 @@
 #pragma once
 
 #include <weft/detail/cancel_state.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/parker.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/timed_wait.hpp>
@@ -145,7 +146,7 @@ class cancel_token {
   // Blocks until cancelled (ok) or the deadline passes (timeout).
   template <class Rep, class Period>
   wait_status wait_for(std::chrono::duration<Rep, Period> timeout) const {
-    return wait_until(std::chrono::steady_clock::now() + timeout);
+    return wait_until(detail::deadline_after<std::chrono::steady_clock>(timeout));
   }
   template <class Clock, class Duration>
   wait_status wait_until(const std::chrono::time_point<Clock, Duration>& deadline) const;
@@ -236,11 +237,13 @@ template <class Clock, class Duration>
                        new detail::deadline_state<Clock>(detail::state_of(parent), rounded)};
 }
 
-// with_deadline(parent, Clock::now() + timeout). Go's context.WithTimeout.
+// with_deadline(parent, Clock::now() + timeout), where a sum past the clock's
+// range is its time_point::max(), a deadline that never comes. Go's
+// context.WithTimeout.
 template <class Clock = std::chrono::steady_clock, class Rep, class Period>
 [[nodiscard]] cancel_source with_timeout(const cancel_token& parent,
                                          std::chrono::duration<Rep, Period> timeout) {
-  return with_deadline(parent, Clock::now() + timeout);
+  return with_deadline(parent, detail::deadline_after<Clock>(timeout));
 }
 
 // An RAII registration of a callback that runs when a token is cancelled.

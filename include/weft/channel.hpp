@@ -59,6 +59,7 @@
 #include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
 #include <weft/detail/bounded_ring.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
@@ -230,7 +231,7 @@ class basic_channel {
 
   template <class Rep, class Period>
   wait_status send_for(T&& value, std::chrono::duration<Rep, Period> timeout) {
-    return send_until(std::move(value), Clock::now() + timeout);
+    return send_until(std::move(value), detail::deadline_after<Clock>(timeout));
   }
 
   template <class Duration>
@@ -267,7 +268,7 @@ class basic_channel {
 
   template <class Rep, class Period>
   recv_result<T> recv_for(std::chrono::duration<Rep, Period> timeout) {
-    return recv_until(Clock::now() + timeout);
+    return recv_until(detail::deadline_after<Clock>(timeout));
   }
 
   template <class Duration>

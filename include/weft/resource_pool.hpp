@@ -80,6 +80,7 @@
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/spin_mutex.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/wait_status.hpp>
@@ -258,7 +259,7 @@ class basic_resource_pool {
 
   template <class Rep, class Period>
   lease acquire_for(std::chrono::duration<Rep, Period> timeout) {
-    return acquire_until(Clock::now() + timeout);
+    return acquire_until(detail::deadline_after<Clock>(timeout));
   }
 
   template <class Duration>

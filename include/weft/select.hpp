@@ -40,6 +40,7 @@
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
 #include <weft/detail/backoff.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/parker.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/timed_wait.hpp>
@@ -421,7 +422,8 @@ select_result select_until(const std::chrono::time_point<Clock, Duration>& deadl
 template <class Rep, class Period, class... Cases>
   requires detail::select_cases<Cases...>
 select_result select_for(std::chrono::duration<Rep, Period> timeout, Cases&&... cases) {
-  return select_until(std::chrono::steady_clock::now() + timeout, std::forward<Cases>(cases)...);
+    return select_until(detail::deadline_after<std::chrono::steady_clock>(timeout),
+                        std::forward<Cases>(cases)...);
 }
 
 // Go's select with `default`: completes a case that is ready now, or

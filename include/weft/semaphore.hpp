@@ -63,6 +63,7 @@
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
@@ -192,7 +193,7 @@ class basic_semaphore {
 
   template <class Rep, class Period>
   wait_status acquire_for(std::ptrdiff_t n, std::chrono::duration<Rep, Period> timeout) {
-    return acquire_until(n, Clock::now() + timeout);
+    return acquire_until(n, detail::deadline_after<Clock>(timeout));
   }
 
   template <class Duration>
@@ -205,7 +206,11 @@ class basic_semaphore {
 
   // Returns n permits and hands them to queued waiters in FIFO order.
   void release(std::ptrdiff_t n = 1) {
-    check_weight(n, "release");
+    // More than the capacity is not a request that could never be granted
+    // but an over-release, which release_slow reports.
+    if (n < 0) [[unlikely]] {
+      throw_bad_weight(n, "release");
+    }
     const auto amount = static_cast<std::uint64_t>(n);
     auto state = state_.load(std::memory_order_relaxed);
     while ((state & waiters_mark) == 0 && (state & count_mask) + amount <= static_cast<std::uint64_t>(capacity_)) {

@@ -35,6 +35,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/detail/backoff.hpp>
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/task_tracking.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
@@ -77,14 +78,17 @@ class basic_wait_group {
   void add(std::int64_t delta = 1) {
     auto state = state_.load(std::memory_order_relaxed);
     for (;;) {
-      const std::int64_t count = count_of(state) + delta;
-      if (count < 0) {
-        throw std::logic_error("weft::wait_group: the count would go negative (" + std::to_string(count_of(state)) +
-                               " + " + std::to_string(delta) + "); call done() once per add(1)");
+      // Checked before adding: current + delta may not fit an int64_t.
+      const std::int64_t current = count_of(state);
+      if (delta < -current) {
+        throw std::logic_error("weft::wait_group: the count would go negative (" +
+                               std::to_string(current) + " + " + std::to_string(delta) +
+                               "); call done() once per add(1)");
       }
-      if (count > max_count) {
+      if (delta > max_count - current) {
         throw std::overflow_error("weft::wait_group: the count would exceed 2^32 - 1");
       }
+      const std::int64_t count = current + delta;
       auto next = (state & ~count_bits) | (static_cast<std::uint64_t>(count) << count_shift);
       // Reaching zero with waiters starts a new epoch: the waiters queued in
       // the old one are released, later ones are not. One release at a
@@ -125,7 +129,7 @@ class basic_wait_group {
 
   template <class Rep, class Period>
   wait_status wait_for(std::chrono::duration<Rep, Period> timeout) {
-    return wait_until(Clock::now() + timeout);
+    return wait_until(detail::deadline_after<Clock>(timeout));
   }
 
   template <class Duration>

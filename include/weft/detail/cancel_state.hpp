@@ -263,6 +263,9 @@ class deadline_state final : public cancel_state {
       cancel(make_error_code(errc::deadline_exceeded));
       return;
     }
+    // Where a timeout too long for the clock saturates: it never comes, so
+    // it needs no timer (nor a timer thread).
+    if (deadline == Clock::time_point::max()) return;
     timer_.deadline = deadline;
     timer_.owner = this;
     timer_.fire = [](timer_node<Clock>& node) noexcept {

@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: BSL-1.0
+// detail::deadline_after: the deadline of every *_for(timeout).
+//
+// `Clock::now() + timeout` overflows for long timeouts (seconds::max() is
+// converted to nanoseconds before it is added), and the wrapped sum lies in
+// the past, so a wait meant to be unbounded would time out at once. The
+// deadline saturates at time_point::max() instead, which every wait treats
+// as a deadline that never comes.
+#pragma once
+
+#include <chrono>
+#include <ratio>
+#include <type_traits>
+#include <utility>
+
+namespace weft::detail {
+
+// Now plus `timeout`, rounded up to the clock's tick so a wait is never
+// shorter than asked, or time_point::max() where that would not fit. A zero
+// or negative timeout gives now: a deadline that has already passed.
+template <class Clock, class Rep, class Period>
+typename Clock::time_point deadline_after(std::chrono::duration<Rep, Period> timeout) {
+  using time_point = typename Clock::time_point;
+  using duration = typename Clock::duration;
+  const time_point now = Clock::now();
+  if (timeout <= timeout.zero()) return now;
+  // A clock read before its epoch has more room than a duration can hold.
+  const duration room =
+      now.time_since_epoch() < duration::zero() ? duration::max() : time_point::max() - now;
+  // Each branch compares in the coarser of the two units, where converting
+  // only divides, so the comparison itself cannot overflow.
+  using ticks_per_unit = std::ratio_divide<Period, typename duration::period>;
+  if constexpr (std::is_integral_v<Rep> && ticks_per_unit::den == 1) {
+    if (std::cmp_greater(timeout.count(), room.count() / ticks_per_unit::num))
+      return time_point::max();
+    return now + std::chrono::duration_cast<duration>(timeout);
+  } else if constexpr (std::is_integral_v<Rep> && ticks_per_unit::num == 1) {
+    const auto whole = timeout.count() / ticks_per_unit::den;
+    const bool part = timeout.count() % ticks_per_unit::den != 0;
+    if (std::cmp_greater(whole, room.count()) || (std::cmp_equal(whole, room.count()) && part)) {
+      return time_point::max();
+    }
+    return now + duration{static_cast<typename duration::rep>(whole + part)};
+  } else {
+    // Floating-point counts, and units that are no whole multiple of each
+    // other: long double decides the clear cases (NaN waits forever), ticks
+    // the close one.
+    using long_ticks = std::chrono::duration<long double, typename duration::period>;
+    const long_ticks wanted = timeout;
+    if (!(wanted < long_ticks{room})) return time_point::max();
+    const duration ticks = std::chrono::ceil<duration>(wanted);
+    return ticks > room ? time_point::max() : now + ticks;
+  }
+}
+
+}  // namespace weft::detail
