@@ -332,10 +332,8 @@ class worker_pool {
   // returns. An empty handler restores the default (one line to stderr).
   // An exception the handler throws is written to stderr after the task's.
   void set_error_handler(std::function<void(std::exception_ptr)> handler) {
-    std::shared_ptr<const std::function<void(std::exception_ptr)>> replacement;
-    if (handler)
-      replacement =
-          std::make_shared<const std::function<void(std::exception_ptr)>>(std::move(handler));
+    shared_error_handler replacement;
+    if (handler) replacement = std::make_shared<const error_handler>(std::move(handler));
     {
       std::lock_guard guard(handler_mutex_);
       error_handler_.swap(replacement);
@@ -715,11 +713,9 @@ class worker_pool {
   // Destroys the queued tasks, unrun, except those a worker holds (see
   // drop_held); returns how many.
   std::size_t drop_queued() noexcept {
+    const auto unrun = [](const slot_extras& cell, std::uint64_t) noexcept { drop_origin(cell); };
     std::size_t dropped = 0;
-    for (detail::task work; ring_.try_pop(
-             work, [](const slot_extras&cell, std::uint64_t) noexcept { drop_origin(cell); });) {
-      ++dropped;
-    }
+    for (detail::task work; ring_.try_pop(work, unrun);) ++dropped;
     return dropped + drop_over_capacity();
   }
 
@@ -1132,7 +1128,7 @@ class worker_pool {
   // The handler is shared, not copied per error: a copy lost the state
   // a handler object keeps, and could throw (out of memory) here.
   void report(const std::exception_ptr& error) noexcept {
-    std::shared_ptr<const std::function<void(std::exception_ptr)>> handler;
+    shared_error_handler handler;
     {
       std::lock_guard guard(handler_mutex_);
       handler = error_handler_;
@@ -1200,8 +1196,9 @@ class worker_pool {
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
   std::vector<std::function<void()>> joined_hooks_;  // under extensions_mutex_
   mutable detail::spin_mutex handler_mutex_;
-  std::shared_ptr<const std::function<void(std::exception_ptr)>>
-      error_handler_;  // under handler_mutex_
+  using error_handler = std::function<void(std::exception_ptr)>;
+  using shared_error_handler = std::shared_ptr<const error_handler>;
+  shared_error_handler error_handler_;  // under handler_mutex_
   const queued_tasks queued_tasks_{*this};
 };
 
