@@ -730,19 +730,25 @@ class task_group {
     // The waiters share one source; a woken one makes the next.
     cancel_token wake;
     try {
-      std::optional<cancel_source> fresh;  // made outside the lock
-      for (;;) {
-        {
-          std::lock_guard guard(core_->waiter_mutex);
-          if (!core_->waiter_wake || core_->waiter_wake->token().cancelled()) {
-            if (fresh) core_->waiter_wake.swap(fresh);
-          }
-          if (core_->waiter_wake && !core_->waiter_wake->token().cancelled()) {
-            wake = core_->waiter_wake->token();
-            break;
-          }
+      bool shared = false;
+      {
+        std::lock_guard guard(core_->waiter_mutex);
+        if (core_->waiter_wake && !core_->waiter_wake->token().cancelled()) {
+          wake = core_->waiter_wake->token();
+          shared = true;
         }
-        fresh.emplace();
+      }
+      if (!shared) {
+        // Made outside the lock; left holding the spent source, if any,
+        // which is let go of after the lock.
+        cancel_source fresh;
+        std::lock_guard guard(core_->waiter_mutex);
+        if (!core_->waiter_wake) {
+          core_->waiter_wake.emplace(fresh);
+        } else if (core_->waiter_wake->token().cancelled()) {
+          std::swap(*core_->waiter_wake, fresh);
+        }
+        wake = core_->waiter_wake->token();
       }
     } catch (...) {
       // Out of memory: a sleep that only the count ends.
