@@ -56,8 +56,9 @@
 // itself, and throws std::logic_error instead, from the group's own tasks
 // and from the tasks of groups and fan-outs started inside them (each
 // group records up to eight groups it was started inside), on whichever
-// thread they run. A coroutine's async_wait on its own group is not
-// caught, and waits for good.
+// thread they run. A group counts as started inside the task that made it
+// even when it outlives that task. A coroutine's async_wait on its own
+// group is not caught, and waits for good.
 //
 // Cost: a group takes the shared state of a finished group when one is
 // spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
