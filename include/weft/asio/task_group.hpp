@@ -159,8 +159,9 @@ struct post_cancellation {
   std::weak_ptr<coroutine_cancellation> target;
   Strand strand;
   void operator()() noexcept {
-    if (auto alive = target.lock())
-      boost::asio::post(strand, [alive = std::move(alive)] { alive->emit(); });
+    auto alive = target.lock();
+    if (!alive) return;  // the coroutine is gone: its state is being destroyed
+    boost::asio::post(strand, [alive = std::move(alive)] { alive->emit(); });
   }
 };
 
@@ -198,10 +199,10 @@ struct coroutine_task final : coroutine_cancellation {
   // For the handler destroyed uncalled.
   void handler_dropped() noexcept {
     auto expected = spawn::running;
-    if (spawned.compare_exchange_strong(expected, spawn::handler_dropped,
-                                        std::memory_order_acq_rel))
-      return;
-    end(coroutine_dropped());
+    if (!spawned.compare_exchange_strong(expected, spawn::handler_dropped,
+                                         std::memory_order_acq_rel)) {
+      end(coroutine_dropped());
+    }
   }
 
   void end(std::exception_ptr error) noexcept {
