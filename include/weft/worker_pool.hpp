@@ -300,9 +300,7 @@ class worker_pool {
                              "which would wait for itself");
     }
     std::lock_guard guard(join_mutex_);
-    for (worker* w : started_) {
-      if (w->thread.joinable()) w->thread.join();
-    }
+    join_workers();
     if (discarding_.load(std::memory_order_relaxed)) {
       counters_.dropped.fetch_add(drop_queued(), std::memory_order_relaxed);
     } else {
@@ -628,6 +626,15 @@ class worker_pool {
     run_task(work, 0, caller_counters_);
   }
 
+  // Joins the workers, but not the calling thread, should it be one (see
+  // worker_pool_access::finish_at_exit). Under join_mutex_.
+  void join_workers() {
+    for (worker* w : started_) {
+      if (w->thread.joinable() && w->thread.get_id() != std::this_thread::get_id())
+        w->thread.join();
+    }
+  }
+
   // After the workers have exited: runs, on this thread, what a post racing
   // shutdown() queued after they left.
   void run_leftovers() {
@@ -745,10 +752,8 @@ class worker_pool {
     const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
     for (detail::backoff pause; pause.wait();) {
       if (ring_.size() + slack > options_.queue_capacity) continue;
-      // Read after the room (an acquire of the head a worker moved): a
-      // shutdown before the worker made room is seen here, as below.
-      if (closed_.load(std::memory_order_relaxed)) return wait_status::closed;
       if (enqueue(work, origin)) return wait_status::ok;
+      // A closed ring refuses every push (see close).
       if (ring_.closed()) return wait_status::closed;
     }
     for (;;) {
@@ -760,14 +765,11 @@ class worker_pool {
       room_waiters_.fetch_add(1, std::memory_order_seq_cst);
       bool queued = false;
       for (;;) {
-        if (closed_.load(std::memory_order_relaxed)) {
-          room_waiters_.fetch_sub(1, std::memory_order_relaxed);
-          return wait_status::closed;
-        }
         if (enqueue(work, origin)) {
           queued = true;
           break;
         }
+        // Under room_'s lock: a close() after this check wakes this waiter.
         if (ring_.closed()) {
           room_waiters_.fetch_sub(1, std::memory_order_relaxed);
           return wait_status::closed;
@@ -1215,10 +1217,7 @@ struct worker_pool_access {
       return;
     }
     std::lock_guard guard(pool.join_mutex_);
-    for (worker_pool::worker* w : pool.started_) {
-      if (w->thread.joinable() && w->thread.get_id() != std::this_thread::get_id())
-        w->thread.join();
-    }
+    pool.join_workers();
   }
 
   // Asio's execute: like post, except that it never throws into, nor

@@ -207,11 +207,11 @@ struct coroutine_task final : coroutine_cancellation {
 
   void end(std::exception_ptr error) noexcept {
     if (group == nullptr) return;
-    // The record must not outlive the state it lives in, and the link
-    // unregisters from the token before the group may go.
-    unregister();
-    link.reset();
-    task_group_access::end(*std::exchange(group, nullptr), std::move(error));
+    task_group& target = *group;
+    // Before the group may go: the record must not outlive the state it
+    // lives in, and the link unregisters from the token.
+    disarm();
+    task_group_access::end(target, std::move(error));
   }
 
   // Ends the task without reporting anything.
