@@ -1,4 +1,7 @@
 // SPDX-License-Identifier: BSL-1.0
-// doctest's main for weft_tests. The test cases live in tests/test_*.cpp.
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+// main() of weft_tests and weft_postgres_tests: doctest's, with its command
+// line. The test cases live in tests/test_*.cpp; doctest itself is compiled
+// in doctest_runtime.cpp.
 #include <doctest/doctest.h>
+
+int main(int argc, char** argv) { return doctest::Context(argc, argv).run(); }

@@ -4,7 +4,7 @@
 // prints the seed at the start and again when a test fails, so a failure can
 // be replayed with the same seed. The environment variables WEFT_TEST_SEED
 // and WEFT_TEST_SCALE do the same when the arguments cannot be given (ctest).
-#define DOCTEST_CONFIG_IMPLEMENT
+// doctest itself is compiled in ../doctest_runtime.cpp.
 #include <doctest/doctest.h>
 
 #include <charconv>
