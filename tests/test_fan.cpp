@@ -606,6 +606,25 @@ TEST_CASE("parallel_map: a helper dropped unrun by shutdown_now lets go of what 
   held.release();
 }
 
+// A helper the full queue has no room for is not needed; counted as
+// rejected, it made a pool's stats report refusals nobody saw.
+TEST_CASE(
+    "parallel_map on a pool whose queue is full runs on the caller and the pool counts no refusal" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
+  weft::cancel_source gate;
+  weft_test::hold_only_worker(pool, gate.token(), 1);
+  REQUIRE_FALSE(pool.try_post([] {}));  // full: a caller's own try_post is a refusal
+  REQUIRE(pool.stats().rejected == 1);
+
+  const auto out = weft::parallel_map(std::vector<int>{1, 2, 3, 4}, [](int x) { return x * 10; },
+                                      {.limit = 4, .executor = pool.executor()});
+  CHECK(out == std::vector<int>{10, 20, 30, 40});
+  weft::for_each(std::vector<int>{1, 2}, [](int) {}, {.limit = 2, .executor = pool.executor()});
+  CHECK(pool.stats().rejected == 1);
+  gate.cancel();
+}
+
 TEST_CASE("parallel_map: every element runs exactly once while tasks steal unevenly sized work" *
           doctest::timeout(120)) {
   std::mt19937 random{20261205};

@@ -149,8 +149,9 @@ struct worker_pool_stats {
   std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
   std::uint64_t completed = 0;     // finished running, with or without an exception
   std::uint64_t failed = 0;        // of those, ended by an exception
-  std::uint64_t rejected = 0;      // refused: full under overflow::reject, or shut down
-                                   // (Asio work handed to a shut-down pool too)
+  std::uint64_t rejected = 0;      // refused: full under overflow::reject, a try_post that
+                                   // found it full, or shut down (Asio work handed to a
+                                   // shut-down pool too)
   std::uint64_t dropped = 0;       // destroyed unrun by shutdown_now()
   std::uint64_t over_capacity = 0;  // Asio work queued past a full queue (see above)
   // Time from queue to start, measured on every 16th queued task: the total
@@ -255,7 +256,11 @@ class worker_pool {
     return post_task(work, token, detail::origin_to_make{site, tracked_name_});
   }
 
-  // Queues f and returns a future for its result or its exception.
+  // Queues f and returns a future for its result or its exception. Waiting
+  // on that future in one of this pool's own tasks can deadlock: the
+  // waiting task holds its worker while f may be queued behind it (with
+  // one worker, it always is), and a std::future cannot run f itself. In a
+  // task, use a task_group or parallel_map, whose waits run queued work.
   template <class F>
   auto submit(F&& f, spawn_site site = spawn_site::current())
       -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
@@ -504,10 +509,17 @@ class worker_pool {
 
   template <class Origin>
   bool try_post_task(detail::task& work, const Origin& origin) {
+    if (try_queue(work, origin)) return true;
+    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+
+  // Queues work if there is room now; throws weft::rejected once shut down.
+  template <class Origin>
+  bool try_queue(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return true;
     if (ring_.closed()) throw_closed();
     note_full();
-    counters_.rejected.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
 
@@ -1237,12 +1249,14 @@ struct worker_pool_access {
   }
 
   // Posts that the registry does not list: weft's own helpers (a group's
-  // runners), whose tasks are listed by their own spawn sites.
+  // runners, a fan-out's helpers), whose tasks are listed by their own
+  // spawn sites. A helper that finds the queue full is not needed (its
+  // caller runs the work), so it is not counted as rejected.
   template <class F>
   static bool try_post_untracked(worker_pool& pool, F&& f) {
     detail::task work = worker_pool::make_task(std::forward<F>(f));
     pool.check_open();
-    return pool.try_post_task(work, task_origin{});
+    return pool.try_queue(work, task_origin{});
   }
   template <class F>
   static wait_status post_untracked(worker_pool& pool, F&& f, const cancel_token& token) {
