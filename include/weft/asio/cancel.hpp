@@ -67,9 +67,11 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   }
 
   static void start(std::unique_ptr<token_waiter> waiter) {
+    // Out of memory here, the waiter and its handler are destroyed on the
+    // way out: nothing refers to them yet.
+    auto slot = boost::asio::get_associated_cancellation_slot(waiter->handler_);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(waiter.get());
     auto* self = waiter.release();  // freed by its completion
-    auto slot = boost::asio::get_associated_cancellation_slot(self->handler_);
-    if (slot.is_connected()) slot.template emplace<cancel_handler>(self);
     self->state_->add_callback(*self);
   }
 
