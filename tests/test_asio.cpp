@@ -14,6 +14,7 @@
 #include <weft/manual_clock.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/wait_group.hpp>
+#include <weft/worker_pool.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -1094,4 +1095,39 @@ TEST_CASE(
   CHECK(sem.available() == 2);
   CHECK(sem.acquire_for(2, 0s) == weft::wait_status::ok);
   sem.release(2);
+}
+
+// A completion that its executor destroyed unrun (here a shut-down pool
+// refused it) left the waiter's handler installed in the cancellation slot,
+// so the next emission reached the freed waiter (ASan:
+// heap-use-after-free).
+TEST_CASE("asio: a completion destroyed unrun leaves nothing in its handler's cancellation slot" *
+          doctest::timeout(30)) {
+  weft::semaphore sem{1};
+  sem.acquire(1);
+  weft::cancel_source source;
+  asio::cancellation_signal acquire_signal;
+  asio::cancellation_signal wait_signal;
+  int ran = 0;
+  {
+    weft::worker_pool pool{{.workers = 1}};
+    auto acquired = [&ran](boost::system::error_code, weft::permit) { ++ran; };
+    auto woken = [&ran](boost::system::error_code) { ++ran; };
+    weft::async_acquire(sem, 1,
+                        asio::bind_cancellation_slot(
+                            acquire_signal.slot(), asio::bind_executor(pool.executor(), acquired)));
+    weft::async_wait(source.token(),
+                     asio::bind_cancellation_slot(wait_signal.slot(),
+                                                  asio::bind_executor(pool.executor(), woken)));
+    pool.shutdown();
+    sem.release(1);   // grants the acquire; the pool refuses its completion
+    source.cancel();  // ends the wait; refused the same way
+    CHECK(pool.stats().rejected == 2);
+  }
+  CHECK(ran == 0);
+  CHECK_FALSE(acquire_signal.slot().has_handler());
+  CHECK_FALSE(wait_signal.slot().has_handler());
+  acquire_signal.emit(asio::cancellation_type::terminal);
+  wait_signal.emit(asio::cancellation_type::terminal);
+  CHECK(sem.try_acquire(1));  // the refused grant gave its permit back
 }

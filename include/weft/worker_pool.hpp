@@ -50,7 +50,7 @@
 // returns, and runs before join() returns (on the thread that calls join(),
 // if the workers have already exited; after shutdown_now(), join() drops
 // it). What Asio hands over while join() stops the pool's Asio services is
-// dropped (see asio/executor.hpp).
+// destroyed and counted as rejected (see asio/executor.hpp).
 //
 // Thread safety: every member may be called concurrently, except that the
 // destructor and join() must not run on one of the pool's own workers (the
@@ -319,12 +319,9 @@ class worker_pool {
       std::lock_guard extensions_guard(extensions_mutex_);
       hooks.swap(joined_hooks_);
     }
-    if (hooks.empty()) return;
+    // What Asio's reactor hands over while the context stops it finds the
+    // queue closed, and is destroyed and counted as rejected.
     for (auto& hook : hooks) hook();
-    // What Asio's reactor handed over while the context stopped it is
-    // dropped, as io_context drops what is queued when it is destroyed:
-    // left queued, it would outlive the services it refers to.
-    counters_.dropped.fetch_add(drop_queued(), std::memory_order_relaxed);
   }
 
   bool is_shutdown() const noexcept { return closed_.load(std::memory_order_acquire); }

@@ -86,15 +86,26 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     }
   };
 
+  // Owns the waiter until it runs; destroyed unrun, it clears the
+  // handler's slot as it frees the waiter (see async_waiter's completion).
   struct completion {
-    std::unique_ptr<token_waiter> waiter;
+    explicit completion(token_waiter& owned) noexcept : waiter(&owned) {}
+    completion(completion&&) noexcept = default;
+    completion& operator=(completion&&) = delete;
+    ~completion() {
+      if (waiter) waiter.release()->destroy();
+    }
+
     void operator()() {
-      boost::asio::get_associated_cancellation_slot(waiter->handler_).clear();
-      auto handler = std::move(waiter->handler_);
-      const auto error = waiter->error_;
-      waiter.reset();
+      std::unique_ptr<token_waiter> self = std::move(waiter);
+      boost::asio::get_associated_cancellation_slot(self->handler_).clear();
+      auto handler = std::move(self->handler_);
+      const auto error = self->error_;
+      self.reset();
       std::move(handler)(error);
     }
+
+    std::unique_ptr<token_waiter> waiter;
   };
 
   void claim(std::error_code error) noexcept {
@@ -104,7 +115,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     if (service->begin_post(*this)) {
       auto executor = work_;
       try {
-        boost::asio::post(std::move(executor), completion{std::unique_ptr<token_waiter>(this)});
+        boost::asio::post(std::move(executor), completion{*this});
       } catch (...) {  // the executor refused it; the completion, destroyed, freed the waiter
       }
     } else {

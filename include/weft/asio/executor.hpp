@@ -31,9 +31,9 @@
 // pool's context are abandoned and their handlers destroyed, as
 // io_context's destructor does: a coroutine waiting on one is destroyed,
 // and a task group's coroutine ends its task with weft::rejected. What
-// Asio's reactor thread hands over while the services stop it is dropped
-// before join() returns (counted in stats().dropped), as io_context drops
-// what is queued when it is destroyed.
+// Asio's reactor thread hands over while the services stop it is destroyed
+// at once and counted in stats().rejected, as all work handed over after
+// shutdown is.
 //
 // Thread safety: an executor is a pointer to its pool; copy it and use the
 // copies from any thread while the pool lives.

@@ -250,15 +250,28 @@ class async_waiter final : public wait_node, public context_bound_waiter {
     }
   };
 
+  // Owns the waiter until it runs. Destroyed unrun (its executor refused
+  // or dropped it, or its context shut down), it clears the handler's
+  // cancellation slot as it frees the waiter: left installed there, the
+  // slot's handler would reach the freed waiter at the next emission.
   struct completion {
-    std::unique_ptr<async_waiter> waiter;
+    explicit completion(async_waiter& owned) noexcept : waiter(&owned) {}
+    completion(completion&&) noexcept = default;
+    completion& operator=(completion&&) = delete;
+    ~completion() {
+      if (waiter) destroy(*waiter.release());
+    }
+
     void operator()() {
-      boost::asio::get_associated_cancellation_slot(waiter->handler_).clear();
-      auto handler = std::move(waiter->handler_);
-      auto arguments = waiter->result_.arguments();
-      waiter.reset();  // free before the upcall, as Asio does
+      std::unique_ptr<async_waiter> self = std::move(waiter);
+      boost::asio::get_associated_cancellation_slot(self->handler_).clear();
+      auto handler = std::move(self->handler_);
+      auto arguments = self->result_.arguments();
+      self.reset();  // free before the upcall, as Asio does
       std::apply(std::move(handler), std::move(arguments));
     }
+
+    std::unique_ptr<async_waiter> waiter;
   };
 
   static void post_completion(wait_node& node) noexcept {
@@ -268,7 +281,7 @@ class async_waiter final : public wait_node, public context_bound_waiter {
     if (service->begin_post(*self)) {
       auto executor = self->work_;
       try {
-        boost::asio::post(std::move(executor), completion{std::unique_ptr<async_waiter>(self)});
+        boost::asio::post(std::move(executor), completion{*self});
       } catch (...) {  // the executor refused it: the completion, destroyed, gave back what it held
       }
     } else {
