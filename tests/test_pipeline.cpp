@@ -9,12 +9,16 @@
 // lists the source as blocked on its output channel.
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
+#include <weft/manual_clock.hpp>
 #include <weft/pipeline.hpp>
 #include <weft/registry.hpp>
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -212,6 +216,131 @@ TEST_CASE("pipeline: bad options are refused at once") {
   CHECK_THROWS_AS((void)weft::pipeline(input).stage([](int x) { return x; }, {.workers = 0}), std::invalid_argument);
   CHECK_THROWS_AS((void)weft::pipeline(input).batch(0, 1ms), std::invalid_argument);
   CHECK_THROWS_AS((void)weft::pipeline(input).sink([](int) {}, {.workers = 0}), std::invalid_argument);
+  // Accepted and ignored, this let four sink workers take items out of order.
+  CHECK_THROWS_AS((void)weft::pipeline(input).sink([](int) {}, {.workers = 4, .ordered = true}),
+                  std::invalid_argument);
+  CHECK_NOTHROW((void)weft::pipeline(input).sink([](int) {}, {.workers = 1, .ordered = true}));
+}
+
+// These crashed on a null state.
+TEST_CASE("pipeline: a pipeline moved on, or a runnable one moved from, throws std::logic_error") {
+  std::vector<int> input{1, 2, 3};
+  auto source = weft::pipeline(input);
+  auto next = std::move(source).stage([](int x) { return x; });
+  CHECK_THROWS_AS((void)std::move(source).sink([](int) {}), std::logic_error);
+  CHECK_THROWS_AS((void)std::move(source).batch(2, 1ms), std::logic_error);
+  auto runnable = std::move(next).sink([](int) {});
+  auto moved = std::move(runnable);
+  CHECK_THROWS_AS(runnable.run(), std::logic_error);
+  CHECK_THROWS_AS((void)runnable.stats(), std::logic_error);
+  CHECK_THROWS_AS((void)runnable.bottleneck(), std::logic_error);
+  moved.run();
+}
+
+// A channel of another clock (or of items only convertible to T) was read
+// as a plain range, with a receive that no token stops: after a failure,
+// run() waited for the channel to be closed.
+TEST_CASE("pipeline: a source channel of any clock or item type stops with the pipeline") {
+  weft::basic_channel<int, weft::manual_clock> timed{4};
+  REQUIRE(timed.send(1) == weft::wait_status::ok);
+  auto p = weft::pipeline(timed).sink([](int) { throw std::runtime_error("sink failed"); });
+  CHECK_THROWS_WITH_AS(p.run(), "sink failed", std::runtime_error);
+
+  weft::channel<int> narrow{4};
+  REQUIRE(narrow.send(7) == weft::wait_status::ok);
+  weft::cancel_source request;
+  std::vector<long> got;
+  auto widening = weft::pipeline<long>(narrow).sink([&](long value) {
+    got.push_back(value);
+    request.cancel();  // while the source waits on the open, empty channel
+  });
+  CHECK_THROWS_AS(widening.run(request.token()), std::system_error);
+  CHECK(got == std::vector<long>{7});
+}
+
+// duration_cast<nanoseconds>(hours::max()) overflowed into the past, and
+// every item went on alone.
+TEST_CASE("pipeline: batch with a max_wait past the clock's range waits for size only") {
+  std::vector<int> input(10);
+  std::iota(input.begin(), input.end(), 0);
+  std::vector<std::size_t> sizes;
+  auto p =
+      weft::pipeline(input).batch(5, std::chrono::hours::max()).sink([&](std::vector<int> batch) {
+        sizes.push_back(batch.size());
+      });
+  p.run();
+  CHECK(sizes == std::vector<std::size_t>{5, 5});
+}
+
+// The batch reserved room for `size` items up front: bad_alloc or
+// length_error from run().
+TEST_CASE("pipeline: batch with a huge size sends what it has at the end") {
+  std::vector<std::vector<int>> batches;
+  auto p = weft::pipeline(std::vector<int>{1, 2, 3})
+               .batch(std::numeric_limits<std::size_t>::max(), std::chrono::hours::max())
+               .sink([&](std::vector<int> batch) { batches.push_back(std::move(batch)); });
+  p.run();
+  REQUIRE(batches.size() == 1);
+  CHECK(batches[0] == std::vector<int>{1, 2, 3});
+}
+
+// A stage that threw closed its output as if its input had ended, before
+// the group cancelled the pipeline: batch() then sent its partial batch on
+// to the sink (about 1 run in 3,000).
+TEST_CASE("pipeline: after a failure upstream, a partial batch never reaches the sink") {
+  for (int round = 0; round < 300; ++round) {
+    int next = 0;
+    std::atomic<int> batches{0};
+    auto p = weft::pipeline([&]() -> std::optional<int> {
+               if (next == 3) throw std::runtime_error("source failed");
+               return next++;
+             })
+                 .batch(100, 1h)
+                 .sink([&](std::vector<int>) { ++batches; });
+    CHECK_THROWS_WITH_AS(p.run(), "source failed", std::runtime_error);
+    REQUIRE(batches.load() == 0);
+  }
+}
+
+namespace {
+// 0, 1, ..., n - 1, each a temporary, as std::views::iota(0, n) gives them
+// (which libc++ 14 lacks).
+struct count_to {
+  struct iterator {
+    using value_type = int;
+    using difference_type = std::ptrdiff_t;
+    int at = 0;
+    int operator*() const { return at; }
+    iterator& operator++() {
+      ++at;
+      return *this;
+    }
+    iterator operator++(int) { return iterator{at++}; }
+    bool operator==(const iterator&) const = default;
+  };
+  int n;
+  iterator begin() const { return iterator{0}; }
+  iterator end() const { return iterator{n}; }
+};
+}  // namespace
+
+TEST_CASE(
+    "pipeline: expand over a range of temporaries, and move-only items from a range moved in") {
+  std::vector<int> sums;
+  auto counted = weft::pipeline(std::vector<int>{3, 2})
+                     .expand([](int n) { return count_to{n}; })
+                     .sink([&](int x) { sums.push_back(x); });
+  counted.run();
+  CHECK(sums == std::vector<int>{0, 1, 2, 0, 1});
+
+  std::vector<std::unique_ptr<int>> owned;
+  owned.push_back(std::make_unique<int>(5));
+  owned.push_back(std::make_unique<int>(6));
+  int total = 0;
+  auto moved =
+      weft::pipeline(std::move(owned)).sink([&](std::unique_ptr<int> item) { total += *item; });
+  moved.run();
+  CHECK(total == 11);
 }
 
 TEST_CASE("pipeline: stats count every stage, and bottleneck() names the slowest per worker") {

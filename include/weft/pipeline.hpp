@@ -28,9 +28,11 @@
 //    grows. An ordered stage emits its outputs in its inputs' order even
 //    with several workers; an unordered one does not pay for that.
 //  - batch(n, max_wait) groups items into std::vector batches of at most n,
-//    sending a partial batch once its first item has waited max_wait, and
-//    what is left at the end.
-//  - sink(f, options) ends the pipeline; run(token) runs it once: it returns
+//    sending a partial batch once its first item has waited max_wait (one
+//    past the clock's range, hours::max(), never), and what is left at the
+//    end.
+//  - sink(f, options) ends the pipeline (ordered only with one worker: a
+//    sink has no output to put in order); run(token) runs it once: it returns
 //    when the source is exhausted and every item reached the sink. The first
 //    exception (from the source, a stage or the sink) cancels the whole
 //    pipeline, every stage is joined, and run() rethrows it; a cancelled
@@ -45,7 +47,8 @@
 // (spent in f, sampled on one call in 16 and scaled), time blocked waiting
 // for input (its input channel's receivers' queued time) and blocked handing
 // output on (its output channel's senders' queued time). bottleneck() names
-// the stage busiest per worker.
+// the stage busiest per worker. The source's busy time is not measured (it
+// shows 0): a slow source shows as every stage waiting for input.
 //
 // Thread safety: building and run() from one thread; stats() and
 // bottleneck() from any thread, also while it runs.
@@ -204,12 +207,31 @@ class stage_base {
 template <class T>
 struct stage_output {
   std::shared_ptr<basic_channel<T>> channel;
-  std::atomic<std::size_t> running{0};  // the last worker to finish closes the channel
+  std::atomic<std::size_t> running{0};  // the last worker to return closes the channel
 
   void worker_started() noexcept { running.fetch_add(1, std::memory_order_relaxed); }
-  void worker_finished() noexcept {
-    if (running.fetch_sub(1, std::memory_order_acq_rel) == 1) channel->close();
-  }
+
+  // Held by a worker task while it runs. The last worker to return closes
+  // the channel: the next stage's input has ended. A worker that throws
+  // leaves it open. Closed, it would tell the next stage that its input had
+  // ended before the group has recorded the failure and cancelled the token
+  // that stops every stage, and batch() would send its partial batch on.
+  class worker_scope {
+   public:
+    explicit worker_scope(stage_output& output) noexcept : output_(output) {}
+    worker_scope(const worker_scope&) = delete;
+    worker_scope& operator=(const worker_scope&) = delete;
+    ~worker_scope() {
+      if (std::uncaught_exceptions() == exceptions_ &&
+          output_.running.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        output_.channel->close();
+      }
+    }
+
+   private:
+    stage_output& output_;
+    const int exceptions_ = std::uncaught_exceptions();
+  };
 };
 
 template <class T>
@@ -224,10 +246,7 @@ class source_stage final : public stage_base {
   void start(task_group& group) override {
     output_.worker_started();
     group.go([this](const cancel_token& token) {
-      struct finish {
-        source_stage& self;
-        ~finish() { self.output_.worker_finished(); }
-      } on_exit{*this};
+      const typename stage_output<T>::worker_scope running{output_};
       if (!produce_(*output_.channel, token)) progress_.interrupted.store(true, std::memory_order_relaxed);
     });
   }
@@ -266,10 +285,7 @@ class map_stage final : public stage_base {
     for (std::size_t i = 0; i < workers_; ++i) {
       output_.worker_started();
       group.go([this](const cancel_token& token) {
-        struct finish {
-          map_stage& self;
-          ~finish() { self.output_.worker_finished(); }
-        } on_exit{*this};
+        const typename stage_output<Out>::worker_scope running{output_};
         work(token);
       });
     }
@@ -333,7 +349,7 @@ class map_stage final : public stage_base {
   bool process(busy_sampler& sampler, In&& item, const cancel_token& token) {
     auto result = call(sampler, std::move(item), token);
     if constexpr (Kind == stage_kind::expand) {
-      for (auto& element : result) {
+      for (auto&& element : result) {
         if (output_.channel->send(Out(std::move(element)), token) != wait_status::ok) return false;
       }
       return true;
@@ -349,7 +365,7 @@ class map_stage final : public stage_base {
     std::vector<Out> out;
     auto result = call(sampler, std::move(item), token);
     if constexpr (Kind == stage_kind::expand) {
-      for (auto& element : result) out.emplace_back(std::move(element));
+      for (auto&& element : result) out.emplace_back(std::move(element));
     } else if constexpr (is_optional<decltype(result)>) {
       if (result) out.emplace_back(std::move(*result));
     } else {
@@ -391,10 +407,13 @@ class map_stage final : public stage_base {
   std::vector<std::uint64_t> done_turns_;  // under turn_mutex_
 };
 
-template <class T>
+// Wait: the std::chrono::duration batch() was given, kept as it is so that
+// with_timeout saturates a long one (hours::max(): no time limit) instead
+// of its conversion to nanoseconds overflowing into the past.
+template <class T, class Wait>
 class batch_stage final : public stage_base {
  public:
-  batch_stage(std::shared_ptr<basic_channel<T>> input, std::size_t size, std::chrono::nanoseconds max_wait)
+  batch_stage(std::shared_ptr<basic_channel<T>> input, std::size_t size, Wait max_wait)
       : stage_base("batch", 1), input_(std::move(input)), size_(size), max_wait_(max_wait) {}
 
   stage_output<std::vector<T>>& output() noexcept { return output_; }
@@ -402,10 +421,7 @@ class batch_stage final : public stage_base {
   void start(task_group& group) override {
     output_.worker_started();
     group.go([this](const cancel_token& token) {
-      struct finish {
-        batch_stage& self;
-        ~finish() { self.output_.worker_finished(); }
-      } on_exit{*this};
+      const typename stage_output<std::vector<T>>::worker_scope running{output_};
       if (!work(token)) progress_.interrupted.store(true, std::memory_order_relaxed);
     });
   }
@@ -413,18 +429,23 @@ class batch_stage final : public stage_base {
   stage_stats stats() const override { return between_stats(*input_, *output_.channel); }
 
  private:
+  // Room made up front for a batch: a size meant as "no limit but time"
+  // must not allocate that much before the first item.
+  static constexpr std::size_t most_reserved = 1024;
+
   // False when cancelled.
   bool work(const cancel_token& token) {
+    const std::size_t reserved = std::min(size_, most_reserved);
     std::vector<T> batch;
     std::optional<cancel_source> flush_at;  // the first item's deadline
     const auto flush = [&] {
       if (batch.empty()) return true;
       flush_at.reset();
       auto full = std::exchange(batch, {});
-      batch.reserve(size_);
+      batch.reserve(reserved);
       return output_.channel->send(std::move(full), token) == wait_status::ok;
     };
-    batch.reserve(size_);
+    batch.reserve(reserved);
     for (;;) {
       auto item = input_->recv(flush_at ? flush_at->token() : token);
       if (item) {
@@ -441,7 +462,7 @@ class batch_stage final : public stage_base {
 
   std::shared_ptr<basic_channel<T>> input_;
   const std::size_t size_;
-  const std::chrono::nanoseconds max_wait_;
+  const Wait max_wait_;
   stage_output<std::vector<T>> output_;
 };
 
@@ -491,6 +512,11 @@ class sink_stage final : public stage_base {
 };
 
 template <class T>
+inline constexpr bool is_channel = false;
+template <class T, class Clock>
+inline constexpr bool is_channel<basic_channel<T, Clock>> = true;
+
+template <class T>
 struct generator_value {};
 template <class U>
 struct generator_value<std::optional<U>> {
@@ -510,6 +536,7 @@ class runnable_pipeline {
   // cancelled first. A pipeline runs once: a second run() throws
   // std::logic_error.
   void run(const cancel_token& token = {}) {
+    check_not_moved_from("run");
     if (state_->ran.exchange(true)) {
       throw std::logic_error("weft::pipeline \"" + state_->name + "\": run() was already called; a pipeline runs once");
     }
@@ -533,6 +560,7 @@ class runnable_pipeline {
   }
 
   pipeline_stats stats() const {
+    check_not_moved_from("stats");
     pipeline_stats s;
     for (const auto& stage : state_->stages) s.stages.push_back(stage->stats());
     const auto started = state_->started_ns.load(std::memory_order_relaxed);
@@ -572,6 +600,12 @@ class runnable_pipeline {
 
   explicit runnable_pipeline(std::unique_ptr<shared_state> state) : state_(std::move(state)) {}
 
+  void check_not_moved_from(const char* what) const {
+    if (!state_) {
+      throw std::logic_error(std::string("weft::runnable_pipeline::") + what + ": this pipeline was moved from");
+    }
+  }
+
   static std::int64_t now_ns() noexcept {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
         .count();
@@ -584,28 +618,36 @@ class runnable_pipeline {
 template <class T>
 class pipeline {
  public:
-  // From a range: each element, in order.
+  // From a range: each element, in order (moved out of a range moved in).
   template <std::ranges::input_range Range>
-    requires(!std::is_same_v<std::remove_cvref_t<Range>, basic_channel<T>> &&
-             std::is_convertible_v<std::ranges::range_reference_t<Range>, T>)
+    requires(!detail::is_channel<std::remove_cvref_t<Range>> &&
+             std::is_convertible_v<std::conditional_t<std::is_lvalue_reference_v<Range>,
+                                                      std::ranges::range_reference_t<Range>,
+                                                      std::ranges::range_rvalue_reference_t<Range>>,
+                                   T>)
   explicit pipeline(Range&& range, std::string name = "pipeline") : pipeline(std::move(name), 0) {
     if constexpr (std::is_lvalue_reference_v<Range>) {
       add_source([source = &range](basic_channel<T>& out, const cancel_token& token) {
-        return send_all(*source, out, token);
+        return send_all<forwarded_elements>(*source, out, token);
       });
     } else {
       add_source([source = std::make_shared<std::remove_cvref_t<Range>>(std::move(range))](
-                     basic_channel<T>& out, const cancel_token& token) { return send_all(*source, out, token); });
+                     basic_channel<T>& out, const cancel_token& token) {
+        return send_all<moved_elements>(*source, out, token);
+      });
     }
   }
 
-  // From a channel: each value until it is closed and drained.
-  explicit pipeline(basic_channel<T>& channel, std::string name = "pipeline") : pipeline(std::move(name), 0) {
+  // From a channel (of any clock, and of items convertible to T): each
+  // value until it is closed and drained.
+  template <class U, class Clock>
+    requires std::is_convertible_v<U, T>
+  explicit pipeline(basic_channel<U, Clock>& channel, std::string name = "pipeline") : pipeline(std::move(name), 0) {
     add_source([&channel](basic_channel<T>& out, const cancel_token& token) {
       for (;;) {
         auto value = channel.recv(token);
         if (!value) return value.status() == wait_status::closed;
-        if (out.send(std::move(*value), token) != wait_status::ok) return false;
+        if (out.send(T(std::move(*value)), token) != wait_status::ok) return false;
       }
     });
   }
@@ -630,6 +672,7 @@ class pipeline {
   // after the item.
   template <class F>
   auto stage(F f, stage_options options = {}) && {
+    check_not_consumed("stage");
     using result = typename decltype(stage_result<F>())::type;
     static_assert(!std::is_void_v<result>, "weft::pipeline::stage: f returns nothing; end the pipeline with sink(f)");
     using out = typename output_of<result>::type;
@@ -639,6 +682,7 @@ class pipeline {
   // One to many: f(T) returns a range; each of its elements is sent on.
   template <class F>
   auto expand(F f, stage_options options = {}) && {
+    check_not_consumed("expand");
     using result = typename decltype(stage_result<F>())::type;
     static_assert(std::ranges::input_range<result>, "weft::pipeline::expand: f must return a range");
     using out = std::ranges::range_value_t<result>;
@@ -651,9 +695,10 @@ class pipeline {
   pipeline<std::vector<T>> batch(std::size_t size, std::chrono::duration<Rep, Period> max_wait,
                                  std::size_t buffer = 64) && {
     if (size == 0) throw std::invalid_argument("weft::pipeline::batch: size must be at least 1");
+    check_not_consumed("batch");
     auto input = connect(buffer, "batch");
-    auto stage = std::make_unique<detail::batch_stage<T>>(
-        std::move(input), size, std::chrono::duration_cast<std::chrono::nanoseconds>(max_wait));
+    auto stage = std::make_unique<detail::batch_stage<T, std::chrono::duration<Rep, Period>>>(std::move(input), size,
+                                                                                              max_wait);
     auto* output = &stage->output();
     state_->stages.push_back(std::move(stage));
     return pipeline<std::vector<T>>{std::move(state_), output};
@@ -664,7 +709,13 @@ class pipeline {
   runnable_pipeline sink(F f, stage_options options = {}) && {
     static_assert(std::is_invocable_v<F&, T&&> || std::is_invocable_v<F&, T&&, const cancel_token&>,
                   "weft::pipeline::sink: f must be callable with the item (and optionally a cancel_token)");
+    check_not_consumed("sink");
     check(options, "sink");
+    if (options.ordered && options.workers > 1) {
+      throw std::invalid_argument(
+          "weft::pipeline::sink: ordered needs a single worker (a sink's workers cannot keep their calls in input "
+          "order)");
+    }
     if (options.name.empty()) options.name = "sink";
     auto input = connect(options.buffer, options.name);
     state_->stages.push_back(std::make_unique<detail::sink_stage<T, F>>(std::move(input), std::move(f), options));
@@ -681,10 +732,19 @@ class pipeline {
   pipeline(std::unique_ptr<shared_state> state, detail::stage_output<T>* tail) noexcept
       : state_(std::move(state)), tail_(tail) {}
 
-  template <class Range>
+  // A range the pipeline owns gives up its elements; one it only refers to
+  // gives what its iterators give (copies of lvalues).
+  static constexpr bool moved_elements = true;
+  static constexpr bool forwarded_elements = false;
+
+  template <bool Move, class Range>
   static bool send_all(Range& range, basic_channel<T>& out, const cancel_token& token) {
     for (auto&& element : range) {
-      if (out.send(T(std::forward<decltype(element)>(element)), token) != wait_status::ok) return false;
+      if constexpr (Move) {
+        if (out.send(T(std::move(element)), token) != wait_status::ok) return false;
+      } else {
+        if (out.send(T(std::forward<decltype(element)>(element)), token) != wait_status::ok) return false;
+      }
     }
     return true;
   }
@@ -716,6 +776,16 @@ class pipeline {
   struct output_of<std::optional<U>> {
     using type = U;
   };
+
+  // stage(), expand(), batch() and sink() move the pipeline on into the
+  // object they return.
+  void check_not_consumed(const char* what) const {
+    if (!state_) {
+      throw std::logic_error(std::string("weft::pipeline::") + what +
+                             ": this pipeline was moved from (stage(), expand(), batch() and sink() move it on into "
+                             "the pipeline they return)");
+    }
+  }
 
   static void check(const stage_options& options, const char* what) {
     if (options.workers == 0) {
