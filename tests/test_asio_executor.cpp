@@ -14,6 +14,7 @@
 // group posts to the coroutine's executor, cannot run beside the coroutine.
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
+#include <weft/channel.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/task_group.hpp>
@@ -28,6 +29,7 @@
 #include <future>
 #include <latch>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -319,6 +321,55 @@ TEST_CASE("asio executor: work handed over after the pool shut down is dropped, 
   CHECK(permits.available() == 1);  // the dropped completion gave its permit back
   CHECK(pool.stats().rejected == 2);
   CHECK(pool.stats().dropped == 0);
+}
+
+// Once join() has shut the pool's Asio services down, nothing would
+// withdraw a wait for a handler on the pool: such a wait is destroyed as
+// it starts, as an operation started on a shut-down io_context is, and
+// takes nothing. It used to be queued, keeping its handler alive until a
+// grant came, and to take what that grant gave.
+TEST_CASE("asio executor: an async wait started after join() is destroyed at once, never queued" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::semaphore permits{1};
+  permits.acquire(1);
+  weft::wait_group group;
+  group.add(1);
+  weft::channel<int> empty{1};
+  weft::channel<int> full{1};
+  full.send(1);
+  weft::cancel_source source;
+  // Warms the pool's context up, so its services exist when it shuts down.
+  weft::async_acquire(permits, 1,
+                      asio::bind_executor(pool.executor(), [](error_code, weft::permit) {}));
+  pool.shutdown();
+  pool.join();
+
+  std::atomic<int> ran{0};
+  const auto held = std::make_shared<int>(0);
+  const auto handler = [&] {
+    return asio::bind_executor(pool.executor(), [&ran, held](auto&&...) { ran.fetch_add(1); });
+  };
+  weft::async_acquire(permits, 1, handler());
+  CHECK(held.use_count() == 1);
+  weft::async_wait(group, handler());
+  CHECK(held.use_count() == 1);
+  weft::async_recv(empty, handler());
+  CHECK(held.use_count() == 1);
+  weft::async_send(full, 2, handler());
+  CHECK(held.use_count() == 1);
+  weft::async_wait(source.token(), handler());
+  CHECK(held.use_count() == 1);
+
+  CHECK(permits.stats().waiters == 0);
+  permits.release(1);
+  CHECK(permits.available() == 1);
+  group.done();
+  source.cancel();
+  CHECK(empty.try_send(3));
+  CHECK(full.try_recv() == std::optional<int>{1});
+  CHECK(full.try_recv() == std::nullopt);  // the discarded send's value never arrived
+  CHECK(ran.load() == 0);
 }
 
 // join() shuts the pool's Asio services down, and a service that owns a

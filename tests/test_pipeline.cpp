@@ -220,6 +220,13 @@ TEST_CASE("pipeline: bad options are refused at once") {
   CHECK_THROWS_AS((void)weft::pipeline(input).sink([](int) {}, {.workers = 4, .ordered = true}),
                   std::invalid_argument);
   CHECK_NOTHROW((void)weft::pipeline(input).sink([](int) {}, {.workers = 1, .ordered = true}));
+  // Their sum wrapped to one worker for them all, and run() hung.
+  const std::size_t half = std::numeric_limits<std::size_t>::max() / 2 + 1;
+  auto too_many = weft::pipeline(input)
+                      .stage([](int x) { return x; }, {.workers = half})
+                      .stage([](int x) { return x; }, {.workers = half})
+                      .sink([](int) {});
+  CHECK_THROWS_AS(too_many.run(), std::invalid_argument);
 }
 
 // These crashed on a null state.

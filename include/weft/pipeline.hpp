@@ -71,6 +71,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -541,7 +542,16 @@ class runnable_pipeline {
       throw std::logic_error("weft::pipeline \"" + state_->name + "\": run() was already called; a pipeline runs once");
     }
     std::size_t tasks = 0;
-    for (const auto& stage : state_->stages) tasks += stage->workers();
+    for (const auto& stage : state_->stages) {
+      // A sum that wrapped would size the pool below the stages' workers,
+      // which all wait on each other: a hang instead of an error.
+      if (stage->workers() > std::numeric_limits<std::size_t>::max() - tasks) {
+        throw std::invalid_argument(
+            "weft::pipeline \"" + state_->name +
+            "\": the stages' workers add up to more than a std::size_t holds");
+      }
+      tasks += stage->workers();
+    }
     worker_pool pool{{.workers = tasks, .queue_capacity = tasks, .name = state_->name}};
     state_->started_ns.store(now_ns(), std::memory_order_relaxed);
     const auto record_end = [&] { state_->finished_ns.store(now_ns(), std::memory_order_relaxed); };

@@ -41,6 +41,10 @@
 //    granted by plain-thread releases: asio::post never throws (work handed
 //    over after shutdown is dropped, weft/asio/executor.hpp), every function
 //    runs once or is destroyed, no permit is lost, every frame destroyed.
+//  - Async waits of every kind (semaphore, wait_group, both channel ops,
+//    cancel token) started on another thread while join() stops the
+//    pool's Asio services, for handlers on that pool: join() returns, no
+//    handler runs, every handler is destroyed, no permit is kept.
 //  - A group's coroutine racing its pool's shutdown() or shutdown_now():
 //    a body that finished reports its own outcome, without waiting for
 //    join(); one that never started reports weft::rejected, or co_spawn
@@ -1453,6 +1457,128 @@ TEST_CASE(
   CHECK(bad.load() == 0);
   CHECK(alive.load() == 0);
   CHECK(frame_counter::live.load() == 0);
+}
+
+namespace {
+
+// A handler bound to a pool whose cancellation slot lookup dawdles: the
+// initiating functions look the slot up after they made their waiter and
+// before they queue it, so the dawdle widens the moment that a concurrent
+// join() must not fall into.
+struct dawdling_handler {
+  using executor_type = weft::pool_executor;
+  using cancellation_slot_type = asio::cancellation_slot;
+
+  executor_type get_executor() const noexcept { return executor; }
+  cancellation_slot_type get_cancellation_slot() const noexcept {
+    for (int i = 0; i < spins; ++i) std::this_thread::yield();
+    return slot;
+  }
+
+  template <class... Arguments>
+  void operator()(Arguments&&...) {
+    ran->fetch_add(1);
+  }
+
+  weft::pool_executor executor;
+  asio::cancellation_slot slot;
+  int spins = 0;
+  std::atomic<int>* ran = nullptr;
+  handler_mark mark;
+};
+
+}  // namespace
+
+// join() shuts the pool's Asio services down; an async wait for a handler
+// on the pool may be starting on another thread at that moment. The
+// shutdown withdrew what it found listed, and waited for the grant of what
+// it could not withdraw: a wait listed but not yet queued made it wait for
+// a grant that only came after join() (a hang), and the token's waiter was
+// freed under its own start() (a use after free).
+TEST_CASE(
+    "asio shutdown: async waits started as join() stops the pool's services neither hang it nor "
+    "outlive it" *
+    doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  std::mt19937_64 rng{seed ^ 0x701d};
+
+  std::atomic<long> alive{0};
+  std::atomic<std::uint64_t> bad{0};
+  std::uint64_t rounds = 0;
+  const auto until = std::chrono::steady_clock::now() + run_budget();
+  for (std::uint64_t round = 0; round < iteration_cap(5'000); ++round) {
+    if (std::chrono::steady_clock::now() >= until) break;
+    ++rounds;
+    weft::semaphore sem{1};
+    sem.acquire(1);
+    weft::wait_group group;
+    group.add(1);
+    weft::channel<int> empty{1};
+    weft::channel<int> full{1};
+    full.send(0);
+    weft::cancel_source source;
+    std::deque<asio::cancellation_signal> signals;
+    std::atomic<int> ran{0};
+    {
+      weft::worker_pool pool{{.workers = 1}};
+      auto handler = [&](std::uint64_t spins) {
+        return dawdling_handler{pool.executor(), signals.emplace_back().slot(),
+                                static_cast<int>(spins), &ran, handler_mark{alive}};
+      };
+      // The first wait makes the service, before any thread races join().
+      weft::async_acquire(sem, 1, handler(0));
+      const int ops = 1 + static_cast<int>(rng() % 4);
+      std::vector<std::pair<std::uint64_t, std::uint64_t>> plan;  // (kind, spins)
+      for (int k = 0; k < ops; ++k) plan.emplace_back(rng() % 5, rng() % 8);
+      std::vector<dawdling_handler> handlers;
+      for (const auto& [kind, spins] : plan) handlers.push_back(handler(spins));
+      std::atomic<bool> go{false};
+      std::thread starter([&, delay = rng() % 16] {
+        spin_until([&] { return go.load(); });
+        for (auto i = delay; i > 0; --i) std::this_thread::yield();
+        for (std::size_t k = 0; k < plan.size(); ++k) {
+          auto h = std::move(handlers[k]);
+          switch (plan[k].first) {
+            case 0:
+              weft::async_acquire(sem, 1, std::move(h));
+              break;
+            case 1:
+              weft::async_wait(group, std::move(h));
+              break;
+            case 2:
+              weft::async_recv(empty, std::move(h));
+              break;
+            case 3:
+              weft::async_send(full, 1, std::move(h));
+              break;
+            default:
+              weft::async_wait(source.token(), std::move(h));
+              break;
+          }
+        }
+      });
+      go.store(true);
+      for (auto i = rng() % 16; i > 0; --i) std::this_thread::yield();
+      pool.shutdown();
+      pool.join();  // hung here
+      starter.join();
+      // Whatever was queued is granted now, to a pool that is gone: each
+      // is destroyed, and gives back what the grant gave it.
+      sem.release(1);
+      group.done();
+      empty.close();
+      if (!full.try_recv()) bad.fetch_add(1);
+      full.close();
+      source.cancel();
+    }
+    if (ran.load() != 0) bad.fetch_add(1);
+    if (alive.load() != 0) bad.fetch_add(1);
+    if (sem.available() != 1 || sem.stats().waiters != 0) bad.fetch_add(1);
+  }
+  CHECK(rounds > 0);
+  CHECK(bad.load() == 0);
+  CHECK(alive.load() == 0);
 }
 
 // Asio work that finds the pool's queue full goes past it, to a list the

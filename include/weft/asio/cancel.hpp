@@ -38,6 +38,14 @@ namespace detail {
 
 // Completes once: when the token is cancelled (success) or when the
 // handler's slot is emitted (errc::cancelled), whichever comes first.
+//
+// Three parties may end the wait: the token's callback, the slot's handler,
+// and the context's shutdown (withdraw). The first to set its claim bit in
+// state_bits_ owns the ending. The waiter becomes visible to them one by one as
+// start() runs (the slot, the service, the token's callback list), so an
+// ending that is claimed before start() has set `started` is left to
+// start(), which finishes it as its last step: nobody frees the waiter
+// while start() still uses it.
 template <class Handler>
 class token_waiter final : public callback_node, public context_bound_waiter {
  public:
@@ -47,8 +55,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
         work_(tracked_executor(handler_)),
         service_(&waiter_service::of(work_)) {
     state_->ref();
-    invoke = [](callback_node& node) noexcept { static_cast<token_waiter&>(node).claim({}); };
-    service_->add(*this);
+    invoke = [](callback_node& node) noexcept { static_cast<token_waiter&>(node).claim(by_token); };
   }
 
   // Removes the token's callback also when the completion is destroyed
@@ -61,7 +68,8 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   }
 
   bool withdraw() noexcept override {
-    if (claimed_.exchange(true, std::memory_order_acq_rel)) return false;
+    bool was_started = false;
+    if (!take_claim(withdrawn, was_started) || !was_started) return false;
     destroy();
     return true;
   }
@@ -72,17 +80,31 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     auto slot = boost::asio::get_associated_cancellation_slot(waiter->handler_);
     if (slot.is_connected()) slot.template emplace<cancel_handler>(waiter.get());
     auto* self = waiter.release();  // freed by its completion
+    // A context that is shutting down ends the wait unstarted, as it ends
+    // the operations it withdraws.
+    if (!self->service_->add(*self)) {
+      self->destroy();
+      return;
+    }
     self->state_->add_callback(*self);
+    const unsigned before = self->state_bits_.fetch_or(started, std::memory_order_acq_rel);
+    if ((before & claimed) != 0) self->end(before);
   }
 
  private:
+  // state_bits_: which party claimed the ending (at most one of the first
+  // three is set), and whether start() is done with the waiter.
+  static constexpr unsigned by_token = 1;
+  static constexpr unsigned by_slot = 2;
+  static constexpr unsigned withdrawn = 4;
+  static constexpr unsigned claimed = by_token | by_slot | withdrawn;
+  static constexpr unsigned started = 8;
+
   struct cancel_handler {
     explicit cancel_handler(token_waiter* target) noexcept : waiter(target) {}
     token_waiter* waiter;
     void operator()(boost::asio::cancellation_type_t type) const noexcept {
-      if (type != boost::asio::cancellation_type::none) {
-        waiter->claim(make_error_code(errc::cancelled));
-      }
+      if (type != boost::asio::cancellation_type::none) waiter->claim(by_slot);
     }
   };
 
@@ -108,10 +130,29 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     std::unique_ptr<token_waiter> waiter;
   };
 
-  void claim(std::error_code error) noexcept {
-    if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
-    error_ = boost::system::error_code(error);
+  // True when `party` is the first to claim the ending; `was_started` then
+  // says whether start() was done (if not, start() ends the wait).
+  bool take_claim(unsigned party, bool& was_started) noexcept {
+    unsigned before = state_bits_.load(std::memory_order_relaxed);
+    do {
+      if ((before & claimed) != 0) return false;
+    } while (!state_bits_.compare_exchange_weak(before, before | party, std::memory_order_acq_rel,
+                                                std::memory_order_relaxed));
+    was_started = (before & started) != 0;
+    return true;
+  }
+
+  void claim(unsigned party) noexcept {
+    bool was_started = false;
+    if (take_claim(party, was_started) && was_started) end(party);
+  }
+
+  // By the party that claimed the ending, or by start() for one claimed
+  // before it was done.
+  void end(unsigned bits) noexcept {
+    if ((bits & by_slot) != 0) error_ = boost::system::error_code(make_error_code(errc::cancelled));
     waiter_service* service = service_;
+    // A withdrawn waiter's begin_post finds the shutdown under way.
     if (service->begin_post(*this)) {
       auto executor = work_;
       try {
@@ -132,7 +173,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
 
   Handler handler_;
   cancel_state* state_;
-  std::atomic<bool> claimed_{false};
+  std::atomic<unsigned> state_bits_{0};
   boost::system::error_code error_;
   tracked_executor_t<Handler> work_;
   waiter_service* service_;

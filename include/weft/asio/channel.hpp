@@ -78,6 +78,7 @@ struct channel_access {
       return waiter_type::finish(std::move(waiter), wait_status::ok);
     }
     auto lock = queue.lock();
+    if (!waiter->enlist()) return discard_unlocked(std::move(waiter), lock);
     const auto finished = channel.send_or_enqueue(result.value, *waiter, lock);
     if (!finished) {
       waiter.release();  // owned by the queue until completed
@@ -103,6 +104,7 @@ struct channel_access {
       }
     }
     auto lock = queue.lock();
+    if (!waiter->enlist()) return discard_unlocked(std::move(waiter), lock);
     const auto finished = channel.recv_or_enqueue(result.incoming, *waiter, lock);
     if (!finished) {
       waiter.release();  // owned by the queue until completed
@@ -119,6 +121,15 @@ struct channel_access {
                               detail::wait_queue::lock_type& lock) {
     if (lock.owns_lock()) lock.unlock();
     Waiter::finish(std::move(waiter), status);
+  }
+
+  // The handler's context is shut down: the operation ends unstarted (its
+  // value, for a send, destroyed with it), after the lock is released.
+  template <class Waiter>
+  static void discard_unlocked(std::unique_ptr<Waiter> waiter,
+                               detail::wait_queue::lock_type& lock) {
+    lock.unlock();
+    Waiter::discard(std::move(waiter));
   }
 };
 

@@ -30,9 +30,11 @@
 // join() has joined the workers, Asio operations still pending on the
 // pool's context are abandoned and their handlers destroyed, as
 // io_context's destructor does: a coroutine waiting on one is destroyed,
-// and a task group's coroutine ends its task with weft::rejected. What
-// Asio's reactor thread hands over while the services stop it is destroyed
-// at once and counted in stats().rejected, as all work handed over after
+// and a task group's coroutine ends its task with weft::rejected; a weft
+// async wait (async_acquire, async_recv, ...) for a handler on the pool
+// started after that is destroyed as it starts, unqueued. What Asio's
+// reactor thread hands over while the services stop it is destroyed at
+// once and counted in stats().rejected, as all work handed over after
 // shutdown is.
 //
 // Thread safety: an executor is a pointer to its pool; copy it and use the

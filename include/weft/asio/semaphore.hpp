@@ -90,6 +90,10 @@ struct semaphore_access {
     bool taken = false;
     {
       auto lock = semaphore.queue_.lock();
+      if (!waiter->enlist()) {
+        lock.unlock();
+        return waiter_type::discard(std::move(waiter));
+      }
       taken = semaphore.take_or_enqueue(*waiter);
       if constexpr (requires { waiter->result().queued(Clock::now()); }) {
         if (!taken) waiter->result().queued(Clock::now());

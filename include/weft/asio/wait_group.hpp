@@ -37,6 +37,10 @@ struct wait_group_access {
     bool ready = false;
     {
       auto lock = group.queue_.lock();
+      if (!waiter->enlist()) {
+        lock.unlock();
+        return waiter_type::discard(std::move(waiter));
+      }
       ready = group.ready_or_enqueue(*waiter);
     }
     if (!ready) {

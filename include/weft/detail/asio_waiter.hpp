@@ -5,7 +5,9 @@
 // Life of an async waiter:
 //  1. The initiating function allocates it, installs a handler in the
 //     completion handler's associated cancellation slot (before the node can
-//     be seen by any other thread), and queues it, or completes it at once.
+//     be seen by any other thread), then, with the queue's lock held, lists
+//     it with its context's waiter_service (enlist) and queues it, or
+//     completes it at once.
 //  2. Whoever removes it from the queue (a grant, or cancel() from the slot
 //     handler) calls complete(), which posts a completion function to the
 //     handler's associated executor (system_executor when it has none). The
@@ -19,17 +21,24 @@
 // so io_context::run() does not return under a pending acquire.
 //
 // An io_context may still be destroyed (without running) while a waiter for
-// one of its handlers sits in a semaphore's queue. Every waiter is therefore
-// registered with a waiter_service of its handler's execution context; when
-// the context shuts down, the service withdraws each waiter still queued
-// (it leaves the queue without completing, and the handler is destroyed, as
-// Asio destroys the handlers of its own pending operations), so a later
-// release() never touches the dead context. A waiter that another thread
-// has already removed (a release() that granted it, on its way to post the
-// completion) is the remover's: the remover asks the service before it
-// posts (begin_post), the shutdown waits for posts under way, and a remover
-// that comes after the shutdown destroys the waiter instead of posting, its
-// result giving back what the grant gave it.
+// one of its handlers sits in a semaphore's queue. Every queued waiter is
+// therefore listed with a waiter_service of its handler's execution context;
+// when the context shuts down, the service withdraws each waiter still
+// queued (it leaves the queue without completing, and the handler is
+// destroyed, as Asio destroys the handlers of its own pending operations),
+// so a later release() never touches the dead context. A waiter that
+// another thread has already removed (a release() that granted it, on its
+// way to post the completion) is the remover's: the remover asks the
+// service before it posts (begin_post), the shutdown waits for posts under
+// way, and a remover that comes after the shutdown destroys the waiter
+// instead of posting, its result giving back what the grant gave it.
+//
+// A waiter is listed and queued under one hold of the queue's lock, which
+// withdraw() takes too: so the shutdown finds a listed waiter either queued
+// or removed by a grant whose post is on its way, never listed but not yet
+// queued (it would wait for a post that only a later grant makes). A
+// waiter started once the shutdown has begun is not listed, nor queued: it
+// is destroyed, as an operation started on a shut-down io_context is.
 #pragma once
 
 #include <weft/detail/wait_queue.hpp>
@@ -76,8 +85,8 @@ class context_bound_waiter {
 
   // At context shutdown: if the operation still waits, stop waiting without
   // completing, destroy it and return true. Return false if another thread
-  // has removed it (a grant, a cancellation): that thread will call the
-  // service's begin_post for it.
+  // has removed it (a grant, a cancellation), or if its initiation has not
+  // finished: that thread will call the service's begin_post for it.
   virtual bool withdraw() noexcept = 0;
 
  protected:
@@ -105,19 +114,23 @@ class waiter_service final : public boost::asio::execution_context::service {
         boost::asio::query(executor, boost::asio::execution::context));
   }
 
-  void add(context_bound_waiter& waiter) {
+  // False, and the waiter is not listed, once the shutdown has begun: the
+  // operation must not start waiting then, as nothing would withdraw it.
+  [[nodiscard]] bool add(context_bound_waiter& waiter) {
     std::lock_guard lock(mutex_);
+    if (shut_down_) return false;
     waiter.previous_ = nullptr;
     waiter.next_ = head_;
     if (head_ != nullptr) head_->previous_ = &waiter;
     head_ = &waiter;
     waiter.registered_ = true;
+    return true;
   }
 
   // For a waiter's destructor. A waiter leaves the list before its
   // completion is posted (begin_post) or it is withdrawn, so only one whose
-  // initiation failed is still listed here; the others do not touch the
-  // service, which may be gone by then.
+  // initiation failed after add() is still listed here; the others do not
+  // touch the service, which may be gone by then.
   void remove(context_bound_waiter& waiter) noexcept {
     if (!waiter.registered_) return;
     std::lock_guard lock(mutex_);
@@ -212,7 +225,6 @@ class async_waiter final : public wait_node, public context_bound_waiter {
         service_(&waiter_service::of(work_)) {
     complete = &post_completion;
     abandon = &destroy;
-    service_->add(*this);
   }
 
   ~async_waiter() { service_->remove(*this); }
@@ -228,6 +240,16 @@ class async_waiter final : public wait_node, public context_bound_waiter {
     auto slot = boost::asio::get_associated_cancellation_slot(handler_);
     if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
   }
+
+  // Step 2, with the queue's lock held, before the waiter may be queued:
+  // lists it with its context's service (see the top of this file). False
+  // when the context is shutting down or has shut down: do not queue it;
+  // release the lock and discard() it.
+  [[nodiscard]] bool enlist() { return service_->add(*this); }
+
+  // Ends a waiter that was never queued without completing it: the handler
+  // is destroyed.
+  static void discard(std::unique_ptr<async_waiter> waiter) noexcept { destroy(*waiter.release()); }
 
   // Completes a waiter that was never queued.
   static void finish(std::unique_ptr<async_waiter> waiter, wait_status status) noexcept {
