@@ -31,6 +31,7 @@
 #include <atomic>
 #include <memory>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 namespace weft {
@@ -47,13 +48,13 @@ namespace detail {
 // start(), which finishes it as its last step: nobody frees the waiter
 // while start() still uses it.
 template <class Handler>
-class token_waiter final : public callback_node, public context_bound_waiter {
+class token_waiter final : public callback_node,
+                           public handler_waiter<token_waiter<Handler>, Handler> {
+  using base = handler_waiter<token_waiter, Handler>;
+  friend base;
+
  public:
-  token_waiter(Handler handler, cancel_state* state)
-      : handler_(std::move(handler)),
-        state_(state),
-        work_(tracked_executor(handler_)),
-        service_(&waiter_service::of(work_)) {
+  token_waiter(Handler handler, cancel_state* state) : base(std::move(handler)), state_(state) {
     state_->ref();
     invoke = [](callback_node& node) noexcept { static_cast<token_waiter&>(node).claim(by_token); };
   }
@@ -62,7 +63,6 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   // unrun (its context shut down) after the slot claimed the wait; waits
   // for the callback if it is still returning on another thread.
   ~token_waiter() {
-    service_->remove(*this);
     state_->remove_callback(*this);
     state_->unref();
   }
@@ -70,7 +70,7 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   bool withdraw() noexcept override {
     bool was_started = false;
     if (!take_claim(withdrawn, was_started) || !was_started) return false;
-    destroy();
+    this->destroy();
     return true;
   }
 
@@ -108,28 +108,6 @@ class token_waiter final : public callback_node, public context_bound_waiter {
     }
   };
 
-  // Owns the waiter until it runs; destroyed unrun, it clears the
-  // handler's slot as it frees the waiter (see async_waiter's completion).
-  struct completion {
-    explicit completion(token_waiter& owned) noexcept : waiter(&owned) {}
-    completion(completion&&) noexcept = default;
-    completion& operator=(completion&&) = delete;
-    ~completion() {
-      if (waiter) waiter.release()->destroy();
-    }
-
-    void operator()() {
-      std::unique_ptr<token_waiter> self = std::move(waiter);
-      boost::asio::get_associated_cancellation_slot(self->handler_).clear();
-      auto handler = std::move(self->handler_);
-      const auto error = self->error_;
-      self.reset();
-      std::move(handler)(error);
-    }
-
-    std::unique_ptr<token_waiter> waiter;
-  };
-
   // True when `party` is the first to claim the ending; `was_started` then
   // says whether start() was done (if not, start() ends the wait).
   bool take_claim(unsigned party, bool& was_started) noexcept {
@@ -148,35 +126,18 @@ class token_waiter final : public callback_node, public context_bound_waiter {
   }
 
   // By the party that claimed the ending, or by start() for one claimed
-  // before it was done.
+  // before it was done. A withdrawn waiter's post finds the shutdown under
+  // way and destroys it.
   void end(unsigned bits) noexcept {
     if ((bits & by_slot) != 0) error_ = boost::system::error_code(make_error_code(errc::cancelled));
-    waiter_service* service = service_;
-    // A withdrawn waiter's begin_post finds the shutdown under way.
-    if (service->begin_post(*this)) {
-      auto executor = work_;
-      try {
-        boost::asio::post(std::move(executor), completion{*this});
-      } catch (...) {  // the executor refused it; the completion, destroyed, freed the waiter
-      }
-    } else {
-      destroy();
-    }
-    service->end_post();
+    this->post_or_destroy();
   }
 
-  // Ends the wait without completing it (the handler is destroyed).
-  void destroy() noexcept {
-    boost::asio::get_associated_cancellation_slot(handler_).clear();
-    delete this;
-  }
+  std::tuple<boost::system::error_code> upcall_arguments() const noexcept { return {error_}; }
 
-  Handler handler_;
   cancel_state* state_;
   std::atomic<unsigned> state_bits_{0};
   boost::system::error_code error_;
-  tracked_executor_t<Handler> work_;
-  waiter_service* service_;
 };
 
 }  // namespace detail

@@ -208,6 +208,75 @@ inline boost::system::error_code to_boost_error(wait_status status) noexcept {
   return boost::system::error_code(to_error_code(status));
 }
 
+// What the two kinds of async waiter share (async_waiter below, and
+// token_waiter in weft/asio/cancel.hpp): the handler, the work it holds on
+// its executor, its context's service, and how an ended wait reaches the
+// handler. Derived provides upcall_arguments(): the tuple the handler is
+// invoked with, read on the handler's executor once the wait has ended.
+template <class Derived, class Handler>
+class handler_waiter : public context_bound_waiter {
+ protected:
+  explicit handler_waiter(Handler handler)
+      : handler_(std::move(handler)),
+        work_(tracked_executor(handler_)),
+        service_(&waiter_service::of(work_)) {}
+
+  ~handler_waiter() { service_->remove(*this); }
+
+  // By the party that ended the wait, as its last touch of the waiter:
+  // posts the completion to the handler's executor or, if the context is
+  // shutting down, destroys the waiter.
+  void post_or_destroy() noexcept {
+    waiter_service* service = service_;
+    if (service->begin_post(*this)) {
+      auto executor = work_;
+      try {
+        boost::asio::post(std::move(executor), completion{static_cast<Derived&>(*this)});
+      } catch (...) {  // the executor refused it: the completion, destroyed, freed the waiter
+      }
+    } else {
+      destroy();
+    }
+    service->end_post();
+  }
+
+  // Ends the wait without completing it: the handler is destroyed (and
+  // with it, a derived waiter's result gives back what it holds).
+  void destroy() noexcept {
+    boost::asio::get_associated_cancellation_slot(handler_).clear();
+    delete static_cast<Derived*>(this);
+  }
+
+  Handler handler_;
+  tracked_executor_t<Handler> work_;
+  waiter_service* service_;
+
+ private:
+  // Owns the waiter until it runs. Destroyed unrun (its executor refused
+  // or dropped it, or its context shut down), it clears the handler's
+  // cancellation slot as it frees the waiter: left installed there, the
+  // slot's handler would reach the freed waiter at the next emission.
+  struct completion {
+    explicit completion(Derived& owned) noexcept : waiter(&owned) {}
+    completion(completion&&) noexcept = default;
+    completion& operator=(completion&&) = delete;
+    ~completion() {
+      if (waiter) waiter.release()->destroy();
+    }
+
+    void operator()() {
+      std::unique_ptr<Derived> self = std::move(waiter);
+      boost::asio::get_associated_cancellation_slot(self->handler_).clear();
+      auto handler = std::move(self->handler_);
+      auto arguments = self->upcall_arguments();
+      self.reset();  // free before the upcall, as Asio does
+      std::apply(std::move(handler), std::move(arguments));
+    }
+
+    std::unique_ptr<Derived> waiter;
+  };
+};
+
 // Result settles what the wait produced as soon as the waiter leaves the
 // queue, on the remover's thread: result.settle(status) takes ownership of it
 // (a semaphore's permits become a permit object there). The completion then
@@ -215,29 +284,27 @@ inline boost::system::error_code to_boost_error(wait_status status) noexcept {
 // without running (its io_context shut down first), the settled result is
 // destroyed with it and gives back what it owned: nothing granted is lost.
 template <class Handler, class Result>
-class async_waiter final : public wait_node, public context_bound_waiter {
+class async_waiter final : public wait_node,
+                           public handler_waiter<async_waiter<Handler, Result>, Handler> {
+  using base = handler_waiter<async_waiter, Handler>;
+  friend base;
+
  public:
   async_waiter(Handler handler, Result result, wait_queue& queue)
-      : handler_(std::move(handler)),
-        result_(std::move(result)),
-        queue_(&queue),
-        work_(tracked_executor(handler_)),
-        service_(&waiter_service::of(work_)) {
-    complete = &post_completion;
-    abandon = &destroy;
+      : base(std::move(handler)), result_(std::move(result)), queue_(&queue) {
+    complete = &on_complete;
+    abandon = [](wait_node& node) noexcept { static_cast<async_waiter&>(node).destroy(); };
   }
-
-  ~async_waiter() { service_->remove(*this); }
 
   bool withdraw() noexcept override {
     if (!queue_->withdraw(*this)) return false;
-    destroy(*this);
+    this->destroy();
     return true;
   }
 
   // Step 1: call before the node is queued.
   void watch_cancellation() {
-    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    auto slot = boost::asio::get_associated_cancellation_slot(this->handler_);
     if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
   }
 
@@ -245,16 +312,18 @@ class async_waiter final : public wait_node, public context_bound_waiter {
   // lists it with its context's service (see the top of this file). False
   // when the context is shutting down or has shut down: do not queue it;
   // release the lock and discard() it.
-  [[nodiscard]] bool enlist() { return service_->add(*this); }
+  [[nodiscard]] bool enlist() { return this->service_->add(*this); }
 
   // Ends a waiter that was never queued without completing it: the handler
   // is destroyed.
-  static void discard(std::unique_ptr<async_waiter> waiter) noexcept { destroy(*waiter.release()); }
+  static void discard(std::unique_ptr<async_waiter> waiter) noexcept {
+    waiter.release()->destroy();
+  }
 
   // Completes a waiter that was never queued.
   static void finish(std::unique_ptr<async_waiter> waiter, wait_status status) noexcept {
     waiter->status = status;
-    post_completion(*waiter.release());
+    on_complete(*waiter.release());
   }
 
   Result& result() noexcept { return result_; }
@@ -272,57 +341,16 @@ class async_waiter final : public wait_node, public context_bound_waiter {
     }
   };
 
-  // Owns the waiter until it runs. Destroyed unrun (its executor refused
-  // or dropped it, or its context shut down), it clears the handler's
-  // cancellation slot as it frees the waiter: left installed there, the
-  // slot's handler would reach the freed waiter at the next emission.
-  struct completion {
-    explicit completion(async_waiter& owned) noexcept : waiter(&owned) {}
-    completion(completion&&) noexcept = default;
-    completion& operator=(completion&&) = delete;
-    ~completion() {
-      if (waiter) destroy(*waiter.release());
-    }
-
-    void operator()() {
-      std::unique_ptr<async_waiter> self = std::move(waiter);
-      boost::asio::get_associated_cancellation_slot(self->handler_).clear();
-      auto handler = std::move(self->handler_);
-      auto arguments = self->result_.arguments();
-      self.reset();  // free before the upcall, as Asio does
-      std::apply(std::move(handler), std::move(arguments));
-    }
-
-    std::unique_ptr<async_waiter> waiter;
-  };
-
-  static void post_completion(wait_node& node) noexcept {
-    auto* self = static_cast<async_waiter*>(&node);
-    self->result_.settle(self->status);
-    waiter_service* service = self->service_;
-    if (service->begin_post(*self)) {
-      auto executor = self->work_;
-      try {
-        boost::asio::post(std::move(executor), completion{*self});
-      } catch (...) {  // the executor refused it: the completion, destroyed, gave back what it held
-      }
-    } else {
-      destroy(*self);
-    }
-    service->end_post();
+  static void on_complete(wait_node& node) noexcept {
+    auto& self = static_cast<async_waiter&>(node);
+    self.result_.settle(self.status);
+    self.post_or_destroy();
   }
 
-  static void destroy(wait_node& node) noexcept {
-    auto* self = static_cast<async_waiter*>(&node);
-    boost::asio::get_associated_cancellation_slot(self->handler_).clear();
-    delete self;
-  }
+  auto upcall_arguments() { return result_.arguments(); }
 
-  Handler handler_;
   Result result_;
   wait_queue* queue_;
-  tracked_executor_t<Handler> work_;
-  waiter_service* service_;
 };
 
 }  // namespace weft::detail
