@@ -141,6 +141,22 @@ TEST_CASE("channel: move-only values go through buffered and rendezvous channels
   }
 }
 
+// recv_result<wait_status> had two constructors of one signature, and
+// did not compile.
+TEST_CASE("channel: a channel of wait_status tells its values from the reasons there is none") {
+  weft::channel<wait_status> ch{1};
+  REQUIRE(ch.send(wait_status::timeout) == wait_status::ok);
+  const auto got = ch.recv_for(0s);
+  REQUIRE(got.has_value());
+  CHECK(*got == wait_status::timeout);
+  CHECK(got.status() == wait_status::ok);
+  const auto none = ch.recv_for(0s);
+  CHECK_FALSE(none.has_value());
+  CHECK(none.status() == wait_status::timeout);
+  ch.close();
+  CHECK(ch.recv_for(0s).status() == wait_status::closed);
+}
+
 TEST_CASE("channel: close keeps buffered values for receivers, then reports the end of the stream") {
   weft::channel<int> ch{4};
   CHECK(ch.send(1) == wait_status::ok);

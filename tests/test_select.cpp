@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: BSL-1.0
 // Tests for weft::select (weft/select.hpp): a ready case completes at once,
-// a random choice among ready cases, try_select as Go's `default`, waiting
+// a uniform random choice among ready cases, try_select as Go's `default`
+// (also while a sender is between claiming a slot and publishing), waiting
 // for a case on buffered and rendezvous channels, select against select on
 // a rendezvous channel, closed channels, cancellation and deadlines (on a
 // manual clock). The randomised every-value-exactly-once check is in
@@ -67,6 +68,80 @@ TEST_CASE("select: chooses at random among ready cases, so none starves") {
   // probability below 1e-24.
   CHECK(counts[0] > 100);
   CHECK(counts[1] > 100);
+}
+
+// Go picks uniformly among the ready cases. A random rotation picked the
+// ready case after a run of unready ones four times in five here.
+TEST_CASE("select: the choice among ready cases is uniform, wherever they stand") {
+  weft::channel<int> a{1};
+  weft::channel<int> b{1};
+  weft::channel<int> c{1};
+  weft::channel<int> d{1};
+  weft::channel<int> e{1};
+  const auto ignore = [](std::optional<int>) {};
+  int first = 0;
+  int last = 0;
+  constexpr int rounds = 4000;
+  for (int round = 0; round < rounds; ++round) {
+    if (a.size() == 0) REQUIRE(a.send(1) == wait_status::ok);
+    if (e.size() == 0) REQUIRE(e.send(5) == wait_status::ok);
+    const auto result =
+        weft::select(weft::on_recv(a, ignore), weft::on_recv(b, ignore), weft::on_recv(c, ignore),
+                     weft::on_recv(d, ignore), weft::on_recv(e, ignore));
+    REQUIRE((result.index == 0 || result.index == 4));
+    ++(result.index == 0 ? first : last);
+  }
+  // Each has probability 1/2 per round: the standard deviation of a count
+  // is about 32, and 40% is 12 of them below the mean.
+  CHECK(first > rounds * 4 / 10);
+  CHECK(last > rounds * 4 / 10);
+}
+
+namespace {
+
+// Moving it in blocks until the test lets it go: a sender stopped between
+// claiming a slot and publishing its value.
+struct held_move {
+  explicit held_move(int v = 0) : value(v) {}
+  held_move(held_move&& other) noexcept : value(other.value) {
+    if (other.stall != nullptr) {
+      other.entered->store(true);
+      spin_until([&] { return other.stall->load(); });
+    }
+  }
+  held_move& operator=(held_move&&) noexcept = default;
+  int value;
+  std::atomic<bool>* entered = nullptr;
+  std::atomic<bool>* stall = nullptr;
+};
+
+}  // namespace
+
+// try_select, and a select past its deadline, used to spin until the
+// sender published.
+TEST_CASE("try_select and select_until do not wait for a value a sender has claimed a slot for") {
+  weft::channel<held_move> ch{2};
+  std::atomic<bool> entered{false};
+  std::atomic<bool> released{false};
+  std::thread sender([&] {
+    held_move value{7};
+    value.entered = &entered;
+    value.stall = &released;
+    CHECK(ch.try_send(std::move(value)));
+  });
+  spin_until([&] { return entered.load(); });
+  std::optional<held_move> got;
+  const auto take = [&](std::optional<held_move> v) { got = std::move(v); };
+  CHECK(weft::try_select(weft::on_recv(ch, take)).index == weft::select_result::none);
+  const auto result = weft::select_until(weft::manual_clock::now(), weft::on_recv(ch, take));
+  CHECK(result.index == weft::select_result::none);
+  CHECK(result.status == wait_status::timeout);
+  CHECK_FALSE(got.has_value());
+  released.store(true);
+  sender.join();
+  CHECK(weft::select(weft::on_recv(ch, take)));
+  REQUIRE(got.has_value());
+  CHECK(got->value == 7);
 }
 
 TEST_CASE("try_select: returns none at once when no case is ready, and completes one that is") {

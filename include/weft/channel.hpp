@@ -87,7 +87,9 @@ struct channel_stats {
   std::size_t waiting_receivers = 0;
   bool closed = false;
   // Time senders spent waiting for room (backpressure) and receivers spent
-  // waiting for a value (starvation), summed over the waits that queued.
+  // waiting for a value (starvation), summed over the send() and recv()
+  // calls (with or without a token or deadline) that queued. A select's
+  // wait and an async operation's are not counted.
   std::chrono::nanoseconds send_blocked{0};
   std::chrono::nanoseconds recv_blocked{0};
 };
@@ -98,7 +100,14 @@ template <class T>
 class recv_result {
  public:
   recv_result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
-  recv_result(wait_status status) noexcept : status_(status) {}  // NOLINT(google-explicit-constructor)
+  // For a channel of wait_status, whose values would read as the reason,
+  // only failed() makes a result without a value.
+  recv_result(wait_status status) noexcept  // NOLINT(google-explicit-constructor)
+      requires(!std::is_same_v<T, wait_status>)
+      : status_(status) {}
+
+  // No value, because of `status`.
+  static recv_result failed(wait_status status) noexcept { return recv_result(status, no_value{}); }
 
   bool has_value() const noexcept { return value_.has_value(); }
   explicit operator bool() const noexcept { return value_.has_value(); }
@@ -113,6 +122,9 @@ class recv_result {
   std::optional<T>&& value() && noexcept { return std::move(value_); }
 
  private:
+  struct no_value {};
+  recv_result(wait_status status, no_value) noexcept : status_(status) {}
+
   std::optional<T> value_;
   wait_status status_ = wait_status::ok;
 };
@@ -688,7 +700,9 @@ class basic_channel {
 
   template <class WaitClock, class Duration>
   recv_result<T> recv_value(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
+    if (cancel != nullptr && cancel->cancelled()) {
+      return recv_result<T>::failed(cancelled_status(*cancel));
+    }
     if (!rendezvous()) {
       T value;
       if (fast_pop(value)) return recv_result<T>{std::move(value)};
@@ -718,7 +732,7 @@ class basic_channel {
       }
     }
     if (status == wait_status::ok) return recv_result<T>{std::move(*incoming)};
-    return status;
+    return recv_result<T>::failed(status);
   }
 
   static wait_status cancelled_status(const detail::cancel_state& cancel) noexcept {

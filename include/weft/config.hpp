@@ -43,3 +43,14 @@
 #else
 #define WEFT_NOINLINE
 #endif
+
+// Internal: the result refers to this argument, so Clang warns (-Wdangling)
+// when the argument is a temporary that dies before the result does.
+#if defined(__has_cpp_attribute)
+#if __has_cpp_attribute(clang::lifetimebound)
+#define WEFT_LIFETIMEBOUND [[clang::lifetimebound]]
+#endif
+#endif
+#ifndef WEFT_LIFETIMEBOUND
+#define WEFT_LIFETIMEBOUND
+#endif

@@ -299,7 +299,7 @@ class map_stage final : public stage_base {
     busy_sampler sampler;
     for (;;) {
       std::uint64_t turn = 0;
-      recv_result<In> item = wait_status::closed;
+      auto item = recv_result<In>::failed(wait_status::closed);
       if (ordered_) {
         std::lock_guard lock(read_mutex_);
         item = input_->recv(token);

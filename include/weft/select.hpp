@@ -28,7 +28,8 @@
 //
 // Thread safety: a select may run concurrently with any channel operation
 // and other selects on the same channels. A send case refers to the
-// caller's value: keep it alive (and untouched) until select returns.
+// caller's value: keep it alive (and untouched) until select returns, and
+// make a case from a temporary only inside the select call.
 //
 // Cost: when a case is ready at once, the cost of that operation plus one
 // lock per distinct channel queue involved (taken in address order, as Go's
@@ -39,6 +40,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
+#include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
 #include <weft/detail/deadline.hpp>
 #include <weft/detail/parker.hpp>
@@ -241,14 +243,22 @@ struct no_handler {
   void operator()() const noexcept {}
 };
 
-// A random rotation of the cases for each select, so that no ready case
-// always loses to one before it.
-inline std::size_t random_start(std::size_t cases) noexcept {
+// A fresh random order of the cases for each select (a Fisher-Yates
+// shuffle), as Go's pollorder: the first ready case in it is a uniform
+// choice among the ready ones. A random rotation was not: it favoured the
+// ready case after a run of unready ones.
+template <std::size_t N>
+std::array<std::size_t, N> random_order() noexcept {
   thread_local std::uint64_t state = 0x9e3779b97f4a7c15ULL ^ reinterpret_cast<std::uintptr_t>(&state);
-  state ^= state << 13;
-  state ^= state >> 7;
-  state ^= state << 17;
-  return static_cast<std::size_t>(state % cases);
+  std::array<std::size_t, N> order;
+  for (std::size_t i = 0; i < N; ++i) order[i] = i;
+  for (std::size_t i = N; i > 1; --i) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    std::swap(order[i - 1], order[static_cast<std::size_t>(state % i)]);
+  }
+  return order;
 }
 
 // Locks the distinct queues of the cases in address order, and unlocks
@@ -303,9 +313,8 @@ select_result run_select(std::tuple<Cases...>& cases, cancel_state* cancel,
       bool in_flight = false;
       {
         queue_locks<count> locks{queues};
-        const std::size_t start = random_start(count);
-        for (std::size_t step = 0; step < count && winner == select_result::none; ++step) {
-          const std::size_t index = (start + step) % count;
+        for (const std::size_t index : random_order<count>()) {
+          if (winner != select_result::none) break;
           with_case(index, [&](auto& each) {
             const auto readiness = each.ready_locked(done);
             if (readiness == case_readiness::ready) winner = index;
@@ -331,11 +340,15 @@ select_result run_select(std::tuple<Cases...>& cases, cancel_state* cancel,
         });
         return result;
       }
+      // A case in flight (a sender has claimed a slot and not yet
+      // published it) is not ready yet: try_select does not wait for it,
+      // nor does a select past its deadline.
+      if (poll) return {};
       if (in_flight) {
+        if (deadline != nullptr && Clock::now() >= *deadline) return gave_up();
         if (!pause.wait()) std::this_thread::yield();
         continue;
       }
-      if (poll) return {};
     }
 
     // Parked on every channel; the first to claim `state` wakes us.
@@ -384,13 +397,18 @@ auto on_recv(basic_channel<T, Clock>& channel, F handler) {
 }
 
 // A send case: moves from `value` only if it completes; handler() runs then.
+// The case refers to `value`, so pass it straight to select: a case made
+// from a temporary (on_send(ch, std::string("x"))) and kept in a variable
+// refers to a dead object by the time select runs (Clang warns, -Wdangling).
 template <class T, class Clock, class F = detail::no_handler>
-auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>& value, F handler = {}) {
+auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>& value WEFT_LIFETIMEBOUND,
+             F handler = {}) {
   static_assert(std::is_invocable_v<F&>, "weft::on_send: the handler takes no arguments");
   return detail::send_case<T, Clock, F>{channel, value, std::move(handler)};
 }
 template <class T, class Clock, class F = detail::no_handler>
-auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>&& value, F handler = {}) {
+auto on_send(basic_channel<T, Clock>& channel, std::type_identity_t<T>&& value WEFT_LIFETIMEBOUND,
+             F handler = {}) {
   return on_send(channel, static_cast<T&>(value), std::move(handler));
 }
 
