@@ -408,6 +408,94 @@ TEST_CASE(
   CHECK(granted.size() == 3);
 }
 
+// A resource not kept is closed while its lease still holds its slot, and
+// the slot's return is decided after the close. It used to be decided
+// first: a lowering during the close found the slot on its way back, and
+// the release handed it to the queued waiter, one lease above the limit.
+TEST_CASE("resource_pool: a lease closing as max_open is lowered pays the debt, not a waiter") {
+  std::latch in_close{1};
+  std::latch let_close{1};
+  std::atomic<bool> hold_close{false};
+  weft::resource_pool<int> pool{{.max_open = 2, .max_idle = 2},
+                                [] { return 0; },
+                                [&](int&) {
+                                  if (hold_close.exchange(false)) {
+                                    in_close.count_down();
+                                    let_close.wait();
+                                  }
+                                }};
+  auto first = pool.acquire();
+  auto second = pool.acquire();
+  std::atomic<bool> waiter_granted{false};
+  std::thread waiter{[&] {
+    auto lease = pool.acquire();
+    waiter_granted = static_cast<bool>(lease);
+  }};
+  spin_until([&] { return pool.stats().waiting == 1; });
+  hold_close = true;
+  std::thread returning_first{[&] { first.discard(); }};
+  in_close.wait();
+  CHECK(pool.stats().in_use == 2);  // closing, it still holds its slot
+  pool.set_max_open(1);
+  let_close.count_down();
+  returning_first.join();
+  CHECK(pool.stats().waiting == 1);  // the closed lease's slot paid the debt
+  CHECK(pool.stats().in_use == 1);
+  second = {};  // now the waiter's turn
+  waiter.join();
+  CHECK(waiter_granted.load());
+  CHECK(pool.stats().in_use == 0);
+}
+
+// A drain that acquired every slot of a lowered max_open destroyed the pool
+// while a lease above the new limit was still in its close(), which then
+// ran the pool's freed close function. That lease keeps its slot until its
+// close() returns, so the drain cannot complete before it.
+TEST_CASE("resource_pool: after max_open is lowered, a lease still closing holds its slot") {
+  std::latch in_close{1};
+  std::latch let_close{1};
+  std::atomic<bool> hold_close{false};
+  std::atomic<int> closes{0};
+  weft::resource_pool<int> pool{{.max_open = 2},
+                                [] { return 0; },
+                                [&](int&) {
+                                  if (hold_close.exchange(false)) {
+                                    in_close.count_down();
+                                    let_close.wait();
+                                  }
+                                  closes.fetch_add(1);
+                                }};
+  auto first = pool.acquire();
+  auto second = pool.acquire();
+  pool.set_max_open(1);
+  hold_close = true;
+  std::thread returning_first{[&] { first.release(); }};  // above the limit: closed
+  in_close.wait();
+  second.release();  // pays the debt
+  CHECK_FALSE(pool.try_acquire());
+  let_close.count_down();
+  returning_first.join();
+  auto drained = pool.try_acquire();
+  CHECK(drained);
+  CHECK_FALSE(pool.try_acquire());
+  drained = {};
+  CHECK(closes.load() == 2);
+  CHECK(pool.stats().in_use == 0);
+}
+
+// As Go's WaitCount: acquires that had to wait. One whose deadline had
+// passed, or acquire_for(0), waits for nothing.
+TEST_CASE("resource_pool: a timed acquire that cannot wait is not counted as a wait") {
+  weft::resource_pool<int> pool{{.max_open = 1}, [] { return 0; }, [](int&) {}};
+  auto held = pool.acquire();
+  CHECK(pool.acquire_for(0ms).status() == wait_status::timeout);
+  CHECK(pool.acquire_until(std::chrono::steady_clock::now() - 1h).status() == wait_status::timeout);
+  CHECK(pool.stats().wait_count == 0);
+  CHECK(pool.stats().wait_duration == 0ns);
+  held = {};
+  CHECK(pool.acquire_for(0ms));  // free now: a deadline past still takes it
+}
+
 TEST_CASE("resource_pool: a task waiting for a slot shows in the registry as resource_pool \"name\"") {
   fake_server server;
   auto pool = make_pool(server, {.max_open = 1, .name = "orders-db"});
@@ -569,6 +657,36 @@ TEST_CASE("resource_pool: an async acquire dropped with its io_context pays a lo
   while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
   CHECK(granted.size() == 1);
   granted.clear();
+  while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
+  CHECK(granted.size() == 1);
+}
+
+// The held slot of an async acquire whose handler never ran went back to
+// the semaphore, and so to a queued thread, while a lowered max_open was
+// owed: two leases out under a max_open of 1.
+TEST_CASE(
+    "resource_pool: an async acquire dropped with its io_context pays the debt before a waiter") {
+  using lease_type = weft::resource_pool<int>::lease;
+  weft::resource_pool<int> pool{{.max_open = 2}, [] { return 0; }, [](int&) {}};
+  auto first = pool.acquire();
+  std::atomic<bool> waiter_granted{false};
+  std::thread waiter;
+  {
+    boost::asio::io_context doomed;
+    weft::async_acquire(pool,
+                        boost::asio::bind_executor(doomed, [](std::exception_ptr, lease_type) {}));
+    waiter = std::thread{[&] {
+      auto lease = pool.acquire();
+      waiter_granted = static_cast<bool>(lease);
+    }};
+    spin_until([&] { return pool.stats().waiting == 1; });
+    pool.set_max_open(1);  // owed: the slot the handler holds
+  }
+  CHECK(pool.stats().waiting == 1);
+  first = {};
+  waiter.join();
+  CHECK(waiter_granted.load());
+  std::vector<lease_type> granted;
   while (auto lease = pool.try_acquire()) granted.push_back(std::move(lease));
   CHECK(granted.size() == 1);
 }

@@ -62,11 +62,14 @@
 //
 // Thread safety: every member may be called concurrently. A lease is used
 // by one thread at a time and may move between threads. Destroying the pool
-// while a lease is out or a thread waits is undefined (checked by
-// WEFT_ASSERT); the destructor closes the idle resources. A waiter may
-// destroy the pool as soon as it has taken and returned its lease, even
-// while the return that let it through is still returning (draining a pool
-// by acquiring every slot is safe).
+// while a lease is out, a thread waits, or a granted async acquire's
+// handler has not run is undefined (checked by WEFT_ASSERT: run or destroy
+// such an io_context before the pool); the destructor closes the idle
+// resources. A waiter may destroy the pool as soon as it has taken and
+// returned its lease, even while the return that let it through is still
+// returning (draining a pool by acquiring every slot is safe, unless
+// max_open was lowered while leases were out: those above the new limit
+// hold no slot a drain can take).
 //
 // Cost: an acquire or a return is a semaphore operation (one
 // compare-and-swap when nobody waits) plus one critical section of a few
@@ -115,7 +118,7 @@ struct resource_pool_stats {
   std::string_view name;
   std::size_t max_open = 0;
   std::size_t open = 0;    // in use + idle + being opened
-  std::size_t in_use = 0;  // leased out, or being opened for an acquirer
+  std::size_t in_use = 0;  // leased out, being opened for an acquirer, or closed as it comes back
   std::size_t idle = 0;
   std::size_t waiting = 0;                    // acquirers queued for a slot now
   std::uint64_t wait_count = 0;               // acquires that had to wait for a slot
@@ -230,6 +233,9 @@ class basic_resource_pool {
     {
       std::lock_guard lock(mutex_);
       WEFT_ASSERT(in_use_ == 0 && "weft::resource_pool destroyed while a lease is out");
+      WEFT_ASSERT(
+          static_cast<std::size_t>(slots_.available()) + withheld_ == slot_capacity &&
+          "weft::resource_pool destroyed while a granted async acquire's handler has not run");
       idle.splice(idle_);
     }
     close_all(idle);
@@ -265,6 +271,8 @@ class basic_resource_pool {
   template <class Duration>
   lease acquire_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     if (slots_.try_acquire(1)) return lease_for_slot();
+    // A deadline already past waits for nothing, so no wait is counted.
+    if (Clock::now() >= deadline) return lease{wait_status::timeout};
     const auto start = begin_wait();
     const auto status = slots_.acquire_until(1, deadline);
     end_wait(start);
@@ -294,6 +302,7 @@ class basic_resource_pool {
         grow -= forgiven;
         withheld_ -= grow;
         freed = grow;
+        if (freed != 0) returning_.fetch_add(1, std::memory_order_relaxed);
       } else {
         // Owed in full first, so that every slot coming back from now on
         // pays it; collect_debt then takes the free ones.
@@ -304,9 +313,12 @@ class basic_resource_pool {
       }
       max_open_ = max_open;
     }
-    if (freed != 0) slots_.release(static_cast<std::ptrdiff_t>(freed));
+    if (freed != 0) release_slots(freed);
     if (lowered) {
-      std::atomic_thread_fence(std::memory_order_seq_cst);  // see collect_debt
+      // Slots whose return was decided before the debt was recorded are
+      // released, maybe to a waiter, before this returns (see collect_debt).
+      detail::spin_until([this] { return returning_.load(std::memory_order_acquire) == 0; });
+      std::atomic_thread_fence(std::memory_order_seq_cst);
       collect_debt();
     }
     close_all(closing);
@@ -364,9 +376,8 @@ class basic_resource_pool {
 
   // A slot taken for a lease not made yet: an async acquire's, from its
   // grant until its handler runs on its executor. If it never runs (the
-  // executor's context is destroyed first), the slot goes back as a
-  // lease's does, through return_slot(), so a max_open lowered meanwhile
-  // keeps it.
+  // executor's context is destroyed first), the slot goes back through
+  // return_slot(), so a max_open lowered meanwhile keeps it.
   class held_slot {
    public:
     held_slot() noexcept = default;
@@ -549,18 +560,23 @@ class basic_resource_pool {
     max_idle_closed_ += excess;
   }
 
+  // close() must not throw: noexcept here, a close() that does ends the
+  // program rather than leave the pool's counts and slots half updated.
+  void close_one(R& resource) noexcept { close_function_(resource); }
+
   void close_all(entry_list& closing) noexcept {
-    while (!closing.empty()) {
-      const auto resource = closing.pop();
-      close_function_(resource->resource);
-    }
+    while (!closing.empty()) close_one(closing.pop()->resource);
   }
 
   // With the mutex held, for a slot that is no longer used: true if it goes
-  // back to the semaphore, false if a lowered max_open keeps it.
+  // back to the semaphore (release_slots(1) after the mutex, which this
+  // counts in returning_), false if a lowered max_open keeps it.
   bool slot_returns_locked() noexcept {
     const auto debt = debt_.load(std::memory_order_relaxed);
-    if (debt == 0) return true;
+    if (debt == 0) {
+      returning_.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
     debt_.store(debt - 1, std::memory_order_relaxed);
     ++withheld_;
     return false;
@@ -569,15 +585,18 @@ class basic_resource_pool {
   // Pays the debt of a lowered max_open with slots free in the semaphore.
   //
   // A slot comes back in two steps: whether it returns is decided under
-  // mutex_ (slot_returns_locked), and it is released after. A lowering
-  // between the two would miss that slot, which then lands in the semaphore
-  // with the debt unpaid: one lease more than max_open could be granted,
-  // for as long as nothing else came back (the stress suite saw 2 free slots
-  // under a max_open of 1 once every lease was back). So both sides look at
-  // the other after a seq_cst fence: set_max_open records the debt, fences,
-  // and takes free slots here; a returned slot is released, fenced, and the
-  // debt read, and taken here if any is owed. Of the two fences, the second
-  // sees what came before the first.
+  // mutex_ (slot_returns_locked), where returning_ counts it, and it is
+  // released after. A lowering between the two would miss that slot, which
+  // then lands in the semaphore with the debt unpaid: one lease more than
+  // max_open could be granted, for as long as nothing else came back (the
+  // stress suite saw 2 free slots under a max_open of 1 once every lease
+  // was back). So both sides look at the other after a seq_cst fence:
+  // set_max_open records the debt, waits for the releases already decided
+  // (one may go straight to a waiter: a grant that comes before the
+  // lowering returns, as the leases still out do), fences, and takes free
+  // slots here; a returned slot is released, fenced, and the debt read, and
+  // taken here if any is owed. Of the two fences, the second sees what came
+  // before the first.
   void collect_debt() noexcept {
     std::lock_guard lock(mutex_);
     auto debt = debt_.load(std::memory_order_relaxed);
@@ -588,12 +607,23 @@ class basic_resource_pool {
     debt_.store(debt, std::memory_order_relaxed);
   }
 
-  // Gives a slot back to the semaphore (see collect_debt). The release may
-  // let a waiter take the slot, return it and destroy the pool while this
-  // still reads the debt: the destructor waits for returning_ to be zero.
+  // Gives back a slot no longer used: to the semaphore, or to the debt of
+  // a lowered max_open.
   void return_slot() noexcept {
-    returning_.fetch_add(1, std::memory_order_relaxed);
-    slots_.release(1);
+    bool slot_returns = false;
+    {
+      std::lock_guard lock(mutex_);
+      slot_returns = slot_returns_locked();
+    }
+    if (slot_returns) release_slots(1);
+  }
+
+  // For slots whose return was decided, and counted in returning_, under
+  // mutex_ (see collect_debt). The release may let a waiter take a slot,
+  // return it and destroy the pool while this still reads the debt: the
+  // destructor waits for returning_ to be zero.
+  void release_slots(std::size_t count) noexcept {
+    slots_.release(static_cast<std::ptrdiff_t>(count));
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (debt_.load(std::memory_order_relaxed) != 0) collect_debt();
     returning_.fetch_sub(1, std::memory_order_release);
@@ -622,7 +652,7 @@ class basic_resource_pool {
       close_all(closing);
       if (candidate == nullptr) return lease{this, open_new()};
       if (valid(candidate->resource)) return lease{this, std::move(candidate)};
-      close_function_(candidate->resource);
+      close_one(candidate->resource);
       std::lock_guard lock(mutex_);
       ++validation_failures_;
       --in_use_;
@@ -653,11 +683,17 @@ class basic_resource_pool {
         --open_;
         slot_returns = slot_returns_locked();
       }
-      if (slot_returns) return_slot();
+      if (slot_returns) release_slots(1);
       throw;
     }
   }
 
+  // A resource that is not kept is closed while its lease still counts in
+  // in_use_ and holds its slot, and the slot's return is decided after the
+  // close: a max_open lowered during the close keeps the slot, and the
+  // pool's destructor finds the lease out (a drain that acquired every slot
+  // of a lowered max_open may not destroy the pool while a lease above it
+  // is still coming back).
   void give_back(std::unique_ptr<entry> resource, bool discard) noexcept {
     if (!discard && reset_function_) {
       try {
@@ -666,31 +702,37 @@ class basic_resource_pool {
         discard = true;
       }
     }
-    bool keep = false;
-    bool slot_returns = false;
     {
       std::lock_guard lock(mutex_);
-      --in_use_;
       const auto now = stamp();
-      slot_returns = slot_returns_locked();
-      if (discard || !slot_returns) {
-        keep = false;
-      } else if (max_lifetime_ != std::chrono::nanoseconds::zero() && now - resource->opened >= max_lifetime_) {
+      if (discard || debt_.load(std::memory_order_relaxed) != 0) {
+        // Closed below: broken, or above a lowered max_open.
+      } else if (max_lifetime_ != std::chrono::nanoseconds::zero() &&
+                 now - resource->opened >= max_lifetime_) {
         ++max_lifetime_closed_;
       } else if (idle_.size() >= max_idle_ && slots_.waiters() == 0) {
         ++max_idle_closed_;
       } else {
-        keep = true;
-      }
-      if (keep) {
+        // Kept; nothing is owed, so its slot returns.
+        --in_use_;
         resource->returned = now;
         idle_.push(std::move(resource));
-      } else {
-        --open_;
+        slot_returns_locked();  // true, and counted: nothing is owed
       }
     }
-    if (!keep) close_function_(resource->resource);
-    if (slot_returns) return_slot();
+    if (resource == nullptr) {
+      release_slots(1);
+      return;
+    }
+    close_one(resource->resource);
+    bool slot_returns = false;
+    {
+      std::lock_guard lock(mutex_);
+      --in_use_;
+      --open_;
+      slot_returns = slot_returns_locked();
+    }
+    if (slot_returns) release_slots(1);
   }
 
   const char* name_;
@@ -712,9 +754,10 @@ class basic_resource_pool {
   std::chrono::nanoseconds max_idle_time_;
   std::size_t withheld_;  // slots the pool holds back from the semaphore
   // Slots to hold back as they come free (max_open was lowered); written
-  // under mutex_, read without it by return_slot.
+  // under mutex_, read without it by release_slots.
   std::atomic<std::size_t> debt_{0};
-  std::atomic<std::uint32_t> returning_{0};  // return_slot calls under way
+  // Slot releases decided under mutex_ and not yet done (release_slots).
+  std::atomic<std::uint32_t> returning_{0};
   std::uint64_t max_idle_closed_ = 0;
   std::uint64_t max_idle_time_closed_ = 0;
   std::uint64_t max_lifetime_closed_ = 0;

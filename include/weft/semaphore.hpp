@@ -168,11 +168,7 @@ class basic_semaphore {
   // Takes n permits if they are free and nobody is queued; never blocks.
   [[nodiscard]] bool try_acquire(std::ptrdiff_t n = 1) {
     check_weight(n, "try_acquire");
-    const auto amount = static_cast<std::uint64_t>(n);
-    if (try_take(amount)) return true;
-    if (!folding_due(state_.load(std::memory_order_relaxed))) return false;
-    auto lock = queue_.lock();
-    return take_locked(amount);
+    return take_now(static_cast<std::uint64_t>(n));
   }
 
   // Waits as long as it takes.
@@ -199,7 +195,14 @@ class basic_semaphore {
   template <class Duration>
   wait_status acquire_until(std::ptrdiff_t n, const std::chrono::time_point<Clock, Duration>& deadline) {
     check_weight(n, "acquire_until");
-    if (spin_take(static_cast<std::uint64_t>(n))) return wait_status::ok;
+    const auto amount = static_cast<std::uint64_t>(n);
+    if (try_take(amount)) return wait_status::ok;
+    // A deadline already past gets the one try that try_acquire makes, not
+    // a spin: acquire_for(n, 0s) is a try.
+    if (Clock::now() >= deadline) {
+      return take_now(amount) ? wait_status::ok : count_failure(wait_status::timeout);
+    }
+    if (spin_take(amount)) return wait_status::ok;
     if (Clock::now() >= deadline) return count_failure(wait_status::timeout);
     return wait_in_queue(n, nullptr, &deadline);
   }
@@ -396,6 +399,14 @@ class basic_semaphore {
       }
     }
     return false;
+  }
+
+  // try_acquire: takes n permits if free and nobody is queued.
+  bool take_now(std::uint64_t n) {
+    if (try_take(n)) return true;
+    if (!folding_due(state_.load(std::memory_order_relaxed))) return false;
+    auto lock = queue_.lock();
+    return take_locked(n);
   }
 
   // The holder usually releases within a microsecond on a busy system, far

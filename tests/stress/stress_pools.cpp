@@ -23,6 +23,7 @@
 #include <weft/resource_pool.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -741,6 +742,58 @@ TEST_CASE("resource_pool lowered while its leases come back keeps exactly the ne
   CHECK(server.live() == 0);
   CHECK(server.double_closes.load() == 0);
   MESSAGE(rounds << " rounds, " << wrong_rounds << " ended with the wrong number of free slots");
+}
+
+// A raise decides under the pool's lock how many slots it frees and
+// releases them after; a lowering in between found none free to take, and
+// the raise then put its slots in the semaphore with the lowering's debt
+// unpaid: with no lease out and max_open 1, seven could be had.
+TEST_CASE("resource_pool raised and lowered at once leaves exactly the limit set last" *
+          doctest::timeout(300)) {
+  const std::uint64_t seed = weft_test::seed();
+  INFO("replay with --seed " << seed);
+  std::mt19937_64 rng{seed ^ 0x7a15eu};
+
+  weft::resource_pool<int> pool{{.max_open = 1}, [] { return 0; }, [](int&) {}};
+  std::atomic<bool> done{false};
+  std::array<std::uint64_t, 2> yields{};
+  weft_test::round_barrier sync{3};
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      for (;;) {
+        sync.arrive_and_wait();  // round starts (or ends the test)
+        if (done.load()) return;
+        for (auto spins = yields[t]; spins > 0; --spins) std::this_thread::yield();
+        pool.set_max_open(t == 0 ? 8 : 1);
+        sync.arrive_and_wait();  // both set
+      }
+    });
+  }
+  std::uint64_t rounds = 0;
+  std::uint64_t wrong_rounds = 0;
+  const auto until = steady::now() + run_budget();
+  for (; rounds < iteration_cap(100'000) && steady::now() < until; ++rounds) {
+    for (auto& spins : yields) spins = rng() % 3;
+    sync.arrive_and_wait();
+    sync.arrive_and_wait();
+    const auto limit = pool.stats().max_open;
+    std::vector<weft::resource_pool<int>::lease> all;
+    while (all.size() < 16) {
+      auto lease = pool.try_acquire();
+      if (!lease) break;
+      all.push_back(std::move(lease));
+    }
+    if (all.size() != limit) ++wrong_rounds;
+    all.clear();
+    pool.set_max_open(1);
+  }
+  done.store(true);
+  sync.arrive_and_wait();
+  for (auto& t : threads) t.join();
+  CAPTURE(rounds);
+  CHECK(rounds > 0);
+  CHECK(wrong_rounds == 0);
 }
 
 // ---------------------------------------------------------------------------
