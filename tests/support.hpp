@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,45 @@ template <class Condition>
 void spin_until(Condition condition) {
   while (!condition()) std::this_thread::yield();
 }
+
+// A value whose n-th move out of it (counting the moves of the objects it
+// was moved to), once armed, stops until `stall` is set: a channel's sender
+// held between claiming a slot and publishing its value (the first move,
+// into the ring), or a receiver between claiming a slot and freeing it
+// (the second, out of the ring).
+struct stalling_move {
+  explicit stalling_move(int v = 0) : value(v) {}
+  stalling_move(stalling_move&& other) noexcept { take(other); }
+  stalling_move& operator=(stalling_move&& other) noexcept {
+    take(other);
+    return *this;
+  }
+
+  void arm(int nth_move, std::atomic<bool>& entered_flag, std::atomic<bool>& stall_until) {
+    moves_left = nth_move;
+    entered = &entered_flag;
+    stall = &stall_until;
+  }
+
+  int value = 0;
+  int moves_left = 0;
+  std::atomic<bool>* entered = nullptr;
+  std::atomic<bool>* stall = nullptr;
+
+ private:
+  void take(stalling_move& other) noexcept {
+    value = other.value;
+    if (other.moves_left == 0) return;
+    if (other.moves_left == 1) {
+      other.entered->store(true);
+      spin_until([&] { return other.stall->load(); });
+      return;
+    }
+    moves_left = other.moves_left - 1;
+    entered = other.entered;
+    stall = other.stall;
+  }
+};
 
 // A reusable barrier on a mutex and a condition variable. Not std::barrier:
 // libc++'s changes phase inside the uninstrumented libc++.so, so

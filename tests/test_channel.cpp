@@ -157,6 +157,46 @@ TEST_CASE("channel: a channel of wait_status tells its values from the reasons t
   CHECK(ch.recv_for(0s).status() == wait_status::closed);
 }
 
+// A receive may not queue while a sender has claimed a slot and not yet
+// published its value (the sender would wake nobody), so it spins; past its
+// deadline it spun on until the sender was done. Likewise a send while a
+// receiver frees a slot.
+TEST_CASE(
+    "channel: timed send and receive end at their deadline while the other side is mid-move") {
+  using weft_test::stalling_move;
+  std::atomic<bool> entered{false};
+  std::atomic<bool> released{false};
+  const auto past = weft::manual_clock::now();
+
+  SUBCASE("a receive, while a sender publishes") {
+    weft::basic_channel<stalling_move, weft::manual_clock> ch{2};
+    std::thread sender([&] {
+      stalling_move value{7};
+      value.arm(1, entered, released);
+      CHECK(ch.try_send(std::move(value)));
+    });
+    spin_until([&] { return entered.load(); });
+    CHECK(ch.recv_until(past).status() == wait_status::timeout);
+    released = true;
+    sender.join();
+    const auto got = ch.recv_until(past);
+    REQUIRE(got.has_value());
+    CHECK(got->value == 7);
+  }
+  SUBCASE("a send, while a receiver frees a slot") {
+    weft::basic_channel<stalling_move, weft::manual_clock> ch{1};
+    stalling_move first{1};
+    first.arm(2, entered, released);
+    REQUIRE(ch.try_send(std::move(first)));
+    std::thread receiver([&] { CHECK(ch.try_recv().has_value()); });
+    spin_until([&] { return entered.load(); });
+    CHECK(ch.send_until(stalling_move{2}, past) == wait_status::timeout);
+    released = true;
+    receiver.join();
+    CHECK(ch.send_until(stalling_move{3}, past) == wait_status::ok);
+  }
+}
+
 TEST_CASE("channel: close keeps buffered values for receivers, then reports the end of the stream") {
   weft::channel<int> ch{4};
   CHECK(ch.send(1) == wait_status::ok);

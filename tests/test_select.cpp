@@ -97,41 +97,20 @@ TEST_CASE("select: the choice among ready cases is uniform, wherever they stand"
   CHECK(last > rounds * 4 / 10);
 }
 
-namespace {
-
-// Moving it in blocks until the test lets it go: a sender stopped between
-// claiming a slot and publishing its value.
-struct held_move {
-  explicit held_move(int v = 0) : value(v) {}
-  held_move(held_move&& other) noexcept : value(other.value) {
-    if (other.stall != nullptr) {
-      other.entered->store(true);
-      spin_until([&] { return other.stall->load(); });
-    }
-  }
-  held_move& operator=(held_move&&) noexcept = default;
-  int value;
-  std::atomic<bool>* entered = nullptr;
-  std::atomic<bool>* stall = nullptr;
-};
-
-}  // namespace
-
 // try_select, and a select past its deadline, used to spin until the
 // sender published.
 TEST_CASE("try_select and select_until do not wait for a value a sender has claimed a slot for") {
-  weft::channel<held_move> ch{2};
+  weft::channel<weft_test::stalling_move> ch{2};
   std::atomic<bool> entered{false};
   std::atomic<bool> released{false};
   std::thread sender([&] {
-    held_move value{7};
-    value.entered = &entered;
-    value.stall = &released;
+    weft_test::stalling_move value{7};
+    value.arm(1, entered, released);
     CHECK(ch.try_send(std::move(value)));
   });
   spin_until([&] { return entered.load(); });
-  std::optional<held_move> got;
-  const auto take = [&](std::optional<held_move> v) { got = std::move(v); };
+  std::optional<weft_test::stalling_move> got;
+  const auto take = [&](std::optional<weft_test::stalling_move> v) { got = std::move(v); };
   CHECK(weft::try_select(weft::on_recv(ch, take)).index == weft::select_result::none);
   const auto result = weft::select_until(weft::manual_clock::now(), weft::on_recv(ch, take));
   CHECK(result.index == weft::select_result::none);

@@ -615,7 +615,19 @@ class basic_channel {
   // operation, returning its status (having unlocked first when the other
   // side may need a wake-up), or queues `waiter`, whose slot already points
   // at the value, and returns nothing with the lock still held.
-  std::optional<wait_status> send_or_enqueue(T& value, detail::wait_node& waiter, detail::wait_queue::lock_type& lock) {
+  //
+  // Neither may queue while the other side has claimed a slot and not yet
+  // done with it (that side read the "waiting" mark before this set it, and
+  // will wake nobody), so each spins until it is; give_up() (a status, or
+  // nothing) lets a blocking wait end there at its deadline or token.
+  struct never_give_up {
+    std::optional<wait_status> operator()() const noexcept { return std::nullopt; }
+  };
+
+  template <class GiveUp = never_give_up>
+  std::optional<wait_status> send_or_enqueue(T& value, detail::wait_node& waiter,
+                                             detail::wait_queue::lock_type& lock,
+                                             GiveUp give_up = {}) {
     if (rendezvous()) {
       detail::completion_list done;  // completed on return, after the caller's lock is released
       if (ring_.closed()) return wait_status::closed;
@@ -639,14 +651,21 @@ class basic_channel {
         return wait_status::ok;
       }
       if (ring_.full()) break;
-      detail::cpu_relax();  // a receiver claimed a slot and is about to free it
+      // A receiver claimed a slot and is about to free it.
+      if (const auto status = give_up()) {
+        senders_waiting_.store(!senders_.empty(), std::memory_order_relaxed);
+        return status;
+      }
+      detail::cpu_relax();
     }
     senders_.push_back(waiter);
     return std::nullopt;
   }
 
+  template <class GiveUp = never_give_up>
   std::optional<wait_status> recv_or_enqueue(std::optional<T>& out, detail::wait_node& waiter,
-                                             detail::wait_queue::lock_type& lock) {
+                                             detail::wait_queue::lock_type& lock,
+                                             GiveUp give_up = {}) {
     if (rendezvous()) {
       detail::completion_list done;
       if (take_from_sender(out, done)) {
@@ -675,7 +694,12 @@ class basic_channel {
         receivers_waiting_.store(!receivers_.empty(), std::memory_order_relaxed);
         return wait_status::closed;
       }
-      detail::cpu_relax();  // a sender claimed a slot and is about to publish it
+      // A sender claimed a slot and is about to publish it.
+      if (const auto status = give_up()) {
+        receivers_waiting_.store(!receivers_.empty(), std::memory_order_relaxed);
+        return status;
+      }
+      detail::cpu_relax();
     }
     receivers_.push_back(waiter);
     return std::nullopt;
@@ -691,7 +715,10 @@ class basic_channel {
     waiter.slot.outgoing = &value;
     auto& queue = send_queue();
     auto lock = queue.lock();
-    if (const auto finished = send_or_enqueue(value, waiter, lock)) return *finished;
+    if (const auto finished =
+            send_or_enqueue(value, waiter, lock, blocking_give_up(cancel, deadline))) {
+      return *finished;
+    }
     const auto queued_at = Clock::now();
     const auto status = queue.wait(waiter, lock, cancel, deadline, send_kind);
     add_blocked(send_blocked_ns_, Clock::now() - queued_at);
@@ -723,7 +750,8 @@ class basic_channel {
     wait_status status = wait_status::ok;
     {
       auto lock = receivers_.lock();
-      if (const auto finished = recv_or_enqueue(incoming, waiter, lock)) {
+      if (const auto finished =
+              recv_or_enqueue(incoming, waiter, lock, blocking_give_up(cancel, deadline))) {
         status = *finished;
       } else {
         const auto queued_at = Clock::now();
@@ -733,6 +761,18 @@ class basic_channel {
     }
     if (status == wait_status::ok) return recv_result<T>{std::move(*incoming)};
     return recv_result<T>::failed(status);
+  }
+
+  // For a blocking wait spinning in send_or_enqueue or recv_or_enqueue.
+  template <class WaitClock, class Duration>
+  static auto blocking_give_up(
+      detail::cancel_state* cancel,
+      const std::chrono::time_point<WaitClock, Duration>* deadline) noexcept {
+    return [cancel, deadline]() -> std::optional<wait_status> {
+      if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
+      if (deadline != nullptr && WaitClock::now() >= *deadline) return wait_status::timeout;
+      return std::nullopt;
+    };
   }
 
   static wait_status cancelled_status(const detail::cancel_state& cancel) noexcept {
