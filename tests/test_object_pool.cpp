@@ -134,6 +134,12 @@ TEST_CASE("object_pool: an object goes back when an exception unwinds its handle
 
 TEST_CASE("object_pool: bad input is reported at once") {
   CHECK_THROWS_AS((weft::object_pool<int>{{.max_cached_per_thread = 0}}), std::invalid_argument);
+  // Its cache's size in bytes wrapped: a 96-byte cache, written past its end.
+  CHECK_THROWS_AS((weft::object_pool<int>{{.max_cached_per_thread = SIZE_MAX / 8 + 1}}),
+                  std::invalid_argument);
+  CHECK_THROWS_AS((weft::object_pool<int>{{.max_cached_per_thread = (std::size_t{1} << 24) + 1}}),
+                  std::invalid_argument);
+  CHECK_NOTHROW((weft::object_pool<int>{{.max_cached_per_thread = std::size_t{1} << 24}}));
   weft::object_pool<int> null_factory{[] { return std::unique_ptr<int>{}; }};
   CHECK_THROWS_AS((void)null_factory.get(), std::logic_error);
   weft::object_pool<int> throwing_factory{[]() -> int { throw std::runtime_error("no memory for you"); }};
@@ -252,6 +258,73 @@ TEST_CASE("object_pool: handles may outlive the pool, on this thread and on othe
     pool_gone.count_down();
   }
   other.join();
+  CHECK(live == 0);
+}
+
+namespace {
+
+// A pooled object that holds a handle of its own pool: destroying it puts
+// that handle back, into the cache being emptied.
+struct tree_node {
+  explicit tree_node(std::atomic<int>& live_count) : live(&live_count) { live->fetch_add(1); }
+  ~tree_node() { live->fetch_sub(1); }
+  std::atomic<int>* live;
+  weft::object_pool<tree_node>::handle child;
+};
+
+}  // namespace
+
+// The cache was emptied by destroying its objects before it forgot them: a
+// child returned meanwhile was destroyed twice (a spill) or lost (a trim).
+TEST_CASE(
+    "object_pool: an object whose destructor returns a handle of its pool is destroyed once") {
+  std::atomic<int> live{0};
+  {
+    weft::object_pool<tree_node> pool{[&live] { return std::make_unique<tree_node>(live); },
+                                      {.max_cached_per_thread = 2, .max_shared = 0}};
+    SUBCASE("as a full cache spills") {
+      auto parent = pool.get();
+      parent->child = pool.get();
+      auto second = pool.get();
+      auto third = pool.get();
+      parent = {};
+      second = {};  // the cache is full
+      third = {};   // spills the parent, whose child comes back
+      CHECK(live == 2);
+    }
+    SUBCASE("as a trim empties the cache") {
+      {
+        auto parent = pool.get();
+        parent->child = pool.get();
+      }
+      pool.trim();
+      CHECK(live == 0);
+      CHECK(pool.stats().retained == 0);
+    }
+    SUBCASE("as the pool goes") {
+      auto parent = pool.get();
+      parent->child = pool.get();
+      parent = {};
+    }
+  }
+  CHECK(live == 0);
+}
+
+// reset ran on a handle returned after the pool's destruction, and a reset
+// that refers to the pool's owner read freed memory.
+TEST_CASE("object_pool: reset does not run on an object returned after the pool is gone") {
+  std::atomic<int> live{0};
+  int resets = 0;
+  tracked_pool::handle late;
+  {
+    tracked_pool pool{[&live] { return std::make_unique<tracked>(live); },
+                      [&resets](tracked&) { ++resets; }};
+    late = pool.get();
+    { auto once = pool.get(); }
+    CHECK(resets == 1);
+  }
+  late = {};
+  CHECK(resets == 1);
   CHECK(live == 0);
 }
 

@@ -18,8 +18,9 @@
 // thread move half a cache's worth to or from the stash, under the stash's
 // lock. (A spin-locked vector: moving 16 pointers in and out of it took 16
 // ns at 1 thread and 22 ns at 2 on the 2-core VM, against 58 ns and 240 ns
-// for moodycamel's ConcurrentQueue bulk operations plus the size bound.) Objects beyond both bounds are destroyed (counted as dropped);
-// trim() drops what is retained.
+// for moodycamel's ConcurrentQueue bulk operations plus the size bound.)
+// Objects beyond both bounds are destroyed (counted as dropped); trim()
+// drops what is retained.
 //
 // Guarantees:
 //  - A handle's object is used by nobody else until it comes back.
@@ -27,15 +28,16 @@
 //    out again; when it returns false the object is destroyed instead (do
 //    not keep a buffer that grew to megabytes). It must not throw: puts
 //    happen in destructors, so an exception escaping it terminates the
-//    program, as from a destructor.
+//    program, as from a destructor. A T's destructor may return handles of
+//    the pool that destroys it (a node holding its children).
 //  - A thread that exits gives its cache back to the stash.
 //  - The pool may be destroyed while handles are out or while other threads
 //    still have caches for it: nothing dangles and nothing leaks. The pool's
 //    shared part lives until the last of them is gone. A handle returned
-//    after the pool's destruction destroys its object. The destroying
-//    thread's cache and the stash are freed at once; another thread's cache
-//    is freed when that thread exits, calls into any object_pool, or
-//    returns a handle of the destroyed pool.
+//    after the pool's destruction destroys its object (reset does not run
+//    on it). The destroying thread's cache and the stash are freed at once;
+//    another thread's cache is freed when that thread exits, makes a cache
+//    for another object_pool, or returns a handle of the destroyed pool.
 //  - trim() empties the stash and the calling thread's cache at once; other
 //    threads empty theirs at their next get or put on this pool.
 //
@@ -65,6 +67,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -73,7 +76,7 @@
 namespace weft {
 
 struct object_pool_options {
-  std::size_t max_cached_per_thread = 32;  // at least 1
+  std::size_t max_cached_per_thread = 32;  // at least 1, at most 2^24
   std::size_t max_shared = 1024;           // 0: no shared stash
   std::string_view name = {};
 };
@@ -201,6 +204,9 @@ class object_pool_core {
 
   // `from_handle`: the object was given out by get() (not adopted).
   void put(T* object, bool from_handle) noexcept {
+    // Returned after the pool's destruction: destroyed unreset (reset may
+    // refer to what owned the pool, gone with it).
+    if (dead()) return put_slow(object, from_handle);
     if (reset_ && !reset_(*object)) {
       delete object;
       drop_refused(from_handle);
@@ -347,10 +353,19 @@ class object_pool_core {
       const auto epoch = pool.epoch_.load(std::memory_order_acquire);
       if (seen_epoch == epoch) return;
       seen_epoch = epoch;
-      const auto n = count_now();
-      for (std::size_t i = 0; i < n; ++i) delete objects()[i];
-      count.store(0, std::memory_order_relaxed);
-      bump(dropped, n);
+      while (count_now() != 0) {
+        delete pop();
+        bump(dropped);
+      }
+    }
+
+    // Takes the newest object out, leaving the cache whole before the
+    // caller destroys it: a T's destructor may put a handle of this pool
+    // back, into this very cache.
+    T* pop() noexcept {
+      const auto n = count_now() - 1;
+      count.store(n, std::memory_order_relaxed);
+      return objects()[n];
     }
 
     // Adds the handle count to the pool's when it has grown large.
@@ -440,7 +455,13 @@ class object_pool_core {
     }
     mine->catch_up();
     if (mine->count_now() == 0) refill(*mine);
-    if (mine->count_now() != 0) return mine->take();
+    if (mine->count_now() != 0) {
+      // A thread that only gets (a producer handing objects on) comes here
+      // once per refill: the handle count it keeps stays bounded.
+      T* object = mine->take();
+      mine->flush_handles_if_large();
+      return object;
+    }
     T* object = make();
     cache::bump(mine->gets);
     cache::bump(mine->misses);
@@ -477,7 +498,8 @@ class object_pool_core {
       forget_after_caches_if(from_handle);
       return;
     }
-    if (mine->count_now() == max_cached_) spill(*mine);
+    // A spill destroys objects, whose destructors may refill the cache.
+    while (mine->count_now() == max_cached_) spill(*mine);
     mine->give(object, from_handle);
     mine->flush_handles_if_large();
   }
@@ -500,7 +522,7 @@ class object_pool_core {
   }
 
   // Moves the older half of a full cache to the stash; what the stash has
-  // no room for is destroyed.
+  // no room for is destroyed, once the cache is whole again (see pop()).
   void spill(cache& mine) noexcept {
     const auto n = batch();
     std::size_t kept = 0;
@@ -514,11 +536,17 @@ class object_pool_core {
       }
       stash_size_.store(stash_.size(), std::memory_order_relaxed);
     }
-    for (std::size_t i = kept; i < n; ++i) delete mine.objects()[i];
-    cache::bump(mine.dropped, n - kept);
-    const auto remaining = mine.count_now() - n;
-    std::copy(mine.objects() + n, mine.objects() + n + remaining, mine.objects());
-    mine.count.store(remaining, std::memory_order_relaxed);
+    // [0, kept) went to the stash; [kept, n) are to go. Kept: the newer
+    // ones, first, and then those to go, on top, to be popped.
+    T** objects = mine.objects();
+    const auto count = mine.count_now();
+    std::rotate(objects + kept, objects + n, objects + count);
+    if (kept != 0) std::copy(objects + kept, objects + count, objects);
+    mine.count.store(count - kept, std::memory_order_relaxed);
+    for (std::size_t doomed = n - kept; doomed != 0; --doomed) {
+      delete mine.pop();
+      cache::bump(mine.dropped);
+    }
   }
 
   T* take_one_from_stash() noexcept {
@@ -566,14 +594,16 @@ class object_pool_core {
   // Called by the cache's owner thread (at its exit, or when it finds the
   // pool gone), never concurrently with that thread's other uses of it.
   void detach(cache& leaving) noexcept {
-    const auto n = leaving.count_now();
-    if (current(leaving) && !dead()) {
-      for (std::size_t i = 0; i < n; ++i) put_into_stash(leaving.objects()[i]);
-    } else {
-      for (std::size_t i = 0; i < n; ++i) delete leaving.objects()[i];
-      cache::bump(leaving.dropped, n);
+    const bool keep = current(leaving) && !dead();
+    while (leaving.count_now() != 0) {
+      T* object = leaving.pop();
+      if (keep) {
+        put_into_stash(object);
+      } else {
+        delete object;
+        cache::bump(leaving.dropped);
+      }
     }
-    leaving.count.store(0, std::memory_order_relaxed);
     {
       std::lock_guard lock(caches_mutex_);
       retired_.gets += leaving.gets.load(std::memory_order_relaxed);
@@ -717,8 +747,17 @@ class object_pool {
     if (options.max_cached_per_thread == 0) {
       throw std::invalid_argument("weft::object_pool: max_cached_per_thread must be at least 1");
     }
+    // Each thread's cache is one allocation of this many pointers; a count
+    // whose size in bytes overflows would allocate too little.
+    if (options.max_cached_per_thread > max_cached_per_thread_limit) {
+      throw std::invalid_argument(
+          "weft::object_pool: max_cached_per_thread must be at most 2^24, got " +
+          std::to_string(options.max_cached_per_thread));
+    }
     return options;
   }
+
+  static constexpr std::size_t max_cached_per_thread_limit = std::size_t{1} << 24;
 
   template <class Factory>
   static typename core_type::factory_type wrap_factory(Factory factory) {
