@@ -144,6 +144,26 @@ TEST_CASE("a semaphore hands out permits by weight and takes them back" * doctes
   CHECK(sem.stats().waiters == 0);
 }
 
+// A deadline in seconds, compared with the clock's nanoseconds, overflowed
+// into the past: the acquire timed out at once.
+TEST_CASE("acquire_until far off in a coarse unit waits for a release" * doctest::timeout(30)) {
+  weft::semaphore sem{1};
+  sem.acquire(1);
+  const auto far =
+      std::chrono::time_point_cast<std::chrono::seconds>(std::chrono::steady_clock::now()) +
+      std::chrono::hours{24 * 365 * 1000};
+  std::atomic<bool> returned{false};
+  weft::wait_status status = weft::wait_status::timeout;
+  std::thread waiter([&] {
+    status = sem.acquire_until(1, far);
+    returned = true;
+  });
+  weft_test::spin_until([&] { return returned.load() || sem.stats().waiters == 1; });
+  sem.release(1);
+  waiter.join();
+  CHECK(status == weft::wait_status::ok);
+}
+
 TEST_CASE("a semaphore with a capacity below one is rejected with invalid_argument" *
           doctest::timeout(60)) {
   CHECK_THROWS_AS(weft::semaphore{0}, std::invalid_argument);

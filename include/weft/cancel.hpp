@@ -30,13 +30,22 @@
 //  - Destroying a child detaches it from its parent: a parent's callback list
 //    does not grow with children that are gone.
 //  - A deadline fires on time without polling: a lazily started internal
-//    thread per clock type runs the timers and is joined at exit.
+//    thread per clock type runs the timers and is joined at exit. A
+//    deadline made after that (in a static object's destructor) never
+//    fires. A far deadline in a coarse unit (seconds::max()) saturates at
+//    the clock's range, and one in a finer unit than the clock's is rounded
+//    up to its tick: never early.
+//  - Cancelling a parent cancels its children recursively, and a chain of
+//    children is freed recursively: a chain tens of thousands deep (each a
+//    child of the last) can overflow a thread's stack.
 //
 // Memory ordering: everything the cancelling thread did before cancel() is
 // visible to a callback, and to any thread that sees cancelled() == true.
 //
-// Thread safety: every member of both classes may be called concurrently on
-// the same or different objects; copies share one state. A thread that sees
+// Thread safety: the const members of both classes, and cancel(), may be
+// called concurrently on the same or different objects; assigning to or
+// destroying an object needs exclusive access to it, as for
+// std::stop_token. Copies share one state. A thread that sees
 // the cancel (its wait returns, cancelled() is true) may destroy its source
 // at once, even while the cancel() called on that very source is still
 // returning: cancel() keeps the state alive until it is done.
@@ -232,9 +241,9 @@ inline cancel_source cancel_token::child() const {
 template <class Clock, class Duration>
 [[nodiscard]] cancel_source with_deadline(const cancel_token& parent,
                                           const std::chrono::time_point<Clock, Duration>& deadline) {
-  const auto rounded = std::chrono::time_point_cast<typename Clock::duration>(deadline);
   return cancel_source{cancel_source::adopt_t{},
-                       new detail::deadline_state<Clock>(detail::state_of(parent), rounded)};
+                       new detail::deadline_state<Clock>(detail::state_of(parent),
+                                                         detail::clock_deadline(deadline))};
 }
 
 // with_deadline(parent, Clock::now() + timeout), where a sum past the clock's
@@ -337,12 +346,13 @@ inline wait_status cancel_token::wait() const {
 
 template <class Clock, class Duration>
 wait_status cancel_token::wait_until(const std::chrono::time_point<Clock, Duration>& deadline) const {
+  const auto due = detail::clock_deadline(deadline);
   if (state_ == nullptr) {
     detail::parker never_completed;
-    detail::wait_completed_until(never_completed, deadline);
+    detail::wait_completed_until(never_completed, due);
     return wait_status::timeout;
   }
-  return detail::wait_for_cancel(state_, &deadline);
+  return detail::wait_for_cancel(state_, &due);
 }
 
 // Free-function form of token.wait(), for symmetry with the other primitives.

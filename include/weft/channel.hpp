@@ -248,7 +248,8 @@ class basic_channel {
 
   template <class Duration>
   wait_status send_until(T&& value, const std::chrono::time_point<Clock, Duration>& deadline) {
-    return send_value(value, nullptr, &deadline);
+    const auto due = detail::clock_deadline(deadline);
+    return send_value(value, nullptr, &due);
   }
 
   // ---- receive ----
@@ -285,7 +286,8 @@ class basic_channel {
 
   template <class Duration>
   recv_result<T> recv_until(const std::chrono::time_point<Clock, Duration>& deadline) {
-    return recv_value(nullptr, &deadline);
+    const auto due = detail::clock_deadline(deadline);
+    return recv_value(nullptr, &due);
   }
 
   // ---- close ----

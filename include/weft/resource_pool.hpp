@@ -271,10 +271,11 @@ class basic_resource_pool {
   template <class Duration>
   lease acquire_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     if (slots_.try_acquire(1)) return lease_for_slot();
+    const auto due = detail::clock_deadline(deadline);
     // A deadline already past waits for nothing, so no wait is counted.
-    if (Clock::now() >= deadline) return lease{wait_status::timeout};
+    if (Clock::now() >= due) return lease{wait_status::timeout};
     const auto start = begin_wait();
-    const auto status = slots_.acquire_until(1, deadline);
+    const auto status = slots_.acquire_until(1, due);
     end_wait(start);
     return status == wait_status::ok ? lease_for_slot() : lease{status};
   }

@@ -434,7 +434,8 @@ template <class Clock, class Duration, class... Cases>
   requires detail::select_cases<Cases...>
 select_result select_until(const std::chrono::time_point<Clock, Duration>& deadline, Cases&&... cases) {
   std::tuple<std::remove_cvref_t<Cases>...> all{std::forward<Cases>(cases)...};
-  return detail::run_select(all, nullptr, &deadline, false);
+  const auto due = detail::clock_deadline(deadline);
+  return detail::run_select(all, nullptr, &due, false);
 }
 
 template <class Rep, class Period, class... Cases>

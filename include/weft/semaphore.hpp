@@ -197,14 +197,15 @@ class basic_semaphore {
     check_weight(n, "acquire_until");
     const auto amount = static_cast<std::uint64_t>(n);
     if (try_take(amount)) return wait_status::ok;
+    const auto due = detail::clock_deadline(deadline);
     // A deadline already past gets the one try that try_acquire makes, not
     // a spin: acquire_for(n, 0s) is a try.
-    if (Clock::now() >= deadline) {
+    if (Clock::now() >= due) {
       return take_now(amount) ? wait_status::ok : count_failure(wait_status::timeout);
     }
     if (spin_take(amount)) return wait_status::ok;
-    if (Clock::now() >= deadline) return count_failure(wait_status::timeout);
-    return wait_in_queue(n, nullptr, &deadline);
+    if (Clock::now() >= due) return count_failure(wait_status::timeout);
+    return wait_in_queue(n, nullptr, &due);
   }
 
   // Returns n permits and hands them to queued waiters in FIFO order.

@@ -135,8 +135,9 @@ class basic_wait_group {
   template <class Duration>
   wait_status wait_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     if (ready()) return wait_status::ok;
-    if (Clock::now() >= deadline) return wait_status::timeout;
-    return wait_in_queue(nullptr, &deadline);
+    const auto due = detail::clock_deadline(deadline);
+    if (Clock::now() >= due) return wait_status::timeout;
+    return wait_in_queue(nullptr, &due);
   }
 
   // A snapshot.

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: BSL-1.0
-// detail::deadline_after: the deadline of every *_for(timeout).
+// detail::deadline_after: the deadline of every *_for(timeout), and
+// detail::clock_deadline: the deadline of every *_until(time_point).
 //
 // `Clock::now() + timeout` overflows for long timeouts (seconds::max() is
 // converted to nanoseconds before it is added), and the wrapped sum lies in
-// the past, so a wait meant to be unbounded would time out at once. The
+// the past, so a wait meant to be unbounded would time out at once. So does
+// a far time_point in a coarser unit than the clock's (a deadline in
+// seconds, a thousand years on), converted or compared to the clock's. The
 // deadline saturates at time_point::max() instead, which every wait treats
 // as a deadline that never comes.
 #pragma once
@@ -50,6 +53,26 @@ typename Clock::time_point deadline_after(std::chrono::duration<Rep, Period> tim
     if (!(wanted < long_ticks{room})) return time_point::max();
     const duration ticks = std::chrono::ceil<duration>(wanted);
     return ticks > room ? time_point::max() : now + ticks;
+  }
+}
+
+// `deadline` in the clock's own unit: rounded up to the clock's tick, so a
+// wait is never shorter than asked, and saturated at the clock's range.
+template <class Clock, class Duration>
+typename Clock::time_point clock_deadline(
+    const std::chrono::time_point<Clock, Duration>& deadline) {
+  using time_point = typename Clock::time_point;
+  using duration = typename Clock::duration;
+  if constexpr (std::is_same_v<Duration, duration>) {
+    return deadline;
+  } else {
+    // long double decides whether it fits (NaN never comes); the clock's
+    // ticks, then, where it does.
+    using long_ticks = std::chrono::duration<long double, typename duration::period>;
+    const long_ticks wanted = deadline.time_since_epoch();
+    if (!(wanted < long_ticks{duration::max()})) return time_point::max();
+    if (!(wanted > long_ticks{duration::min()})) return time_point::min();
+    return time_point{std::chrono::ceil<duration>(deadline.time_since_epoch())};
   }
 }
 

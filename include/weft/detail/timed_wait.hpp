@@ -8,6 +8,7 @@
 // clock) gets a timer node that pokes the parker when the clock is advanced.
 #pragma once
 
+#include <weft/detail/deadline.hpp>
 #include <weft/detail/parker.hpp>
 #include <weft/detail/timer_queue.hpp>
 
@@ -19,12 +20,14 @@ namespace weft::detail {
 // first. After false the parker may still be completed later by whoever owns
 // the operation; the caller must settle that before it destroys the parker.
 template <class Clock, class Duration>
-bool wait_completed_until(parker& waiter, const std::chrono::time_point<Clock, Duration>& deadline) {
+bool wait_completed_until(parker& waiter,
+                          const std::chrono::time_point<Clock, Duration>& given_deadline) {
+  const auto deadline = clock_deadline(given_deadline);
   if constexpr (clock_with_own_timers<Clock>) {
     struct poke_timer : timer_node<Clock> {
       parker* target = nullptr;
     } timer;
-    timer.deadline = std::chrono::time_point_cast<typename Clock::duration>(deadline);
+    timer.deadline = deadline;
     timer.target = &waiter;
     timer.fire = [](timer_node<Clock>& node) noexcept { static_cast<poke_timer&>(node).target->poke(); };
     schedule_timer(timer);

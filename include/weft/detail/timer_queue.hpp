@@ -222,7 +222,17 @@ class timer_service {
       lock.lock();
       if (stopping_ || rearm_) continue;
       if (next) {
-        wake_.wait_until(lock, *next);
+        // A day at a time: a deadline near the clock's max overflowed the
+        // condition variable's conversion to its own clock (for a clock
+        // other than steady_clock and system_clock), which then returned at
+        // once, over and over.
+        const auto day =
+            std::chrono::duration_cast<typename Clock::duration>(std::chrono::hours{24});
+        if (*next > Clock::time_point::min() + day && *next - day > Clock::now()) {
+          wake_.wait_for(lock, std::chrono::hours{24});
+        } else {
+          wake_.wait_until(lock, *next);
+        }
       } else {
         wake_.wait(lock);
       }
