@@ -204,15 +204,19 @@ class object_pool_core {
 
   // `from_handle`: the object was given out by get() (not adopted).
   void put(T* object, bool from_handle) noexcept {
-    // Returned after the pool's destruction: destroyed unreset (reset may
-    // refer to what owned the pool, gone with it).
-    if (dead()) return put_slow(object, from_handle);
+    // One read of the epoch serves both checks. Returned after the pool's
+    // destruction, the object is destroyed unreset (reset may refer to what
+    // owned the pool, gone with it). A trim() during reset leaves the cache
+    // on a newer epoch than this one, so the object takes the slow path.
+    const auto epoch = epoch_.load(std::memory_order_acquire);
+    if ((epoch & dead_bit) != 0) return put_slow(object, from_handle);
     if (reset_ && !reset_(*object)) {
       delete object;
       drop_refused(from_handle);
       return;
     }
-    if (auto* mine = current_cache(); mine != nullptr && mine->count_now() < max_cached_ && current(*mine)) {
+    if (auto* mine = current_cache();
+        mine != nullptr && mine->count_now() < max_cached_ && mine->seen_epoch == epoch) {
       mine->give(object, from_handle);
       return;
     }
