@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,31 @@ inline constexpr bool under_tsan = false;
 template <class Condition>
 void spin_until(Condition condition) {
   while (!condition()) std::this_thread::yield();
+}
+
+// A deadline on `Clock` a thousand years on, in seconds: a unit coarser
+// than the clock's, so converting it to the clock's without saturating
+// overflows.
+template <class Clock>
+auto thousand_years_on_in_seconds() {
+  return std::chrono::time_point_cast<std::chrono::seconds>(Clock::now()) +
+         std::chrono::hours{24 * 365 * 1000};
+}
+
+// Runs `wait` on a thread of its own; once it has returned or `parked()`
+// holds, calls `release()`, then returns what `wait` returned.
+template <class Wait, class Parked, class Release>
+auto wait_on_thread(Wait wait, Parked parked, Release release) {
+  std::atomic<bool> returned{false};
+  decltype(wait()) result{};
+  std::thread waiter([&] {
+    result = wait();
+    returned = true;
+  });
+  spin_until([&] { return returned.load() || parked(); });
+  release();
+  waiter.join();
+  return result;
 }
 
 // A value whose n-th move out of it (counting the moves of the objects it

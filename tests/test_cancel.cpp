@@ -834,28 +834,19 @@ TEST_CASE(
     "with_deadline and wait_until far off in a coarse unit saturate instead of firing at once" *
     doctest::timeout(30)) {
   using seconds_point = std::chrono::time_point<std::chrono::steady_clock, std::chrono::seconds>;
-  const auto far =
-      std::chrono::time_point_cast<std::chrono::seconds>(std::chrono::steady_clock::now()) +
-      std::chrono::hours{24 * 365 * 1000};
+  const auto far = weft_test::thousand_years_on_in_seconds<std::chrono::steady_clock>();
   auto at_max = weft::with_deadline(weft::cancel_token{}, seconds_point::max());
   auto thousand_years = weft::with_deadline(weft::cancel_token{}, far);
   CHECK_FALSE(at_max.token().cancelled());
   CHECK_FALSE(thousand_years.token().cancelled());
 
   // On the manual clock, a wait shows as a pending timer.
-  const auto manual_far = std::chrono::time_point_cast<std::chrono::seconds>(manual_clock::now()) +
-                          std::chrono::hours{24 * 365 * 1000};
+  const auto manual_far = weft_test::thousand_years_on_in_seconds<manual_clock>();
   const auto timers_before = manual_clock::pending_timers();
   weft::cancel_source source;
-  std::atomic<bool> returned{false};
-  wait_status status = wait_status::ok;
-  std::thread waiter([&] {
-    status = source.token().wait_until(manual_far);
-    returned = true;
-  });
-  spin_until([&] { return returned.load() || manual_clock::pending_timers() > timers_before; });
-  source.cancel();
-  waiter.join();
+  const auto status = weft_test::wait_on_thread(
+      [&] { return source.token().wait_until(manual_far); },
+      [&] { return manual_clock::pending_timers() > timers_before; }, [&] { source.cancel(); });
   CHECK(status == wait_status::ok);
 }
 

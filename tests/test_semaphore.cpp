@@ -149,18 +149,10 @@ TEST_CASE("a semaphore hands out permits by weight and takes them back" * doctes
 TEST_CASE("acquire_until far off in a coarse unit waits for a release" * doctest::timeout(30)) {
   weft::semaphore sem{1};
   sem.acquire(1);
-  const auto far =
-      std::chrono::time_point_cast<std::chrono::seconds>(std::chrono::steady_clock::now()) +
-      std::chrono::hours{24 * 365 * 1000};
-  std::atomic<bool> returned{false};
-  weft::wait_status status = weft::wait_status::timeout;
-  std::thread waiter([&] {
-    status = sem.acquire_until(1, far);
-    returned = true;
-  });
-  weft_test::spin_until([&] { return returned.load() || sem.stats().waiters == 1; });
-  sem.release(1);
-  waiter.join();
+  const auto far = weft_test::thousand_years_on_in_seconds<std::chrono::steady_clock>();
+  const auto status =
+      weft_test::wait_on_thread([&] { return sem.acquire_until(1, far); },
+                                [&] { return sem.stats().waiters == 1; }, [&] { sem.release(1); });
   CHECK(status == weft::wait_status::ok);
 }
 

@@ -76,18 +76,10 @@ TEST_CASE("wait on a zero count returns ok even with a cancelled token or a past
 TEST_CASE("wait_until far off in a coarse unit waits for done" * doctest::timeout(30)) {
   weft::wait_group group;
   group.add(1);
-  const auto far =
-      std::chrono::time_point_cast<std::chrono::seconds>(std::chrono::steady_clock::now()) +
-      std::chrono::hours{24 * 365 * 1000};
-  std::atomic<bool> returned{false};
-  weft::wait_status status = weft::wait_status::timeout;
-  std::thread waiter([&] {
-    status = group.wait_until(far);
-    returned = true;
-  });
-  weft_test::spin_until([&] { return returned.load() || group.stats().waiters == 1; });
-  group.done();
-  waiter.join();
+  const auto far = weft_test::thousand_years_on_in_seconds<std::chrono::steady_clock>();
+  const auto status =
+      weft_test::wait_on_thread([&] { return group.wait_until(far); },
+                                [&] { return group.stats().waiters == 1; }, [&] { group.done(); });
   CHECK(status == weft::wait_status::ok);
 }
 
