@@ -69,8 +69,9 @@
 // packs 64 in a word): writes from two threads to one word lose each other.
 // The range must be a forward range.
 //
-// Cost: gather, parallel_map and for_each take their thread's spare shared
-// state (allocating one when a helper of an earlier call still holds it),
+// Cost: gather, parallel_map and for_each take one of their thread's spare
+// shared states (allocating one only while late helpers of earlier calls,
+// which the pool had not started, still hold all four),
 // plus a child token's state under a parent token; they post up to one
 // helper per worker (three words, inline in the pool's slot), and wait for
 // the helpers that started, spinning briefly before they sleep. A claim is
@@ -237,8 +238,9 @@ class fan_helper {
     if (core->enter()) {
       run_fan_lane(*core, lane_, *call_);
       core->leave();
+    } else {
+      core->unref();
     }
-    core->unref();
   }
 
  private:

@@ -52,6 +52,7 @@
 #include <weft/detail/reusable_source.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -74,12 +75,13 @@ class fan_core {
   };
 
   // A core for a run of `count` indices on up to `lanes` tasks, each claim
-  // taking 1/(2 x claim_divisor) of its lane; a spare one of this thread's
-  // when it has one. The caller holds one reference.
+  // taking 1/(2 x claim_divisor) of its lane; one of this thread's spares
+  // when a spare is free. The caller holds one reference.
   static fan_core* make(std::size_t count, std::size_t lanes, std::size_t claim_divisor,
                         const cancel_token& parent) {
-    fan_core** spare = thread_spare();
-    fan_core* core = spare != nullptr ? std::exchange(*spare, nullptr) : nullptr;
+    fan_core* core = nullptr;
+    // A spare is taken only once nobody else holds it: its count is 1, ours.
+    if (spare_list* spares = thread_spares()) core = spares->take_free();
     if (core == nullptr) core = new fan_core;
     try {
       core->reset(count, lanes, claim_divisor, parent);
@@ -95,18 +97,16 @@ class fan_core {
 
   void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
 
-  // The caller's release: the core is kept as this thread's spare when no
-  // helper still holds it (helpers dropped unrun, or turned away late, may).
+  // The caller's release: the core is kept, with the caller's reference,
+  // as one of this thread's spares, even while a helper the pool has not
+  // run yet still holds it; it is reused once that helper has been turned
+  // away.
   void release_by_caller() noexcept {
     // Freed here, on the thread that read it (see task_group's release_outcome).
     first_error_ = nullptr;
     cancellation_.release();
-    fan_core** spare = thread_spare();
-    if (spare != nullptr && *spare == nullptr && refs_.load(std::memory_order_acquire) == 1) {
-      *spare = this;
-      return;
-    }
-    unref();
+    spare_list* spares = thread_spares();
+    if (spares == nullptr || !spares->keep(this)) unref();
   }
 
   void unref() noexcept {
@@ -115,7 +115,8 @@ class fan_core {
 
   const cancel_token& token() const noexcept { return cancellation_.token(); }
 
-  // Helpers: true if this one may run (the call is not over); leave() after.
+  // Helpers: true if this one may run (the call is not over); leave()
+  // after, or unref() when it may not.
   // Once the gate is closed its count only falls, so it reaches zero once.
   bool enter() noexcept {
     auto word = gate_.load(std::memory_order_relaxed);
@@ -126,7 +127,13 @@ class fan_core {
     return true;
   }
 
+  // Lets go of the helper's reference too, before the helper leaves: the
+  // caller holds its own until no helper is inside, so this frees nothing,
+  // and a caller that finds the gate empty finds the count back at its own
+  // (plus those of helpers not run yet), so its next call can reuse the
+  // core at once (see spare_list).
   void leave() noexcept {
+    refs_.fetch_sub(1, std::memory_order_release);
     if (gate_.fetch_sub(gate_helper, std::memory_order_acq_rel) == (gate_closed | gate_helper)) {
       drained_.complete();
     }
@@ -202,21 +209,62 @@ class fan_core {
   fan_core() = default;
   ~fan_core() = default;
 
-  // A thread's spare core, freed when the thread exits; null from then on,
-  // for a fan-out made by a destructor that runs later in the thread's exit
-  // (or, on the main thread, by a static object's), which used to take the
-  // freed core again.
-  static fan_core** thread_spare() noexcept {
-    struct holder {
-      fan_core* core = nullptr;
-      ~holder() {
-        delete std::exchange(core, nullptr);
-        spares_gone = true;
+  // A thread's spare cores. A helper that the pool starts after its call
+  // has returned (its worker was parked or busy when the call began) still
+  // holds the core, and often runs only after the caller's next call has
+  // begun. With one spare and no reuse until the helper let go, the caller
+  // allocated a core in those calls, and the helper freed the old one on
+  // its worker: a free of a block that another thread allocated takes the
+  // malloc arena's lock, and those locks made three quarters of the futex
+  // calls of fan_bench's 16-call fan-out on 2 cores (perf). Kept here, a core a helper
+  // still holds waits for it; the helper's unref never frees it.
+  //
+  // Freed when the thread exits (each core by its last holder); null from
+  // then on, for a fan-out made by a destructor that runs later in the
+  // thread's exit (or, on the main thread, by a static object's), which
+  // used to take a freed core again.
+  class spare_list {
+   public:
+    spare_list() = default;
+    spare_list(const spare_list&) = delete;
+    spare_list& operator=(const spare_list&) = delete;
+    ~spare_list() {
+      for (fan_core*& core : cores_) {
+        if (core != nullptr) std::exchange(core, nullptr)->unref();
       }
-    };
+      spares_gone = true;
+    }
+
+    // A spare that no helper holds any more, or null.
+    fan_core* take_free() noexcept {
+      for (fan_core*& core : cores_) {
+        // Acquire: the last helper to let go is done with the core.
+        if (core != nullptr && core->refs_.load(std::memory_order_acquire) == 1) {
+          return std::exchange(core, nullptr);
+        }
+      }
+      return nullptr;
+    }
+
+    // False when every place is taken (by cores that helpers still hold).
+    bool keep(fan_core* core) noexcept {
+      for (fan_core*& place : cores_) {
+        if (place == nullptr) {
+          place = core;
+          return true;
+        }
+      }
+      return false;
+    }
+
+   private:
+    std::array<fan_core*, 4> cores_{};
+  };
+
+  static spare_list* thread_spares() noexcept {
     if (spares_gone) return nullptr;
-    thread_local holder spare;
-    return &spare.core;
+    thread_local spare_list spares;
+    return &spares;
   }
   static inline thread_local constinit bool spares_gone = false;
 
@@ -237,7 +285,6 @@ class fan_core {
       lanes_[k].calls = 0;
     }
     lanes_[0].unclaimed.store(pack(0, (count + unit_ - 1) / unit_), std::memory_order_relaxed);
-    refs_.store(1, std::memory_order_relaxed);
     gate_.store(0, std::memory_order_relaxed);
     drained_.reset();
     steals_.store(0, std::memory_order_relaxed);
