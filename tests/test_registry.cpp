@@ -269,6 +269,83 @@ TEST_CASE("registry: gather's calls are listed with the line that called gather"
   release.cancel();
 }
 
+// A lane's record was made on the thread that ran it, with that thread's
+// running task as parent: none on a helper's worker.
+TEST_CASE("registry: a fan-out's calls have the task that called it as parent, on helpers too" *
+          doctest::timeout(60)) {
+  weft::cancel_source release;
+  const auto call = [&] { release.token().wait(); };
+  weft::worker_pool callers{{.workers = 1, .name = "callers"}};
+  weft::worker_pool calls{{.workers = 2}};
+  std::uint32_t line = 0;
+  std::promise<void> spawning;
+  // Three calls that each block: one on the calling thread, one on each helper.
+  const auto caller_task = [&] {
+    line = __LINE__; spawning.set_value(); (void)weft::gather(calls.executor(), weft::cancel_token{}, call, call, call);
+  };
+  callers.post(caller_task); const std::uint32_t caller_line = __LINE__;
+  spawning.get_future().wait();
+  std::vector<weft::task_info> blocked;
+  while (blocked.size() != 3) {
+    blocked.clear();
+    for (const auto& task : tasks_at(line)) {
+      if (task.state == weft::task_state::blocked && task.blocked_on == "cancel_token") blocked.push_back(task);
+    }
+    std::this_thread::yield();
+  }
+  const auto caller = tasks_at(caller_line);
+  REQUIRE(caller.size() == 1);
+  for (const auto& task : blocked) CHECK(task.parent == caller.front().id);
+  release.cancel();
+}
+
+namespace {
+
+// Posts a task from its destructor, which runs at its thread's exit after
+// the thread's registry records were freed (it was made first, so it is
+// destroyed last).
+struct posts_at_exit {
+  weft::worker_pool* pool = nullptr;
+  std::atomic<int>* ran = nullptr;
+  ~posts_at_exit() {
+    if (pool != nullptr) pool->post([ran = ran] { ran->fetch_add(1); });
+  }
+};
+
+std::size_t threads_listed() {
+  auto& core = weft::detail::registry_core::get();
+  std::lock_guard guard(core.mutex);
+  std::size_t count = 0;
+  for (const auto* tasks = core.threads; tasks != nullptr; tasks = tasks->next) ++count;
+  return count;
+}
+
+}  // namespace
+
+// The thread registered again, and nothing unlisted it: each such thread
+// stayed listed for good, and snapshots walked it.
+TEST_CASE("registry: a task spawned from a thread_local's destructor at thread exit runs untracked" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  std::atomic<int> ran{0};
+  // Once a task has run, this thread and the worker are both listed.
+  pool.submit([] {}).get();
+  const std::size_t listed_before = threads_listed();
+  constexpr int threads = 20;
+  for (int i = 0; i < threads; ++i) {
+    std::thread([&] {
+      thread_local posts_at_exit poster;
+      poster.pool = &pool;
+      poster.ran = &ran;
+      pool.post([&] { ran.fetch_add(1); });  // registers this thread
+    }).join();
+  }
+  CHECK(threads_listed() == listed_before);
+  pool.shutdown();
+  pool.join();
+  CHECK(ran.load() == 2 * threads);
+}
+
 TEST_CASE("registry: parallel_map's calls on the calling thread are listed with the line that called it" *
           doctest::timeout(60)) {
   weft::cancel_source release;
@@ -547,6 +624,7 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
           doctest::timeout(120)) {
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 64, .name = "churn"}};
   constexpr int rounds = 100;
+  constexpr int wide_group = 300;
   std::atomic<bool> done{false};
   std::atomic<std::uint64_t> ran{0};
   std::thread spawner([&] {
@@ -562,6 +640,13 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
       }
       group.wait();
       pool.post([&] { ran.fetch_add(1); });
+      if (round % 4 == 0) {
+        // More tasks than a group's ring holds: its overflow vector grows,
+        // and is freed as the group retires, while snapshots read it.
+        weft::task_group wide{pool.executor()};
+        for (int i = 0; i < wide_group; ++i) wide.go([&] { ran.fetch_add(1); });
+        wide.wait();
+      }
     }
     done = true;
   });
@@ -584,7 +669,7 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
   spawner.join();
   pool.shutdown();
   pool.join();
-  CHECK(ran.load() == rounds * (20 * 2 + 1));
+  CHECK(ran.load() == rounds * (20 * 2 + 1) + (rounds / 4) * wide_group);
   CHECK(without_id == 0);
   MESSAGE("snapshots: " << snapshots << ", tasks seen in them: " << seen);
 }

@@ -91,6 +91,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <iterator>
 #include <memory>
@@ -183,13 +184,17 @@ struct fan_call {
   const Body& body;
   const spawn_site& site;
   group_ancestry callers;  // see task_group.hpp
+  // The task running on the calling thread: every lane's parent, wherever
+  // the lane runs.
+  std::uint64_t parent = running_task_id();
 };
 
 // One task's share: claims and runs indices until none is left or the
 // token is cancelled. Listed in the registry as a group's task is.
 template <class Body>
 void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) noexcept {
-  const task_origin origin = make_origin(call.site, "task_group");
+  task_origin origin = make_origin(call.site, "task_group");
+  origin.parent = call.parent;
   accepted(origin);
   const cancel_token& token = core.token();
   std::size_t calls = 0;

@@ -376,7 +376,13 @@ class task_group {
       limit.reset();
       skipped.store(false, std::memory_order_relaxed);
       failed.store(false, std::memory_order_relaxed);
-      if (overflow.capacity() > ring_capacity) std::vector<queued_task>().swap(overflow);
+      if (overflow.capacity() > ring_capacity) {
+        // Under the lock: the core is still a registry source, and a
+        // snapshot's collect() may be reading the vector.
+        std::vector<queued_task> grown;
+        std::lock_guard guard(overflow_mutex);
+        grown.swap(overflow);
+      }
       core* self = this;
       if (!spares().try_push(self)) destroy(this);
     }

@@ -269,6 +269,10 @@ inline void bump(std::atomic<std::uint64_t>& counter) noexcept {
 }
 
 inline thread_local thread_tasks* this_thread_tasks_pointer = nullptr;
+// Set once this thread's records are gone (its exit has begun): a task
+// spawned later, from a thread_local's destructor, runs untracked. Were the
+// thread registered again, nothing would ever unlist it.
+inline thread_local constinit bool this_thread_records_gone = false;
 
 // Unregisters this thread's frames when the thread exits.
 struct thread_tasks_owner {
@@ -287,6 +291,7 @@ struct thread_tasks_owner {
       core.finished_by_exited += tasks->finished.load(std::memory_order_relaxed);
     }
     this_thread_tasks_pointer = nullptr;
+    this_thread_records_gone = true;
     delete tasks;
   }
 };
@@ -317,9 +322,10 @@ inline const char* intern(std::string_view name) {
 }
 
 // This thread's records, registered on first use; null when out of memory
-// (the task then runs untracked).
+// or once the thread's exit has begun (the task then runs untracked).
 inline thread_tasks* this_thread_tasks() noexcept {
   if (thread_tasks* tasks = this_thread_tasks_pointer) return tasks;
+  if (this_thread_records_gone) return nullptr;
   try {
     return &register_this_thread();
   } catch (...) {
@@ -335,6 +341,18 @@ inline bool register_this_thread_early() noexcept { return this_thread_tasks() !
 // The record of a task being spawned now by this thread, whose records are
 // `tasks` (null: untracked, id 0), whose site is `site`, which runs under
 // `name` (interned) and was spawned at `spawned_ns` (registry_clock).
+// The id of the task `tasks`' thread is running (0: none).
+inline std::uint64_t running_task_id(const thread_tasks& tasks) noexcept {
+  const auto depth = tasks.depth.load(std::memory_order_relaxed);
+  return depth != 0 ? tasks.frames[depth - 1].origin.id.load(std::memory_order_relaxed) : 0;
+}
+
+// The same for this thread, which it does not register.
+inline std::uint64_t running_task_id() noexcept {
+  const thread_tasks* tasks = this_thread_tasks_pointer;
+  return tasks != nullptr ? running_task_id(*tasks) : 0;
+}
+
 inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site, const char* name,
                                std::int64_t spawned_ns) noexcept {
   task_origin origin;
@@ -344,8 +362,7 @@ inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site, cons
     tasks->id_limit = tasks->next_id + registry_core::id_block;
   }
   origin.id = tasks->next_id++;
-  const auto depth = tasks->depth.load(std::memory_order_relaxed);
-  if (depth != 0) origin.parent = tasks->frames[depth - 1].origin.id.load(std::memory_order_relaxed);
+  origin.parent = running_task_id(*tasks);
   origin.file = site.file();
   origin.function = site.function();
   origin.line = site.line();
