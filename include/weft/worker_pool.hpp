@@ -727,11 +727,19 @@ class worker_pool {
   }
 
   // Destroys the queued tasks, unrun, except those a worker holds (see
-  // drop_held); returns how many.
+  // drop_held); returns how many. After close(): a position claimed but not
+  // published yet is a post between its claim and its publish (a noexcept
+  // move), which this waits for. Stopping there left that task, and every
+  // one behind it, neither run nor dropped, and a submit()'s future unready
+  // after join().
   std::size_t drop_queued() noexcept {
     const auto unrun = [](const slot_extras& cell, std::uint64_t) noexcept { drop_origin(cell); };
     std::size_t dropped = 0;
-    for (detail::task work; ring_.try_pop(work, unrun);) ++dropped;
+    detail::task work;
+    detail::spin_until([&] {
+      while (ring_.try_pop(work, unrun)) ++dropped;
+      return !ring_.claimed_unpopped();
+    });
     return dropped + drop_over_capacity();
   }
 

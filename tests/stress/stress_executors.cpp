@@ -116,6 +116,44 @@ TEST_CASE("stress: worker_pool shutdown and shutdown_now racing producers lose n
   }
 }
 
+// shutdown_now() drained the queue up to a post that had claimed its slot
+// and was still moving its task in: that task, and any behind it, was
+// neither run nor dropped, and stats did not add up after join().
+TEST_CASE(
+    "stress: worker_pool shutdown_now waits for a post still publishing its task, and drops it") {
+  std::mt19937_64 rng{weft_test::seed() + 7};
+  for (int round = 0; round < rounds(25); ++round) {
+    weft::worker_pool pool{{.workers = 1}};
+    std::atomic<bool> publishing{false};
+    std::atomic<bool> publish{false};
+    weft_test::stalling_move payload;
+    payload.arm(3, publishing, publish);  // the third move is the one into the queue's slot
+    std::atomic<int> ran{0};
+    std::thread producer(
+        [&] { pool.post([held = std::move(payload), &ran] { ran.fetch_add(1); }); });
+    weft_test::spin_until([&] { return publishing.load(); });
+    REQUIRE(pool.stats().queued == 1);  // claimed, not published
+    std::size_t dropped = 0;
+    std::thread stopper([&] {
+      dropped = pool.shutdown_now();
+      pool.join();
+    });
+    weft_test::spin_until([&] { return pool.is_shutdown(); });
+    spin_for(static_cast<std::uint32_t>(rng() % 20000));
+    publish = true;
+    producer.join();
+    stopper.join();
+    const auto s = pool.stats();
+    CHECK(s.submitted == 1);
+    // Dropped, or run by a worker that was claiming from the queue as
+    // shutdown_now() began; never neither.
+    CHECK(s.completed + s.dropped == 1);
+    CHECK(s.completed == static_cast<std::uint64_t>(ran.load()));
+    CHECK(s.queued == 0);
+    CHECK(dropped == s.dropped);
+  }
+}
+
 TEST_CASE("stress: task_group nested spawning and limits under random interleavings") {
   std::mt19937_64 rng{weft_test::seed() + 2};
   weft::worker_pool pool{{.workers = 3, .queue_capacity = 16}};
