@@ -338,9 +338,6 @@ inline thread_tasks* this_thread_tasks() noexcept {
 // mutex must never nest inside). False when out of memory.
 inline bool register_this_thread_early() noexcept { return this_thread_tasks() != nullptr; }
 
-// The record of a task being spawned now by this thread, whose records are
-// `tasks` (null: untracked, id 0), whose site is `site`, which runs under
-// `name` (interned) and was spawned at `spawned_ns` (registry_clock).
 // The id of the task `tasks`' thread is running (0: none).
 inline std::uint64_t running_task_id(const thread_tasks& tasks) noexcept {
   const auto depth = tasks.depth.load(std::memory_order_relaxed);
@@ -353,6 +350,9 @@ inline std::uint64_t running_task_id() noexcept {
   return tasks != nullptr ? running_task_id(*tasks) : 0;
 }
 
+// The record of a task being spawned now by this thread, whose records are
+// `tasks` (null: untracked, id 0), whose site is `site`, which runs under
+// `name` (interned) and was spawned at `spawned_ns` (registry_clock).
 inline task_origin make_origin(thread_tasks* tasks, const spawn_site& site, const char* name,
                                std::int64_t spawned_ns) noexcept {
   task_origin origin;
