@@ -39,6 +39,11 @@
 //    are measured against steady_clock::now().
 //  - live_count() and spawned_total() are sums of per-thread counters, read
 //    without stopping anyone: exact when nothing runs, close otherwise.
+//  - A task spawned by a thread whose exit has begun (from a thread_local's
+//    destructor) is not tracked: the thread's records are gone by then.
+//  - A task that a coroutine spawns has as parent the pool task that ran
+//    the coroutine's step (listed only while that step runs), not the
+//    coroutine.
 //
 // Cost: see detail/task_tracking.hpp. Tracking is on by default;
 // set_enabled(false) turns it off at run time (a task spawned while it is
