@@ -222,7 +222,11 @@ class fan_core {
   // Freed when the thread exits (each core by its last holder); null from
   // then on, for a fan-out made by a destructor that runs later in the
   // thread's exit (or, on the main thread, by a static object's), which
-  // used to take a freed core again.
+  // used to take a freed core again. One exception: on the main thread, if
+  // the first fan-out comes from a static object's destructor, the list is
+  // made after exit() has run the thread's thread_local destructors, and
+  // the cores it keeps (four at most) stay allocated until the process
+  // ends (still reachable, to a leak checker).
   class spare_list {
    public:
     spare_list() = default;
