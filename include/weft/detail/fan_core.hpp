@@ -216,8 +216,9 @@ class fan_core {
   // allocated a core in those calls, and the helper freed the old one on
   // its worker: a free of a block that another thread allocated takes the
   // malloc arena's lock, and those locks made three quarters of the futex
-  // calls of fan_bench's 16-call fan-out on 2 cores (perf). Kept here, a core a helper
-  // still holds waits for it; the helper's unref never frees it.
+  // calls of fan_bench's 16-call fan-out on 2 cores (perf). Kept here, a
+  // core a helper still holds waits for it; the helper's unref never frees
+  // it.
   //
   // Freed when the thread exits (each core by its last holder); null from
   // then on, for a fan-out made by a destructor that runs later in the
