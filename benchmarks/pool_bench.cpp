@@ -51,6 +51,7 @@
 //                        end; 10,000 tasks per iteration instead of 1,000,000
 //                        (items/s stays comparable); does not depend on N,
 //                        listed under every N as the "no pool at all" floor
+#include <weft/detail/futex.hpp>  // cpu_relax, the pause the pools spin on
 #include <weft/detail/queue.hpp>  // finds moodycamel's headers the way weft does
 #include <weft/worker_pool.hpp>
 
@@ -99,19 +100,11 @@ task_counter counter;
 
 inline void tiny_task() noexcept { counter.value.fetch_add(1, std::memory_order_relaxed); }
 
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
-
 // The common wait: poll, then yield, until every task has run.
 void wait_for_count(std::uint64_t target) noexcept {
   for (int i = 0; counter.value.load(std::memory_order_acquire) < target; ++i) {
     if (i < 512) {
-      cpu_relax();
+      weft::detail::cpu_relax();
     } else {
       std::this_thread::yield();
     }

@@ -287,7 +287,9 @@ class worker_pool {
   void shutdown() noexcept { close(false); }
 
   // Stops intake and destroys the queued tasks unrun; returns how many.
-  // Tasks already running finish.
+  // Tasks already running finish. A task that a worker took from the queue
+  // as this began counts as running: it is not among those dropped, and it
+  // may begin just after this returns. Every task is either run or dropped.
   std::size_t shutdown_now() noexcept {
     close(true);
     std::size_t dropped = drop_queued();
