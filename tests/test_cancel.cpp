@@ -924,6 +924,49 @@ TEST_CASE(
   }
 }
 
+// Converted in its own Rep, a far time_point overflowed there and landed in
+// the past (a wait on it timed out at once): float seconds rounded up past
+// the clock's range, and a count of 1/1024 s was multiplied before it was
+// divided.
+TEST_CASE("a time_point's deadline is rounded up to the clock's tick and saturates at its range" *
+          doctest::timeout(30)) {
+  using std::chrono::duration;
+  using std::chrono::nanoseconds;
+  using std::chrono::time_point;
+  using weft::detail::clock_deadline;
+  using clock = settable_clock<nanoseconds>;
+  const auto max = clock::time_point::max();
+  const auto min = clock::time_point::min();
+  using ticks_1024 = duration<long long, std::ratio<1, 1024>>;
+  CHECK(clock_deadline(time_point<clock, ticks_1024>{ticks_1024{1}}) ==
+        clock::time_point{976'563ns});
+  CHECK(clock_deadline(time_point<clock, ticks_1024>{ticks_1024{-1}}) ==
+        clock::time_point{-976'562ns});
+  CHECK(clock_deadline(time_point<clock, duration<double>>{duration<double>{1.5e-9}}) ==
+        clock::time_point{2ns});
+  // 200 and 300 years on, in 1/1024 s: the clock's nanoseconds reach 292.
+  constexpr long long year = 3600LL * 24 * 365;
+  CHECK(clock_deadline(time_point<clock, ticks_1024>{ticks_1024{1024 * 200 * year}}) ==
+        clock::time_point{std::chrono::seconds{200 * year}});
+  CHECK(clock_deadline(time_point<clock, ticks_1024>{ticks_1024{1024 * 300 * year}}) == max);
+  // Just inside the clock's range, in float seconds and double
+  // milliseconds, whose own precision rounds them to 2^63 ns, past it.
+  const auto far_float =
+      clock_deadline(time_point<clock, duration<float>>{duration<float>{9223371776.0F}});
+  CHECK(far_float >= clock::time_point{9'223'371'775'999'000'000ns});
+  CHECK(far_float <= clock::time_point{9'223'371'776'001'000'000ns});
+  const auto far_double = clock_deadline(time_point<clock, duration<double, std::milli>>{
+      duration<double, std::milli>{9223372036854.7753906}});
+  CHECK(far_double >= clock::time_point{9'223'372'036'854'775'000ns});
+  const auto early_float =
+      clock_deadline(time_point<clock, duration<float>>{duration<float>{-9223371776.0F}});
+  CHECK(early_float <= clock::time_point{-9'223'371'775'999'000'000ns});
+  CHECK(clock_deadline(time_point<clock, duration<float>>{duration<float>{1e19F}}) == max);
+  CHECK(clock_deadline(time_point<clock, duration<float>>{duration<float>{-1e19F}}) == min);
+  CHECK(clock_deadline(time_point<clock, duration<double>>{
+            duration<double>{std::numeric_limits<double>::infinity()}}) == max);
+}
+
 namespace {
 // A manual clock like weft::manual_clock (it drives its own timer_queue, the
 // documented hook for test clocks), whose next now() can be made to pause

@@ -19,6 +19,7 @@
 #include <latch>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -706,6 +707,79 @@ TEST_CASE("acquire_for with a timeout too long for the clock waits until it is g
   }
 }
 
+namespace {
+// A clock that moves only when a test sets it, as far back or forward as it
+// likes (before its epoch too); one per Tag, so tests do not share a time.
+template <int Tag>
+struct adjustable_clock {
+  using duration = std::chrono::nanoseconds;
+  using rep = duration::rep;
+  using period = duration::period;
+  using time_point = std::chrono::time_point<adjustable_clock>;
+  [[maybe_unused]] static constexpr bool is_steady = false;
+
+  static inline std::atomic<rep> ticks{0};
+  static inline std::atomic<int> reads{0};  // counted after the time is read
+  static time_point now() noexcept {
+    const rep value = ticks.load();
+    ++reads;
+    return time_point{duration{value}};
+  }
+};
+
+// A clock with timers of its own (as manual_clock) whose timer heap cannot
+// grow: scheduling a timer throws std::bad_alloc.
+struct timerless_clock {
+  using duration = std::chrono::nanoseconds;
+  using rep = duration::rep;
+  using period = duration::period;
+  using time_point = std::chrono::time_point<timerless_clock>;
+  [[maybe_unused]] static constexpr bool is_steady = true;
+
+  struct refusing_timers {
+    void schedule(weft::detail::timer_node<timerless_clock>&) { throw std::bad_alloc{}; }
+    void cancel(weft::detail::timer_node<timerless_clock>&) noexcept {}
+  };
+
+  static inline std::atomic<rep> ticks{0};
+  static time_point now() noexcept { return time_point{duration{ticks.load()}}; }
+  static refusing_timers& timers() noexcept {
+    static refusing_timers timers;
+    return timers;
+  }
+};
+}  // namespace
+
+// The waits are noexcept: the bad_alloc ended the program with the waiter
+// still queued. Without its timer, the waiter reads the clock now and then.
+TEST_CASE("a timed acquire whose clock cannot schedule its timer still ends at its deadline" *
+          doctest::timeout(60)) {
+  weft::basic_semaphore<timerless_clock> sem{1};
+  sem.acquire();
+  const auto status = weft_test::wait_on_thread(
+      [&] { return sem.acquire_for(1, 5s); }, [&] { return sem.stats().waiters == 1; },
+      [&] { timerless_clock::ticks += std::chrono::nanoseconds{5s}.count(); });
+  CHECK(status == wait_status::timeout);
+  CHECK(sem.stats().waiters == 0);
+  sem.release();
+  CHECK(sem.try_acquire());
+}
+
+// deadline - now overflowed (undefined; the sanitizer build stops there),
+// and the wrapped remainder made a zero futex timeout: the waiter spun.
+TEST_CASE("an endless timeout on a clock read before its epoch waits until it is granted" *
+          doctest::timeout(60)) {
+  using clock = adjustable_clock<0>;
+  clock::ticks = -std::chrono::nanoseconds{std::chrono::hours{24 * 365 * 100}}.count();
+  weft::basic_semaphore<clock> sem{1};
+  sem.acquire();
+  const auto status =
+      weft_test::wait_on_thread([&] { return sem.acquire_for(1, std::chrono::hours::max()); },
+                                [&] { return sem.stats().waiters == 1; }, [&] { sem.release(); });
+  CHECK(status == wait_status::ok);
+  CHECK(sem.stats().timeouts == 0);
+}
+
 // ---------------------------------------------------------------------------
 // Permits (RAII)
 
@@ -936,6 +1010,28 @@ TEST_CASE("stats stay consistent while threads contend" * doctest::timeout(60)) 
   }
 }
 
+// A clock that can be set back (system_clock) may read less when a wait
+// ends than when it began; total_wait went negative by the difference.
+TEST_CASE("a clock set back during a wait adds no negative time to the stats" *
+          doctest::timeout(60)) {
+  using clock = adjustable_clock<1>;
+  clock::ticks = std::chrono::nanoseconds{std::chrono::hours{2}}.count();
+  weft::basic_semaphore<clock> sem{1};
+  sem.acquire();
+  std::thread waiter([&] {
+    sem.acquire();
+    sem.release();
+  });
+  // Queued, and the time it queued at read: the only read before it parks.
+  REQUIRE(waiters_reach(sem, 1));
+  REQUIRE(eventually([] { return clock::reads == 1; }));
+  clock::ticks -= std::chrono::nanoseconds{std::chrono::hours{1}}.count();
+  sem.release();
+  waiter.join();
+  CHECK(sem.stats().total_wait == 0ns);
+  CHECK(sem.stats().max_wait == 0ns);
+}
+
 // ---------------------------------------------------------------------------
 // Cancellation racing a release (x/sync: "pretend we didn't notice the
 // cancelation")
@@ -1050,6 +1146,48 @@ TEST_CASE("cancelling many waiters while their permits are released one by one l
       sem.release(kept);
       REQUIRE(sem.available() == capacity);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Memory ordering (checked by the ThreadSanitizer build)
+
+// The waiter below is granted two permits: one that `returning` gave back on
+// the fast path before anyone queued, and one that `granting` gives back
+// later on the slow path. What `returning` wrote before its release must be
+// visible to the waiter; no other synchronisation links the two threads
+// (their hand-offs are relaxed). The compare-and-swap that marks the
+// semaphore as having waiters was relaxed, so nothing ordered that release
+// before the waiter's acquire, and ThreadSanitizer reported a race on
+// `payload`.
+TEST_CASE("a release before a waiter queued happens-before that waiter's acquire" *
+          doctest::timeout(60)) {
+  for (int round = 0; round < 20; ++round) {
+    CAPTURE(round);
+    weft::semaphore sem{2};
+    sem.acquire(2);
+    int payload = 0;
+    std::atomic<bool> returned{false};
+    int seen = 0;
+    std::thread returning([&] {
+      payload = 42;
+      sem.release(1);
+      returned.store(true, std::memory_order_relaxed);
+    });
+    std::thread waiter([&] {
+      weft_test::spin_until([&] { return returned.load(std::memory_order_relaxed); });
+      sem.acquire(2);
+      seen = payload;
+      sem.release(2);
+    });
+    std::thread granting([&] {
+      weft_test::spin_until([&] { return sem.waiters() == 1; });
+      sem.release(1);
+    });
+    returning.join();
+    waiter.join();
+    granting.join();
+    CHECK(seen == 42);
   }
 }
 

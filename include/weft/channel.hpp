@@ -783,7 +783,7 @@ class basic_channel {
 
   template <class Duration>
   static void add_blocked(std::atomic<std::int64_t>& total, Duration waited) noexcept {
-    total.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count(), std::memory_order_relaxed);
+    total.fetch_add(detail::waited_ns(waited), std::memory_order_relaxed);
   }
 
   // A waiter that left by cancellation or deadline: the marks follow the

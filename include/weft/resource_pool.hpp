@@ -523,8 +523,8 @@ class basic_resource_pool {
   }
 
   void end_wait(typename Clock::time_point start) noexcept {
-    const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
-    wait_nanoseconds_.fetch_add(static_cast<std::uint64_t>(waited.count()), std::memory_order_relaxed);
+    wait_nanoseconds_.fetch_add(static_cast<std::uint64_t>(detail::waited_ns(Clock::now() - start)),
+                                std::memory_order_relaxed);
   }
 
   // The time, where a limit needs it: reading the clock costs more than the

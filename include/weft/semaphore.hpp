@@ -31,10 +31,13 @@
 // Thread safety: every member may be called concurrently. Destroying the
 // semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
 // pending async waits are destroyed without being completed, as Asio does at
-// shutdown. A waiter may destroy it as soon as its acquire returns, even
-// while the release that let it through is still returning: a release no
-// longer touches the semaphore once a waiter it let through can return
-// (stress_lifetime.cpp checks this).
+// shutdown. Destroying it while permits are out is undefined too, and that
+// includes permits granted to an async waiter whose handler has not run
+// yet (its completion still records the wait here). A waiter may destroy
+// it as soon as its acquire returns, even while the release that let it
+// through is still returning: a release no longer touches the semaphore
+// once a waiter it let through can return (stress_lifetime.cpp checks
+// this).
 //
 // Memory ordering: a release() happens-before the acquire() it satisfies.
 //
@@ -43,7 +46,9 @@
 // take a lock or make a system call. A waiter spins and yields briefly
 // (WEFT_SPIN_LIMIT, WEFT_YIELD_LIMIT) before it queues; queueing and waking
 // take the queue's mutex, and a parked thread costs one futex wake. Waiting
-// allocates nothing (thread waiters live on the waiting thread's stack).
+// allocates nothing (thread waiters live on the waiting thread's stack),
+// except that a timed wait on a clock with timers of its own (manual_clock)
+// adds one to the clock's heap.
 //
 // A queued waiter is served strictly in order, so permits released to a
 // parked waiter sit unused until it is scheduled. Acquirers therefore spin
@@ -127,7 +132,10 @@ class basic_semaphore {
     explicit operator bool() const noexcept { return semaphore_ != nullptr; }
     std::ptrdiff_t count() const noexcept { return count_; }
 
-    // Returns the permits now, rather than at destruction.
+    // Returns the permits now, rather than at destruction. Noexcept, as the
+    // destructor is: should they have been released by hand as well (an
+    // over-release, which release(n) reports with std::logic_error), the
+    // program ends in std::terminate.
     void release() noexcept {
       if (semaphore_ != nullptr) std::exchange(semaphore_, nullptr)->release(count_);
       count_ = 0;
@@ -165,7 +173,9 @@ class basic_semaphore {
   basic_semaphore(const basic_semaphore&) = delete;
   basic_semaphore& operator=(const basic_semaphore&) = delete;
 
-  // Takes n permits if they are free and nobody is queued; never blocks.
+  // Takes n permits if they are free and nobody is queued; never waits for
+  // permits. (Once every 2^23 acquisitions, the one that folds the count
+  // takes the queue's mutex, briefly.)
   [[nodiscard]] bool try_acquire(std::ptrdiff_t n = 1) {
     check_weight(n, "try_acquire");
     return take_now(static_cast<std::uint64_t>(n));
@@ -431,8 +441,13 @@ class basic_semaphore {
       if (take_locked(n)) return true;
       auto state = state_.load(std::memory_order_relaxed);
       if ((state & count_mask) >= n && (state & waiters_mark) == 0) continue;  // lost a race to a fast path
+      // Acquire: the permits this waiter will be granted include those that
+      // fast-path releases returned before the mark, and what their
+      // releasers did must happen-before its acquire returns. The grant
+      // that completes it comes later, through the queue's mutex.
       if ((state & waiters_mark) != 0 ||
-          state_.compare_exchange_strong(state, state | waiters_mark, std::memory_order_relaxed)) {
+          state_.compare_exchange_strong(state, state | waiters_mark, std::memory_order_acquire,
+                                         std::memory_order_relaxed)) {
         queue_.push_back(node);
         return false;
       }
@@ -482,7 +497,7 @@ class basic_semaphore {
 
   template <class Duration>
   void record_wait(wait_status status, Duration waited) noexcept {
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count();
+    const auto ns = detail::waited_ns(waited);
     counters_.total_wait_ns.fetch_add(ns, std::memory_order_relaxed);
     auto max = counters_.max_wait_ns.load(std::memory_order_relaxed);
     while (ns > max && !counters_.max_wait_ns.compare_exchange_weak(max, ns, std::memory_order_relaxed)) {

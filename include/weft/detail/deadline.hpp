@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: BSL-1.0
 // detail::deadline_after: the deadline of every *_for(timeout), and
-// detail::clock_deadline: the deadline of every *_until(time_point).
+// detail::clock_deadline: the deadline of every *_until(time_point); and
+// detail::waited_ns, what a wait's statistics add up.
 //
 // `Clock::now() + timeout` overflows for long timeouts (seconds::max() is
 // converted to nanoseconds before it is added), and the wrapped sum lies in
@@ -12,6 +13,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <ratio>
 #include <type_traits>
 #include <utility>
@@ -57,7 +59,9 @@ typename Clock::time_point deadline_after(std::chrono::duration<Rep, Period> tim
 }
 
 // `deadline` in the clock's own unit: rounded up to the clock's tick, so a
-// wait is never shorter than asked, and saturated at the clock's range.
+// wait is never shorter than asked (as the clock measures it: a clock whose
+// reading lags, as a coarse one does, ends a wait as early as it lags),
+// and saturated at the clock's range.
 template <class Clock, class Duration>
 typename Clock::time_point clock_deadline(
     const std::chrono::time_point<Clock, Duration>& deadline) {
@@ -66,14 +70,25 @@ typename Clock::time_point clock_deadline(
   if constexpr (std::is_same_v<Duration, duration>) {
     return deadline;
   } else {
-    // long double decides whether it fits (NaN never comes); the clock's
-    // ticks, then, where it does.
+    // long double decides whether it fits (NaN never comes), and is rounded
+    // up to ticks: converted in its own Rep, a far deadline overflows there
+    // (float seconds round up past the clock's range; a count of 1/1024 s
+    // is multiplied before it is divided) and lands in the past.
     using long_ticks = std::chrono::duration<long double, typename duration::period>;
     const long_ticks wanted = deadline.time_since_epoch();
     if (!(wanted < long_ticks{duration::max()})) return time_point::max();
     if (!(wanted > long_ticks{duration::min()})) return time_point::min();
-    return time_point{std::chrono::ceil<duration>(deadline.time_since_epoch())};
+    return time_point{std::chrono::ceil<duration>(wanted)};
   }
+}
+
+// How long a wait took, from two readings of its clock, in nanoseconds for
+// a wait's statistics: never negative, as a clock that can be set back
+// (system_clock) may read less at the end of a wait than at its start.
+template <class Duration>
+std::int64_t waited_ns(Duration waited) noexcept {
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count();
+  return ns > 0 ? ns : 0;
 }
 
 }  // namespace weft::detail

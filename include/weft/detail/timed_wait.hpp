@@ -5,7 +5,10 @@
 // Real clocks (steady, system, or any clock without its own timers) use the
 // futex timeout, re-reading the clock after every wake, so a clock that jumps
 // is honoured at the next wake-up. A clock with its own timers (the manual
-// clock) gets a timer node that pokes the parker when the clock is advanced.
+// clock) gets a timer node that pokes the parker when the clock is advanced;
+// should scheduling it fail (its timer heap cannot grow), the waits that
+// call this are noexcept, so the wait reads the clock every millisecond
+// instead: a deadline seen up to a millisecond late, never missed.
 #pragma once
 
 #include <weft/detail/deadline.hpp>
@@ -30,7 +33,12 @@ bool wait_completed_until(parker& waiter,
     timer.deadline = deadline;
     timer.target = &waiter;
     timer.fire = [](timer_node<Clock>& node) noexcept { static_cast<poke_timer&>(node).target->poke(); };
-    schedule_timer(timer);
+    bool scheduled = true;
+    try {
+      schedule_timer(timer);
+    } catch (...) {
+      scheduled = false;
+    }
     bool completed = false;
     for (;;) {
       if (waiter.is_completed()) {
@@ -38,9 +46,13 @@ bool wait_completed_until(parker& waiter,
         break;
       }
       if (Clock::now() >= deadline) break;
-      if (waiter.wait() & parker::poked_bit) waiter.clear_poke();
+      if (!scheduled) {
+        waiter.wait(std::chrono::milliseconds{1});
+      } else if (waiter.wait() & parker::poked_bit) {
+        waiter.clear_poke();
+      }
     }
-    cancel_timer(timer);
+    if (scheduled) cancel_timer(timer);
     return completed;
   } else {
     for (;;) {
@@ -48,10 +60,13 @@ bool wait_completed_until(parker& waiter,
       const auto now = Clock::now();
       if (now >= deadline) return false;
       // Long waits are cut into a day at a time so no conversion overflows.
-      const auto remaining = deadline - now;
+      // Nor the subtraction: deadline - now overflows for a clock read
+      // before its epoch and a far deadline, so it is taken only once it is
+      // known to be within a day.
       const auto one_day = std::chrono::hours{24};
-      waiter.wait(remaining > one_day ? std::chrono::nanoseconds{one_day}
-                                      : std::chrono::ceil<std::chrono::nanoseconds>(remaining));
+      const bool far = now <= Clock::time_point::max() - one_day && deadline > now + one_day;
+      waiter.wait(far ? std::chrono::nanoseconds{one_day}
+                      : std::chrono::ceil<std::chrono::nanoseconds>(deadline - now));
     }
   }
 }

@@ -20,7 +20,11 @@
 //     ok), or cancel() (status cancelled or timeout, from a cancel_token
 //     callback, a deadline, or an Asio cancellation slot). The remover sets
 //     the status under the mutex, then after releasing the mutex calls
-//     complete(), which is its last touch of the node.
+//     complete(), which is its last touch of the node. Three removals
+//     complete nothing, as the node's owner (or its end) makes them:
+//     withdraw() and erase(), by an owner that stopped waiting by other
+//     means, and the queue's destructor, which abandons the async waiters
+//     still queued.
 //  3. The node's owner does not destroy it, nor stop listening for
 //     cancellation, before it has observed that completion. A thread waiter
 //     that times out calls cancel() itself and, whether that found the node
@@ -38,8 +42,9 @@
 // A completion is a flag on the node, not a signal, so one that lands before
 // the waiter parks is seen when it does.
 //
-// Thread safety: all members need the mutex (lock()) except cancel() and the
-// waits, which take it themselves.
+// Thread safety: all members need the mutex (lock()) except cancel(),
+// withdraw() and the waits, which take it themselves, and size(), a
+// snapshot.
 #pragma once
 
 #include <weft/config.hpp>
