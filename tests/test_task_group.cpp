@@ -15,6 +15,7 @@
 // helps too). Pools below have k + 1, a spare that costs nothing.
 #include <weft/cancel.hpp>
 #include <weft/manual_clock.hpp>
+#include <weft/registry.hpp>
 #include <weft/task_group.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/worker_pool.hpp>
@@ -469,6 +470,26 @@ TEST_CASE("task_group: without a limit try_go always accepts" * doctest::timeout
   CHECK(ran.load() == 100);
 }
 
+// Called on a worker, a null function pointer ended the process there.
+TEST_CASE("task_group and result_group refuse a null function pointer with invalid_argument" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  void (*no_function)() = nullptr;
+  CHECK_THROWS_AS(group.go(no_function), std::invalid_argument);
+  CHECK_THROWS_AS((void)group.try_go(no_function), std::invalid_argument);
+  group.set_limit(1);
+  CHECK_THROWS_AS(group.go(no_function), std::invalid_argument);
+  CHECK(group.in_flight() == 0);
+  group.wait();
+  weft::result_group<int> results{pool.executor()};
+  int (*no_result)() = nullptr;
+  CHECK_THROWS_AS(results.go(no_result), std::invalid_argument);
+  CHECK_THROWS_AS((void)results.try_go(no_result), std::invalid_argument);
+  results.go(+[] { return 3; });
+  CHECK(results.wait() == std::vector<int>{3});
+}
+
 TEST_CASE("task_group: a failing task frees its slot under a limit (no lost permit)" * doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   weft::task_group group{pool.executor()};
@@ -479,6 +500,59 @@ TEST_CASE("task_group: a failing task frees its slot under a limit (no lost perm
   for (int i = 0; i < 5; ++i) group.go([] {});
   CHECK_THROWS_AS(group.wait(), std::runtime_error);
   CHECK(group.in_flight() == 0);
+}
+
+namespace {
+// Holds a go() between taking its slot and pushing its task: the first move
+// of a held_capture, once armed, counts `paused` down and waits for `resume`.
+struct push_hold {
+  std::atomic<bool> armed{false};
+  std::latch paused{1};
+  std::latch resume{1};
+};
+
+struct held_capture {
+  explicit held_capture(push_hold& h) noexcept : hold(&h) {}
+  held_capture(held_capture&& other) noexcept : hold(other.hold) {
+    if (hold->armed.exchange(false)) {
+      hold->paused.count_down();
+      hold->resume.wait();
+    }
+  }
+  held_capture& operator=(held_capture&&) = delete;
+  push_hold* hold;
+};
+}  // namespace
+
+// One worker, limit 2. Task A, on the worker, calls go(C) while another
+// thread's go(B) holds the second slot and has not pushed B yet: A finds
+// nothing to run, and sleeps. B's push must wake it to run B, whose slot it
+// then takes. A slept on: with the pool's only worker inside A, nobody ran
+// B until a wait() came to help (and an async_wait never does).
+TEST_CASE("task_group: a go() waiting for a slot wakes to run a task pushed while it slept" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  group.set_limit(2);
+  push_hold hold;
+  std::latch c_ran{1};
+  group.go([&] {
+    hold.paused.wait();
+    group.go([&] { c_ran.count_down(); });
+  });
+  hold.armed = true;
+  std::thread spawner([&] { group.go([capture = held_capture{hold}] { (void)capture; }); });
+  // A is in go(C), asleep, once the registry lists it as blocked.
+  spin_until([] {
+    for (const auto& task : weft::registry::snapshot()) {
+      if (task.state == weft::task_state::blocked) return true;
+    }
+    return false;
+  });
+  hold.resume.count_down();
+  spawner.join();
+  c_ran.wait();
+  group.wait();
 }
 
 // ---------------------------------------------------------------------------

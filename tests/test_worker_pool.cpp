@@ -262,6 +262,20 @@ TEST_CASE(
   }
 }
 
+// Called on a worker, a null function pointer ended the process there.
+TEST_CASE("worker_pool refuses a null function pointer as a task with invalid_argument" *
+          doctest::timeout(60)) {
+  weft::worker_pool pool{{.workers = 1}};
+  void (*no_function)() = nullptr;
+  int (*no_result)() = nullptr;
+  CHECK_THROWS_AS(pool.post(no_function), std::invalid_argument);
+  CHECK_THROWS_AS((void)pool.try_post(no_function), std::invalid_argument);
+  CHECK_THROWS_AS((void)pool.post(no_function, weft::cancel_token{}), std::invalid_argument);
+  CHECK_THROWS_AS((void)pool.submit(no_result), std::invalid_argument);
+  CHECK(pool.stats().submitted == 0);
+  CHECK(pool.submit(+[] { return 7; }).get() == 7);
+}
+
 TEST_CASE("worker_pool reports the options it was built with" * doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 3, .queue_capacity = 5, .on_full = weft::overflow::caller_runs, .name = "opts"}};
   CHECK(pool.size() == 3);
@@ -324,7 +338,8 @@ TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 t
       CHECK(s.rejected == 0);
       CHECK(s.dropped == 0);
       CHECK(s.queued == 0);
-      CHECK(s.peak_queued <= 4);
+      // The queue, and what each worker holds from a claim of it.
+      CHECK(s.peak_queued <= 4 * (1 + workers));
     }
   }
 }
@@ -802,6 +817,64 @@ TEST_CASE("worker_pool: a worker posting into its own full one-worker pool with 
   CHECK(s.submitted == 4);
   CHECK(s.completed == 4);
   CHECK(s.rejected == 0);
+}
+
+namespace {
+// A chain of tasks, each posting the next into a pool whose queue stays
+// full; records how deeply they nested on one thread.
+struct post_chain {
+  weft::worker_pool& pool;
+  std::atomic<long> steps{0};
+  std::atomic<int> deepest{0};
+  static inline thread_local int depth = 0;
+
+  void step(long left) {
+    ++depth;
+    for (int seen = deepest.load(); depth > seen && !deepest.compare_exchange_weak(seen, depth);) {
+    }
+    if (left > 0) pool.post([this, left] { step(left - 1); });
+    --depth;
+    steps.fetch_add(1);
+  }
+};
+}  // namespace
+
+// Run inline one inside another, a chain of 100,000 posts overflowed the
+// worker's stack.
+TEST_CASE(
+    "worker_pool: a chain of tasks that post their successor into a full queue does not nest "
+    "without bound" *
+    doctest::timeout(120)) {
+  constexpr long chain = 10'000;
+  SUBCASE("on the pool's only worker, under overflow::block") {
+    weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::block}};
+    post_chain tasks{pool};
+    gate g;
+    pool.post([&] {
+      g.held.fetch_add(1);
+      g.wait();
+      tasks.step(chain);
+    });
+    spin_until([&] { return g.held.load() == 1; });
+    pool.post([] {});  // fills the queue, and stays there while the chain runs on the worker
+    g.open();
+    spin_until([&] { return tasks.steps.load() == chain + 1; });
+    CHECK(tasks.deepest.load() <= 17);
+    wait_for_completed(pool, static_cast<std::uint64_t>(chain) + 2);
+  }
+  SUBCASE("on the posting thread, under overflow::caller_runs") {
+    weft::worker_pool pool{
+        {.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::caller_runs}};
+    post_chain tasks{pool};
+    gate g;
+    hold_all_workers(pool, g);
+    pool.post([] {});
+    tasks.step(chain);  // the tasks it no longer runs itself wait past the full queue
+    CHECK(tasks.deepest.load() <= 17);
+    g.open();
+    spin_until([&] { return tasks.steps.load() == chain + 1; });
+    CHECK(tasks.deepest.load() <= 17);
+  }
 }
 
 TEST_CASE("worker_pool: a worker posting into its own full pool with overflow::reject is still rejected" *
@@ -1328,6 +1401,39 @@ TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued
   CHECK(s.dropped == 0);
   CHECK(s.max_queue_wait <= s.total_queue_wait);
   CHECK(s.total_queue_wait >= 0ns);
+}
+
+// `queued` counts the tasks a worker holds from a claim of several; the
+// peak did not, and read 8 after stats() had reported 9 queued.
+TEST_CASE("worker_pool: peak_queued never reads below a queued count stats() reported" *
+          doctest::timeout(60)) {
+  constexpr std::size_t capacity = 8;
+  gate first;
+  gate second;
+  weft::worker_pool pool{
+      {.workers = 1, .queue_capacity = capacity, .on_full = weft::overflow::reject}};
+  hold_all_workers(pool, first);
+  // The worker's next claim takes both (a worker that got all it asked for
+  // asks for twice as many next time): it runs the first, and holds the
+  // second.
+  pool.post([&second] {
+    second.held.fetch_add(1);
+    second.wait();
+  });
+  pool.post([] {});
+  first.open();
+  spin_until([&] { return second.held.load() == 1; });
+  std::size_t posted = 0;
+  while (pool.try_post([] {})) ++posted;
+  CHECK(posted == capacity);
+  const auto full = pool.stats();
+  CHECK(full.queued == capacity + 1);
+  CHECK(full.peak_queued >= full.queued);
+  second.open();
+  wait_for_completed(pool, 3 + capacity);
+  const auto drained = pool.stats();
+  CHECK(drained.queued == 0);
+  CHECK(drained.peak_queued >= full.queued);
 }
 
 // stats() reads each count at its own moment: a task that completed

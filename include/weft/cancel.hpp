@@ -30,11 +30,15 @@
 //  - Destroying a child detaches it from its parent: a parent's callback list
 //    does not grow with children that are gone.
 //  - A deadline fires on time without polling: a lazily started internal
-//    thread per clock type runs the timers and is joined at exit. A
-//    deadline made after that (in a static object's destructor) never
-//    fires. A far deadline in a coarse unit (seconds::max()) saturates at
-//    the clock's range, and one in a finer unit than the clock's is rounded
-//    up to its tick: never early.
+//    thread per clock type runs the timers and is joined at exit, once the
+//    worker pools have joined theirs (a task waiting on a deadline as its
+//    pool drains at exit is woken), but before the destructors of statics
+//    made before the first pool or deadline: a thread of your own that such
+//    a destructor joins must not wait on a deadline then. A deadline made
+//    after that (in a later static's destructor) never fires. A far
+//    deadline in a coarse unit (seconds::max()) saturates at the clock's
+//    range, and one in a finer unit than the clock's is rounded up to its
+//    tick: never early.
 //  - Cancelling a parent cancels its children recursively, and a chain of
 //    children is freed recursively: a chain tens of thousands deep (each a
 //    child of the last) can overflow a thread's stack.

@@ -15,7 +15,8 @@
 //  - go(f) runs f, as f() or f(cancel_token), on the group's executor (the
 //    default executor unless one is given). The token is g.token(): a child
 //    of the parent token, cancelled by the first task that throws (its
-//    exception becomes the token's cause), so siblings can stop early.
+//    exception becomes the token's cause), so siblings can stop early. A
+//    null function pointer is refused with std::invalid_argument.
 //  - A task that has not started when the group's token is cancelled is not
 //    started. wait() reports it rather than skipping silently: it rethrows
 //    the first task exception; if there is none but tasks were skipped, it
@@ -50,28 +51,32 @@
 // Thread safety: go, try_go, token and cancel may be called concurrently,
 // from any thread, including from the group's own tasks. wait() may run
 // concurrently with go() from inside the group's tasks (it returns once the
-// count of tasks reaches zero); set_limit and the destructor may not run
+// count of tasks reaches zero), but not with another wait(), which might
+// then not report a skipped task; set_limit and the destructor may not run
 // concurrently with anything else. A task must not wait() on its own group,
 // nor on the group of a task it runs inside: that wait would wait for
 // itself, and throws std::logic_error instead, from the group's own tasks
 // and from the tasks of groups and fan-outs started inside them (each
 // group records up to eight groups it was started inside), on whichever
 // thread they run. A group counts as started inside the task that made it
-// even when it outlives that task. A coroutine's async_wait on its own
-// group is not caught, and waits for good.
+// even when it outlives that task. A coroutine added to a group that waits
+// on that group (async_wait, or the blocking wait()) is not caught, and
+// waits for good.
 //
 // Cost: a group takes the shared state of a finished group when one is
-// spare (up to 64 are kept, each mostly its ring of 64 task slots, 4 KiB),
-// else allocates one; a group with a parent token also allocates its child
-// token's state; a group made inside a task copies the ids of the groups
-// it is nested in. go() adds to the group's count and pushes the task into
-// the ring (captures up to five pointers kept inline, no allocation); it posts a
-// runner to the pool only while fewer runners than workers are out, and each
-// runner takes tasks until none is left, publishing completions in batches.
+// spare (up to 64 are kept, about 13 KiB each, mostly its ring of 64 task
+// slots of 128 bytes), else allocates one; a group with a parent token also
+// allocates its child token's state; a group made inside a task copies the
+// ids of the groups it is nested in. go() adds to the group's count and
+// pushes the task into the ring (captures up to four pointers kept inline,
+// no allocation; three for a result_group's task); it posts a runner to the
+// pool only while fewer runners than workers are out, and each runner takes
+// tasks until none is left, publishing completions in batches.
 // So a task costs about three atomic read-modify-writes, and a thousand tasks
 // cost a few posts. If the pool is full and no runner is out, go() waits for
 // room, whatever the pool's overflow policy: a group never leaves its tasks
-// without a runner. wait() on finished tasks is a load; with nothing left to
+// without a runner. wait() on finished tasks is a load and a
+// read-modify-write (of the skipped flag); with nothing left to
 // run but tasks still running, it polls the count for about 2.5 us (128
 // pause instructions) before it sleeps.
 #pragma once
@@ -244,6 +249,7 @@ class task_group {
   // Throws weft::rejected when the executor's pool is shut down.
   template <class F>
   void go(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "task_group::go");
     check_open();
     if (core_->limit) acquire_slot();
     start(std::forward<F>(f), site);
@@ -253,6 +259,7 @@ class task_group {
   // never waits for a slot.
   template <class F>
   [[nodiscard]] bool try_go(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "task_group::try_go");
     check_open();
     if (core_->limit && !core_->limit->try_acquire()) return false;
     start(std::forward<F>(f), site);
@@ -651,18 +658,31 @@ class task_group {
 
   // Waits for a slot under the limit, running the group's own unstarted
   // tasks meanwhile: the slots may be held by tasks no worker has taken yet.
+  // It sleeps as a waiter in wait() does (see park), woken by a task added
+  // meanwhile: a go() from a task slept through a sibling's task that was
+  // pushed while it looked, and on a pool with no other worker free nobody
+  // ran that task, nor freed its slot, until a wait() came to help (an
+  // async_wait never does).
   void acquire_slot() {
     detail::task work;
     detail::running_scope running;
     while (!core_->limit->try_acquire()) {
-      if (!core_->pop(work, running)) {
-        const detail::blocked_scope blocked{"task_group::go", nullptr};
-        core_->limit->acquire();
-        return;
+      if (core_->pop(work, running)) {
+        core_->run(work);
+        running.stop();
+        core_->pending.done();
+        continue;
       }
-      core_->run(work);
-      running.stop();
-      core_->pending.done();
+      const cancel_token wake = wake_token();
+      // Seq_cst, as in park().
+      core_->waiters_parked.fetch_add(1, std::memory_order_seq_cst);
+      bool acquired = false;
+      if (!core_->has_unstarted()) {
+        const detail::blocked_scope blocked{"task_group::go", nullptr};
+        acquired = core_->limit->acquire(1, wake) == wait_status::ok;
+      }
+      core_->waiters_parked.fetch_sub(1, std::memory_order_relaxed);
+      if (acquired) return;
     }
   }
 
@@ -734,32 +754,7 @@ class task_group {
   // that adds a task and waits for it, on a pool whose workers are all
   // busy, waited for good (a waiter inside a task of a one-worker pool).
   void park() noexcept {
-    // The waiters share one source; a woken one makes the next.
-    cancel_token wake;
-    try {
-      bool shared = false;
-      {
-        std::lock_guard guard(core_->waiter_mutex);
-        if (core_->waiter_wake && !core_->waiter_wake->token().cancelled()) {
-          wake = core_->waiter_wake->token();
-          shared = true;
-        }
-      }
-      if (!shared) {
-        // Made outside the lock; left holding the spent source, if any,
-        // which is let go of after the lock.
-        cancel_source fresh;
-        std::lock_guard guard(core_->waiter_mutex);
-        if (!core_->waiter_wake) {
-          core_->waiter_wake.emplace(fresh);
-        } else if (core_->waiter_wake->token().cancelled()) {
-          std::swap(*core_->waiter_wake, fresh);
-        }
-        wake = core_->waiter_wake->token();
-      }
-    } catch (...) {
-      // Out of memory: a sleep that only the count ends.
-    }
+    const cancel_token wake = wake_token();
     // Seq_cst, against start()'s push then load: either start() sees the
     // waiter parked and wakes it, or the waiter sees the task.
     core_->waiters_parked.fetch_add(1, std::memory_order_seq_cst);
@@ -768,6 +763,33 @@ class task_group {
       (void)core_->pending.wait(wake);
     }
     core_->waiters_parked.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  // What a parked waiter sleeps on besides what it waits for: cancelled by
+  // start() when it sees waiters parked. The waiters share one source; a
+  // woken one makes the next. Out of memory, an empty token: a sleep that
+  // only what it waits for ends.
+  cancel_token wake_token() noexcept {
+    try {
+      {
+        std::lock_guard guard(core_->waiter_mutex);
+        if (core_->waiter_wake && !core_->waiter_wake->token().cancelled()) {
+          return core_->waiter_wake->token();
+        }
+      }
+      // Made outside the lock; left holding the spent source, if any,
+      // which is let go of after the lock.
+      cancel_source fresh;
+      std::lock_guard guard(core_->waiter_mutex);
+      if (!core_->waiter_wake) {
+        core_->waiter_wake.emplace(fresh);
+      } else if (core_->waiter_wake->token().cancelled()) {
+        std::swap(*core_->waiter_wake, fresh);
+      }
+      return core_->waiter_wake->token();
+    } catch (...) {
+      return {};
+    }
   }
 
   // Watches, for a while, for the last tasks to finish or for a task to
@@ -856,6 +878,7 @@ class result_group {
 
   template <class F>
   void go(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "result_group::go");
     slot* target = add_slot();
     try {
       group_.go(bind(target, std::forward<F>(f)), site);
@@ -867,6 +890,7 @@ class result_group {
 
   template <class F>
   [[nodiscard]] bool try_go(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "result_group::try_go");
     slot* target = add_slot();
     try {
       if (group_.try_go(bind(target, std::forward<F>(f)), site)) return true;
@@ -880,8 +904,9 @@ class result_group {
 
   void set_limit(std::ptrdiff_t n) { group_.set_limit(n); }
 
-  // The results in the order their go() calls returned; rethrows as
-  // task_group::wait() does. The group may then be reused.
+  // The results in the order their go() calls were made (each takes its
+  // place as it is entered); rethrows as task_group::wait() does. The group
+  // may then be reused.
   std::vector<T> wait() {
     // Before the slots are touched: the group's tasks still write them.
     group_.check_not_own_task();

@@ -12,9 +12,13 @@
 //   reject       throw weft::rejected (try_post returns false instead)
 //   caller_runs  run the task on the posting thread, now
 // A worker of this pool that posts into its own full queue runs the task
-// itself, whatever the policy says, except that `reject` still rejects: when
-// every worker waited for room that only workers can make, the pool would
-// deadlock.
+// itself, whatever the policy says, except that post(f) and try_post(f)
+// under `reject` still reject (post(f, token) asks to wait, so it runs the
+// task too): when every worker waited for room that only workers can make,
+// the pool would deadlock. A thread already running 16 such tasks, one
+// inside another (a task that posts its successor, over and over), queues
+// the next past the full queue instead, as Asio's hand-offs are (below),
+// rather than nest deeper; caller_runs does the same.
 //
 // Order: a worker that finds the queue deep claims a run of up to 8 tasks
 // at once and runs them in order; those it has not started yet stay
@@ -38,8 +42,9 @@
 // (set_error_handler; by default it writes one line to stderr), and both
 // count in stats().failed; a handler that throws has both exceptions
 // written to stderr. A task's destructor must not throw (a static_assert
-// says so). Posting after shutdown throws weft::rejected. Zero workers or a
-// zero queue capacity throw std::invalid_argument.
+// says so). Posting after shutdown throws weft::rejected. Zero workers, a
+// zero queue capacity, or a null function pointer as a task throw
+// std::invalid_argument.
 //
 // Shutdown: shutdown() stops intake; the workers run what is queued, then
 // exit. shutdown_now() stops intake and destroys what is queued without
@@ -145,7 +150,7 @@ struct worker_pool_stats {
   std::size_t workers = 0;
   std::size_t busy = 0;            // workers running a task now
   std::size_t queued = 0;          // waiting now: queued, held by a worker, or past a full queue
-  std::size_t peak_queued = 0;     // sampled every 64 posts, exact when the queue filled
+  std::size_t peak_queued = 0;     // the most `queued` seen (sampled; see note_queued)
   std::uint64_t submitted = 0;     // accepted: queued, or run by the caller
   std::uint64_t completed = 0;     // finished running, with or without an exception
   std::uint64_t failed = 0;        // of those, ended by an exception
@@ -189,6 +194,9 @@ class pool_executor {
 namespace detail {
 // The pool whose worker this thread is, if any.
 inline thread_local const worker_pool* current_worker_pool = nullptr;
+// Tasks this thread runs because the queue they were posted to was full,
+// one inside another (see worker_pool::run_here_or_queue).
+inline thread_local int inline_runs = 0;
 }  // namespace detail
 
 class worker_pool {
@@ -200,6 +208,8 @@ class worker_pool {
       : options_(checked(std::move(options))), tracked_name_(detail::intern(options_.name)),
         ring_(options_.queue_capacity), workers_(new worker[options_.workers]),
         room_(this, nullptr, "worker_pool post", tracked_name_) {
+    // Deadlines keep firing until this pool has joined its workers at exit.
+    detail::timer_threads::keep_until_exit();
     idle_.reserve(options_.workers);
     started_.reserve(options_.workers);
     try {
@@ -230,6 +240,7 @@ class worker_pool {
   // after shutdown (and when full under overflow::reject).
   template <class F>
   void post(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "worker_pool::post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     post_task(work, detail::origin_to_make{site, tracked_name_});
@@ -239,6 +250,7 @@ class worker_pool {
   // when the queue is full; throws weft::rejected after shutdown.
   template <class F>
   [[nodiscard]] bool try_post(F&& f, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "worker_pool::try_post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     return try_post_task(work, detail::origin_to_make{site, tracked_name_});
@@ -250,6 +262,7 @@ class worker_pool {
   // shutdown.
   template <class F>
   wait_status post(F&& f, const cancel_token& token, spawn_site site = spawn_site::current()) {
+    detail::check_callable(f, "worker_pool::post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     if (token.cancelled()) return status_of(token);
@@ -265,6 +278,7 @@ class worker_pool {
   auto submit(F&& f, spawn_site site = spawn_site::current())
       -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
     using result = std::invoke_result_t<std::decay_t<F>&>;
+    detail::check_callable(f, "worker_pool::submit");
     std::promise<result> promise;
     auto future = promise.get_future();
     post([this, promise = std::move(promise), f = std::forward<F>(f)]() mutable {
@@ -356,12 +370,10 @@ class worker_pool {
   worker_pool_stats stats() const noexcept {
     worker_pool_stats s;
     s.workers = options_.workers;
-    s.queued = ring_.size();
-    for (std::size_t i = 0; i < options_.workers; ++i) {
-      s.queued += workers_[i].held_count.load(std::memory_order_relaxed);
-    }
-    s.queued += over_capacity_count_.load(std::memory_order_relaxed);
-    s.peak_queued = std::max(peak_queued_.load(std::memory_order_relaxed), s.queued);
+    s.queued = queued_now();
+    // Kept, so that a later peak is never below a count reported now.
+    note_queued(s.queued);
+    s.peak_queued = peak_queued_.load(std::memory_order_relaxed);
     s.rejected = counters_.rejected.load(std::memory_order_relaxed);
     // The counts are read one after another while tasks run, each at its
     // own moment. They are read in the reverse of the order in which a task
@@ -441,6 +453,9 @@ class worker_pool {
 
   // The most tasks one claim takes from the queue (see claim).
   static constexpr std::size_t max_claim = 8;
+  // The most tasks a thread runs one inside another because the queue was
+  // full (see run_here_or_queue).
+  static constexpr int max_inline_depth = 16;
 
   struct alignas(64) worker {
     std::thread thread;
@@ -528,7 +543,7 @@ class worker_pool {
     if (ring_.closed()) throw_closed();
     note_full();
     if (running_in_this_thread()) {
-      run_here(work, detail::make_origin(origin));
+      run_here_or_queue(work, detail::make_origin(origin));
       return wait_status::ok;
     }
     const auto status = wait_for_room(work, detail::make_origin(origin), detail::state_of(token));
@@ -601,13 +616,24 @@ class worker_pool {
     return true;
   }
 
-  void note_queued(std::size_t queued) noexcept {
+  // peak_queued: noted every 64 posts (the queue alone), whenever the
+  // queue is full, and by every stats().
+  void note_queued(std::size_t queued) const noexcept {
     auto peak = peak_queued_.load(std::memory_order_relaxed);
     while (queued > peak && !peak_queued_.compare_exchange_weak(peak, queued, std::memory_order_relaxed)) {
     }
   }
 
-  void note_full() noexcept { note_queued(options_.queue_capacity); }
+  // Tasks waiting: in the queue, held by workers, and past a full queue.
+  std::size_t queued_now() const noexcept {
+    std::size_t queued = ring_.size();
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      queued += workers_[i].held_count.load(std::memory_order_relaxed);
+    }
+    return queued + over_capacity_count_.load(std::memory_order_relaxed);
+  }
+
+  void note_full() noexcept { note_queued(queued_now()); }
 
   WEFT_NOINLINE void post_to_full(detail::task& work, const detail::task_origin& origin) {
     if (ring_.closed()) throw_closed();
@@ -618,11 +644,11 @@ class worker_pool {
         throw rejected("weft::worker_pool \"" + options_.name + "\": the queue is full (" +
                        std::to_string(options_.queue_capacity) + " tasks) and the policy is overflow::reject");
       case overflow::caller_runs:
-        run_here(work, origin);
+        run_here_or_queue(work, origin);
         return;
       case overflow::block:
         if (running_in_this_thread()) {
-          run_here(work, origin);
+          run_here_or_queue(work, origin);
           return;
         }
         if (wait_for_room(work, origin, nullptr) == wait_status::closed) throw_closed();
@@ -630,11 +656,27 @@ class worker_pool {
     }
   }
 
+  // Runs a task that found the queue full on the posting thread, unless
+  // that thread is already running max_inline_depth such tasks one inside
+  // another: it is then queued past the full queue (as Asio's hand-offs
+  // are), where a worker takes it. A task that posts its successor into a
+  // full pool on its only worker (a continuation, an actor's loop) nested
+  // a level deeper with every post, and a long chain overflowed the stack.
+  void run_here_or_queue(detail::task& work, const detail::task_origin& origin) {
+    if (detail::inline_runs < max_inline_depth) {
+      run_here(work, origin);
+    } else if (!queue_past_capacity(work, origin)) {
+      throw_closed();
+    }
+  }
+
   void run_here(detail::task& work, const detail::task_origin& origin) {
     counters_.ran_by_caller.fetch_add(1, std::memory_order_relaxed);
     detail::accepted(origin);
     const detail::running_scope running{origin};
+    ++detail::inline_runs;
     run_task(work, 0, caller_counters_);
+    --detail::inline_runs;
   }
 
   // Joins the workers, but not the calling thread, should it be one (see
@@ -673,14 +715,22 @@ class worker_pool {
   template <class Origin>
   void execute_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return;
-    claimed_task task{std::move(work), detail::make_origin(origin), 0};
+    if (!queue_past_capacity(work, detail::make_origin(origin))) {
+      counters_.rejected.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  // Queues a task past the full queue. False once the pool is shut down
+  // (the task is then destroyed unrun).
+  bool queue_past_capacity(detail::task& work, const detail::task_origin& origin) {
+    claimed_task task{std::move(work), origin, 0};
     const detail::task_origin queued_origin = task.origin;
     std::size_t past_capacity = 0;
     {
-      // Out of memory, the task is destroyed here and Asio sees the
-      // exception; the registry never counted it.
+      // Out of memory, the task is destroyed here and the caller (Asio, or
+      // a post) sees the exception; the registry never counted it.
       std::lock_guard guard(over_capacity_mutex_);
-      // Shut down since execute() looked (see close): dropped as there,
+      // Shut down since the caller looked (see close): dropped as there,
       // outside the lock (its destructor is user code).
       if (!closed_.load(std::memory_order_relaxed)) {
         over_capacity_.push_back(std::move(task));
@@ -690,15 +740,12 @@ class worker_pool {
         over_capacity_count_.store(past_capacity, std::memory_order_seq_cst);
       }
     }
-    if (past_capacity == 0) {
-      counters_.rejected.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
+    if (past_capacity == 0) return false;
     note_full();
     over_capacity_pushed_.fetch_add(1, std::memory_order_relaxed);
-    note_queued(options_.queue_capacity + past_capacity);
     detail::accepted(queued_origin);
     wake_idle_worker();
+    return true;
   }
 
   // Whether any task waits for a worker: claimed in the queue, held by a
@@ -1203,7 +1250,7 @@ class worker_pool {
   std::deque<claimed_task> over_capacity_;
   std::atomic<std::uint64_t> over_capacity_pushed_{0};
 
-  alignas(64) std::atomic<std::size_t> peak_queued_{0};
+  alignas(64) mutable std::atomic<std::size_t> peak_queued_{0};
   struct {
     std::atomic<std::uint64_t> ran_by_caller{0};
     std::atomic<std::uint64_t> rejected{0};

@@ -310,7 +310,8 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
       CHECK(s.rejected == out.rejected.load() + out.declined.load());
       CHECK(s.dropped == 0);
       CHECK(s.queued == 0);
-      CHECK(s.peak_queued <= capacity);
+      // The queue, and what each worker holds from a claim of it.
+      CHECK(s.peak_queued <= capacity * (1 + workers));
       CHECK(handler_calls.load() <= throwing_ran.load());  // submit()'s go to the future
       canceller.stop();
     }

@@ -12,10 +12,25 @@
 #include <cstddef>
 #include <memory>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 namespace weft::detail {
+
+// A null function pointer given as a task is refused where it is given:
+// called on a worker, it ended the process there (std::function's empty
+// state, by contrast, throws, which the pool reports).
+template <class F>
+void check_callable(const F& callable, const char* operation) {
+  if constexpr (std::is_pointer_v<std::decay_t<F>>) {
+    if (callable == nullptr) {
+      throw std::invalid_argument(std::string("weft::") + operation +
+                                  ": the function pointer is null");
+    }
+  }
+}
 
 class task {
  public:

@@ -66,7 +66,9 @@ class timer_queue {
   }
 
   // After cancel returns, n's callback is not running and will not run,
-  // unless cancel is called from inside that callback.
+  // unless cancel is called from inside that callback, or the callback
+  // schedules n again (which no timer of weft's does): cancel then finds
+  // n queued, and returns while the callback still runs.
   void cancel(node& n) noexcept {
     std::unique_lock lock(mutex_);
     if (n.heap_index != node::not_scheduled) {
@@ -154,18 +156,85 @@ class timer_queue {
   invocation_tracker tracker_;
 };
 
+// Stops the timer threads (one per clock) when the program exits, and not
+// before the worker pools made until then have joined their workers: a
+// worker may be waiting on a deadline as its pool's exit handler (the
+// default pool's) or destructor (a static pool's) joins it. Stopped by a
+// guard of each service's own, made with the service, the thread of a
+// clock whose first deadline came after the pool's first use stopped first,
+// and exit() waited for good on a deadline that could no longer fire.
+// worker_pool's constructor calls keep_until_exit(), so the guard here,
+// made by then, is destroyed after the pool's (statics are destroyed, and
+// atexit handlers run, in the reverse order of their making).
+class timer_threads {
+ public:
+  // A service, listed to be stopped at exit.
+  struct listed {
+    listed* next = nullptr;
+    void (*stop)(listed&) noexcept = nullptr;
+  };
+
+  // Makes the guard, if it is not made yet.
+  static void keep_until_exit() noexcept { (void)state(); }
+
+  // Lists `service` to be stopped at exit; false once exit has stopped the
+  // threads (the service then never starts one).
+  static bool stop_at_exit(listed& service) noexcept {
+    shared& threads = state();
+    std::lock_guard lock(threads.mutex);
+    if (threads.stopped) return false;
+    service.next = std::exchange(threads.services, &service);
+    return true;
+  }
+
+ private:
+  struct shared {
+    std::mutex mutex;
+    listed* services = nullptr;
+    bool stopped = false;
+  };
+
+  struct exit_guard {
+    shared& threads;
+    ~exit_guard() {
+      listed* services = nullptr;
+      {
+        std::lock_guard lock(threads.mutex);
+        threads.stopped = true;
+        services = std::exchange(threads.services, nullptr);
+      }
+      // Outside the lock: a timer callback may make the service of another clock.
+      while (services != nullptr) {
+        listed& service = *std::exchange(services, services->next);
+        service.stop(service);
+      }
+    }
+  };
+
+  // Never freed, so a service made during the exit (in a static's
+  // destructor) finds it.
+  static shared& state() noexcept {
+    static shared* const threads = new shared;
+    static const exit_guard guard{*threads};
+    return *threads;
+  }
+};
+
 // The thread that drives a timer_queue for a real clock.
 template <class Clock>
-class timer_service {
+class timer_service : timer_threads::listed {
  public:
   using node = timer_node<Clock>;
 
   // The process-wide service for Clock. Its state is never freed, so a timer
   // cancelled during static destruction finds it alive; its thread is joined
-  // by a static guard at exit, after which timers no longer fire.
+  // at exit (see timer_threads), after which timers no longer fire.
   static timer_service& instance() {
-    static timer_service* const service = new timer_service;
-    static const exit_guard guard{*service};
+    static timer_service* const service = [] {
+      auto* made = new timer_service;
+      if (!timer_threads::stop_at_exit(*made)) made->stopping_ = true;
+      return made;
+    }();
     return *service;
   }
 
@@ -183,12 +252,9 @@ class timer_service {
   void cancel(node& n) noexcept { queue_.cancel(n); }
 
  private:
-  struct exit_guard {
-    timer_service& service;
-    ~exit_guard() { service.stop(); }
-  };
-
-  timer_service() = default;
+  timer_service() {
+    stop = [](timer_threads::listed& self) noexcept { static_cast<timer_service&>(self).halt(); };
+  }
 
   void start_thread() {
     if (started_.load(std::memory_order_acquire)) return;
@@ -197,7 +263,7 @@ class timer_service {
     started_.store(true, std::memory_order_release);
   }
 
-  void stop() noexcept {
+  void halt() noexcept {
     std::thread thread;
     {
       std::lock_guard lock(mutex_);
@@ -243,7 +309,7 @@ class timer_service {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::thread thread_;
-  // Set once the thread has started (or never will, after stop()), so that
+  // Set once the thread has started (or never will, after halt()), so that
   // scheduling a timer takes mutex_ only to wake the thread.
   std::atomic<bool> started_{false};
   bool rearm_ = false;
