@@ -24,7 +24,8 @@ namespace weft::detail {
 // state, by contrast, throws, which the pool reports).
 template <class F>
 void check_callable(const F& callable, const char* operation) {
-  if constexpr (std::is_pointer_v<std::decay_t<F>>) {
+  // A function itself (F a reference to one) is never null.
+  if constexpr (std::is_pointer_v<std::remove_cvref_t<F>>) {
     if (callable == nullptr) {
       throw std::invalid_argument(std::string("weft::") + operation +
                                   ": the function pointer is null");
