@@ -31,9 +31,9 @@
 // Thread safety: every member may be called concurrently. Destroying the
 // semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
 // pending async waits are destroyed without being completed, as Asio does at
-// shutdown. Destroying it while permits are out is undefined too, and that
-// includes permits granted to an async waiter whose handler has not run
-// yet (its completion still records the wait here). A waiter may destroy
+// shutdown. So is destroying it while an async waiter it granted permits
+// has not had its handler run yet (its completion still records the wait
+// here, and its permit will release them here). A waiter may destroy
 // it as soon as its acquire returns, even while the release that let it
 // through is still returning: a release no longer touches the semaphore
 // once a waiter it let through can return (stress_lifetime.cpp checks

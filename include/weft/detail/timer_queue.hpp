@@ -159,10 +159,10 @@ class timer_queue {
 // Stops the timer threads (one per clock) when the program exits, and not
 // before the worker pools made until then have joined their workers: a
 // worker may be waiting on a deadline as its pool's exit handler (the
-// default pool's) or destructor (a static pool's) joins it. Stopped by a
-// guard of each service's own, made with the service, the thread of a
-// clock whose first deadline came after the pool's first use stopped first,
-// and exit() waited for good on a deadline that could no longer fire.
+// default pool's) or destructor (a static pool's) joins it. Each service
+// used to be stopped by a guard made with it, so the thread of a clock
+// whose first deadline came after a pool was made stopped first, and
+// exit() waited for good on a deadline that could no longer fire.
 // worker_pool's constructor calls keep_until_exit(), so the guard here,
 // made by then, is destroyed after the pool's (statics are destroyed, and
 // atexit handlers run, in the reverse order of their making).
