@@ -240,7 +240,6 @@ class worker_pool {
   // after shutdown (and when full under overflow::reject).
   template <class F>
   void post(F&& f, spawn_site site = spawn_site::current()) {
-    detail::check_callable(f, "worker_pool::post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     post_task(work, detail::origin_to_make{site, tracked_name_});
@@ -250,7 +249,6 @@ class worker_pool {
   // when the queue is full; throws weft::rejected after shutdown.
   template <class F>
   [[nodiscard]] bool try_post(F&& f, spawn_site site = spawn_site::current()) {
-    detail::check_callable(f, "worker_pool::try_post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     return try_post_task(work, detail::origin_to_make{site, tracked_name_});
@@ -262,7 +260,6 @@ class worker_pool {
   // shutdown.
   template <class F>
   wait_status post(F&& f, const cancel_token& token, spawn_site site = spawn_site::current()) {
-    detail::check_callable(f, "worker_pool::post");
     detail::task work = make_task(std::forward<F>(f));
     check_open();
     if (token.cancelled()) return status_of(token);
@@ -502,6 +499,7 @@ class worker_pool {
   template <class F>
   static detail::task make_task(F&& f) {
     static_assert(std::is_invocable_v<std::decay_t<F>&>, "weft::worker_pool: a task must be callable as f()");
+    detail::check_callable(f, "worker_pool");
     return detail::task(std::forward<F>(f));
   }
 
@@ -617,7 +615,10 @@ class worker_pool {
   }
 
   // peak_queued: noted every 64 posts (the queue alone), whenever the
-  // queue is full, and by every stats().
+  // queue is full (the queue and what waits past it), and by every
+  // stats() (everything `queued` counts, held tasks too: reading every
+  // worker's count on each post that finds the queue full would cost a
+  // producer that keeps trying a cache miss per worker).
   void note_queued(std::size_t queued) const noexcept {
     auto peak = peak_queued_.load(std::memory_order_relaxed);
     while (queued > peak && !peak_queued_.compare_exchange_weak(peak, queued, std::memory_order_relaxed)) {
@@ -633,7 +634,9 @@ class worker_pool {
     return queued + over_capacity_count_.load(std::memory_order_relaxed);
   }
 
-  void note_full() noexcept { note_queued(queued_now()); }
+  void note_full() noexcept {
+    note_queued(options_.queue_capacity + over_capacity_count_.load(std::memory_order_relaxed));
+  }
 
   WEFT_NOINLINE void post_to_full(detail::task& work, const detail::task_origin& origin) {
     if (ring_.closed()) throw_closed();
