@@ -46,6 +46,16 @@ inline constexpr bool under_tsan = false;
 inline constexpr bool under_tsan = false;
 #endif
 
+// The types every clock declares, for a test's own clock, which derives
+// from clock_types<itself> and adds is_steady and now().
+template <class Clock, class Duration = std::chrono::nanoseconds>
+struct clock_types {
+  using duration = Duration;
+  using rep = typename Duration::rep;
+  using period = typename Duration::period;
+  using time_point = std::chrono::time_point<Clock, Duration>;
+};
+
 // Waits, yielding, until `condition` holds: a hand-off, never a sleep. A hang
 // is caught by the test's timeout.
 template <class Condition>

@@ -971,11 +971,7 @@ namespace {
 // A manual clock like weft::manual_clock (it drives its own timer_queue, the
 // documented hook for test clocks), whose next now() can be made to pause
 // after reading the time, so a test can move the clock at that exact point.
-struct pausable_clock {
-  using duration = std::chrono::nanoseconds;
-  using rep = duration::rep;
-  using period = duration::period;
-  using time_point = std::chrono::time_point<pausable_clock>;
+struct pausable_clock : weft_test::clock_types<pausable_clock> {
   [[maybe_unused]] static constexpr bool is_steady = true;
 
   static inline std::atomic<rep> ticks{0};
