@@ -20,6 +20,7 @@
 // Thread safety: everything here is immutable or a pure function.
 #pragma once
 
+#include <new>
 #include <string>
 #include <system_error>
 #include <type_traits>
@@ -65,9 +66,14 @@ class error_category_impl final : public std::error_category {
 }  // namespace detail
 
 // The category of weft's error codes. One object for the whole program (an
-// inline variable), so codes compare equal across translation units.
+// inline function's static), so codes compare equal across translation
+// units. It is never destroyed: a pool made before its first use joins its
+// workers after the exit has destroyed the statics made later, and their
+// tasks may still compare or print codes.
 inline const std::error_category& error_category() noexcept {
-  static const detail::error_category_impl category;
+  alignas(detail::error_category_impl) static unsigned char
+      storage[sizeof(detail::error_category_impl)];
+  static const auto& category = *::new (static_cast<void*>(storage)) detail::error_category_impl;
   return category;
 }
 

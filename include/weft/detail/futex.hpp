@@ -66,7 +66,9 @@ struct futex_bucket {
 };
 
 inline futex_bucket& futex_bucket_for(const void* address) noexcept {
-  static futex_bucket buckets[64];
+  // Never destroyed: a pool made before the table's first use joins its
+  // workers after the exit would have destroyed it, and they park here.
+  static futex_bucket* const buckets = new futex_bucket[64];
   return buckets[std::hash<const void*>{}(address) % 64];
 }
 
