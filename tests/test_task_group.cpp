@@ -502,6 +502,25 @@ TEST_CASE("task_group: a failing task frees its slot under a limit (no lost perm
   CHECK(group.in_flight() == 0);
 }
 
+TEST_CASE("task_group: a go() past the count of tasks in flight throws and frees its slot" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  group.set_limit(1);
+  // No group holds 2^32 - 1 tasks; stand in for them on the count itself.
+  auto& pending = weft::detail::task_group_access::pending(group);
+  constexpr std::int64_t max_in_flight = 0xFFFF'FFFF;
+  pending.add(max_in_flight);
+  CHECK_THROWS_AS(group.go([] {}), std::overflow_error);
+  pending.add(-max_in_flight);
+  CHECK(group.in_flight() == 0);
+  // The failed go() gave its slot back, or this one would find none.
+  std::atomic<bool> ran{false};
+  CHECK(group.try_go([&] { ran = true; }));
+  group.wait();
+  CHECK(ran.load());
+}
+
 namespace {
 // Holds a go() between taking its slot and pushing its task: the first move
 // of a held_capture, once armed, counts `paused` down and waits for `resume`.

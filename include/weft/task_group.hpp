@@ -695,10 +695,14 @@ class task_group {
 
   template <class F>
   void start(F&& f, const spawn_site& site) {
-    core_->pending.add(1);
-    if (!started_since_wait_.load(std::memory_order_relaxed)) started_since_wait_.store(true, std::memory_order_relaxed);
-    const detail::task_origin origin = detail::make_origin(site, "task_group");
+    bool counted = false;
     try {
+      core_->pending.add(1);  // throws std::overflow_error past 2^32 - 1 tasks in flight
+      counted = true;
+      if (!started_since_wait_.load(std::memory_order_relaxed)) {
+        started_since_wait_.store(true, std::memory_order_relaxed);
+      }
+      const detail::task_origin origin = detail::make_origin(site, "task_group");
       core_->push(detail::task([c = core_, f = std::forward<F>(f)]() mutable {
                     detail::invoke_with_token(f, c->cancellation.token());
                   }),
@@ -706,7 +710,7 @@ class task_group {
       detail::accepted(origin);
     } catch (...) {
       if (core_->limit) core_->limit->release();
-      core_->pending.done();
+      if (counted) core_->pending.done();
       throw;
     }
     // The push was a seq_cst claim (or store, past the ring); see drain()
