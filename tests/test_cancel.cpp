@@ -8,6 +8,7 @@
 // computed from manual_clock::now() and timer counts are compared with a
 // baseline taken at the start of the case.
 #include <weft/cancel.hpp>
+#include <weft/detail/tick_clock.hpp>
 #include <weft/manual_clock.hpp>
 #include <weft/wait_status.hpp>
 
@@ -18,8 +19,11 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
+#include <fstream>
 #include <functional>
 #include <latch>
 #include <limits>
@@ -34,6 +38,9 @@
 #include <thread>
 #include <vector>
 #include <version>
+
+#include <dirent.h>
+#include <pthread.h>
 
 #if defined(__cpp_lib_jthread)
 #include <stop_token>
@@ -1167,6 +1174,61 @@ TEST_CASE("several steady_clock deadlines fire, the earliest first" * doctest::t
   CHECK_FALSE(never.cancelled());
   const std::lock_guard guard(mutex);
   CHECK(fired == std::vector<std::string>{"early", "late"});
+}
+
+namespace {
+// The blocked-signal masks (SigBlk in /proc) of this process's threads whose
+// name is `name`.
+std::vector<std::uint64_t> blocked_signals_of_threads_named(const std::string& name) {
+  std::vector<std::uint64_t> masks;
+  const std::unique_ptr<DIR, int (*)(DIR*)> tasks{opendir("/proc/self/task"), &closedir};
+  REQUIRE(tasks != nullptr);
+  while (const dirent* task = readdir(tasks.get())) {
+    const std::string path = std::string("/proc/self/task/") + task->d_name;
+    std::ifstream comm(path + "/comm");
+    std::string thread_name;
+    if (!std::getline(comm, thread_name) || thread_name != name) continue;
+    std::ifstream status(path + "/status");
+    for (std::string line; std::getline(status, line);) {
+      if (line.rfind("SigBlk:", 0) == 0) masks.push_back(std::stoull(line.substr(7), nullptr, 16));
+    }
+  }
+  return masks;
+}
+
+constexpr bool blocks(std::uint64_t mask, int signal) noexcept {
+  return (mask >> (signal - 1) & 1) != 0;
+}
+}  // namespace
+
+// A program that takes its signals in one thread blocks them in the others;
+// a timer or ticker thread that weft started before it did must not take
+// them (SIGTERM's default action would end the process there).
+TEST_CASE(
+    "weft's own threads block the signals sent to the process, and leave the caller's mask alone" *
+    doctest::timeout(30)) {
+  sigset_t caller_mask;
+  REQUIRE(pthread_sigmask(SIG_SETMASK, nullptr, &caller_mask) == 0);
+  REQUIRE_FALSE(sigismember(&caller_mask, SIGTERM));
+  // Each starts its thread if no earlier test has.
+  const auto pending = weft::with_timeout(weft::cancel_token{}, 24h);
+  (void)weft::detail::registry_clock.now_ns();
+
+  for (const std::string name : {"weft-timer", "weft-clock"}) {
+    CAPTURE(name);
+    const auto masks = blocked_signals_of_threads_named(name);
+    REQUIRE_FALSE(masks.empty());
+    for (const std::uint64_t mask : masks) {
+      CHECK(blocks(mask, SIGTERM));
+      CHECK(blocks(mask, SIGINT));
+      CHECK(blocks(mask, SIGUSR1));
+      CHECK_FALSE(blocks(mask, SIGSEGV));  // a crash still reaches its handler
+      CHECK_FALSE(blocks(mask, SIGPROF));  // a profiler still samples the thread
+    }
+  }
+  REQUIRE(pthread_sigmask(SIG_SETMASK, nullptr, &caller_mask) == 0);
+  CHECK_FALSE(sigismember(&caller_mask, SIGTERM));
+  CHECK_FALSE(pending.token().cancelled());
 }
 
 // ---------------------------------------------------------------------------

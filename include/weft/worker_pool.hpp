@@ -57,6 +57,15 @@
 // it). What Asio hands over while join() stops the pool's Asio services is
 // destroyed and counted as rejected (see asio/executor.hpp).
 //
+// Threads: the workers start in the constructor and inherit the signal
+// mask and CPU affinity of the thread that makes the pool (for
+// default_executor(), of the thread that first uses it), as
+// boost::asio::thread_pool's do: they run the program's tasks, and a
+// profiler that samples with SIGPROF must see them. A program that takes
+// its signals in one thread (sigwait, signalfd) blocks them before it makes
+// a pool. The threads weft starts on its own (a clock's timer thread, the
+// registry's clock) block the signals sent to the process.
+//
 // Thread safety: every member may be called concurrently, except that the
 // destructor and join() must not run on one of the pool's own workers (the
 // worker would wait for itself; join() throws std::logic_error).

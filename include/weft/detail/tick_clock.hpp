@@ -35,6 +35,7 @@
 
 #include <weft/config.hpp>
 #include <weft/detail/futex.hpp>
+#include <weft/detail/internal_thread.hpp>
 #include <weft/detail/spin_mutex.hpp>
 
 #include <algorithm>
@@ -44,10 +45,6 @@
 #include <mutex>
 #include <thread>
 #include <utility>
-
-#if defined(__linux__)
-#include <pthread.h>
-#endif
 
 namespace weft::detail {
 
@@ -171,7 +168,7 @@ inline void tick_clock::start() noexcept {
     static const exit_guard guard;
   }
   try {
-    thread_ = new std::thread([this] { run(); });
+    thread_ = new std::thread(start_internal_thread("weft-clock", [this] { run(); }));
   } catch (...) {
     // No thread (out of memory or threads): every read reads steady_clock.
     state_.store(stopped, std::memory_order_release);
@@ -179,9 +176,6 @@ inline void tick_clock::start() noexcept {
 }
 
 inline void tick_clock::run() noexcept {
-#if defined(__linux__)
-  pthread_setname_np(pthread_self(), "weft-clock");
-#endif
   std::uint32_t idle_ticks = 0;
   for (;;) {
     tick();

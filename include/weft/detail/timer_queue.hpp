@@ -12,7 +12,8 @@
 //    manual clock used by tests) drives it itself, by calling fire_due from
 //    its advance(); time moves only when a test says so, and timers fire
 //    synchronously on that thread;
-//  - any other clock gets a timer_service: one internal thread per clock type,
+//  - any other clock gets a timer_service: one internal thread per clock type
+//    (named weft-timer; internal_thread.hpp says which signals it blocks),
 //    started on the first timer, sleeping until the earliest deadline, and
 //    joined when the program exits. Callbacks run on that thread and must be
 //    short (they cancel tokens and wake waiters).
@@ -21,6 +22,7 @@
 // allocates (the heap's vector grows amortised).
 #pragma once
 
+#include <weft/detail/internal_thread.hpp>
 #include <weft/detail/invocation_tracker.hpp>
 
 #include <atomic>
@@ -259,7 +261,8 @@ class timer_service : timer_threads::listed {
   void start_thread() {
     if (started_.load(std::memory_order_acquire)) return;
     std::lock_guard lock(mutex_);
-    if (!thread_.joinable() && !stopping_) thread_ = std::thread([this] { run(); });
+    if (!thread_.joinable() && !stopping_)
+      thread_ = start_internal_thread("weft-timer", [this] { run(); });
     started_.store(true, std::memory_order_release);
   }
 
