@@ -294,14 +294,15 @@ class timer_service : timer_threads::listed {
         // A day at a time: a deadline near the clock's max overflowed the
         // condition variable's conversion to its own clock (for a clock
         // other than steady_clock and system_clock), which then returned at
-        // once, over and over.
+        // once, over and over. Each day ends at a time on Clock, not after
+        // a day has passed: a system_clock wait ends when the wall clock
+        // is set past its end, so a far deadline fires on time after the
+        // clock is set forward (it waited out the day before).
         const auto day =
             std::chrono::duration_cast<typename Clock::duration>(std::chrono::hours{24});
-        if (*next > Clock::time_point::min() + day && *next - day > Clock::now()) {
-          wake_.wait_for(lock, std::chrono::hours{24});
-        } else {
-          wake_.wait_until(lock, *next);
-        }
+        const auto now = Clock::now();
+        const bool far = *next > Clock::time_point::min() + day && *next - day > now;
+        wake_.wait_until(lock, far ? now + day : *next);
       } else {
         wake_.wait(lock);
       }
