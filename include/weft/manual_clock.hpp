@@ -31,6 +31,7 @@
 #include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 
 namespace weft {
@@ -78,8 +79,12 @@ class manual_clock {
     detail::timer_queue<manual_clock> timers;
   };
 
+  // Never destroyed: a pool made before the clock's first use joins its
+  // workers after the exit has destroyed the statics made later, and their
+  // tasks may still read the clock or make deadlines on it.
   static shared_state& state() noexcept {
-    static shared_state instance;
+    alignas(shared_state) static unsigned char storage[sizeof(shared_state)];
+    static shared_state& instance = *::new (static_cast<void*>(storage)) shared_state;
     return instance;
   }
 
