@@ -1,6 +1,6 @@
-// Go's context for C++: a request with a deadline fans out to three backend
-// calls, each with its own child token; the first failure cancels the rest,
-// and the request's deadline bounds everything.
+// Go's context for C++: a request with a deadline, a child of the server's
+// token, fans out to three backend calls that watch its token; the first
+// failure cancels the rest, and the request's deadline bounds everything.
 #include <weft/cancel.hpp>
 #include <weft/wait_group.hpp>
 

@@ -78,8 +78,10 @@ page handle_degraded(const backends& backend, int id, weft::worker_pool& calls, 
         try {
           return backend.recommendations(id, budget.token());
         } catch (const std::system_error&) {
-          if (token.cancelled()) throw;       // the request itself is over: not ours to hide
-          return std::vector<std::string>{};  // only our budget ran out: answer without them
+          // Hidden only when our budget ran out: not when the request itself
+          // is over, nor when the backend failed for a reason of its own.
+          if (token.cancelled() || !budget.token().cause().is_deadline()) throw;
+          return std::vector<std::string>{};  // answer without them
         }
       });
   return {std::move(user), std::move(orders), std::move(recommendations)};

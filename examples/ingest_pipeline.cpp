@@ -82,7 +82,13 @@ int main() {
     incoming.close();  // end of input: the pipeline drains and run() returns
   });
 
-  ingest.run();
+  try {
+    ingest.run();  // rethrows the first stage's failure
+  } catch (...) {
+    incoming.close();  // the reader's blocked send returns closed, and it ends
+    reader.join();
+    throw;
+  }
   reader.join();
 
   std::cout << "lines read: " << lines << ", rows written: " << rows_written << " (malformed lines dropped)\n"

@@ -63,12 +63,14 @@ int main() {
 
   std::printf("overflow::caller_runs, queue of 4: the producer runs the overflow itself\n");
   {
+    // Declared before the pool: its destructor runs the tasks still queued,
+    // which use them.
+    const auto producer = std::this_thread::get_id();
+    std::atomic<int> on_producer{0};
     weft::worker_pool pool{
         {.workers = 2, .queue_capacity = 4, .on_full = weft::overflow::caller_runs, .name = "caller_runs"}};
     weft::cancel_source gate;
     occupy_workers(pool, gate.token());
-    const auto producer = std::this_thread::get_id();
-    std::atomic<int> on_producer{0};
     for (int i = 0; i < 6; ++i) {
       pool.post([&] {
         if (std::this_thread::get_id() == producer) on_producer.fetch_add(1, std::memory_order_relaxed);
@@ -108,8 +110,8 @@ int main() {
 
   std::printf("a posted task that throws goes to the error handler; its worker lives on\n");
   {
+    std::string reported;  // written on the worker, read after join(); outlives the pool
     weft::worker_pool pool{{.workers = 2, .queue_capacity = 16, .name = "errors"}};
-    std::string reported;  // written on the worker, read after join()
     pool.set_error_handler([&reported](std::exception_ptr error) {
       try {
         std::rethrow_exception(error);

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: BSL-1.0
 // weft::manual_clock: a clock that moves only when a test moves it.
 //
-// Every weft primitive that reads time takes a Clock template parameter
-// (default std::chrono::steady_clock). Instantiate it with manual_clock in a
-// test and time-dependent behaviour (deadlines, timeouts) becomes
-// deterministic: nothing sleeps, and `advance()` fires every deadline it
-// passes before it returns, on the calling thread. A waiter woken that way
+// Every weft primitive that waits takes a Clock template parameter (default
+// std::chrono::steady_clock); two timers run on steady_clock only: a
+// pipeline's batch(n, max_delay) and gather_for. Instantiate it with
+// manual_clock in a test and time-dependent behaviour (deadlines, timeouts)
+// becomes deterministic: nothing sleeps, and `advance()` fires every deadline
+// it passes before it returns, on the calling thread. A waiter woken that way
 // may still be on its way out of the wait when advance() returns; join it (or
 // wait on a latch) as usual.
 //

@@ -36,6 +36,13 @@
 // coroutine whose body has returned or thrown reports that, whatever
 // happens to its pool afterwards.
 //
+// Known defect: a pool joined while a coroutine that owns a task_group is
+// suspended destroys that coroutine's frame during the join, and the
+// group's destructor waits there for the group's own coroutines, which
+// the same teardown may destroy only later (their pending operations
+// belong to another of the pool's Asio services): the join never returns.
+// Cancel the coroutines and wait for them before the pool goes.
+//
 // Thread safety: co_spawn may be called from any thread, as go() may, and
 // from inside the group's own tasks and coroutines.
 //
