@@ -733,6 +733,45 @@ TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with 
   CHECK_THROWS_AS(group.wait(), weft::rejected);
 }
 
+// Owns a group whose coroutine waits on a timer, and waits for the group
+// without blocking. `child_ended_first` records whether the child's frame
+// was gone when the group's destructor returned.
+asio::awaitable<void> wait_for_group_of_one(weft::worker_pool& pool, std::latch& started,
+                                            bool& child_ended_first) {
+  struct after_group {
+    bool& child_ended_first;
+    ~after_group() { child_ended_first = frame_marker::live.load() == 1; }  // only this frame's
+  };
+  frame_marker marker;
+  const after_group check{child_ended_first};
+  weft::task_group group{pool.executor()};
+  std::promise<error_code> never_set;
+  weft::co_spawn(group, wait_a_day(started, never_set));
+  co_await weft::async_wait(group, asio::use_awaitable);
+}
+
+// The join destroys the parent's frame (its wait on the group is weft's
+// Asio service, made after the timer's and so shut down before them), and
+// the group's destructor there waited for a child whose frame the timer's
+// service had yet to destroy, on the same thread: the join never returned.
+TEST_CASE(
+    "asio task_group: a pool joined while a coroutine waits on its own group's coroutines "
+    "tears down" *
+    doctest::timeout(30)) {
+  bool child_ended_first = false;
+  {
+    weft::worker_pool pool{{.workers = 1}};
+    // The timer services first: a context shuts its services down newest first.
+    const asio::steady_timer made_first{pool.executor()};
+    std::latch started{1};
+    asio::co_spawn(pool.executor(), wait_for_group_of_one(pool, started, child_ended_first),
+                   asio::detached);
+    started.wait();
+  }  // shutdown() + join()
+  CHECK(frame_marker::live.load() == 0);
+  CHECK(child_ended_first);
+}
+
 // Runs without suspending until `opened` is cancelled, then returns or
 // throws.
 asio::awaitable<void> finish_when_opened(std::latch& started, weft::cancel_token opened,

@@ -733,6 +733,7 @@ class task_group {
   void join() noexcept {
     detail::task work;
     detail::running_scope running;
+    detail::pool_teardown* teardown = detail::current_pool_teardown;
     while (core_->pending.count() != 0) {
       // The tasks run here are counted off in one subtraction, before the
       // count is read again.
@@ -747,6 +748,10 @@ class task_group {
         continue;
       }
       if (tasks_end_soon()) continue;
+      if (teardown != nullptr) {
+        std::exchange(teardown, nullptr)->destroy_pending();
+        continue;
+      }
       park();
     }
     core_->pending.wait();  // the count is zero: one acquire load, after which the tasks' writes are visible

@@ -177,6 +177,23 @@ struct worker_pool_stats {
 class worker_pool;
 namespace detail {
 struct worker_pool_access;
+
+// The teardown of a joined pool's Asio services, under way on this thread
+// (asio/executor.hpp). Destroying the operations they hold pending can
+// destroy a coroutine that owns a task_group, whose destructor then waits
+// for the group's own coroutines; when their frames are held by a service
+// the teardown has not reached yet, only this thread can destroy them, so
+// the waiting destructor asks the teardown to finish first
+// (destroy_pending). Each service gives up what it holds once, so a second
+// pass over them ends.
+class pool_teardown {
+ public:
+  virtual void destroy_pending() noexcept = 0;
+
+ protected:
+  ~pool_teardown() = default;
+};
+inline thread_local pool_teardown* current_pool_teardown = nullptr;
 }
 
 // A cheap, copyable handle that posts to a pool; weft/asio.hpp makes it an

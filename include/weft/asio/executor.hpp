@@ -52,10 +52,12 @@
 #include <boost/asio/execution/executor.hpp>
 #include <boost/asio/execution_context.hpp>
 
+#include <utility>
+
 namespace weft {
 namespace detail {
 
-class pool_execution_context final : public boost::asio::execution_context {
+class pool_execution_context final : public boost::asio::execution_context, pool_teardown {
  public:
   explicit pool_execution_context(worker_pool&) {}
   ~pool_execution_context() {
@@ -69,7 +71,22 @@ class pool_execution_context final : public boost::asio::execution_context {
   // group's coroutine) learns now, not when the pool is destroyed. The
   // services themselves live on until then, for the I/O objects that still
   // refer to them; shutting one down again does nothing more.
-  void pool_joined() { shutdown(); }
+  void pool_joined() {
+    // A task_group destroyed meanwhile may ask for the rest first (see
+    // pool_teardown).
+    struct scope {
+      pool_teardown* outer;
+      ~scope() { current_pool_teardown = outer; }
+    } const restore{std::exchange(current_pool_teardown, static_cast<pool_teardown*>(this))};
+    shutdown();
+  }
+
+ private:
+  // Asio's services are shut down in a list, newest first; a second pass
+  // from inside the first reaches those the first has not (a service that
+  // already gave up its operations gives up none), and the first then
+  // finds nothing left in them.
+  void destroy_pending() noexcept override { shutdown(); }
 };
 
 }  // namespace detail

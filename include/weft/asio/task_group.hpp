@@ -36,12 +36,19 @@
 // coroutine whose body has returned or thrown reports that, whatever
 // happens to its pool afterwards.
 //
-// Known defect: a pool joined while a coroutine that owns a task_group is
-// suspended destroys that coroutine's frame during the join, and the
-// group's destructor waits there for the group's own coroutines, which
-// the same teardown may destroy only later (their pending operations
-// belong to another of the pool's Asio services): the join never returns.
-// Cancel the coroutines and wait for them before the pool goes.
+// A pool joined while a coroutine that owns a group is suspended destroys
+// that coroutine's frame in the join, and the group's destructor waits
+// there for the group's own coroutines. The join goes on with the
+// teardown of the pool's other Asio services first (see pool_teardown in
+// worker_pool.hpp), which destroys their frames, so the wait ends.
+//
+// Known defect: a coroutine that owns a group and runs, or unwinds, on a
+// worker of a pool that is shutting down, while one of the group's
+// coroutines is suspended, can hang the pool's join. The shut-down pool
+// drops that coroutine's next step, which its strand then keeps until the
+// pool's Asio services are torn down, after the workers exit; the worker
+// waits in the group's destructor meanwhile. Cancel the coroutines and
+// wait for them before the pool shuts down.
 //
 // Thread safety: co_spawn may be called from any thread, as go() may, and
 // from inside the group's own tasks and coroutines.
