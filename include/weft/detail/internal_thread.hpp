@@ -34,8 +34,9 @@ class blocked_signals_scope {
   blocked_signals_scope() noexcept {
     sigset_t blocked;
     sigfillset(&blocked);
-    for (const int kept : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGPROF})
+    for (const int kept : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGPROF}) {
       sigdelset(&blocked, kept);
+    }
     pthread_sigmask(SIG_BLOCK, &blocked, &previous_);
   }
   ~blocked_signals_scope() { pthread_sigmask(SIG_SETMASK, &previous_, nullptr); }

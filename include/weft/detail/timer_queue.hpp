@@ -261,8 +261,9 @@ class timer_service : timer_threads::listed {
   void start_thread() {
     if (started_.load(std::memory_order_acquire)) return;
     std::lock_guard lock(mutex_);
-    if (!thread_.joinable() && !stopping_)
+    if (!thread_.joinable() && !stopping_) {
       thread_ = start_internal_thread("weft-timer", [this] { run(); });
+    }
     started_.store(true, std::memory_order_release);
   }
 
