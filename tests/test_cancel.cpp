@@ -1177,8 +1177,23 @@ TEST_CASE("several steady_clock deadlines fire, the earliest first" * doctest::t
 }
 
 namespace {
-// The blocked-signal masks (SigBlk in /proc) of this process's threads whose
-// name is `name`.
+// A field of a thread's /proc status ("SigBlk", a mask in hexadecimal;
+// "voluntary_ctxt_switches", a count in decimal).
+std::uint64_t status_field(const std::string& task, const std::string& field, int base) {
+  std::ifstream status(task + "/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind(field + ":", 0) == 0) {
+      return std::stoull(line.substr(field.size() + 1), nullptr, base);
+    }
+  }
+  FAIL("no " << field << " in " << task << "/status");
+  return 0;
+}
+
+// The blocked-signal masks of this process's threads whose name is `name`,
+// each read once its thread has slept: glibc starts a thread with every
+// signal blocked and sets the mask it inherited only as the thread begins
+// to run, so a thread just made shows every signal blocked.
 std::vector<std::uint64_t> blocked_signals_of_threads_named(const std::string& name) {
   std::vector<std::uint64_t> masks;
   const std::unique_ptr<DIR, int (*)(DIR*)> tasks{opendir("/proc/self/task"), &closedir};
@@ -1188,10 +1203,8 @@ std::vector<std::uint64_t> blocked_signals_of_threads_named(const std::string& n
     std::ifstream comm(path + "/comm");
     std::string thread_name;
     if (!std::getline(comm, thread_name) || thread_name != name) continue;
-    std::ifstream status(path + "/status");
-    for (std::string line; std::getline(status, line);) {
-      if (line.rfind("SigBlk:", 0) == 0) masks.push_back(std::stoull(line.substr(7), nullptr, 16));
-    }
+    weft_test::spin_until([&] { return status_field(path, "voluntary_ctxt_switches", 10) > 0; });
+    masks.push_back(status_field(path, "SigBlk", 16));
   }
   return masks;
 }
