@@ -185,7 +185,9 @@ struct worker_pool_access;
 // the teardown has not reached yet, only this thread can destroy them, so
 // the waiting destructor asks the teardown to finish first
 // (destroy_pending). Each service gives up what it holds once, so a second
-// pass over them ends.
+// pass over them ends. It reaches only what a service still holds, not
+// what the first pass has already taken out (asio/task_group.hpp lists the
+// shapes that still hang).
 class pool_teardown {
  public:
   virtual void destroy_pending() noexcept = 0;

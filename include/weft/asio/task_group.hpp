@@ -38,17 +38,25 @@
 //
 // A pool joined while a coroutine that owns a group is suspended destroys
 // that coroutine's frame in the join, and the group's destructor waits
-// there for the group's own coroutines. The join goes on with the
-// teardown of the pool's other Asio services first (see pool_teardown in
-// worker_pool.hpp), which destroys their frames, so the wait ends.
+// there for the group's own coroutines. Before it sleeps, it has the join
+// tear down the pool's other Asio services (see pool_teardown in
+// worker_pool.hpp), which destroys the frames they still hold: a parent
+// waiting on the group (weft's service) whose coroutines wait on timers or
+// strands (Asio's) is torn down whole.
 //
-// Known defect: a coroutine that owns a group and runs, or unwinds, on a
-// worker of a pool that is shutting down, while one of the group's
-// coroutines is suspended, can hang the pool's join. The shut-down pool
-// drops that coroutine's next step, which its strand then keeps until the
-// pool's Asio services are torn down, after the workers exit; the worker
-// waits in the group's destructor meanwhile. Cancel the coroutines and
-// wait for them before the pool shuts down.
+// Known defects: the pool's join can still hang
+//  - when a coroutine that owns a group runs, or unwinds, on a worker of a
+//    pool that is shutting down while one of the group's coroutines is
+//    suspended: the shut-down pool drops that coroutine's next step, which
+//    its strand keeps until the pool's Asio services are torn down, after
+//    the workers exit, while the worker waits in the group's destructor;
+//  - when a group's coroutine waits where the teardown has already taken
+//    its operation out to destroy: Asio's reactor and strands move all
+//    they hold into a list of their own first (a parent and its coroutine
+//    both on timers, the parent's timer the newer), or when groups nest
+//    two deep across services (the second pass destroys an ancestor of
+//    the frame being destroyed).
+// Cancel the coroutines and wait for them before the pool shuts down.
 //
 // Thread safety: co_spawn may be called from any thread, as go() may, and
 // from inside the group's own tasks and coroutines.
