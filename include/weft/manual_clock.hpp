@@ -26,13 +26,13 @@
 //   t.join();
 #pragma once
 
+#include <weft/detail/never_destroyed.hpp>
 #include <weft/detail/timer_queue.hpp>
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
-#include <new>
 #include <stdexcept>
 
 namespace weft {
@@ -84,9 +84,8 @@ class manual_clock {
   // workers after the exit has destroyed the statics made later, and their
   // tasks may still read the clock or make deadlines on it.
   static shared_state& state() noexcept {
-    alignas(shared_state) static unsigned char storage[sizeof(shared_state)];
-    static shared_state& instance = *::new (static_cast<void*>(storage)) shared_state;
-    return instance;
+    static detail::never_destroyed<shared_state> instance;
+    return instance.get();
   }
 
   [[noreturn]] static void throw_backwards() {

@@ -20,7 +20,8 @@
 // Thread safety: everything here is immutable or a pure function.
 #pragma once
 
-#include <new>
+#include <weft/detail/never_destroyed.hpp>
+
 #include <string>
 #include <system_error>
 #include <type_traits>
@@ -71,10 +72,8 @@ class error_category_impl final : public std::error_category {
 // workers after the exit has destroyed the statics made later, and their
 // tasks may still compare or print codes.
 inline const std::error_category& error_category() noexcept {
-  alignas(detail::error_category_impl) static unsigned char
-      storage[sizeof(detail::error_category_impl)];
-  static const auto& category = *::new (static_cast<void*>(storage)) detail::error_category_impl;
-  return category;
+  static detail::never_destroyed<const detail::error_category_impl> category;
+  return category.get();
 }
 
 inline std::error_code make_error_code(errc code) noexcept {
