@@ -772,6 +772,97 @@ TEST_CASE(
   CHECK(child_ended_first);
 }
 
+// What a parent coroutine lends its group's coroutines: alive until the
+// parent's frame goes, after the group's destructor has returned.
+struct lent_state {
+  std::atomic<bool> parent_alive{true};
+  std::atomic<bool> seen_alive{false};
+  std::atomic<bool> finished{false};
+  weft::wait_group* group_pending = nullptr;  // the parent group's count
+  std::atomic<bool> abandoned{false};         // the pool was destroyed
+};
+
+// On another io_context: once released, and once the parent's group waits
+// for its coroutines, uses what the parent lent.
+asio::awaitable<void> use_lent_state_once_released(weft::semaphore& release, lent_state& lent) {
+  const auto permit = co_await weft::async_acquire(release, 1, asio::use_awaitable);
+  weft_test::spin_until(
+      [&] { return lent.group_pending->stats().waiters == 1 || lent.abandoned.load(); });
+  if (lent.abandoned.load()) co_return;
+  lent.seen_alive = lent.parent_alive.load();
+  lent.finished = true;
+}
+
+// A group's coroutine on the pool that awaits a coroutine on `io`.
+asio::awaitable<void> await_work_on(asio::io_context& io, weft::semaphore& release,
+                                    lent_state& lent, weft::semaphore& suspended) {
+  frame_marker marker;
+  asio::post(co_await asio::this_coro::executor, [&suspended] { suspended.release(); });
+  co_await asio::co_spawn(io, use_lent_state_once_released(release, lent), asio::use_awaitable);
+}
+
+// Owns a group whose coroutine awaits work on `io`, then waits on a timer.
+// Its frame, as it is destroyed, releases that work just before the
+// group's destructor runs.
+asio::awaitable<void> lend_state_then_wait_a_day(weft::worker_pool& pool, asio::io_context& io,
+                                                 weft::semaphore& release, lent_state& lent,
+                                                 weft::semaphore& suspended) {
+  frame_marker marker;
+  struct lender {
+    lent_state& lent;
+    ~lender() { lent.parent_alive = false; }
+  } const lends{lent};
+  weft::task_group group{pool.executor()};
+  lent.group_pending = &weft::detail::task_group_access::pending(group);
+  struct releaser {
+    weft::semaphore& release;
+    ~releaser() { release.release(); }
+  } const releases{release};
+  weft::semaphore child_suspended{1};
+  child_suspended.acquire();
+  weft::co_spawn(group, await_work_on(io, release, lent, child_suspended));
+  const auto permit = co_await weft::async_acquire(child_suspended, 1, asio::use_awaitable);
+  asio::steady_timer timer{co_await asio::this_coro::executor, 24h};
+  asio::post(co_await asio::this_coro::executor, [&suspended] { suspended.release(); });
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// The join destroys the parent's frame while its group's coroutine awaits
+// work on another io_context that still runs, and uses what the parent
+// lent it: the group's destructor waits for that work, which ends the
+// coroutine (its completion, dropped by the shut-down pool, destroys its
+// frame), so the parent's state outlives every use. A teardown that let go
+// of the coroutine instead, since it can never run again on its pool, had
+// that work use the parent's state after the parent's frame was gone
+// (here the work would wait for the group to wait until the test gives up
+// on it).
+TEST_CASE(
+    "asio task_group: a pool joined while a group's coroutine awaits work on another io_context "
+    "waits for that work" *
+    doctest::timeout(30)) {
+  asio::io_context io;
+  auto io_work = asio::make_work_guard(io);
+  std::thread io_thread([&io] { io.run(); });
+  lent_state lent;
+  weft::semaphore release{1};
+  release.acquire();
+  {
+    weft::worker_pool pool{{.workers = 1}};
+    weft::semaphore parent_suspended{1};
+    parent_suspended.acquire();
+    asio::co_spawn(pool.executor(),
+                   lend_state_then_wait_a_day(pool, io, release, lent, parent_suspended),
+                   asio::detached);
+    parent_suspended.acquire();
+  }  // shutdown() + join()
+  lent.abandoned = true;
+  CHECK(lent.finished.load());
+  CHECK(lent.seen_alive.load());
+  io_work.reset();
+  io_thread.join();
+  CHECK(frame_marker::live.load() == 0);
+}
+
 // Runs without suspending until `opened` is cancelled, then returns or
 // throws.
 asio::awaitable<void> finish_when_opened(std::latch& started, weft::cancel_token opened,

@@ -57,6 +57,9 @@
 //    two deep across services (the second pass destroys an ancestor of
 //    the frame being destroyed).
 // Cancel the coroutines and wait for them before the pool shuts down.
+// The destructor cannot stop waiting there for coroutines that will never
+// run again on the pool: one may still await work on another context that
+// runs on and uses what the parent's frame lent it (tested).
 //
 // Thread safety: co_spawn may be called from any thread, as go() may, and
 // from inside the group's own tasks and coroutines.
