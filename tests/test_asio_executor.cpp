@@ -34,6 +34,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -406,6 +407,74 @@ TEST_CASE("asio executor: the pool's execution_context is one per pool, and bloc
   CHECK(&ca != &cb);
   CHECK(asio::query(a.executor(), asio::execution::blocking) == asio::execution::blocking.never);
   static_assert(asio::execution::is_executor_v<weft::pool_executor>);
+}
+
+// A service that says when the execution context holding it destroys it.
+struct destruction_witness final : asio::execution_context::service {
+  using key_type = destruction_witness;
+  static inline asio::execution_context::id id;
+  explicit destruction_witness(asio::execution_context& context) : service(context) {}
+  ~destruction_witness() override { destroyed = true; }
+  void shutdown() override {}
+  static inline std::atomic<bool> destroyed{false};
+};
+
+TEST_CASE("asio executor: outstanding_work.tracked gives an executor that owns the pool's context" *
+          doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  const auto tracked = asio::prefer(pool.executor(), asio::execution::outstanding_work.tracked);
+  static_assert(
+      std::is_same_v<std::remove_const_t<decltype(tracked)>, weft::tracked_pool_executor>);
+  static_assert(asio::execution::is_executor_v<weft::tracked_pool_executor>);
+  CHECK(asio::query(tracked, asio::execution::outstanding_work) ==
+        asio::execution::outstanding_work.tracked);
+  CHECK(&asio::query(tracked, asio::execution::context) ==
+        &asio::query(pool.executor(), asio::execution::context));
+  CHECK(asio::query(tracked, asio::execution::blocking) == asio::execution::blocking.never);
+  CHECK(asio::prefer(tracked, asio::execution::outstanding_work.untracked) == pool.executor());
+  CHECK(asio::require(pool.executor(), asio::execution::outstanding_work.untracked) ==
+        pool.executor());
+  const weft::tracked_pool_executor copy = tracked;
+  CHECK(copy == tracked);
+  std::promise<bool> ran_on_pool;
+  asio::post(tracked, [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
+  CHECK(ran_on_pool.get_future().get());
+}
+
+// What Asio holds on another context for an operation that completes on a
+// pool (the work guard of a co_spawn awaited by one of the pool's
+// coroutines) may outlive the pool: the pool's services live until it is
+// let go, so the pool's strand in it is destroyed with its service still
+// there. Before, the strand's destructor locked its service's mutex after
+// the pool had freed it (heap-use-after-free, a flaky failure of the test
+// "a pool joined while a group's coroutine awaits work on another
+// io_context waits for that work").
+TEST_CASE(
+    "asio executor: a pool's strand held as outstanding work is released safely after the pool" *
+    doctest::timeout(30)) {
+  for (const bool through_any_io_executor : {false, true}) {
+    CAPTURE(through_any_io_executor);
+    destruction_witness::destroyed = false;
+    std::optional<asio::strand<weft::tracked_pool_executor>> held_strand;
+    std::optional<asio::any_io_executor> held_any;
+    {
+      weft::worker_pool pool{{.workers = 1}};
+      asio::use_service<destruction_witness>(
+          asio::query(pool.executor(), asio::execution::context));
+      if (through_any_io_executor) {
+        const asio::any_io_executor strand =
+            asio::make_strand(asio::any_io_executor(pool.executor()));
+        held_any.emplace(asio::prefer(strand, asio::execution::outstanding_work.tracked));
+      } else {
+        held_strand.emplace(asio::prefer(asio::make_strand(pool.executor()),
+                                         asio::execution::outstanding_work.tracked));
+      }
+    }
+    CHECK_FALSE(destruction_witness::destroyed.load());
+    held_strand.reset();
+    held_any.reset();
+    CHECK(destruction_witness::destroyed.load());
+  }
 }
 
 TEST_CASE("asio executor: co_spawn with use_future runs a coroutine with a timer on the pool" *
@@ -861,6 +930,40 @@ TEST_CASE(
   io_work.reset();
   io_thread.join();
   CHECK(frame_marker::live.load() == 0);
+}
+
+asio::awaitable<void> keep_own_executor(std::optional<asio::any_io_executor>& kept) {
+  kept.emplace(co_await asio::this_coro::executor);
+}
+
+// Asio releases copies of a group coroutine's executor (a strand of the
+// pool) in the coroutine's frames, which another context may destroy after
+// the coroutine has ended its task and the pool is gone (its io_context
+// destroyed while it awaited work there): every copy keeps the pool's
+// services, so the strand's is still there when the copy goes.
+TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's services until it goes" *
+          doctest::timeout(30)) {
+  for (const bool names_executor : {false, true}) {
+    CAPTURE(names_executor);
+    destruction_witness::destroyed = false;
+    std::optional<asio::any_io_executor> kept;
+    {
+      weft::worker_pool pool{{.workers = 1}};
+      asio::use_service<destruction_witness>(
+          asio::query(pool.executor(), asio::execution::context));
+      weft::task_group group{pool.executor()};
+      if (names_executor) {
+        weft::co_spawn(group, pool.executor(), keep_own_executor(kept));
+      } else {
+        weft::co_spawn(group, keep_own_executor(kept));
+      }
+      group.wait();
+      REQUIRE(kept.has_value());
+    }
+    CHECK_FALSE(destruction_witness::destroyed.load());
+    kept.reset();
+    CHECK(destruction_witness::destroyed.load());
+  }
 }
 
 // Runs without suspending until `opened` is cancelled, then returns or

@@ -1293,6 +1293,8 @@ class worker_pool {
   std::mutex join_mutex_;
   std::mutex extensions_mutex_;
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
+  std::atomic<const void*> first_extension_key_{nullptr};  // set once, after first_extension_
+  void* first_extension_ = nullptr;
   std::vector<std::function<void()>> joined_hooks_;  // under extensions_mutex_
   mutable detail::spin_mutex handler_mutex_;
   using error_handler = std::function<void(std::exception_ptr)>;
@@ -1351,13 +1353,19 @@ struct worker_pool_access {
     return pool.post_task(work, token, task_origin{});
   }
 
-  // An object of type T, made from the pool on first use, that lives until
-  // the pool's workers have been joined (the pool's Asio execution_context).
-  // Its pool_joined(), if it has one, runs when join() returns the first
-  // time after it was made.
+  // An object of type T, made from the pool on first use (the pool's Asio
+  // execution_context), owned by a shared_ptr: the pool lets go of it when
+  // it is destroyed, after its workers are joined, and T may share it
+  // further (shared_from_this). Its pool_joined(), if it has one, runs when
+  // join() returns the first time after it was made.
   template <class T>
   static T& extension(worker_pool& pool) {
     static const char key = 0;
+    // Every Asio operation on the pool asks for its context: the first kind
+    // made (in practice the only one) is found without the mutex.
+    if (pool.first_extension_key_.load(std::memory_order_acquire) == &key) {
+      return *static_cast<T*>(pool.first_extension_);
+    }
     std::lock_guard guard(pool.extensions_mutex_);
     for (auto& [k, object] : pool.extensions_) {
       if (k == &key) return *static_cast<T*>(object.get());
@@ -1370,6 +1378,10 @@ struct worker_pool_access {
       pool.joined_hooks_.emplace_back([&result] { result.pool_joined(); });
     }
     pool.extensions_.emplace_back(&key, std::move(object));
+    if (pool.extensions_.size() == 1) {
+      pool.first_extension_ = &result;
+      pool.first_extension_key_.store(&key, std::memory_order_release);
+    }
     return result;
   }
 };

@@ -300,6 +300,19 @@ struct group_coroutine_completion {
   bool called = false;
 };
 
+// The executor a group's coroutine runs on, through its strand: on a pool,
+// one that owns the pool's execution context, so that every copy of the
+// coroutine's executor keeps the strand's service alive. Asio releases some
+// of them (in the frames of a coroutine destroyed on another context) after
+// the coroutine has ended its task, when the pool may already be gone.
+inline tracked_pool_executor owning_pool_context(const pool_executor& executor) {
+  return tracked_pool_executor{executor};
+}
+template <class Executor>
+const Executor& owning_pool_context(const Executor& executor) noexcept {
+  return executor;
+}
+
 inline void check_open(const pool_executor& executor) {
   if (executor.context().is_shutdown()) {
     throw rejected("weft::co_spawn: the pool \"" + executor.context().name() + "\" is shut down");
@@ -316,11 +329,11 @@ void co_spawn(task_group& group, const Executor& executor, boost::asio::awaitabl
   if constexpr (std::is_same_v<Executor, pool_executor>) detail::check_open(executor);
   // The coroutine runs on a strand, where its cancellation is emitted (see
   // coroutine_cancellation): a pool runs a coroutine's steps on any worker.
-  using strand_type = decltype(boost::asio::make_strand(executor));
+  using strand_type = decltype(boost::asio::make_strand(detail::owning_pool_context(executor)));
   if (!detail::task_group_access::begin(group)) return;
   std::shared_ptr<detail::coroutine_task<strand_type>> task;
   try {
-    auto strand = boost::asio::make_strand(executor);
+    auto strand = boost::asio::make_strand(detail::owning_pool_context(executor));
     task = std::make_shared<detail::coroutine_task<strand_type>>();
     task->group = &group;
     task->link = std::make_unique<cancel_callback<detail::post_cancellation<strand_type>>>(
@@ -343,7 +356,12 @@ template <class AwaitableExecutor>
 void co_spawn(task_group& group, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
               spawn_site site = spawn_site::current()) {
   detail::check_open(group.executor());
-  co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
+  if constexpr (std::is_constructible_v<AwaitableExecutor, tracked_pool_executor>) {
+    co_spawn(group, AwaitableExecutor(tracked_pool_executor(group.executor())),
+             std::move(coroutine), site);
+  } else {
+    co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
+  }
 }
 
 }  // namespace weft
