@@ -943,8 +943,9 @@ asio::awaitable<void> keep_own_executor(std::optional<asio::any_io_executor>& ke
 // services, so the strand's is still there when the copy goes.
 TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's services until it goes" *
           doctest::timeout(30)) {
-  for (const bool names_executor : {false, true}) {
-    CAPTURE(names_executor);
+  enum class named { none, pool_executor, any_io_executor };
+  for (const named executor : {named::none, named::pool_executor, named::any_io_executor}) {
+    CAPTURE(static_cast<int>(executor));
     destruction_witness::destroyed = false;
     std::optional<asio::any_io_executor> kept;
     {
@@ -952,10 +953,16 @@ TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's servic
       asio::use_service<destruction_witness>(
           asio::query(pool.executor(), asio::execution::context));
       weft::task_group group{pool.executor()};
-      if (names_executor) {
-        weft::co_spawn(group, pool.executor(), keep_own_executor(kept));
-      } else {
-        weft::co_spawn(group, keep_own_executor(kept));
+      switch (executor) {
+        case named::none:
+          weft::co_spawn(group, keep_own_executor(kept));
+          break;
+        case named::pool_executor:
+          weft::co_spawn(group, pool.executor(), keep_own_executor(kept));
+          break;
+        case named::any_io_executor:
+          weft::co_spawn(group, asio::any_io_executor(pool.executor()), keep_own_executor(kept));
+          break;
       }
       group.wait();
       REQUIRE(kept.has_value());

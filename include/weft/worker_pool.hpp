@@ -262,6 +262,7 @@ class worker_pool {
     join();
     if constexpr (detail::registry_compiled) detail::remove_source(queued_tasks_);
     extensions_.clear();
+    first_extension_key_.store(nullptr, std::memory_order_relaxed);
   }
 
   // Queues f; a full queue gets the overflow policy. Throws weft::rejected
@@ -1293,7 +1294,9 @@ class worker_pool {
   std::mutex join_mutex_;
   std::mutex extensions_mutex_;
   std::vector<std::pair<const void*, std::shared_ptr<void>>> extensions_;
-  std::atomic<const void*> first_extension_key_{nullptr};  // set once, after first_extension_
+  // Set, after first_extension_, when the first extension is made; cleared
+  // once the pool has let go of its extensions.
+  std::atomic<const void*> first_extension_key_{nullptr};
   void* first_extension_ = nullptr;
   std::vector<std::function<void()>> joined_hooks_;  // under extensions_mutex_
   mutable detail::spin_mutex handler_mutex_;
@@ -1353,11 +1356,10 @@ struct worker_pool_access {
     return pool.post_task(work, token, task_origin{});
   }
 
-  // An object of type T, made from the pool on first use (the pool's Asio
-  // execution_context), owned by a shared_ptr: the pool lets go of it when
-  // it is destroyed, after its workers are joined, and T may share it
-  // further (shared_from_this). Its pool_joined(), if it has one, runs when
-  // join() returns the first time after it was made.
+  // An object of type T, made from the pool on first use (the owner of the
+  // pool's Asio execution_context), that lives until the pool is destroyed,
+  // after its workers are joined. Its pool_joined(), if it has one, runs
+  // when join() returns the first time after it was made.
   template <class T>
   static T& extension(worker_pool& pool) {
     static const char key = 0;

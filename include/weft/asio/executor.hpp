@@ -74,7 +74,7 @@ namespace detail {
 // let go, which may come after the pool is destroyed.
 class pool_execution_context final : public boost::asio::execution_context, pool_teardown {
  public:
-  explicit pool_execution_context(worker_pool& pool) noexcept : pool_(&pool) {}
+  explicit pool_execution_context(worker_pool& pool) : pool_(&pool) {}
 
   pool_execution_context(const pool_execution_context&) = delete;
   pool_execution_context& operator=(const pool_execution_context&) = delete;

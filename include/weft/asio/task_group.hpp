@@ -66,8 +66,10 @@
 //
 // Cost, per coroutine: a strand, a shared state holding its cancellation
 // signal, a registration on the group's token, and its registry record;
-// Asio's co_spawn allocates the coroutine's frames. A cancellation is one
-// post to the strand per coroutine.
+// Asio's co_spawn allocates the coroutine's frames. On a pool, each copy of
+// the coroutine's executor counts a reference on the pool's execution
+// context (one atomic increment; see asio/executor.hpp). A cancellation is
+// one post to the strand per coroutine.
 #pragma once
 
 #include <weft/asio/cancel.hpp>
@@ -77,6 +79,7 @@
 #include <weft/spawn_site.hpp>
 #include <weft/task_group.hpp>
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -308,6 +311,11 @@ struct group_coroutine_completion {
 inline tracked_pool_executor owning_pool_context(const pool_executor& executor) {
   return tracked_pool_executor{executor};
 }
+inline boost::asio::any_io_executor owning_pool_context(
+    const boost::asio::any_io_executor& executor) {
+  if (const auto* pool = executor.target<pool_executor>()) return tracked_pool_executor{*pool};
+  return executor;
+}
 template <class Executor>
 const Executor& owning_pool_context(const Executor& executor) noexcept {
   return executor;
@@ -356,12 +364,7 @@ template <class AwaitableExecutor>
 void co_spawn(task_group& group, boost::asio::awaitable<void, AwaitableExecutor> coroutine,
               spawn_site site = spawn_site::current()) {
   detail::check_open(group.executor());
-  if constexpr (std::is_constructible_v<AwaitableExecutor, tracked_pool_executor>) {
-    co_spawn(group, AwaitableExecutor(tracked_pool_executor(group.executor())),
-             std::move(coroutine), site);
-  } else {
-    co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
-  }
+  co_spawn(group, AwaitableExecutor(group.executor()), std::move(coroutine), site);
 }
 
 }  // namespace weft
