@@ -178,7 +178,7 @@ class tracked_pool_executor {
   }
 
   worker_pool& context() const noexcept { return context_->pool(); }
-  bool running_in_this_thread() const noexcept { return context_->pool().running_in_this_thread(); }
+  bool running_in_this_thread() const noexcept { return untracked().running_in_this_thread(); }
   pool_executor untracked() const noexcept { return pool_executor{context_->pool()}; }
   detail::pool_execution_context& execution_context() const noexcept { return *context_; }
 

@@ -85,6 +85,7 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/compose.hpp>
+#include <boost/asio/prefer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/system_executor.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -309,11 +310,11 @@ struct group_coroutine_completion {
 // of them (in the frames of a coroutine destroyed on another context) after
 // the coroutine has ended its task, when the pool may already be gone.
 inline tracked_pool_executor owning_pool_context(const pool_executor& executor) {
-  return tracked_pool_executor{executor};
+  return boost::asio::prefer(executor, boost::asio::execution::outstanding_work.tracked);
 }
 inline boost::asio::any_io_executor owning_pool_context(
     const boost::asio::any_io_executor& executor) {
-  if (const auto* pool = executor.target<pool_executor>()) return tracked_pool_executor{*pool};
+  if (const auto* pool = executor.target<pool_executor>()) return owning_pool_context(*pool);
   return executor;
 }
 template <class Executor>
