@@ -26,7 +26,10 @@
 //
 // Errors (std::invalid_argument / std::logic_error, thrown at once): a
 // capacity below 1; a negative n; n greater than the capacity (it could
-// never be granted); releasing more permits than are held.
+// never be granted); releasing more permits than are held (checked against
+// one consistent view of the free permits: an over-release that races
+// another thread's release of one permit can go unseen, as the free count
+// lives in two words).
 //
 // Thread safety: every member may be called concurrently. Destroying the
 // semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
@@ -41,9 +44,14 @@
 //
 // Memory ordering: a release() happens-before the acquire() it satisfies.
 //
-// Cost: when nobody waits, acquire and release are each one compare-and-swap
-// on the state word (which also counts acquisitions for stats()) and never
-// take a lock or make a system call. A waiter spins and yields briefly
+// Cost: when nobody waits, acquire and release never take a lock or make a
+// system call. A thread that acquires and releases one permit at a time pays
+// one compare-and-swap per pair: its acquire takes the permit parked in the
+// release slot, and its release puts it back with a plain store (see "The
+// release slot" below; a thread's first acquire there takes a process-wide
+// mutex once, for the thread's record). Other acquires and releases are each
+// one compare-and-swap on the state word, which also counts acquisitions
+// for stats(). A waiter spins and yields briefly
 // (WEFT_SPIN_LIMIT, WEFT_YIELD_LIMIT) before it queues; queueing and waking
 // take the queue's mutex, and a parked thread costs one futex wake. Waiting
 // allocates nothing (thread waiters live on the waiting thread's stack),
@@ -67,9 +75,11 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
+#include <weft/detail/asymmetric_barrier.hpp>
 #include <weft/detail/backoff.hpp>
 #include <weft/detail/deadline.hpp>
 #include <weft/detail/task_tracking.hpp>
+#include <weft/detail/thread_record.hpp>
 #include <weft/detail/wait_queue.hpp>
 #include <weft/wait_status.hpp>
 
@@ -80,6 +90,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 
 namespace weft {
@@ -103,7 +114,7 @@ struct semaphore_access;
 struct blocked_kind {
   const char* kind;  // a string literal
 };
-}
+}  // namespace detail
 
 template <class Clock = std::chrono::steady_clock>
 class basic_semaphore {
@@ -165,7 +176,11 @@ class basic_semaphore {
   // For a primitive built on a semaphore: its waiters show in the registry
   // as blocked on `kind "name"` (a resource_pool's, for example).
   basic_semaphore(std::ptrdiff_t capacity, std::string_view name, detail::blocked_kind kind)
-      : capacity_(checked_capacity(capacity)), name_(detail::intern(name)), state_(static_cast<std::uint64_t>(capacity)),
+      : capacity_(checked_capacity(capacity)),
+        name_(detail::intern(name)),
+        state_(static_cast<std::uint64_t>(capacity) -
+               (detail::asymmetric_barrier_available() ? 1 : 0)),
+        slot_(detail::asymmetric_barrier_available() ? slot_full : slot_off),
         queue_(this, &on_waiter_removed, kind.kind, name_) {}
 
   std::string_view name() const noexcept { return name_ != nullptr ? std::string_view{name_} : std::string_view{}; }
@@ -184,7 +199,7 @@ class basic_semaphore {
   // Waits as long as it takes.
   void acquire(std::ptrdiff_t n = 1) {
     check_weight(n, "acquire");
-    if (try_take(static_cast<std::uint64_t>(n))) return;
+    if (take_fast(static_cast<std::uint64_t>(n))) return;
     acquire_slow(n);
   }
 
@@ -206,7 +221,7 @@ class basic_semaphore {
   wait_status acquire_until(std::ptrdiff_t n, const std::chrono::time_point<Clock, Duration>& deadline) {
     check_weight(n, "acquire_until");
     const auto amount = static_cast<std::uint64_t>(n);
-    if (try_take(amount)) return wait_status::ok;
+    if (take_fast(amount)) return wait_status::ok;
     const auto due = detail::clock_deadline(deadline);
     // A deadline already past gets the one try that try_acquire makes, not
     // a spin: acquire_for(n, 0s) is a try.
@@ -225,14 +240,8 @@ class basic_semaphore {
     if (n < 0) [[unlikely]] {
       throw_bad_weight(n, "release");
     }
-    const auto amount = static_cast<std::uint64_t>(n);
-    auto state = state_.load(std::memory_order_relaxed);
-    while ((state & waiters_mark) == 0 && (state & count_mask) + amount <= static_cast<std::uint64_t>(capacity_)) {
-      if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release, std::memory_order_relaxed)) {
-        return;
-      }
-    }
-    release_slow(n);
+    if (n == 1 && release_to_slot()) return;
+    release_to_state(static_cast<std::uint64_t>(n));
   }
 
   permit acquire_permit(std::ptrdiff_t n = 1) {
@@ -257,9 +266,7 @@ class basic_semaphore {
   std::ptrdiff_t capacity() const noexcept { return capacity_; }
 
   // A snapshot: may be stale by the time it is read.
-  std::ptrdiff_t available() const noexcept {
-    return static_cast<std::ptrdiff_t>(state_.load(std::memory_order_relaxed) & count_mask);
-  }
+  std::ptrdiff_t available() const noexcept { return static_cast<std::ptrdiff_t>(free_permits()); }
 
   // How many acquirers are queued; a snapshot, readable without the mutex.
   std::size_t waiters() const noexcept { return queue_.size(); }
@@ -272,8 +279,10 @@ class basic_semaphore {
     {
       auto lock = queue_.lock();
       const auto state = state_.load(std::memory_order_relaxed);
-      s.available = static_cast<std::ptrdiff_t>(state & count_mask);
-      s.acquisitions = acquisitions_folded_.load(std::memory_order_relaxed) + ((state & acquisitions_mask) >> acquisitions_shift);
+      s.available = static_cast<std::ptrdiff_t>(free_permits());
+      s.acquisitions = acquisitions_folded_.load(std::memory_order_relaxed) +
+                       ((state & acquisitions_mask) >> acquisitions_shift) +
+                       slot_acquisitions_.load(std::memory_order_relaxed);
     }
     s.waiters = queue_.size();
     s.timeouts = counters_.timeouts.load(std::memory_order_relaxed);
@@ -291,14 +300,23 @@ class basic_semaphore {
     wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
   }
 
-  // Waiters are queued, or the release is too large (which throws).
-  WEFT_NOINLINE void release_slow(std::ptrdiff_t n) {
-    const auto amount = static_cast<std::uint64_t>(n);
+  // Waiters are queued, or the release may be too large (which throws,
+  // unless `checked` is false: for a permit that was free, in the slot).
+  WEFT_NOINLINE void release_slow(std::uint64_t amount, bool checked = true) {
+    const auto n = static_cast<std::ptrdiff_t>(amount);
+    const auto capacity = static_cast<std::uint64_t>(capacity_);
+    // A release of permits the caller holds leaves at most the capacity
+    // free at every moment, so a consistent snapshot above it proves an
+    // over-release; the checks on the count alone below cannot see a permit
+    // parked in the slot.
+    if (const auto free = checked ? free_permits() : 0; free + amount > capacity) {
+      throw_over_release(n, free);
+    }
     for (;;) {
       auto state = state_.load(std::memory_order_relaxed);
       while ((state & waiters_mark) == 0) {
-        if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
-          throw_over_release(n, state & count_mask);
+        if (checked && (state & count_mask) + amount > capacity) {
+          throw_over_release(n, free_permits());
         }
         if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release,
                                          std::memory_order_relaxed)) {
@@ -309,8 +327,8 @@ class basic_semaphore {
       auto lock = queue_.lock();
       state = state_.load(std::memory_order_relaxed);
       if ((state & waiters_mark) == 0) continue;  // the queue emptied meanwhile: fast path again
-      if ((state & count_mask) + amount > static_cast<std::uint64_t>(capacity_)) {
-        throw_over_release(n, state & count_mask);
+      if (checked && (state & count_mask) + amount > capacity) {
+        throw_over_release(n, free_permits());
       }
       state_.store(state + amount, std::memory_order_release);
       grant(granted);
@@ -329,12 +347,72 @@ class basic_semaphore {
   //               the next acquire takes the slow path, which folds it into
   //               acquisitions_folded_ under the mutex, so stats() (which
   //               reads both under the mutex) never sees a wrap.
-  //   bits 0-39   the free permits (so the capacity is at most 2^40 - 1).
+  //   bits 0-39   the free permits outside the slot (so the capacity is at
+  //               most 2^40 - 1).
   static constexpr std::uint64_t waiters_mark = std::uint64_t{1} << 63;
   static constexpr unsigned acquisitions_shift = 40;
   static constexpr std::uint64_t acquisition_one = std::uint64_t{1} << acquisitions_shift;
   static constexpr std::uint64_t acquisitions_mask = waiters_mark - acquisition_one;
   static constexpr std::uint64_t count_mask = acquisition_one - 1;
+
+  // The release slot parks one free permit where a single compare-and-swap
+  // takes it and a plain store gives it back, so a thread that acquires and
+  // releases one permit at a time pays one atomic operation per pair instead
+  // of two (without it, a fair semaphore's pair costs what an unfair one's
+  // does, or a mutex's). Its word holds:
+  //   slot_full    a free permit, counted in no state word: the free permits
+  //                are the state's count plus this one.
+  //   a tag        the address of the detail::thread_record of the thread
+  //                that took the permit: that thread alone may store
+  //                slot_full here again, when it next releases one permit
+  //                (any permit: they are interchangeable). Should the permit
+  //                be released by another thread, that release goes to the
+  //                state word, and the tag stays until its thread releases
+  //                one here.
+  //   slot_empty   no permit and no owner: a release of one permit may fill
+  //                it with a compare-and-swap.
+  //   slot_blocked like slot_empty, but waiters are queued: releases go to
+  //                the state word, whose releases grant them.
+  //   slot_off     never used again.
+  // A release never touches the semaphore after its store or
+  // compare-and-swap has made the permit free, because the acquirer who
+  // takes it may destroy the semaphore at once. So no release looks for
+  // waiters after it fills the slot; instead, nobody may queue while the
+  // slot could still be filled. The acquirer that sets the waiters mark on
+  // a state without it (so the queue is empty) settles the slot under the
+  // queue's mutex, before it queues:
+  //  - a parked permit moves into the state's count (the slot is blocked);
+  //  - an empty slot is blocked, with a compare-and-swap, so a fill loses
+  //    the race to it or is seen by it;
+  //  - its own tag stays: the thread that set the mark is not releasing
+  //    anything meanwhile, and sees the mark when it next releases;
+  //  - another thread's tag: that thread announces its release
+  //    (thread_record::releasing), then loads the slot and the mark, and
+  //    stores only if the slot still holds its tag and nobody waits; but
+  //    nothing on its side orders those loads after the announcement. So
+  //    the settler turns the slot off for good (a compare-and-swap from the
+  //    tag), then runs a heavy asymmetric barrier (a membarrier system call;
+  //    detail/asymmetric_barrier.hpp). After the barrier, a release by that
+  //    thread has either announced itself, and the settler waits it out (a
+  //    few instructions, unless that thread is preempted) and takes the
+  //    permit it may have stored over slot_off, or it loads the slot off
+  //    and releases to the state word. A semaphore thus pays for one
+  //    barrier at most, the first time a thread queues while another holds
+  //    the slot's permit, and from then on costs what it would without a
+  //    slot. (Tags taken after the mark was set need no barrier: the
+  //    compare-and-swap that took the permit and the releaser's load of the
+  //    mark are sequentially consistent, as is the mark.)
+  // The mark's clearing unblocks the slot. Where the barrier is not
+  // available, the slot starts off.
+  static constexpr std::uintptr_t slot_empty = 0;
+  static constexpr std::uintptr_t slot_full = 1;
+  static constexpr std::uintptr_t slot_blocked = 2;
+  static constexpr std::uintptr_t slot_off = 3;
+
+  static std::uintptr_t tag_of(const detail::thread_record* record) noexcept {
+    return reinterpret_cast<std::uintptr_t>(record);
+  }
+  static bool is_tag(std::uintptr_t slot) noexcept { return slot > slot_off; }
 
   static bool folding_due(std::uint64_t state) noexcept {
     return (state & acquisitions_mask) == acquisitions_mask;
@@ -399,8 +477,166 @@ class basic_semaphore {
                            " permits are held; release what was acquired, no more");
   }
 
-  // The fast path: one compare-and-swap that takes the permits and counts
-  // the acquisition; declines when waiters are queued or a fold is due.
+  // The fast paths, which decline when waiters are queued.
+  bool take_fast(std::uint64_t n) noexcept { return (n == 1 && take_slot()) || try_take(n); }
+
+  // Takes the permit parked in the slot, leaving this thread's tag there.
+  bool take_slot() noexcept {
+    auto slot = slot_.load(std::memory_order_relaxed);
+    if (slot != slot_full) return false;
+    detail::thread_record* record = detail::this_thread_record();
+    if (record == nullptr ||
+        !slot_.compare_exchange_strong(slot, tag_of(record), std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+      return false;
+    }
+    // Only the thread whose tag is in the slot counts here, and the slot is
+    // full again only after it releases: the count has one writer at a time.
+    slot_acquisitions_.store(slot_acquisitions_.load(std::memory_order_relaxed) + 1,
+                             std::memory_order_relaxed);
+    return true;
+  }
+
+  // Gives one permit back through the slot: a compare-and-swap that fills
+  // an empty slot, or the plain store when this thread's tag is there.
+  // False when the slot does not take it.
+  bool release_to_slot() {
+    const auto slot = slot_.load(std::memory_order_relaxed);
+    if (slot == slot_empty) {
+      if ((state_.load(std::memory_order_relaxed) & count_mask) + 1 >
+          static_cast<std::uint64_t>(capacity_)) {
+        return false;  // an over-release, which release_to_state reports
+      }
+      auto empty = slot_empty;
+      return slot_.compare_exchange_strong(empty, slot_full, std::memory_order_release,
+                                           std::memory_order_relaxed);
+    }
+    detail::thread_record* record = detail::this_thread_record_if_any();
+    if (record == nullptr || slot != tag_of(record)) return false;
+    record->releasing.store(this, std::memory_order_relaxed);
+    // The loads must follow the announcement in program order; the settler's
+    // barrier orders them on the processor (see "The release slot").
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    const auto state = state_.load(std::memory_order_seq_cst);
+    const bool fill = slot_.load(std::memory_order_relaxed) == slot &&
+                      (state & waiters_mark) == 0 &&
+                      (state & count_mask) + 1 <= static_cast<std::uint64_t>(capacity_);
+    if (fill) slot_.store(slot_full, std::memory_order_release);
+    record->releasing.store(nullptr, std::memory_order_release);
+    return fill;
+  }
+
+  // Moves a permit parked in the slot into the state's count, for a weighted
+  // request the count alone cannot meet. Unchecked: should an over-release
+  // racing another release have gone unseen, this acquirer is not the one
+  // to report it.
+  bool drain_slot() {
+    auto full = slot_full;
+    if (slot_.load(std::memory_order_relaxed) != full ||
+        !slot_.compare_exchange_strong(full, slot_empty, std::memory_order_acquire,
+                                       std::memory_order_relaxed)) {
+      return false;
+    }
+    auto state = state_.load(std::memory_order_relaxed);
+    while ((state & waiters_mark) == 0) {
+      if (state_.compare_exchange_weak(state, state + 1, std::memory_order_release,
+                                       std::memory_order_relaxed)) {
+        return true;
+      }
+    }
+    release_slow(1, false);
+    return true;
+  }
+
+  void release_to_state(std::uint64_t amount) {
+    auto state = state_.load(std::memory_order_relaxed);
+    while ((state & waiters_mark) == 0 && surely_fits(state, amount)) {
+      if (state_.compare_exchange_weak(state, state + amount, std::memory_order_release,
+                                       std::memory_order_relaxed)) {
+        return;
+      }
+    }
+    release_slow(amount);
+  }
+
+  // Whether returning `amount` to `state` keeps the free permits within the
+  // capacity, counting a permit that may be parked in the slot; release_slow
+  // decides the doubtful case exactly.
+  bool surely_fits(std::uint64_t state, std::uint64_t amount) const noexcept {
+    const auto after = (state & count_mask) + amount;
+    const auto capacity = static_cast<std::uint64_t>(capacity_);
+    return after < capacity ||
+           (after == capacity && slot_.load(std::memory_order_relaxed) != slot_full);
+  }
+
+  // The free permits at one moment: the state's count and the slot, read
+  // between two equal reads of the state. Only a permit moving from the
+  // count to the slot could make that sum count one twice, and it must be
+  // taken from the count first, which changes the acquisition bits: so the
+  // state cannot come back to an earlier value unseen in between (but for a
+  // wrap of those bits, after 2^23 acquisitions within the three loads).
+  std::uint64_t free_permits() const noexcept {
+    for (;;) {
+      const auto before = state_.load(std::memory_order_seq_cst);
+      const auto slot = slot_.load(std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) == before) {
+        return (before & count_mask) + (slot == slot_full ? 1 : 0);
+      }
+    }
+  }
+
+  // With the queue's mutex held, by the acquirer that has just set the
+  // waiters mark on a state without it (so the queue is empty): see "The
+  // release slot". Returns true if it moved a parked permit into the count.
+  bool settle_slot() noexcept {
+    for (;;) {
+      auto slot = slot_.load(std::memory_order_seq_cst);
+      if (slot == slot_full || slot == slot_empty) {
+        if (!slot_.compare_exchange_strong(slot, slot_blocked, std::memory_order_seq_cst,
+                                           std::memory_order_relaxed)) {
+          continue;
+        }
+        if (slot == slot_empty) return false;
+        state_.fetch_add(1, std::memory_order_release);
+        return true;
+      }
+      // This thread's own tag stays: the thread that set the mark is not
+      // releasing anything now, and sees the mark when it next does.
+      if (!is_tag(slot) || slot == tag_of(detail::this_thread_record_if_any())) return false;
+      if (slot_.compare_exchange_strong(slot, slot_off, std::memory_order_seq_cst,
+                                        std::memory_order_relaxed)) {
+        return collect_from(reinterpret_cast<const detail::thread_record*>(slot));
+      }
+    }
+  }
+
+  // The slot is now off, and held the tag of `owner`, which may be releasing
+  // through it right now, blind to the mark, and may yet store its permit
+  // over slot_off. After the barrier, such a release has announced itself,
+  // and is waited out; any later one sees the slot off.
+  WEFT_NOINLINE bool collect_from(const detail::thread_record* owner) noexcept {
+    detail::asymmetric_barrier_heavy();
+    while (owner->releasing.load(std::memory_order_acquire) == this) {
+      std::this_thread::yield();  // a few instructions from done, unless preempted
+    }
+    auto full = slot_full;
+    if (!slot_.compare_exchange_strong(full, slot_off, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+      return false;
+    }
+    state_.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+
+  // With the queue's mutex held, as the waiters mark is cleared.
+  void unblock_slot() noexcept {
+    auto blocked = slot_blocked;
+    slot_.compare_exchange_strong(blocked, slot_empty, std::memory_order_relaxed);
+  }
+
+  // The state word's fast path: one compare-and-swap that takes the permits
+  // and counts the acquisition; declines when waiters are queued or a fold
+  // is due.
   bool try_take(std::uint64_t n) noexcept {
     auto state = state_.load(std::memory_order_relaxed);
     while ((state & waiters_mark) == 0 && (state & count_mask) >= n && !folding_due(state)) {
@@ -412,9 +648,18 @@ class basic_semaphore {
     return false;
   }
 
+  // take_fast, and for a weighted request that the state's count cannot meet
+  // alone, the slot's permit moved into the count first. (Moving it cannot
+  // throw: that permit was free.)
+  bool take_any(std::uint64_t n) noexcept {
+    if (take_fast(n)) return true;
+    return n > 1 && (state_.load(std::memory_order_relaxed) & count_mask) < n && drain_slot() &&
+           try_take(n);
+  }
+
   // try_acquire: takes n permits if free and nobody is queued.
   bool take_now(std::uint64_t n) {
-    if (try_take(n)) return true;
+    if (take_any(n)) return true;
     if (!folding_due(state_.load(std::memory_order_relaxed))) return false;
     auto lock = queue_.lock();
     return take_locked(n);
@@ -428,7 +673,7 @@ class basic_semaphore {
   // next queued thread to be scheduled.
   bool spin_take(std::uint64_t n) noexcept {
     for (detail::backoff pause;;) {
-      if (try_take(n)) return true;
+      if (take_any(n)) return true;
       if (folding_due(state_.load(std::memory_order_relaxed)) || !pause.wait()) return false;
     }
   }
@@ -440,17 +685,28 @@ class basic_semaphore {
     for (;;) {
       if (take_locked(n)) return true;
       auto state = state_.load(std::memory_order_relaxed);
-      if ((state & count_mask) >= n && (state & waiters_mark) == 0) continue;  // lost a race to a fast path
-      // Acquire: the permits this waiter will be granted include those that
-      // fast-path releases returned before the mark, and what their
+      if ((state & count_mask) >= n && (state & waiters_mark) == 0)
+        continue;  // lost a race to a fast path
+      // Sequentially consistent, for the slot (see "The release slot"), and
+      // an acquire: the permits this waiter will be granted include those
+      // that fast-path releases returned before the mark, and what their
       // releasers did must happen-before its acquire returns. The grant
       // that completes it comes later, through the queue's mutex.
-      if ((state & waiters_mark) != 0 ||
-          state_.compare_exchange_strong(state, state | waiters_mark, std::memory_order_acquire,
-                                         std::memory_order_relaxed)) {
-        queue_.push_back(node);
-        return false;
+      if ((state & waiters_mark) == 0) {
+        if (!state_.compare_exchange_strong(state, state | waiters_mark, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed)) {
+          continue;
+        }
+        // The queue is empty: nothing is lost by clearing the mark again
+        // when a permit from the slot may now meet the request.
+        if (settle_slot()) {
+          state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
+          unblock_slot();
+          continue;
+        }
       }
+      queue_.push_back(node);
+      return false;
     }
   }
 
@@ -466,6 +722,7 @@ class basic_semaphore {
       queue_.remove(*head, wait_status::ok, granted);
     }
     state_.fetch_and(~waiters_mark, std::memory_order_release);
+    unblock_slot();
   }
 
   static void on_waiter_removed(void* self, detail::completion_list& granted) noexcept {
@@ -515,6 +772,9 @@ class basic_semaphore {
   const std::ptrdiff_t capacity_;
   const char* const name_;  // interned, for the registry; null if unnamed
   alignas(64) std::atomic<std::uint64_t> state_;
+  std::atomic<std::uintptr_t> slot_;  // the release slot, on the state's cache line
+  // Acquisitions through the slot; see take_slot.
+  std::atomic<std::uint64_t> slot_acquisitions_{0};
   mutable detail::wait_queue queue_;
   // Acquisitions folded out of the state word; written under the queue's mutex.
   std::atomic<std::uint64_t> acquisitions_folded_{0};
