@@ -399,9 +399,10 @@ class basic_semaphore {
   //    and releases to the state word. A semaphore thus pays for one
   //    barrier at most, the first time a thread queues while another holds
   //    the slot's permit, and from then on costs what it would without a
-  //    slot. (Tags taken after the mark was set need no barrier: the
-  //    compare-and-swap that took the permit and the releaser's load of the
-  //    mark are sequentially consistent, as is the mark.)
+  //    slot. (A permit that others take from the slot after the mark was
+  //    set, such as the one a waited-out release stored, needs no barrier:
+  //    the compare-and-swap that takes it, its taker's later load of the
+  //    mark, and the mark are sequentially consistent.)
   // The mark's clearing unblocks the slot. Where the barrier is not
   // available, the slot starts off.
   static constexpr std::uintptr_t slot_empty = 0;
@@ -613,22 +614,23 @@ class basic_semaphore {
   // The slot is now off, and held the tag of `owner`, which may be releasing
   // through it right now, blind to the mark, and may yet store its permit
   // over slot_off. After the barrier, such a release has announced itself,
-  // and is waited out; any later one sees the slot off.
+  // and is waited out; any later one sees the slot off. Meanwhile others
+  // may have taken that permit from the slot, or drained it and refilled
+  // the emptied slot: whatever is there now is swapped for slot_off, so the
+  // slot stays off. (A permit taken meanwhile was taken after the mark was
+  // set, and its release sees the mark or the slot off; one drained goes to
+  // the state word, through its queue.)
   WEFT_NOINLINE bool collect_from(const detail::thread_record* owner) noexcept {
     detail::asymmetric_barrier_heavy();
     while (owner->releasing.load(std::memory_order_acquire) == this) {
       std::this_thread::yield();  // a few instructions from done, unless preempted
     }
-    auto full = slot_full;
-    if (!slot_.compare_exchange_strong(full, slot_off, std::memory_order_seq_cst,
-                                       std::memory_order_relaxed)) {
-      return false;
-    }
+    if (slot_.exchange(slot_off, std::memory_order_seq_cst) != slot_full) return false;
     state_.fetch_add(1, std::memory_order_release);
     return true;
   }
 
-  // With the queue's mutex held, as the waiters mark is cleared.
+  // With the queue's mutex held, just before the waiters mark is cleared.
   void unblock_slot() noexcept {
     auto blocked = slot_blocked;
     slot_.compare_exchange_strong(blocked, slot_empty, std::memory_order_relaxed);
@@ -700,8 +702,8 @@ class basic_semaphore {
         // The queue is empty: nothing is lost by clearing the mark again
         // when a permit from the slot may now meet the request.
         if (settle_slot()) {
-          state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
           unblock_slot();
+          state_.fetch_and(~waiters_mark, std::memory_order_relaxed);
           continue;
         }
       }
@@ -721,8 +723,10 @@ class basic_semaphore {
       if (folding_due(state)) fold_acquisitions();
       queue_.remove(*head, wait_status::ok, granted);
     }
-    state_.fetch_and(~waiters_mark, std::memory_order_release);
+    // The slot first: once the mark is clear, a release may let an acquirer
+    // through that destroys the semaphore before this one returns.
     unblock_slot();
+    state_.fetch_and(~waiters_mark, std::memory_order_release);
   }
 
   static void on_waiter_removed(void* self, detail::completion_list& granted) noexcept {

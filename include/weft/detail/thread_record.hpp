@@ -10,7 +10,8 @@
 // thread act on a tag once its first owner is gone.
 //
 // Cost: this_thread_record() is one thread-local load once the thread has a
-// record; its first call takes a process-wide mutex and may allocate.
+// record (a call to __tls_get_addr in a shared library built as PIC); its
+// first call takes a process-wide mutex and may allocate.
 // Records are never freed (64 bytes each, as many as threads were ever alive
 // at once), and stay reachable, so leak checkers do not report them.
 #pragma once
