@@ -54,12 +54,10 @@
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -74,6 +72,7 @@
 #include "../support.hpp"
 #include "scenario.hpp"
 #include "seed.hpp"
+#include "watchdog.hpp"
 
 using namespace std::chrono_literals;
 using weft::wait_status;
@@ -155,84 +154,6 @@ class findings {
   std::atomic<std::uint64_t> count_{0};
   mutable std::mutex mutex_;
   std::vector<std::string> first_;
-};
-
-// ---------------------------------------------------------------------------
-// The watchdog: a run that stops making progress is a lost wake-up (or a
-// deadlock). doctest's timeout only reports a test once it ends, so the
-// watchdog prints every thread's current operation and aborts.
-
-class watchdog {
- public:
-  watchdog(const char* scenario, std::size_t threads, std::function<void()> dump)
-      : scenario_(scenario), doing_(threads), ops_(threads), dump_(std::move(dump)) {
-    for (auto& doing : doing_) doing.store("starting", std::memory_order_relaxed);
-    thread_ = std::thread([this] { watch(); });
-  }
-  watchdog(const watchdog&) = delete;
-  watchdog& operator=(const watchdog&) = delete;
-  ~watchdog() {
-    {
-      std::lock_guard lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    thread_.join();
-  }
-
-  // Thread `who` starts `what` (a string literal); also counts as progress.
-  void note(std::size_t who, const char* what) noexcept {
-    doing_[who].store(what, std::memory_order_relaxed);
-    ops_[who].fetch_add(1, std::memory_order_relaxed);
-    progress_.fetch_add(1, std::memory_order_relaxed);
-  }
-
- private:
-  static std::chrono::seconds stall_limit() {
-    return under_tsan ? 90s : under_sanitizer ? 45s : 20s;
-  }
-
-  void watch() {
-    std::unique_lock lock(mutex_);
-    auto last = progress_.load(std::memory_order_relaxed);
-    auto since = std::chrono::steady_clock::now();
-    while (!stop_) {
-      wake_.wait_for(lock, 100ms);
-      const auto now = std::chrono::steady_clock::now();
-      const auto progress = progress_.load(std::memory_order_relaxed);
-      if (progress != last) {
-        last = progress;
-        since = now;
-      } else if (!stop_ && now - since > stall_limit()) {
-        std::fprintf(
-            stderr,
-            "\n[stress_select] WATCHDOG: no progress in \"%s\" for %lld s (seed %llu, scale %llu); "
-            "a lost wake-up or a deadlock. Threads:\n",
-            scenario_, static_cast<long long>(stall_limit().count()),
-            static_cast<unsigned long long>(weft_test::seed()),
-            static_cast<unsigned long long>(weft_test::scale()));
-        for (std::size_t i = 0; i < doing_.size(); ++i) {
-          std::fprintf(stderr, "  thread %2zu: %s (operation %llu)\n", i,
-                       doing_[i].load(std::memory_order_relaxed),
-                       static_cast<unsigned long long>(ops_[i].load(std::memory_order_relaxed)));
-        }
-        std::fflush(stderr);
-        if (dump_) dump_();
-        std::fflush(stderr);
-        std::abort();
-      }
-    }
-  }
-
-  const char* scenario_;
-  std::vector<std::atomic<const char*>> doing_;
-  std::vector<std::atomic<std::uint64_t>> ops_;
-  std::function<void()> dump_;
-  std::atomic<std::uint64_t> progress_{0};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  bool stop_ = false;
-  std::thread thread_;
 };
 
 void print_channel(const char* label, const chan& ch) {
@@ -409,7 +330,7 @@ void run_mesh(int threads) {
   weft_test::round_barrier end(n + 1);
   std::atomic<std::uint64_t> select_count{0};
 
-  watchdog dog("select stress: mesh", n + 1, [&] {
+  weft_test::watchdog dog("stress_select", "select stress: mesh", n + 1, [&] {
     for (int c = 0; c < mesh_channels; ++c)
       print_channel("mesh channel", *channels[static_cast<std::size_t>(c)]);
   });
@@ -866,10 +787,11 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
   chaos_sources chaos{4};
   weft_test::round_barrier go(n + 2);
 
-  watchdog dog("select stress: close racing blocked waiters", n + 2, [&] {
-    print_channel("closing channel", main_ch);
-    print_channel("idle channel", idle);
-  });
+  weft_test::watchdog dog("stress_select", "select stress: close racing blocked waiters", n + 2,
+                          [&] {
+                            print_channel("closing channel", main_ch);
+                            print_channel("idle channel", idle);
+                          });
 
   const auto record_received = [&](const item& value, const char* how, bool ended_before,
                                    bool close_done_before, bool looked_closed_before) {
@@ -1391,11 +1313,12 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
   std::atomic<bool> fire{false};
   std::atomic<bool> quit{false};
 
-  watchdog dog("select stress: cancel racing a matching operation", 4, [&] {
-    std::fprintf(stderr, "  round kind: %s\n", name_of(round.kind));
-    if (round.a) print_channel("A", *round.a);
-    if (round.b) print_channel("B", *round.b);
-  });
+  weft_test::watchdog dog("stress_select", "select stress: cancel racing a matching operation", 4,
+                          [&] {
+                            std::fprintf(stderr, "  round kind: %s\n", name_of(round.kind));
+                            if (round.a) print_channel("A", *round.a);
+                            if (round.b) print_channel("B", *round.b);
+                          });
 
   const auto parked = [&] {
     std::size_t waiting = 0;
@@ -1743,8 +1666,8 @@ void run_rendezvous_close_window(std::uint64_t seed, std::chrono::steady_clock::
   weft_test::round_barrier begin(senders + receivers + 2);
   weft_test::round_barrier finish(senders + receivers + 2);
 
-  watchdog dog("select stress: rendezvous close window", senders + receivers + 2,
-               [&] { print_channel("rendezvous", *ch); });
+  weft_test::watchdog dog("stress_select", "select stress: rendezvous close window",
+                          senders + receivers + 2, [&] { print_channel("rendezvous", *ch); });
 
   std::vector<std::thread> threads;
   for (int s = 0; s < senders; ++s) {

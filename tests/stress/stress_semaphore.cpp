@@ -16,12 +16,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -34,6 +32,7 @@
 
 #include "scenario.hpp"
 #include "seed.hpp"
+#include "watchdog.hpp"
 
 using namespace std::chrono_literals;
 
@@ -312,74 +311,6 @@ TEST_CASE(
 
 namespace {
 
-class slot_watchdog {
- public:
-  slot_watchdog(const char* scenario, std::size_t threads, std::function<void()> dump)
-      : scenario_(scenario), doing_(threads), dump_(std::move(dump)) {
-    for (auto& doing : doing_) doing.store("starting", std::memory_order_relaxed);
-    thread_ = std::thread([this] { watch(); });
-  }
-  slot_watchdog(const slot_watchdog&) = delete;
-  slot_watchdog& operator=(const slot_watchdog&) = delete;
-  ~slot_watchdog() {
-    {
-      std::lock_guard lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    thread_.join();
-  }
-
-  // Thread `who` starts `what` (a string literal); also counts as progress.
-  void note(std::size_t who, const char* what) noexcept {
-    doing_[who].store(what, std::memory_order_relaxed);
-    progress_.fetch_add(1, std::memory_order_relaxed);
-  }
-
- private:
-  static std::chrono::seconds stall_limit() {
-    return under_tsan ? 90s : weft_test::under_sanitizer ? 45s : 20s;
-  }
-
-  void watch() {
-    std::unique_lock lock(mutex_);
-    auto last = progress_.load(std::memory_order_relaxed);
-    auto since = std::chrono::steady_clock::now();
-    while (!stop_) {
-      // A look ten times a second; the watchdog makes nothing happen.
-      wake_.wait_for(lock, 100ms);
-      const auto now = std::chrono::steady_clock::now();
-      const auto progress = progress_.load(std::memory_order_relaxed);
-      if (progress != last) {
-        last = progress;
-        since = now;
-      } else if (!stop_ && now - since > stall_limit()) {
-        std::fprintf(stderr,
-                     "\n[stress_semaphore] WATCHDOG: no progress in \"%s\" for %lld s (seed %llu, "
-                     "scale %llu); a lost wake-up or a lost permit. Threads:\n",
-                     scenario_, static_cast<long long>(stall_limit().count()),
-                     static_cast<unsigned long long>(weft_test::seed()),
-                     static_cast<unsigned long long>(weft_test::scale()));
-        for (std::size_t i = 0; i < doing_.size(); ++i) {
-          std::fprintf(stderr, "  thread %2zu: %s\n", i, doing_[i].load(std::memory_order_relaxed));
-        }
-        if (dump_) dump_();
-        std::fflush(stderr);
-        std::abort();
-      }
-    }
-  }
-
-  const char* scenario_;
-  std::vector<std::atomic<const char*>> doing_;
-  std::function<void()> dump_;
-  std::atomic<std::uint64_t> progress_{0};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  bool stop_ = false;
-  std::thread thread_;
-};
-
 // Spins, without yielding, for about `ns` nanoseconds: a random short delay
 // that moves one side of a race against the other.
 void spin_ns(std::int64_t ns) {
@@ -521,20 +452,21 @@ TEST_CASE(
     const auto until = std::chrono::steady_clock::now() + run_budget();
     const auto long_wait = under_tsan ? 120s : 60s;  // a lost wake-up, were it ever reached
 
-    slot_watchdog dog("release slot: lost wake-up hunt", 2 * pairs.size(), [&] {
-      for (std::size_t p = 0; p < pairs.size(); ++p) {
-        const auto& pair = pairs[p];
-        std::fprintf(stderr,
-                     "  pair %zu (threads %zu and %zu): round %llu, held %llu, started %llu, "
-                     "finished %llu\n    ",
-                     p, 2 * p, 2 * p + 1, static_cast<unsigned long long>(pair.round.load()),
-                     static_cast<unsigned long long>(pair.held.load()),
-                     static_cast<unsigned long long>(pair.started.load()),
-                     static_cast<unsigned long long>(pair.finished.load()));
-        slot_round::print(pair.plan.load());
-        std::fprintf(stderr, "\n");
-      }
-    });
+    weft_test::watchdog dog(
+        "stress_semaphore", "release slot: lost wake-up hunt", 2 * pairs.size(), [&] {
+          for (std::size_t p = 0; p < pairs.size(); ++p) {
+            const auto& pair = pairs[p];
+            std::fprintf(stderr,
+                         "  pair %zu (threads %zu and %zu): round %llu, held %llu, started %llu, "
+                         "finished %llu\n    ",
+                         p, 2 * p, 2 * p + 1, static_cast<unsigned long long>(pair.round.load()),
+                         static_cast<unsigned long long>(pair.held.load()),
+                         static_cast<unsigned long long>(pair.started.load()),
+                         static_cast<unsigned long long>(pair.finished.load()));
+            slot_round::print(pair.plan.load());
+            std::fprintf(stderr, "\n");
+          }
+        });
 
     const auto play = [&](std::size_t p, int me) {
       slot_pair& pair = pairs[p];
@@ -855,8 +787,9 @@ TEST_CASE(
       std::atomic<int> workers_done{0};
       weft::cancel_source never;
 
-      slot_watchdog dog(
-          "release slot: permit migration", static_cast<std::size_t>(threads_count), [&] {
+      weft_test::watchdog dog(
+          "stress_semaphore", "release slot: permit migration",
+          static_cast<std::size_t>(threads_count), [&] {
             std::fprintf(stderr,
                          "  epoch %llu, capacity %td: available %td, waiters %zu, held %td\n",
                          static_cast<unsigned long long>(epoch), capacity, sem.available(),
