@@ -538,14 +538,7 @@ class basic_semaphore {
                                        std::memory_order_relaxed)) {
       return false;
     }
-    auto state = state_.load(std::memory_order_relaxed);
-    while ((state & waiters_mark) == 0) {
-      if (state_.compare_exchange_weak(state, state + 1, std::memory_order_release,
-                                       std::memory_order_relaxed)) {
-        return true;
-      }
-    }
-    release_slow(1, false);
+    release_slow(1, false);  // its fast loop, unchecked, when nobody waits
     return true;
   }
 
