@@ -19,9 +19,13 @@ namespace weft::detail {
 
 class backoff {
  public:
+  backoff() = default;
+  // For a wait whose end is usually on its way (see WEFT_WORKER_SPIN_LIMIT).
+  explicit backoff(int spin_limit) noexcept : spin_limit_(spin_limit) {}
+
   // Waits a little; returns false once the budget is spent.
   bool wait() noexcept {
-    if (spins_ < WEFT_SPIN_LIMIT) {
+    if (spins_ < spin_limit_) {
       ++spins_;
       cpu_relax();
       return true;
@@ -35,6 +39,7 @@ class backoff {
   }
 
  private:
+  int spin_limit_ = WEFT_SPIN_LIMIT;
   int spins_ = 0;
   int yields_ = 0;
 };

@@ -47,6 +47,7 @@
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/config.hpp>
 #include <weft/detail/backoff.hpp>
 #include <weft/detail/parker.hpp>
 #include <weft/detail/reusable_source.hpp>
@@ -140,9 +141,12 @@ class fan_core {
   }
 
   // The caller: turns away helpers that have not entered, and waits for
-  // the last of those inside to leave.
+  // the last of those inside to leave. They have no calls left to start,
+  // so it polls as long as an idle worker does before it yields.
   void close_and_wait() noexcept {
-    if (gate_.fetch_or(gate_closed, std::memory_order_acq_rel) != 0) drained_.wait_completed();
+    if (gate_.fetch_or(gate_closed, std::memory_order_acq_rel) != 0) {
+      drained_.wait_completed(WEFT_WORKER_SPIN_LIMIT);
+    }
   }
 
   // The next units for the task on `lane`: from its own lane, else stolen.

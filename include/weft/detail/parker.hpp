@@ -57,9 +57,10 @@ class parker {
   // Owner only: forget a poke that has been handled.
   void clear_poke() noexcept { word_.fetch_and(~poked_bit, std::memory_order_relaxed); }
 
-  // Owner only: returns once completed.
-  void wait_completed() noexcept {
-    while ((wait_for_change(completed_bit, nullptr) & completed_bit) == 0) {
+  // Owner only: returns once completed, polling up to `spin_limit` times
+  // before it yields and sleeps (see detail::backoff).
+  void wait_completed(int spin_limit = WEFT_SPIN_LIMIT) noexcept {
+    while ((wait_for_change(completed_bit, nullptr, spin_limit) & completed_bit) == 0) {
     }
   }
 
@@ -73,8 +74,9 @@ class parker {
   std::uint32_t wait() noexcept { return wait_for_change(completed_bit | poked_bit, nullptr); }
 
  private:
-  std::uint32_t wait_for_change(std::uint32_t done, const std::chrono::nanoseconds* timeout) noexcept {
-    for (backoff pause; pause.wait();) {
+  std::uint32_t wait_for_change(std::uint32_t done, const std::chrono::nanoseconds* timeout,
+                                int spin_limit = WEFT_SPIN_LIMIT) noexcept {
+    for (backoff pause{spin_limit}; pause.wait();) {
       if (const auto word = word_.load(std::memory_order_acquire); word & done) return word;
     }
     auto word = word_.fetch_or(sleeping_bit, std::memory_order_acq_rel) | sleeping_bit;
