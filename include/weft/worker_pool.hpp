@@ -850,6 +850,12 @@ class worker_pool {
     // slot.
     const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
     for (detail::backoff pause; pause.wait();) {
+      // The spin lasts up to WEFT_YIELD_LIMIT yields (80 us on the 2-vCPU
+      // VM): a token cancelled meanwhile must stop it, or room that frees
+      // after the cancellation would still take the task.
+      if (cancel != nullptr && cancel->cancelled()) {
+        return cancel->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+      }
       if (ring_.size() + slack > options_.queue_capacity) continue;
       if (enqueue(work, origin)) return wait_status::ok;
       // A closed ring refuses every push (see close).
@@ -1160,10 +1166,16 @@ class worker_pool {
         // (measured: 6.9 -> 13M tiny tasks/s at 4 workers, 2.8 -> 13M at 16,
         // on 2 cores). A claim in flight that this misses is seen below.
         // Tasks held by busy workers are looked for less often: the
-        // spinners would share the lines of every worker's held tasks.
+        // spinners would share the lines of every worker's held tasks. A
+        // shutdown ends the spin: nothing more will come, and join() waits.
         std::uint32_t polls = 0;
-        for (detail::backoff pause{idle_spin_limit()}; !found && pause.wait();) {
-          found = ring_.has_ready() || (++polls % 8 == 0 && (any_held() || has_over_capacity()));
+        bool closing = false;
+        for (detail::backoff pause{idle_spin_limit()}; !found && !closing && pause.wait();) {
+          found = ring_.has_ready();
+          if (!found && ++polls % 8 == 0) {
+            found = any_held() || has_over_capacity();
+            closing = closed_.load(std::memory_order_relaxed);
+          }
         }
         if (found) continue;
         spinning_.fetch_sub(1, std::memory_order_seq_cst);  // see enqueue
