@@ -606,6 +606,9 @@ class basic_channel {
     if (rendezvous()) return send_queued(value, cancel, deadline);
     if (fast_push(value)) return wait_status::ok;
     for (detail::backoff pause; pause.wait();) {
+      // The spin lasts up to WEFT_YIELD_LIMIT yields: a token cancelled
+      // meanwhile ends it, as it would end the queued wait.
+      if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
       if (ring_.closed()) return wait_status::closed;
       if (fast_push(value)) return wait_status::ok;
     }
@@ -736,6 +739,9 @@ class basic_channel {
       T value;
       if (fast_pop(value)) return recv_result<T>{std::move(value)};
       for (detail::backoff pause; pause.wait();) {
+        if (cancel != nullptr && cancel->cancelled()) {
+          return recv_result<T>::failed(cancelled_status(*cancel));  // as in send_value
+        }
         if (fast_pop(value)) return recv_result<T>{std::move(value)};
         if (ring_.closed() && !ring_.claimed_unpopped()) break;
       }

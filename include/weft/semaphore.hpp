@@ -207,9 +207,11 @@ class basic_semaphore {
   // (cancelled; timeout when the token's own deadline cancelled it).
   wait_status acquire(std::ptrdiff_t n, const cancel_token& token) {
     check_weight(n, "acquire");
-    if (token.cancelled()) return count_failure(status_of(detail::state_of(token)));
-    if (spin_take(static_cast<std::uint64_t>(n))) return wait_status::ok;
-    return wait_in_queue<Clock, typename Clock::duration>(n, detail::state_of(token), nullptr);
+    detail::cancel_state* const cancel = detail::state_of(token);
+    if (token.cancelled()) return count_failure(status_of(cancel));
+    if (spin_take(static_cast<std::uint64_t>(n), cancel)) return wait_status::ok;
+    if (token.cancelled()) return count_failure(status_of(cancel));
+    return wait_in_queue<Clock, typename Clock::duration>(n, cancel, nullptr);
   }
 
   template <class Rep, class Period>
@@ -665,9 +667,13 @@ class basic_semaphore {
   // doing so while others are queued, too: try_take cannot overtake them,
   // but not joining the queue at once lets a queue of parked threads drain
   // instead of growing into a convoy, where every release waits for the
-  // next queued thread to be scheduled.
-  bool spin_take(std::uint64_t n) noexcept {
+  // next queued thread to be scheduled. The spin lasts up to
+  // WEFT_YIELD_LIMIT yields: a token cancelled meanwhile (`cancel`, may be
+  // null) ends it, or permits released after the cancellation would still
+  // be taken.
+  bool spin_take(std::uint64_t n, const detail::cancel_state* cancel = nullptr) noexcept {
     for (detail::backoff pause;;) {
+      if (cancel != nullptr && cancel->cancelled()) return false;
       if (take_any(n)) return true;
       if (folding_due(state_.load(std::memory_order_relaxed)) || !pause.wait()) return false;
     }
