@@ -605,11 +605,12 @@ class basic_channel {
     if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
     if (rendezvous()) return send_queued(value, cancel, deadline);
     if (fast_push(value)) return wait_status::ok;
+    // The spin lasts up to WEFT_YIELD_LIMIT yields: a token cancelled or a
+    // deadline passed meanwhile ends it, as it would end the queued wait.
+    const auto give_up = blocking_give_up(cancel, deadline);
     for (detail::backoff pause; pause.wait();) {
-      // The spin lasts up to WEFT_YIELD_LIMIT yields: a token cancelled
-      // meanwhile ends it, as it would end the queued wait.
-      if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
-      if (ring_.closed()) return wait_status::closed;
+      if (ring_.closed()) return wait_status::closed;  // before giving up, as the queued step does
+      if (const auto status = give_up()) return *status;
       if (fast_push(value)) return wait_status::ok;
     }
     return send_queued(value, cancel, deadline);
@@ -738,12 +739,13 @@ class basic_channel {
     if (!rendezvous()) {
       T value;
       if (fast_pop(value)) return recv_result<T>{std::move(value)};
+      const auto give_up = blocking_give_up(cancel, deadline);  // as in send_value
       for (detail::backoff pause; pause.wait();) {
-        if (cancel != nullptr && cancel->cancelled()) {
-          return recv_result<T>::failed(cancelled_status(*cancel));  // as in send_value
-        }
+        // The queued step takes what is left of a closed channel, or
+        // reports the close, before it gives up.
+        if (ring_.closed()) break;
+        if (const auto status = give_up()) return recv_result<T>::failed(*status);
         if (fast_pop(value)) return recv_result<T>{std::move(value)};
-        if (ring_.closed() && !ring_.claimed_unpopped()) break;
       }
     }
     return recv_queued(cancel, deadline);

@@ -74,7 +74,9 @@
 // which the pool had not started, still hold all four),
 // plus a child token's state under a parent token; they post up to one
 // helper per worker (three words, inline in the pool's slot), and wait for
-// the helpers that started, spinning briefly before they sleep. A claim is
+// the helpers that started, spinning before they sleep (as long as an idle
+// worker may, WEFT_WORKER_SPIN_LIMIT: the helpers have no calls left to
+// start). A claim is
 // a compare-and-swap on the claimer's own cache line; a steal moves the
 // victim's line and a shared counter's. parallel_map also allocates its
 // result vector, and for a range that is not random-access and sized, a

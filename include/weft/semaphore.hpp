@@ -209,7 +209,11 @@ class basic_semaphore {
     check_weight(n, "acquire");
     detail::cancel_state* const cancel = detail::state_of(token);
     if (token.cancelled()) return count_failure(status_of(cancel));
-    if (spin_take(static_cast<std::uint64_t>(n), cancel)) return wait_status::ok;
+    if (spin_take(static_cast<std::uint64_t>(n),
+                  [cancel] { return cancel != nullptr && cancel->cancelled(); })) {
+      return wait_status::ok;
+    }
+    // The queue's first step takes free permits, cancelled or not.
     if (token.cancelled()) return count_failure(status_of(cancel));
     return wait_in_queue<Clock, typename Clock::duration>(n, cancel, nullptr);
   }
@@ -230,7 +234,7 @@ class basic_semaphore {
     if (Clock::now() >= due) {
       return take_now(amount) ? wait_status::ok : count_failure(wait_status::timeout);
     }
-    if (spin_take(amount)) return wait_status::ok;
+    if (spin_take(amount, [&due] { return Clock::now() >= due; })) return wait_status::ok;
     if (Clock::now() >= due) return count_failure(wait_status::timeout);
     return wait_in_queue(n, nullptr, &due);
   }
@@ -298,7 +302,7 @@ class basic_semaphore {
   friend struct detail::semaphore_access;
 
   WEFT_NOINLINE void acquire_slow(std::ptrdiff_t n) {
-    if (spin_take(static_cast<std::uint64_t>(n))) return;
+    if (spin_take(static_cast<std::uint64_t>(n), [] { return false; })) return;
     wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
   }
 
@@ -668,12 +672,13 @@ class basic_semaphore {
   // but not joining the queue at once lets a queue of parked threads drain
   // instead of growing into a convoy, where every release waits for the
   // next queued thread to be scheduled. The spin lasts up to
-  // WEFT_YIELD_LIMIT yields: a token cancelled meanwhile (`cancel`, may be
-  // null) ends it, or permits released after the cancellation would still
-  // be taken.
-  bool spin_take(std::uint64_t n, const detail::cancel_state* cancel = nullptr) noexcept {
+  // WEFT_YIELD_LIMIT yields: a token cancelled or a deadline passed
+  // meanwhile (`given_up` says) ends it, or permits released after that
+  // would still be taken.
+  template <class GivenUp>
+  bool spin_take(std::uint64_t n, GivenUp given_up) noexcept {
     for (detail::backoff pause;;) {
-      if (cancel != nullptr && cancel->cancelled()) return false;
+      if (given_up()) return false;
       if (take_any(n)) return true;
       if (folding_due(state_.load(std::memory_order_relaxed)) || !pause.wait()) return false;
     }

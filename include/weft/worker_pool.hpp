@@ -534,7 +534,10 @@ class worker_pool {
   }
 
   static wait_status status_of(const cancel_token& token) noexcept {
-    return detail::state_of(token)->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+    return status_of(*detail::state_of(token));
+  }
+  static wait_status status_of(const detail::cancel_state& cancelled) noexcept {
+    return cancelled.by_deadline() ? wait_status::timeout : wait_status::cancelled;
   }
 
   void check_open() {
@@ -853,9 +856,7 @@ class worker_pool {
       // The spin lasts up to WEFT_YIELD_LIMIT yields (80 us on the 2-vCPU
       // VM): a token cancelled meanwhile must stop it, or room that frees
       // after the cancellation would still take the task.
-      if (cancel != nullptr && cancel->cancelled()) {
-        return cancel->by_deadline() ? wait_status::timeout : wait_status::cancelled;
-      }
+      if (cancel != nullptr && cancel->cancelled()) return status_of(*cancel);
       if (ring_.size() + slack > options_.queue_capacity) continue;
       if (enqueue(work, origin)) return wait_status::ok;
       // A closed ring refuses every push (see close).
@@ -1167,14 +1168,17 @@ class worker_pool {
         // on 2 cores). A claim in flight that this misses is seen below.
         // Tasks held by busy workers are looked for less often: the
         // spinners would share the lines of every worker's held tasks. A
-        // shutdown ends the spin: nothing more will come, and join() waits.
+        // shutdown with nothing queued ends the spin: no post can queue
+        // after the close, and join() waits for the workers to exit (a
+        // post that claimed a slot before it is still found below, after
+        // a full spin rather than a hot loop of short ones).
         std::uint32_t polls = 0;
         bool closing = false;
         for (detail::backoff pause{idle_spin_limit()}; !found && !closing && pause.wait();) {
           found = ring_.has_ready();
           if (!found && ++polls % 8 == 0) {
             found = any_held() || has_over_capacity();
-            closing = closed_.load(std::memory_order_relaxed);
+            closing = closed_.load(std::memory_order_relaxed) && ring_.size() == 0;
           }
         }
         if (found) continue;
