@@ -741,9 +741,15 @@ class basic_channel {
       if (fast_pop(value)) return recv_result<T>{std::move(value)};
       const auto give_up = blocking_give_up(cancel, deadline);  // as in send_value
       for (detail::backoff pause; pause.wait();) {
-        // The queued step takes what is left of a closed channel, or
-        // reports the close, before it gives up.
-        if (ring_.closed()) break;
+        // What a closed channel still holds comes before giving up, as in
+        // the queued step. Values there now are taken by that step; a
+        // sender that claimed a slot before the close is waited for here,
+        // where the wait yields, not there, under the receivers' lock.
+        if (ring_.closed()) {
+          if (!ring_.claimed_unpopped()) break;
+          if (fast_pop(value)) return recv_result<T>{std::move(value)};
+          continue;
+        }
         if (const auto status = give_up()) return recv_result<T>::failed(*status);
         if (fast_pop(value)) return recv_result<T>{std::move(value)};
       }

@@ -855,12 +855,13 @@ class worker_pool {
     for (detail::backoff pause; pause.wait();) {
       // The spin lasts up to WEFT_YIELD_LIMIT yields (80 us on the 2-vCPU
       // VM): a token cancelled meanwhile must stop it, or room that frees
-      // after the cancellation would still take the task.
+      // after the cancellation would still take the task. A shutdown
+      // comes first, as in the queued wait below: post throws rejected.
+      if (ring_.closed()) return wait_status::closed;
       if (cancel != nullptr && cancel->cancelled()) return status_of(*cancel);
       if (ring_.size() + slack > options_.queue_capacity) continue;
+      // A closed ring refuses every push (see close): seen above next time.
       if (enqueue(work, origin)) return wait_status::ok;
-      // A closed ring refuses every push (see close).
-      if (ring_.closed()) return wait_status::closed;
     }
     for (;;) {
       detail::thread_waiter waiter;
