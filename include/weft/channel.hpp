@@ -602,7 +602,7 @@ class basic_channel {
   template <class WaitClock, class Duration>
   wait_status send_value(T& value, detail::cancel_state* cancel,
                          const std::chrono::time_point<WaitClock, Duration>* deadline) {
-    if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
+    if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
     if (rendezvous()) return send_queued(value, cancel, deadline);
     if (fast_push(value)) return wait_status::ok;
     // The spin lasts up to WEFT_YIELD_LIMIT yields: a token cancelled or a
@@ -734,7 +734,7 @@ class basic_channel {
   template <class WaitClock, class Duration>
   recv_result<T> recv_value(detail::cancel_state* cancel, const std::chrono::time_point<WaitClock, Duration>* deadline) {
     if (cancel != nullptr && cancel->cancelled()) {
-      return recv_result<T>::failed(cancelled_status(*cancel));
+      return recv_result<T>::failed(cancel->stop_status());
     }
     if (!rendezvous()) {
       T value;
@@ -785,14 +785,10 @@ class basic_channel {
       detail::cancel_state* cancel,
       const std::chrono::time_point<WaitClock, Duration>* deadline) noexcept {
     return [cancel, deadline]() -> std::optional<wait_status> {
-      if (cancel != nullptr && cancel->cancelled()) return cancelled_status(*cancel);
+      if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
       if (deadline != nullptr && WaitClock::now() >= *deadline) return wait_status::timeout;
       return std::nullopt;
     };
-  }
-
-  static wait_status cancelled_status(const detail::cancel_state& cancel) noexcept {
-    return cancel.by_deadline() ? wait_status::timeout : wait_status::cancelled;
   }
 
   template <class Duration>

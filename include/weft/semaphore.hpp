@@ -208,13 +208,13 @@ class basic_semaphore {
   wait_status acquire(std::ptrdiff_t n, const cancel_token& token) {
     check_weight(n, "acquire");
     detail::cancel_state* const cancel = detail::state_of(token);
-    if (token.cancelled()) return count_failure(status_of(cancel));
+    if (token.cancelled()) return count_failure(cancel->stop_status());
     if (spin_take(static_cast<std::uint64_t>(n),
                   [cancel] { return cancel != nullptr && cancel->cancelled(); })) {
       return wait_status::ok;
     }
     // The queue's first step takes free permits, cancelled or not.
-    if (token.cancelled()) return count_failure(status_of(cancel));
+    if (token.cancelled()) return count_failure(cancel->stop_status());
     return wait_in_queue<Clock, typename Clock::duration>(n, cancel, nullptr);
   }
 
@@ -748,10 +748,6 @@ class basic_semaphore {
     const auto status = queue_.wait(waiter, lock, cancel, deadline);
     record_wait(status, Clock::now() - queued_at);
     return status;
-  }
-
-  static wait_status status_of(const detail::cancel_state* cancelled) noexcept {
-    return cancelled->by_deadline() ? wait_status::timeout : wait_status::cancelled;
   }
 
   wait_status count_failure(wait_status status) noexcept {

@@ -122,7 +122,7 @@ class basic_wait_group {
   wait_status wait(const cancel_token& token) {
     if (ready()) return wait_status::ok;
     if (token.cancelled()) {
-      return detail::state_of(token)->by_deadline() ? wait_status::timeout : wait_status::cancelled;
+      return detail::state_of(token)->stop_status();
     }
     return wait_in_queue<Clock, typename Clock::duration>(detail::state_of(token), nullptr);
   }

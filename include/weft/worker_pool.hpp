@@ -292,7 +292,7 @@ class worker_pool {
   wait_status post(F&& f, const cancel_token& token, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
     check_open();
-    if (token.cancelled()) return status_of(token);
+    if (token.cancelled()) return detail::state_of(token)->stop_status();
     return post_task(work, token, detail::origin_to_make{site, tracked_name_});
   }
 
@@ -531,13 +531,6 @@ class worker_pool {
     static_assert(std::is_invocable_v<std::decay_t<F>&>, "weft::worker_pool: a task must be callable as f()");
     detail::check_callable(f, "worker_pool");
     return detail::task(std::forward<F>(f));
-  }
-
-  static wait_status status_of(const cancel_token& token) noexcept {
-    return status_of(*detail::state_of(token));
-  }
-  static wait_status status_of(const detail::cancel_state& cancelled) noexcept {
-    return cancelled.by_deadline() ? wait_status::timeout : wait_status::cancelled;
   }
 
   void check_open() {
@@ -858,7 +851,7 @@ class worker_pool {
       // after the cancellation would still take the task. A shutdown
       // comes first, as in the queued wait below: post throws rejected.
       if (ring_.closed()) return wait_status::closed;
-      if (cancel != nullptr && cancel->cancelled()) return status_of(*cancel);
+      if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
       if (ring_.size() + slack > options_.queue_capacity) continue;
       // A closed ring refuses every push (see close): seen above next time.
       if (enqueue(work, origin)) return wait_status::ok;
@@ -1383,7 +1376,7 @@ struct worker_pool_access {
   static wait_status post_untracked(worker_pool& pool, F&& f, const cancel_token& token) {
     detail::task work = worker_pool::make_task(std::forward<F>(f));
     pool.check_open();
-    if (token.cancelled()) return worker_pool::status_of(token);
+    if (token.cancelled()) return detail::state_of(token)->stop_status();
     return pool.post_task(work, token, task_origin{});
   }
 

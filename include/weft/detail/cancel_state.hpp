@@ -95,6 +95,10 @@ class cancel_state {
   std::error_code code() const noexcept { return code_; }
   std::exception_ptr exception() const noexcept { return exception_; }
   bool by_deadline() const noexcept { return code_ == errc::deadline_exceeded; }
+  // What a wait that this state stopped returns.
+  wait_status stop_status() const noexcept {
+    return by_deadline() ? wait_status::timeout : wait_status::cancelled;
+  }
 
   // Returns true when this call cancelled the state, false when it already
   // was. A waiter that sees the cancel may drop what it holds at once (its

@@ -224,8 +224,7 @@ class wait_queue {
     cancel_link() {
       invoke = [](callback_node& self) noexcept {
         auto& link = static_cast<cancel_link&>(self);
-        link.queue->cancel(*link.node, link.state->by_deadline() ? wait_status::timeout
-                                                                 : wait_status::cancelled);
+        link.queue->cancel(*link.node, link.state->stop_status());
       };
     }
     wait_queue* queue = nullptr;
