@@ -35,8 +35,9 @@
 //   fan-out's next post (fan_bench's 16 calls: the helper's first call began
 //   1.6 us into the fan-out with 16 polls, 1.0 us with 128). The pause's
 //   length varies with the CPU (about 140 cycles on recent Intel server
-//   cores), and the hardware threads counted are the machine's
-//   (std::thread::hardware_concurrency), not a container's CPU quota.
+//   cores). The hardware threads counted are those the process may use
+//   (weft::hardware_threads(): its CPU affinity, capped by its cgroups' CPU
+//   quota).
 //   Default 8 x WEFT_SPIN_LIMIT.
 #pragma once
 

@@ -94,6 +94,7 @@
 
 #include <weft/cancel.hpp>
 #include <weft/config.hpp>
+#include <weft/detail/available_cpus.hpp>
 #include <weft/detail/backoff.hpp>
 #include <weft/detail/bounded_ring.hpp>
 #include <weft/detail/futex.hpp>
@@ -140,10 +141,13 @@ class rejected : public std::runtime_error {
 
 enum class overflow { block, reject, caller_runs };
 
-// Read once: glibc answers std::thread::hardware_concurrency() by reading a
-// file under /sys, several microseconds, and fan.hpp asks on every call.
+// How many threads this process can run at once: the CPUs of the affinity
+// mask of the thread that first asks (taskset, a container's cpuset),
+// capped by its cgroups' CPU quota rounded up (a container's CPU limit);
+// see detail/available_cpus.hpp. Read once per process: it reads files
+// under /proc and /sys, and fan.hpp asks on every call.
 inline std::size_t hardware_threads() noexcept {
-  static const std::size_t threads = std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  static const std::size_t threads = detail::available_cpus();
   return threads;
 }
 
@@ -509,8 +513,9 @@ class worker_pool {
 
   static worker_pool_options checked(worker_pool_options options) {
     if (options.workers == 0) {
-      throw std::invalid_argument("weft::worker_pool \"" + options.name +
-                                  "\": workers must be at least 1 (weft::hardware_threads() is the machine's)");
+      throw std::invalid_argument(
+          "weft::worker_pool \"" + options.name +
+          "\": workers must be at least 1 (weft::hardware_threads() is what this process may use)");
     }
     if (options.on_full != overflow::block && options.on_full != overflow::reject &&
         options.on_full != overflow::caller_runs) {
@@ -1426,7 +1431,7 @@ void pool_executor::execute(F&& task) const {
 inline bool pool_executor::running_in_this_thread() const noexcept { return pool_->running_in_this_thread(); }
 
 // The process-wide pool behind task groups and fan-out calls that name no
-// executor: one worker per hardware thread, a queue of 4096 that applies
+// executor: hardware_threads() workers, a queue of 4096 that applies
 // backpressure, started on first use and shut down and joined when the
 // program exits (by an atexit handler registered then, so after the
 // destructors of statics made after that first use). It is never
