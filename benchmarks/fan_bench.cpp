@@ -55,7 +55,6 @@
 
 #include <benchmark/benchmark.h>
 
-#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -63,7 +62,6 @@
 #include <latch>
 #include <numeric>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -109,8 +107,6 @@ void finish(benchmark::State& state, std::uint64_t sum) {
   benchmark::DoNotOptimize(sum);
   state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(fan_width));
 }
-
-unsigned hardware_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
 void weft_parallel_map(benchmark::State& state) {
   launder_salt();
@@ -164,7 +160,8 @@ void tbb_group(benchmark::State& state) {
 #endif
 
 void asio_latch(benchmark::State& state) {
-  boost::asio::thread_pool pool(hardware_threads());
+  // Sized as weft's default executor is, by the CPUs this process may use.
+  boost::asio::thread_pool pool(weft::hardware_threads());
   launder_salt();
   std::uint64_t sum = 0;
   for (auto _ : state) {

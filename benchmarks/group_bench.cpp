@@ -39,14 +39,12 @@
 
 #include <benchmark/benchmark.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <future>
 #include <latch>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "bench_support.hpp"
@@ -61,8 +59,6 @@ struct alignas(64) task_counter {
 task_counter counter;
 
 inline void tiny_task() noexcept { counter.value.fetch_add(1, std::memory_order_relaxed); }
-
-unsigned hardware_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
 void finish(benchmark::State& state) {
   const auto expected = static_cast<std::uint64_t>(state.iterations() * group_tasks);
@@ -105,7 +101,8 @@ void std_async(benchmark::State& state) {
 }
 
 void asio_latch(benchmark::State& state) {
-  boost::asio::thread_pool pool(hardware_threads());
+  // Sized as weft's default executor is, by the CPUs this process may use.
+  boost::asio::thread_pool pool(weft::hardware_threads());
   counter.value.store(0, std::memory_order_relaxed);
   for (auto _ : state) {
     std::latch done(group_tasks);

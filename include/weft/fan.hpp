@@ -110,8 +110,8 @@ namespace weft {
 
 struct fan_options {
   // Calls in flight at most; 0 means one per worker of the executor, plus
-  // one on the calling thread when the pool has fewer workers than the
-  // machine has hardware threads.
+  // one on the calling thread when the pool has fewer workers than
+  // weft::hardware_threads() (the CPUs this process may use).
   std::size_t limit = 0;
   cancel_token token{};
   // The default executor when empty.
@@ -171,7 +171,7 @@ concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, cons
 //
 // The default limit is one task per worker, plus one for the calling thread
 // only while the workers leave a hardware thread free for it. On a pool as
-// large as the machine, a task more would wake a worker that can only take
+// large as hardware_threads(), a task more would wake a worker that can only take
 // turns on a core with the caller and the rest: a fan-out of 16 calls of
 // 170 ns on the 2-core default pool took 6.3 us with 3 tasks (a wake-up and
 // a context switch per fan-out) and 5.0 us with 2 (fan_bench).

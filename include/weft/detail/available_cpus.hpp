@@ -10,13 +10,13 @@
 // spends the quota in a fraction of each period, then all of them are
 // stopped until the next one (100 ms by default), and every task queued
 // meanwhile waits that long; spinning waits, sized for spare hardware
-// threads, burn the quota. So this counts the CPUs of the calling thread's
+// threads, burn the quota. So this counts the CPUs of the process's
 // affinity mask, capped by the smallest quota of the process's cgroup and
 // its ancestors (cgroup v2 cpu.max, cgroup v1 cpu.cfs_quota_us and
 // cpu.cfs_period_us), rounded up: 1.5 CPUs of quota keep two threads busy
 // three quarters of the time. Go sizes GOMAXPROCS by the quota since 1.25,
-// also rounded up, but reads the process's own cgroup only, and misses a
-// tighter limit on a parent (golang/go#81180).
+// also rounded up (and at least 2), but reads the process's own cgroup
+// only, and misses a tighter limit on a parent (golang/go#81180).
 //
 // The cgroup is found as the kernel describes it: /proc/self/cgroup names
 // its path in each hierarchy, /proc/self/mountinfo where each hierarchy is
@@ -29,9 +29,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstddef>
-#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -51,21 +51,22 @@ namespace weft::detail {
 // mounts.
 inline std::optional<std::string> read_small_file(const std::string& path) {
 #if defined(__linux__)
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::nullopt;
+  struct descriptor {
+    int fd;
+    ~descriptor() {
+      if (fd >= 0) ::close(fd);
+    }
+  } file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (file.fd < 0) return std::nullopt;
   std::string text;
   char buffer[4096];
   for (;;) {
-    const ssize_t got = ::read(fd, buffer, sizeof buffer);
-    if (got < 0) {
-      ::close(fd);
-      return std::nullopt;
-    }
-    if (got == 0) break;
+    const ssize_t got = ::read(file.fd, buffer, sizeof buffer);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return std::nullopt;
+    if (got == 0) return text;
     text.append(buffer, static_cast<std::size_t>(got));
   }
-  ::close(fd);
-  return text;
 #else
   (void)path;
   return std::nullopt;
@@ -86,23 +87,14 @@ inline std::vector<std::string_view> split_fields(std::string_view line) {
   return fields;
 }
 
-// Calls each(line) for every line of `text`, without its newline.
+// Calls each(part) for every part of `text` between separators (a line,
+// a comma-separated option, a field that may be empty).
 template <class Each>
-void for_each_line(std::string_view text, Each each) {
+void for_each_part(std::string_view text, char separator, Each each) {
   while (!text.empty()) {
-    const auto end = std::min(text.find('\n'), text.size());
+    const auto end = std::min(text.find(separator), text.size());
     each(text.substr(0, end));
     text.remove_prefix(std::min(end + 1, text.size()));
-  }
-}
-
-// Calls each(token) for every comma-separated token of `list`.
-template <class Each>
-void for_each_token(std::string_view list, Each each) {
-  while (!list.empty()) {
-    const auto end = std::min(list.find(','), list.size());
-    each(list.substr(0, end));
-    list.remove_prefix(std::min(end + 1, list.size()));
   }
 }
 
@@ -170,15 +162,42 @@ struct cgroup_cpu_directory {
   std::string directory;    // the process's cgroup, under mount_point
 };
 
+// The process's cgroup directory under a mount of its hierarchy that shows
+// `root` of it at `mount_point`; nothing when the mount does not show it.
+// A path with ".." (a process outside its cgroup namespace's root) is
+// read nowhere: below a mount it would name a directory above it.
+inline std::optional<std::string> directory_under(std::string_view root,
+                                                  std::string_view mount_point,
+                                                  std::string_view path) {
+  bool climbs = false;
+  for_each_part(path, '/', [&](std::string_view part) { climbs = climbs || part == ".."; });
+  if (climbs) return std::nullopt;
+  const std::string shown = decode_mount_path(root);
+  std::string relative;
+  if (shown == "/") {
+    relative = path;
+  } else if (path.starts_with(shown) &&
+             (path.size() == shown.size() || path[shown.size()] == '/')) {
+    relative = path.substr(shown.size());
+  } else {
+    return std::nullopt;
+  }
+  while (!relative.empty() && relative.back() == '/') relative.pop_back();
+  if (!relative.empty() && relative.front() != '/') relative.insert(relative.begin(), '/');
+  const std::string top = decode_mount_path(mount_point);
+  if (top == "/" && !relative.empty()) return relative;
+  return top + relative;
+}
+
 // The directories to read, from the text of /proc/self/cgroup and of
-// /proc/self/mountinfo: the v2 hierarchy's, and the v1 hierarchy that has
-// the cpu controller. A path outside what the mount shows (the process was
-// moved out of the container's subtree) is read at the mount's top.
+// /proc/self/mountinfo: in the v2 hierarchy, and in the v1 hierarchy that
+// has the cpu controller, under each mount that shows the process's
+// cgroup. Of mounts on one mount point, the last is the one in sight.
 inline std::vector<cgroup_cpu_directory> cgroup_cpu_directories(std::string_view proc_cgroup,
                                                                 std::string_view mountinfo) {
   std::optional<std::string> v2_path;
   std::optional<std::string> v1_path;
-  for_each_line(proc_cgroup, [&](std::string_view line) {
+  for_each_part(proc_cgroup, '\n', [&](std::string_view line) {
     // hierarchy-id:controller,controller:path (the path may hold colons)
     const auto first_colon = line.find(':');
     if (first_colon == std::string_view::npos) return;
@@ -191,47 +210,43 @@ inline std::vector<cgroup_cpu_directory> cgroup_cpu_directories(std::string_view
       v2_path = path;
       return;
     }
-    for_each_token(controllers, [&](std::string_view controller) {
+    for_each_part(controllers, ',', [&](std::string_view controller) {
       if (controller == "cpu") v1_path = path;
     });
   });
 
   std::vector<cgroup_cpu_directory> found;
-  const auto add = [&](cgroup_cpu_directory::version kind, std::string_view root,
-                       std::string_view mount_point, const std::string& path) {
-    const std::string top = decode_mount_path(mount_point);
-    const std::string shown = decode_mount_path(root);
-    std::string relative;
-    if (shown == "/") {
-      relative = path;
-    } else if (path.starts_with(shown) &&
-               (path.size() == shown.size() || path[shown.size()] == '/')) {
-      relative = path.substr(shown.size());
-    }
-    while (!relative.empty() && relative.back() == '/') relative.pop_back();
-    if (!relative.empty() && relative.front() != '/') relative.insert(relative.begin(), '/');
-    found.push_back({kind, top, top + relative});
-  };
-  bool v2_found = false;
-  bool v1_found = false;
-  for_each_line(mountinfo, [&](std::string_view line) {
+  for_each_part(mountinfo, '\n', [&](std::string_view line) {
     // id parent major:minor root mount-point options [optional...] - type source super-options
-    const auto fields = split_fields(line);
-    const auto separator = std::find(fields.begin(), fields.end(), std::string_view{"-"});
-    if (fields.size() < 5 || separator == fields.end() || fields.end() - separator < 4) return;
-    const std::string_view type = separator[1];
-    if (type == "cgroup2" && v2_path && !v2_found) {
-      v2_found = true;
-      add(cgroup_cpu_directory::version::v2, fields[3], fields[4], *v2_path);
-    } else if (type == "cgroup" && v1_path && !v1_found) {
+    // The paths escape their spaces; the source may be empty, so the
+    // fields after the separator are split at every space.
+    const auto separator = line.find(" - ");
+    if (separator == std::string_view::npos) return;
+    const auto mount_fields = split_fields(line.substr(0, separator));
+    std::vector<std::string_view> filesystem_fields;
+    for_each_part(line.substr(separator + 3), ' ',
+                  [&](std::string_view field) { filesystem_fields.push_back(field); });
+    if (mount_fields.size() < 6 || filesystem_fields.size() < 3) return;
+    const std::string_view type = filesystem_fields[0];
+    const std::optional<std::string>* path = nullptr;
+    auto kind = cgroup_cpu_directory::version::v2;
+    if (type == "cgroup2") {
+      path = &v2_path;
+    } else if (type == "cgroup") {
       bool has_cpu = false;
-      for_each_token(separator[3],
-                     [&](std::string_view option) { has_cpu = has_cpu || option == "cpu"; });
-      if (has_cpu) {
-        v1_found = true;
-        add(cgroup_cpu_directory::version::v1, fields[3], fields[4], *v1_path);
-      }
+      for_each_part(filesystem_fields[2], ',',
+                    [&](std::string_view option) { has_cpu = has_cpu || option == "cpu"; });
+      if (has_cpu) path = &v1_path;
+      kind = cgroup_cpu_directory::version::v1;
     }
+    if (path == nullptr || !*path) return;
+    auto directory = directory_under(mount_fields[3], mount_fields[4], **path);
+    if (!directory) return;
+    std::string top = decode_mount_path(mount_fields[4]);
+    std::erase_if(found, [&](const cgroup_cpu_directory& earlier) {
+      return earlier.kind == kind && earlier.mount_point == top;
+    });
+    found.push_back({kind, std::move(top), std::move(*directory)});
   });
   return found;
 }
@@ -270,15 +285,24 @@ inline std::optional<double> cgroup_cpu_limit(std::string_view proc_cgroup,
   return smallest;
 }
 
-// The CPUs the calling thread's affinity mask allows.
+// The CPUs the process's affinity mask allows: its main thread's (the mask
+// it was started with, by taskset or a container's cpuset), or the calling
+// thread's where the main thread has exited.
 inline std::size_t affinity_cpus() noexcept {
 #if defined(__linux__)
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  // Fails (EINVAL) on a machine with more CPUs than a cpu_set_t holds
-  // (1,024): the machine's count is used there.
-  if (::sched_getaffinity(0, sizeof set, &set) == 0) {
-    if (const int count = CPU_COUNT(&set); count > 0) return static_cast<std::size_t>(count);
+  // The kernel refuses (EINVAL) a mask smaller than its count of possible
+  // CPUs, which may be more than cpu_set_t's 1,024.
+  for (int possible = CPU_SETSIZE; possible <= (1 << 20); possible *= 2) {
+    cpu_set_t* const set = CPU_ALLOC(possible);
+    if (set == nullptr) break;
+    const std::size_t bytes = CPU_ALLOC_SIZE(possible);
+    int result = ::sched_getaffinity(::getpid(), bytes, set);
+    if (result != 0 && errno == ESRCH) result = ::sched_getaffinity(0, bytes, set);
+    const bool too_small = result != 0 && errno == EINVAL;
+    const int count = result == 0 ? CPU_COUNT_S(bytes, set) : 0;
+    CPU_FREE(set);
+    if (count > 0) return static_cast<std::size_t>(count);
+    if (!too_small) break;
   }
 #endif
   return std::max(1U, std::thread::hardware_concurrency());
@@ -297,8 +321,9 @@ inline std::size_t available_cpus() noexcept {
         cpus = static_cast<std::size_t>(std::ceil(*limit));
       }
     }
-  } catch (const std::bad_alloc&) {
-    // Out of memory while reading: no limit is known, so none is applied.
+  } catch (...) {
+    // Out of memory while reading (nothing else throws here): no limit is
+    // known, so none is applied.
   }
   return std::max<std::size_t>(1, cpus);
 }
