@@ -43,6 +43,7 @@
 //                          vector of the size (tbb's default arena)
 //   serial                 a loop that pushes into a reserved vector
 #include <weft/fan.hpp>
+#include <weft/worker_pool.hpp>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>

@@ -29,6 +29,7 @@
 //   asio_thread_pool_latch boost::asio::thread_pool(hardware threads) + a
 //                          std::latch(1000) that each task counts down
 #include <weft/task_group.hpp>
+#include <weft/worker_pool.hpp>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>

@@ -373,8 +373,8 @@ TEST_CASE("parallel_map: the default limit is about the pool's size" * doctest::
       },
       {.executor = pool.executor()});
   CHECK(out.size() == 300);
-  // One per worker, plus the calling thread if the machine has a hardware
-  // thread more than the pool has workers (fan.hpp).
+  // One per worker, plus the calling thread if weft::hardware_threads() is
+  // more than the pool's workers (fan.hpp).
   const int limit = weft::hardware_threads() > 2 ? 3 : 2;
   CHECK(tracker.most.load() <= limit);
   CHECK(tracker.most.load() >= 1);

@@ -137,6 +137,12 @@ TEST_CASE(
                                  mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw"))
               .empty());
   }
+  SUBCASE("a root the mount shows that itself has \"..\" is matched as it is written") {
+    const auto found = cgroup_cpu_directories(
+        "0::/../sibling/x\n", mountinfo_line("/../sibling", "/sys/fs/cgroup", "cgroup2", "rw"));
+    REQUIRE(found.size() == 1);
+    CHECK(found[0].directory == "/sys/fs/cgroup/x");
+  }
 }
 
 TEST_CASE(
@@ -149,6 +155,20 @@ TEST_CASE(
             mountinfo_line("/user.slice", "/sys/fs/cgroup", "cgroup2", "rw"));
     REQUIRE(found.size() == 1);
     CHECK(found[0].directory == "/sys/fs/cgroup/app");
+  }
+  SUBCASE("a mount that shows the process, covered by one of another subtree, is read nowhere") {
+    // The directory the first mount names is now inside the second, whose
+    // quota is another pod's.
+    CHECK(cgroup_cpu_directories(
+              "0::/kubepods/podB/c\n",
+              mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw") +
+                  mountinfo_line("/kubepods/podA", "/sys/fs/cgroup", "cgroup2", "rw"))
+              .empty());
+    // A later mount of any kind hides it as well.
+    CHECK(
+        cgroup_cpu_directories("0::/app\n", mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw") +
+                                                "50 35 0:40 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
+            .empty());
   }
   SUBCASE("a mount of another subtree is passed over for one that shows the process") {
     const auto found =
@@ -178,11 +198,13 @@ TEST_CASE(
     CHECK(found[0].directory == "/sys/fs/cgroup/svc:a/with space");
   }
   SUBCASE("a hierarchy mounted on / gives the path itself, and / for the root cgroup") {
-    CHECK(cgroup_cpu_directories("0::/a/b\n", mountinfo_line("/", "/", "cgroup2", "rw"))[0]
-              .directory == "/a/b");
-    CHECK(
-        cgroup_cpu_directories("0::/\n", mountinfo_line("/", "/", "cgroup2", "rw"))[0].directory ==
-        "/");
+    const auto nested =
+        cgroup_cpu_directories("0::/a/b\n", mountinfo_line("/", "/", "cgroup2", "rw"));
+    REQUIRE(nested.size() == 1);
+    CHECK(nested[0].directory == "/a/b");
+    const auto root = cgroup_cpu_directories("0::/\n", mountinfo_line("/", "/", "cgroup2", "rw"));
+    REQUIRE(root.size() == 1);
+    CHECK(root[0].directory == "/");
   }
   SUBCASE("an empty source field keeps the super options in their place") {
     const auto found = cgroup_cpu_directories(

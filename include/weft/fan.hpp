@@ -171,10 +171,10 @@ concept group_callable = std::is_invocable_v<F&> || std::is_invocable_v<F&, cons
 //
 // The default limit is one task per worker, plus one for the calling thread
 // only while the workers leave a hardware thread free for it. On a pool as
-// large as hardware_threads(), a task more would wake a worker that can only take
-// turns on a core with the caller and the rest: a fan-out of 16 calls of
-// 170 ns on the 2-core default pool took 6.3 us with 3 tasks (a wake-up and
-// a context switch per fan-out) and 5.0 us with 2 (fan_bench).
+// large as hardware_threads(), a task more would wake a worker that can
+// only take turns on a core with the caller and the rest: a fan-out of 16
+// calls of 170 ns on the 2-core default pool took 6.3 us with 3 tasks (a
+// wake-up and a context switch per fan-out) and 5.0 us with 2 (fan_bench).
 inline std::size_t default_fan_limit(std::size_t workers) noexcept {
   return workers < hardware_threads() ? workers + 1 : workers;
 }

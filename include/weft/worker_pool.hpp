@@ -141,11 +141,12 @@ class rejected : public std::runtime_error {
 
 enum class overflow { block, reject, caller_runs };
 
-// How many threads this process can run at once: the CPUs of its affinity
-// mask (taskset, a container's cpuset), capped by its cgroups' CPU quota
-// rounded up (a container's CPU limit); see detail/available_cpus.hpp.
-// Read once per process: it reads files under /proc and /sys, and fan.hpp
-// asks on every call.
+// How many threads this process can run at once: the CPUs of the affinity
+// mask (taskset, a container's cpuset) of the thread that first asks, which
+// the workers of a pool it makes inherit, capped by the process's cgroups'
+// CPU quota rounded up (a container's CPU limit); see
+// detail/available_cpus.hpp. Read once per process: it reads files under
+// /proc and /sys, and fan.hpp asks on every call.
 inline std::size_t hardware_threads() noexcept {
   static const std::size_t threads = detail::available_cpus();
   return threads;

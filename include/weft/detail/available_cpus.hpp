@@ -10,7 +10,7 @@
 // spends the quota in a fraction of each period, then all of them are
 // stopped until the next one (100 ms by default), and every task queued
 // meanwhile waits that long; spinning waits, sized for spare hardware
-// threads, burn the quota. So this counts the CPUs of the process's
+// threads, burn the quota. So this counts the CPUs of the calling thread's
 // affinity mask, capped by the smallest quota of the process's cgroup and
 // its ancestors (cgroup v2 cpu.max, cgroup v1 cpu.cfs_quota_us and
 // cpu.cfs_period_us), rounded up: 1.5 CPUs of quota keep two threads busy
@@ -88,7 +88,8 @@ inline std::vector<std::string_view> split_fields(std::string_view line) {
 }
 
 // Calls each(part) for every part of `text` between separators (a line,
-// a comma-separated option, a field that may be empty).
+// a comma-separated option, a field that may be empty), except an empty
+// part after the last separator.
 template <class Each>
 void for_each_part(std::string_view text, char separator, Each each) {
   while (!text.empty()) {
@@ -164,14 +165,12 @@ struct cgroup_cpu_directory {
 
 // The process's cgroup directory under a mount of its hierarchy that shows
 // `root` of it at `mount_point`; nothing when the mount does not show it.
-// A path with ".." (a process outside its cgroup namespace's root) is
-// read nowhere: below a mount it would name a directory above it.
+// A path that climbs out of what the mount shows with ".." (a process
+// outside its cgroup namespace's root) is read nowhere: below the mount it
+// would name a directory above it.
 inline std::optional<std::string> directory_under(std::string_view root,
                                                   std::string_view mount_point,
                                                   std::string_view path) {
-  bool climbs = false;
-  for_each_part(path, '/', [&](std::string_view part) { climbs = climbs || part == ".."; });
-  if (climbs) return std::nullopt;
   const std::string shown = decode_mount_path(root);
   std::string relative;
   if (shown == "/") {
@@ -182,6 +181,9 @@ inline std::optional<std::string> directory_under(std::string_view root,
   } else {
     return std::nullopt;
   }
+  bool climbs = false;
+  for_each_part(relative, '/', [&](std::string_view part) { climbs = climbs || part == ".."; });
+  if (climbs) return std::nullopt;
   while (!relative.empty() && relative.back() == '/') relative.pop_back();
   if (!relative.empty() && relative.front() != '/') relative.insert(relative.begin(), '/');
   const std::string top = decode_mount_path(mount_point);
@@ -192,7 +194,7 @@ inline std::optional<std::string> directory_under(std::string_view root,
 // The directories to read, from the text of /proc/self/cgroup and of
 // /proc/self/mountinfo: in the v2 hierarchy, and in the v1 hierarchy that
 // has the cpu controller, under each mount that shows the process's
-// cgroup. Of mounts on one mount point, the last is the one in sight.
+// cgroup and is not hidden by a later mount on its mount point.
 inline std::vector<cgroup_cpu_directory> cgroup_cpu_directories(std::string_view proc_cgroup,
                                                                 std::string_view mountinfo) {
   std::optional<std::string> v2_path;
@@ -239,13 +241,13 @@ inline std::vector<cgroup_cpu_directory> cgroup_cpu_directories(std::string_view
       if (has_cpu) path = &v1_path;
       kind = cgroup_cpu_directory::version::v1;
     }
+    // Any later mount on a mount point hides what was mounted there before.
+    std::string top = decode_mount_path(mount_fields[4]);
+    std::erase_if(found,
+                  [&](const cgroup_cpu_directory& earlier) { return earlier.mount_point == top; });
     if (path == nullptr || !*path) return;
     auto directory = directory_under(mount_fields[3], mount_fields[4], **path);
     if (!directory) return;
-    std::string top = decode_mount_path(mount_fields[4]);
-    std::erase_if(found, [&](const cgroup_cpu_directory& earlier) {
-      return earlier.kind == kind && earlier.mount_point == top;
-    });
     found.push_back({kind, std::move(top), std::move(*directory)});
   });
   return found;
@@ -285,19 +287,19 @@ inline std::optional<double> cgroup_cpu_limit(std::string_view proc_cgroup,
   return smallest;
 }
 
-// The CPUs the process's affinity mask allows: its main thread's (the mask
-// it was started with, by taskset or a container's cpuset), or the calling
-// thread's where the main thread has exited.
+// The CPUs the calling thread's affinity mask allows: the process's under
+// taskset or a container's cpuset, and the mask that the threads this one
+// starts (a pool's workers) inherit.
 inline std::size_t affinity_cpus() noexcept {
 #if defined(__linux__)
   // The kernel refuses (EINVAL) a mask smaller than its count of possible
-  // CPUs, which may be more than cpu_set_t's 1,024.
+  // CPUs, which may be more than cpu_set_t's 1,024; 2^20 is far above any
+  // kernel's limit (8,192 on x86-64), and bounds the loop.
   for (int possible = CPU_SETSIZE; possible <= (1 << 20); possible *= 2) {
     cpu_set_t* const set = CPU_ALLOC(possible);
     if (set == nullptr) break;
     const std::size_t bytes = CPU_ALLOC_SIZE(possible);
-    int result = ::sched_getaffinity(::getpid(), bytes, set);
-    if (result != 0 && errno == ESRCH) result = ::sched_getaffinity(0, bytes, set);
+    const int result = ::sched_getaffinity(0, bytes, set);
     const bool too_small = result != 0 && errno == EINVAL;
     const int count = result == 0 ? CPU_COUNT_S(bytes, set) : 0;
     CPU_FREE(set);
