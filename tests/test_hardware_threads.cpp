@@ -13,6 +13,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -64,6 +65,14 @@ std::string mountinfo_line(const std::string& root, const std::string& mount_poi
          type + " " + type + " " + super_options + "\n";
 }
 
+// The one directory found, or how many were found when that is not one
+// (so that a failed check shows it).
+std::string sole_directory(std::string_view proc_cgroup, std::string_view mountinfo) {
+  const auto found = cgroup_cpu_directories(proc_cgroup, mountinfo);
+  if (found.size() != 1) return std::to_string(found.size()) + " directories";
+  return found[0].directory;
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -111,17 +120,13 @@ TEST_CASE(
     "cgroup directories: in a cgroup namespace, or a container shown its own subtree, the path is "
     "relative to what the mount shows") {
   SUBCASE("namespace: the process is at the root it sees") {
-    const auto found =
-        cgroup_cpu_directories("0::/\n", mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup");
+    CHECK(sole_directory("0::/\n", mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup");
   }
   SUBCASE("a subtree mounted: the part of the path the mount shows is dropped") {
-    const auto found =
-        cgroup_cpu_directories("0::/kubepods/pod7/c1\n",
-                               mountinfo_line("/kubepods/pod7", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup/c1");
+    CHECK(sole_directory("0::/kubepods/pod7/c1\n",
+                         mountinfo_line("/kubepods/pod7", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup/c1");
   }
   SUBCASE("a path outside the subtree (a sibling whose name starts the same) is read nowhere") {
     CHECK(
@@ -138,10 +143,9 @@ TEST_CASE(
               .empty());
   }
   SUBCASE("a root the mount shows that itself has \"..\" is matched as it is written") {
-    const auto found = cgroup_cpu_directories(
-        "0::/../sibling/x\n", mountinfo_line("/../sibling", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup/x");
+    CHECK(sole_directory("0::/../sibling/x\n",
+                         mountinfo_line("/../sibling", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup/x");
   }
 }
 
@@ -149,12 +153,10 @@ TEST_CASE(
     "cgroup directories: of several mounts, each that shows the process's cgroup, and of mounts on "
     "one mount point the last") {
   SUBCASE("a mount covered by a later one on the same mount point is out of sight") {
-    const auto found = cgroup_cpu_directories(
-        "0::/user.slice/app\n",
-        mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw") +
-            mountinfo_line("/user.slice", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup/app");
+    CHECK(sole_directory("0::/user.slice/app\n",
+                         mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw") +
+                             mountinfo_line("/user.slice", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup/app");
   }
   SUBCASE("a mount that shows the process, covered by one of another subtree, is read nowhere") {
     // The directory the first mount names is now inside the second, whose
@@ -171,12 +173,10 @@ TEST_CASE(
             .empty());
   }
   SUBCASE("a mount of another subtree is passed over for one that shows the process") {
-    const auto found =
-        cgroup_cpu_directories("0::/kubepods/pod7/c1\n",
-                               mountinfo_line("/system.slice", "/run/other", "cgroup2", "rw") +
-                                   mountinfo_line("/kubepods", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup/pod7/c1");
+    CHECK(sole_directory("0::/kubepods/pod7/c1\n",
+                         mountinfo_line("/system.slice", "/run/other", "cgroup2", "rw") +
+                             mountinfo_line("/kubepods", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup/pod7/c1");
   }
   SUBCASE("two mounts in sight that show it: both are read") {
     const auto found = cgroup_cpu_directories(
@@ -192,19 +192,13 @@ TEST_CASE(
     "cgroup directories: paths with colons and spaces, a mount on the root, and a mount with no "
     "source") {
   SUBCASE("the cgroup path is everything after the second colon, spaces included") {
-    const auto found = cgroup_cpu_directories(
-        "0::/svc:a/with space\n", mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw"));
-    REQUIRE(found.size() == 1);
-    CHECK(found[0].directory == "/sys/fs/cgroup/svc:a/with space");
+    CHECK(sole_directory("0::/svc:a/with space\n",
+                         mountinfo_line("/", "/sys/fs/cgroup", "cgroup2", "rw")) ==
+          "/sys/fs/cgroup/svc:a/with space");
   }
   SUBCASE("a hierarchy mounted on / gives the path itself, and / for the root cgroup") {
-    const auto nested =
-        cgroup_cpu_directories("0::/a/b\n", mountinfo_line("/", "/", "cgroup2", "rw"));
-    REQUIRE(nested.size() == 1);
-    CHECK(nested[0].directory == "/a/b");
-    const auto root = cgroup_cpu_directories("0::/\n", mountinfo_line("/", "/", "cgroup2", "rw"));
-    REQUIRE(root.size() == 1);
-    CHECK(root[0].directory == "/");
+    CHECK(sole_directory("0::/a/b\n", mountinfo_line("/", "/", "cgroup2", "rw")) == "/a/b");
+    CHECK(sole_directory("0::/\n", mountinfo_line("/", "/", "cgroup2", "rw")) == "/");
   }
   SUBCASE("an empty source field keeps the super options in their place") {
     const auto found = cgroup_cpu_directories(
@@ -257,37 +251,26 @@ TEST_CASE(
   tree.write("mount with space/kubepods/pod7/cpu.max", "250000 100000\n");
   tree.write("mount with space/kubepods/pod7/c1/cpu.max", "max 100000\n");
   tree.write("cpu.max", "10000 100000\n");  // above the mount: never read
-  const std::string proc_cgroup = "0::/kubepods/pod7/c1\n";
+  const std::string mountinfo = mountinfo_line("/", escaped_top, "cgroup2", "rw");
+  const auto limit = [&] { return cgroup_cpu_limit("0::/kubepods/pod7/c1\n", mountinfo); };
 
-  SUBCASE("the whole hierarchy: the top's 1 CPU is the smallest") {
-    const auto limit =
-        cgroup_cpu_limit(proc_cgroup, mountinfo_line("/", escaped_top, "cgroup2", "rw"));
-    REQUIRE(limit);
-    CHECK(*limit == 1.0);
-  }
+  SUBCASE("the whole hierarchy: the top's 1 CPU is the smallest") { CHECK(limit() == 1.0); }
   SUBCASE("the top sets none: the pod's 2.5 CPUs") {
     tree.write("mount with space/cpu.max", "max 100000\n");
-    const auto limit =
-        cgroup_cpu_limit(proc_cgroup, mountinfo_line("/", escaped_top, "cgroup2", "rw"));
-    REQUIRE(limit);
-    CHECK(*limit == 2.5);
+    CHECK(limit() == 2.5);
   }
   SUBCASE("the cgroup's own quota is smaller than its parent's: the cgroup's") {
     tree.write("mount with space/cpu.max", "max 100000\n");
     tree.write("mount with space/kubepods/pod7/c1/cpu.max", "50000 100000\n");
-    const auto limit =
-        cgroup_cpu_limit(proc_cgroup, mountinfo_line("/", escaped_top, "cgroup2", "rw"));
-    REQUIRE(limit);
-    CHECK(*limit == 0.5);
+    CHECK(limit() == 0.5);
   }
   SUBCASE("no quota anywhere: no limit") {
     tree.write("mount with space/cpu.max", "max 100000\n");
     tree.write("mount with space/kubepods/pod7/cpu.max", "max 100000\n");
-    CHECK_FALSE(cgroup_cpu_limit(proc_cgroup, mountinfo_line("/", escaped_top, "cgroup2", "rw")));
+    CHECK_FALSE(limit());
   }
   SUBCASE("a directory that does not exist limits nothing") {
-    CHECK(cgroup_cpu_limit("0::/elsewhere\n", mountinfo_line("/", escaped_top, "cgroup2", "rw")) ==
-          1.0);
+    CHECK(cgroup_cpu_limit("0::/elsewhere\n", mountinfo) == 1.0);
   }
 }
 
