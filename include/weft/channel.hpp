@@ -605,9 +605,7 @@ class basic_channel {
     if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
     if (rendezvous()) return send_queued(value, cancel, deadline);
     if (fast_push(value)) return wait_status::ok;
-    // The spin lasts up to WEFT_YIELD_LIMIT yields: a token cancelled or a
-    // deadline passed meanwhile ends it, as it would end the queued wait.
-    const auto give_up = blocking_give_up(cancel, deadline);
+    const auto give_up = detail::give_up_check(cancel, deadline);
     for (detail::backoff pause; pause.wait();) {
       if (ring_.closed()) return wait_status::closed;  // before giving up, as the queued step does
       if (const auto status = give_up()) return *status;
@@ -722,7 +720,7 @@ class basic_channel {
     auto& queue = send_queue();
     auto lock = queue.lock();
     if (const auto finished =
-            send_or_enqueue(value, waiter, lock, blocking_give_up(cancel, deadline))) {
+            send_or_enqueue(value, waiter, lock, detail::give_up_check(cancel, deadline))) {
       return *finished;
     }
     const auto queued_at = Clock::now();
@@ -739,7 +737,7 @@ class basic_channel {
     if (!rendezvous()) {
       T value;
       if (fast_pop(value)) return recv_result<T>{std::move(value)};
-      const auto give_up = blocking_give_up(cancel, deadline);  // as in send_value
+      const auto give_up = detail::give_up_check(cancel, deadline);
       for (detail::backoff pause; pause.wait();) {
         // What a closed channel still holds comes before giving up, as in
         // the queued step. Values there now are taken by that step; a
@@ -767,7 +765,7 @@ class basic_channel {
     {
       auto lock = receivers_.lock();
       if (const auto finished =
-              recv_or_enqueue(incoming, waiter, lock, blocking_give_up(cancel, deadline))) {
+              recv_or_enqueue(incoming, waiter, lock, detail::give_up_check(cancel, deadline))) {
         status = *finished;
       } else {
         const auto queued_at = Clock::now();
@@ -777,18 +775,6 @@ class basic_channel {
     }
     if (status == wait_status::ok) return recv_result<T>{std::move(*incoming)};
     return recv_result<T>::failed(status);
-  }
-
-  // For a blocking wait spinning in send_or_enqueue or recv_or_enqueue.
-  template <class WaitClock, class Duration>
-  static auto blocking_give_up(
-      detail::cancel_state* cancel,
-      const std::chrono::time_point<WaitClock, Duration>* deadline) noexcept {
-    return [cancel, deadline]() -> std::optional<wait_status> {
-      if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
-      if (deadline != nullptr && WaitClock::now() >= *deadline) return wait_status::timeout;
-      return std::nullopt;
-    };
   }
 
   template <class Duration>

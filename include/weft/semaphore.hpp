@@ -208,13 +208,11 @@ class basic_semaphore {
   wait_status acquire(std::ptrdiff_t n, const cancel_token& token) {
     check_weight(n, "acquire");
     detail::cancel_state* const cancel = detail::state_of(token);
-    if (token.cancelled()) return count_failure(cancel->stop_status());
-    if (spin_take(static_cast<std::uint64_t>(n),
-                  [cancel] { return cancel != nullptr && cancel->cancelled(); })) {
-      return wait_status::ok;
-    }
+    const auto give_up = detail::give_up_check(cancel);
+    if (const auto status = give_up()) return count_failure(*status);
+    if (spin_take(static_cast<std::uint64_t>(n), give_up)) return wait_status::ok;
     // The queue's first step takes free permits, cancelled or not.
-    if (token.cancelled()) return count_failure(cancel->stop_status());
+    if (const auto status = give_up()) return count_failure(*status);
     return wait_in_queue<Clock, typename Clock::duration>(n, cancel, nullptr);
   }
 
@@ -234,8 +232,9 @@ class basic_semaphore {
     if (Clock::now() >= due) {
       return take_now(amount) ? wait_status::ok : count_failure(wait_status::timeout);
     }
-    if (spin_take(amount, [&due] { return Clock::now() >= due; })) return wait_status::ok;
-    if (Clock::now() >= due) return count_failure(wait_status::timeout);
+    const auto give_up = detail::give_up_check(nullptr, &due);
+    if (spin_take(amount, give_up)) return wait_status::ok;
+    if (const auto status = give_up()) return count_failure(*status);
     return wait_in_queue(n, nullptr, &due);
   }
 
@@ -302,7 +301,7 @@ class basic_semaphore {
   friend struct detail::semaphore_access;
 
   WEFT_NOINLINE void acquire_slow(std::ptrdiff_t n) {
-    if (spin_take(static_cast<std::uint64_t>(n), [] { return false; })) return;
+    if (spin_take(static_cast<std::uint64_t>(n), detail::give_up_check(nullptr))) return;
     wait_in_queue<Clock, typename Clock::duration>(n, nullptr, nullptr);
   }
 
@@ -671,14 +670,12 @@ class basic_semaphore {
   // doing so while others are queued, too: try_take cannot overtake them,
   // but not joining the queue at once lets a queue of parked threads drain
   // instead of growing into a convoy, where every release waits for the
-  // next queued thread to be scheduled. The spin lasts up to
-  // WEFT_YIELD_LIMIT yields: a token cancelled or a deadline passed
-  // meanwhile (`given_up` says) ends it, or permits released after that
-  // would still be taken.
-  template <class GivenUp>
-  bool spin_take(std::uint64_t n, GivenUp given_up) noexcept {
+  // next queued thread to be scheduled. A stop that `give_up` (a
+  // detail::give_up_check) reports ends the spin.
+  template <class GiveUp>
+  bool spin_take(std::uint64_t n, GiveUp give_up) noexcept {
     for (detail::backoff pause;;) {
-      if (given_up()) return false;
+      if (give_up()) return false;
       if (take_any(n)) return true;
       if (folding_due(state_.load(std::memory_order_relaxed)) || !pause.wait()) return false;
     }

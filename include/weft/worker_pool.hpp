@@ -851,13 +851,12 @@ class worker_pool {
     // after). The queue stays exact: the locked wait below takes any one
     // slot.
     const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
+    const auto give_up = detail::give_up_check(cancel);
     for (detail::backoff pause; pause.wait();) {
-      // The spin lasts up to WEFT_YIELD_LIMIT yields (80 us on the 2-vCPU
-      // VM): a token cancelled meanwhile must stop it, or room that frees
-      // after the cancellation would still take the task. A shutdown
-      // comes first, as in the queued wait below: post throws rejected.
+      // A shutdown comes before a stop, as in the queued wait below: post
+      // throws rejected.
       if (ring_.closed()) return wait_status::closed;
-      if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
+      if (const auto status = give_up()) return *status;
       if (ring_.size() + slack > options_.queue_capacity) continue;
       // A closed ring refuses every push (see close): seen above next time.
       if (enqueue(work, origin)) return wait_status::ok;

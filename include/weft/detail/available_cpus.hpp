@@ -73,20 +73,6 @@ inline std::optional<std::string> read_small_file(const std::string& path) {
 #endif
 }
 
-// The whitespace-separated fields of a line.
-inline std::vector<std::string_view> split_fields(std::string_view line) {
-  std::vector<std::string_view> fields;
-  std::size_t at = 0;
-  while (at < line.size()) {
-    const auto first = line.find_first_not_of(" \t", at);
-    if (first == std::string_view::npos) break;
-    const auto last = std::min(line.find_first_of(" \t", first), line.size());
-    fields.push_back(line.substr(first, last - first));
-    at = last;
-  }
-  return fields;
-}
-
 // Calls each(part) for every part of `text` between separators (a line,
 // a comma-separated option, a field that may be empty), except an empty
 // part after the last separator.
@@ -97,6 +83,13 @@ void for_each_part(std::string_view text, char separator, Each each) {
     each(text.substr(0, end));
     text.remove_prefix(std::min(end + 1, text.size()));
   }
+}
+
+// The fields of a line the kernel writes with one space between fields.
+inline std::vector<std::string_view> split_fields(std::string_view line) {
+  std::vector<std::string_view> fields;
+  for_each_part(line, ' ', [&](std::string_view field) { fields.push_back(field); });
+  return fields;
 }
 
 // A decimal count without sign; nothing for anything else (v1's -1, v2's
@@ -220,14 +213,11 @@ inline std::vector<cgroup_cpu_directory> cgroup_cpu_directories(std::string_view
   std::vector<cgroup_cpu_directory> found;
   for_each_part(mountinfo, '\n', [&](std::string_view line) {
     // id parent major:minor root mount-point options [optional...] - type source super-options
-    // The paths escape their spaces; the source may be empty, so the
-    // fields after the separator are split at every space.
+    // The paths escape their spaces, and the source may be empty.
     const auto separator = line.find(" - ");
     if (separator == std::string_view::npos) return;
     const auto mount_fields = split_fields(line.substr(0, separator));
-    std::vector<std::string_view> filesystem_fields;
-    for_each_part(line.substr(separator + 3), ' ',
-                  [&](std::string_view field) { filesystem_fields.push_back(field); });
+    const auto filesystem_fields = split_fields(line.substr(separator + 3));
     if (mount_fields.size() < 6 || filesystem_fields.size() < 3) return;
     const std::string_view type = filesystem_fields[0];
     const std::optional<std::string>* path = nullptr;

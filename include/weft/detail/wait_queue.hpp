@@ -58,6 +58,7 @@
 #include <chrono>
 #include <cstddef>
 #include <mutex>
+#include <optional>
 
 namespace weft::detail {
 
@@ -249,5 +250,21 @@ class wait_queue {
   const char* kind_;
   const char* name_;
 };
+
+// Whether a wait that has not queued yet (a spin before wait_queue::wait,
+// a step that takes what is free and else queues) must stop: the status
+// it returns when `cancel` is cancelled or `deadline` has passed (either
+// may be null), as wait() would give, else nothing. Every blocking form
+// asks this on each turn of its spin: a spin lasts up to WEFT_YIELD_LIMIT
+// yields, and one that ignored the stop took what came after it.
+template <class Clock = std::chrono::steady_clock, class Duration = typename Clock::duration>
+auto give_up_check(cancel_state* cancel,
+                   const std::chrono::time_point<Clock, Duration>* deadline = nullptr) noexcept {
+  return [cancel, deadline]() -> std::optional<wait_status> {
+    if (cancel != nullptr && cancel->cancelled()) return cancel->stop_status();
+    if (deadline != nullptr && Clock::now() >= *deadline) return wait_status::timeout;
+    return std::nullopt;
+  };
+}
 
 }  // namespace weft::detail
