@@ -849,6 +849,15 @@ TEST_CASE("cancellation_bridge cancels a steady_timer wait when the weft token i
         asio::bind_cancellation_slot(bridge.slot(), [&](error_code ec) { outcome = ec; }));
     io.run();
   }
+  SUBCASE("a token cancelled while nothing was bound stops the operation bound after") {
+    weft::cancellation_bridge bridge{source.token(), io.get_executor()};
+    source.cancel();
+    io.run();  // the emission runs into an empty slot
+    io.restart();
+    timer.async_wait(
+        asio::bind_cancellation_slot(bridge.slot(), [&](error_code ec) { outcome = ec; }));
+    io.run();
+  }
   SUBCASE("a token's own deadline, through a weft manual-clock timer") {
     auto request = weft::with_deadline(weft::cancel_token{}, weft::manual_clock::now() + 1s);
     weft::cancellation_bridge bridge{request.token(), io.get_executor()};

@@ -943,8 +943,9 @@ asio::awaitable<void> keep_own_executor(std::optional<asio::any_io_executor>& ke
 // services, so the strand's is still there when the copy goes.
 TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's services until it goes" *
           doctest::timeout(30)) {
-  enum class named { none, pool_executor, any_io_executor };
-  for (const named executor : {named::none, named::pool_executor, named::any_io_executor}) {
+  enum class named { none, pool_executor, any_io_executor, strand, strand_in_any_io_executor };
+  for (const named executor : {named::none, named::pool_executor, named::any_io_executor,
+                               named::strand, named::strand_in_any_io_executor}) {
     CAPTURE(static_cast<int>(executor));
     destruction_witness::destroyed = false;
     std::optional<asio::any_io_executor> kept;
@@ -962,6 +963,15 @@ TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's servic
           break;
         case named::any_io_executor:
           weft::co_spawn(group, asio::any_io_executor(pool.executor()), keep_own_executor(kept));
+          break;
+        // A strand of the pool holds its own state in the pool's strand
+        // service: ASan reported it freed under the kept executor.
+        case named::strand:
+          weft::co_spawn(group, asio::make_strand(pool.executor()), keep_own_executor(kept));
+          break;
+        case named::strand_in_any_io_executor:
+          weft::co_spawn(group, asio::any_io_executor(asio::make_strand(pool.executor())),
+                         keep_own_executor(kept));
           break;
       }
       group.wait();
@@ -1044,39 +1054,46 @@ TEST_CASE("asio task_group: async_wait ends in weft::rejected when the runner is
 
 TEST_CASE("asio task_group: async_wait cancelled through its slot completes with an exception, tasks go on" *
           doctest::timeout(30)) {
-  // Four workers: up to three runners (one per task, held by the gate) and
-  // one for the emission and the completion handler.
-  weft::worker_pool pool{{.workers = 4}};
-  weft::task_group group{pool.executor()};
-  gate held;
-  std::atomic<int> finished{0};
-  for (int i = 0; i < 3; ++i) {
-    group.go([&finished, f = held.closed] {
-      f.wait();
-      finished.fetch_add(1);
-    });
+  // Every type: async_compose passes on only terminal cancellation unless
+  // told otherwise, and partial and total ones were ignored.
+  for (const auto type : {asio::cancellation_type::terminal, asio::cancellation_type::partial,
+                          asio::cancellation_type::total}) {
+    CAPTURE(static_cast<int>(type));
+    // Four workers: up to three runners (one per task, held by the gate) and
+    // one for the emission and the completion handler.
+    weft::worker_pool pool{{.workers = 4}};
+    weft::task_group group{pool.executor()};
+    gate held;
+    std::atomic<int> finished{0};
+    for (int i = 0; i < 3; ++i) {
+      group.go([&finished, f = held.closed] {
+        f.wait();
+        finished.fetch_add(1);
+      });
+    }
+    asio::cancellation_signal signal;
+    std::promise<std::exception_ptr> waited;
+    weft::async_wait(group, asio::bind_cancellation_slot(
+                                signal.slot(),
+                                asio::bind_executor(pool.executor(), [&](std::exception_ptr error) {
+                                  waited.set_value(error);
+                                })));
+    // The wait is pending (the gate is closed); emit on the handler's
+    // executor, as Asio asks.
+    asio::post(pool.executor(), [&] { signal.emit(type); });
+    const std::exception_ptr error = waited.get_future().get();
+    REQUIRE(error != nullptr);
+    try {
+      std::rethrow_exception(error);
+    } catch (const boost::system::system_error& e) {
+      CHECK(e.code() == weft::errc::cancelled);
+    } catch (...) {
+      FAIL("expected a boost::system::system_error");
+    }
+    // The group itself was not cancelled: its tasks run to the end.
+    CHECK_FALSE(group.token().cancelled());
+    held.open();
+    CHECK_NOTHROW(group.wait());
+    CHECK(finished.load() == 3);
   }
-  asio::cancellation_signal signal;
-  std::promise<std::exception_ptr> waited;
-  weft::async_wait(group, asio::bind_cancellation_slot(
-                              signal.slot(), asio::bind_executor(pool.executor(), [&](std::exception_ptr error) {
-                                waited.set_value(error);
-                              })));
-  // The wait is pending (the gate is closed); emit on the handler's
-  // executor, as Asio asks.
-  asio::post(pool.executor(), [&] { signal.emit(asio::cancellation_type::terminal); });
-  const std::exception_ptr error = waited.get_future().get();
-  REQUIRE(error != nullptr);
-  try {
-    std::rethrow_exception(error);
-  } catch (const boost::system::system_error& e) {
-    CHECK(e.code() == weft::errc::cancelled);
-  } catch (...) {
-    FAIL("expected a boost::system::system_error");
-  }
-  // The group itself was not cancelled: its tasks run to the end.
-  CHECK_FALSE(group.token().cancelled());
-  held.open();
-  CHECK_NOTHROW(group.wait());
-  CHECK(finished.load() == 3);
 }

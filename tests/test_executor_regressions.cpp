@@ -40,6 +40,7 @@ TEST_CASE("parallel_map and for_each report a cancellation that stopped them hal
   CHECK_THROWS_AS(weft::for_each(std::vector<int>{1, 2, 3, 4, 5}, [&](int) { ++calls; request2.cancel(); },
                                  {.limit = 1, .token = request2.token(), .executor = pool.executor()}),
                   std::system_error);
+  CHECK(calls == 1);
 }
 
 TEST_CASE("result_group: a second wait after a reported skip does not return an unfilled result" * doctest::timeout(30)) {
@@ -72,8 +73,15 @@ TEST_CASE("task_group: limit 2 on a two-worker pool, two tasks that meet, a thir
   weft::task_group group{pool.executor()};
   group.set_limit(2);
   std::latch both{2};
-  for (int i = 0; i < 3; ++i) group.go([&, i] { if (i < 2) both.arrive_and_wait(); });
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 3; ++i) {
+    group.go([&, i] {
+      if (i < 2) both.arrive_and_wait();
+      ran.fetch_add(1);
+    });
+  }
   group.wait();
+  CHECK(ran.load() == 3);
 }
 
 // A group never leaves queued tasks without a runner: with the pool full and

@@ -438,7 +438,12 @@ TEST_CASE("parallel_map: the first failure stops the rest and is rethrown" * doc
                            input,
                            [&](int x, const weft::cancel_token& token) -> int {
                              calls.fetch_add(1);
-                             if (x == 0) throw std::runtime_error("element 0 failed");
+                             if (x == 0) {
+                               // Fails once another call is running: that
+                               // one must see the token cancelled.
+                               spin_until([&] { return calls.load() >= 2; });
+                               throw std::runtime_error("element 0 failed");
+                             }
                              // The others wait for the failure, then stop.
                              token.wait();
                              saw_cancel.fetch_add(1);
@@ -446,6 +451,7 @@ TEST_CASE("parallel_map: the first failure stops the rest and is rethrown" * doc
                            },
                            {.limit = 3, .executor = pool.executor()}),
                        "element 0 failed", std::runtime_error);
+  CHECK(calls.load() >= 2);
   CHECK(calls.load() <= 3);
   CHECK(saw_cancel.load() == calls.load() - 1);
 }
@@ -459,18 +465,126 @@ TEST_CASE("parallel_map: a failure on the calling thread's own share cancels the
   std::atomic<int> saw_cancel{0};
   // A call on the pool blocks until the group is cancelled, so its task
   // holds one run of elements at most and the caller's share gets some.
-  CHECK_THROWS_WITH_AS(weft::parallel_map(
-                           input,
-                           [&](int x, const weft::cancel_token& token) -> int {
-                             if (std::this_thread::get_id() == caller) throw std::runtime_error("caller's call failed");
-                             on_pool.fetch_add(1);
-                             token.wait();
-                             saw_cancel.fetch_add(1);
-                             return x;
-                           },
-                           {.limit = 2, .executor = pool.executor()}),
+  // The caller's call fails once a call on the pool is running.
+  CHECK_THROWS_WITH_AS(weft::parallel_map(input,
+                                          [&](int x, const weft::cancel_token& token) -> int {
+                                            if (std::this_thread::get_id() == caller) {
+                                              spin_until([&] { return on_pool.load() >= 1; });
+                                              throw std::runtime_error("caller's call failed");
+                                            }
+                                            on_pool.fetch_add(1);
+                                            token.wait();
+                                            saw_cancel.fetch_add(1);
+                                            return x;
+                                          },
+                                          {.limit = 2, .executor = pool.executor()}),
                        "caller's call failed", std::runtime_error);
+  CHECK(on_pool.load() >= 1);
   CHECK(saw_cancel.load() == on_pool.load());
+}
+
+TEST_CASE(
+    "parallel_map and for_each: a parent token cancelled mid-run stops the calls not started, and "
+    "its "
+    "cause is thrown" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<int> input(1000);
+  std::iota(input.begin(), input.end(), 0);
+  for (const bool map : {true, false}) {
+    CAPTURE(map);
+    weft::cancel_source request;
+    std::atomic<int> calls{0};
+    // The tenth call cancels the caller's token; the calls already running
+    // finish, and no other starts.
+    const auto call = [&](int, const weft::cancel_token& token) {
+      if (calls.fetch_add(1) + 1 == 10) {
+        request.cancel(std::make_error_code(std::errc::timed_out));
+        CHECK(token.cancelled());
+      }
+      return 0;
+    };
+    const auto error = thrown_by([&] {
+      const weft::fan_options options{.token = request.token(), .executor = pool.executor()};
+      if (map) {
+        (void)weft::parallel_map(input, call, options);
+      } else {
+        weft::for_each(input, call, options);
+      }
+    });
+    REQUIRE(error != nullptr);
+    CHECK(code_of(error) == std::errc::timed_out);
+    CHECK(calls.load() >= 10);
+    // At most one call per task was running when the token was cancelled.
+    CHECK(calls.load() <= 10 + static_cast<int>(pool.size()));
+  }
+}
+
+TEST_CASE(
+    "parallel_map, for_each, gather and fan_out refuse a null function pointer before any call" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  const weft::fan_options on_pool{.executor = pool.executor()};
+  int (*no_map)(int) = nullptr;
+  void (*no_visit)(int) = nullptr;
+  int (*no_call)() = nullptr;
+  std::atomic<int> calls{0};
+  const auto counted = [&] { return calls.fetch_add(1); };
+  CHECK_THROWS_WITH_AS(weft::parallel_map(std::vector<int>{1, 2, 3}, no_map, on_pool),
+                       "weft::parallel_map: the function pointer is null", std::invalid_argument);
+  CHECK_THROWS_WITH_AS(weft::for_each(std::vector<int>{1, 2, 3}, no_visit, on_pool),
+                       "weft::for_each: the function pointer is null", std::invalid_argument);
+  CHECK_THROWS_WITH_AS(weft::gather(pool.executor(), weft::cancel_token{}, counted, no_call),
+                       "weft::gather: the function pointer is null", std::invalid_argument);
+  CHECK(calls.load() == 0);
+
+  weft::channel<int> in{1};
+  weft::task_group group{pool.executor()};
+  CHECK_THROWS_WITH_AS(weft::fan_out(group, in, 2, no_visit),
+                       "weft::fan_out: the function pointer is null", std::invalid_argument);
+  CHECK(group.in_flight() == 0);
+  group.wait();
+}
+
+TEST_CASE(
+    "parallel_map: plain results that cannot be assigned (a const member) are returned in order" *
+    doctest::timeout(30)) {
+  struct fixed {
+    const int value = 0;
+  };
+  static_assert(std::is_trivially_copyable_v<fixed> && !std::is_move_assignable_v<fixed>);
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<int> input(200);
+  std::iota(input.begin(), input.end(), 0);
+  const auto out =
+      weft::parallel_map(input, [](int x) { return fixed{2 * x}; }, {.executor = pool.executor()});
+  REQUIRE(out.size() == input.size());
+  for (std::size_t i = 0; i < out.size(); ++i) CHECK(out[i].value == 2 * static_cast<int>(i));
+}
+
+TEST_CASE(
+    "parallel_map: fan-outs made by every worker of their own pool, all busy, finish (1 and 2 "
+    "workers)" *
+    doctest::timeout(60)) {
+  for (const std::size_t workers : {std::size_t{1}, std::size_t{2}}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers}};
+    std::vector<int> input(300);
+    std::iota(input.begin(), input.end(), 1);
+    const long expected = 300L * 301 / 2;
+    // More outer tasks than workers: the helpers of each fan-out find the
+    // workers busy with outer tasks, and its caller runs what they do not.
+    constexpr int outer = 6;
+    std::vector<std::future<long>> sums;
+    for (int k = 0; k < outer; ++k) {
+      sums.push_back(pool.submit([&] {
+        const auto same =
+            weft::parallel_map(input, [](int x) { return x; }, {.executor = pool.executor()});
+        return std::accumulate(same.begin(), same.end(), 0L);
+      }));
+    }
+    for (auto& sum : sums) CHECK(sum.get() == expected);
+  }
 }
 
 TEST_CASE("parallel_map, for_each and gather on a shut-down pool throw weft::rejected, however few the calls" *

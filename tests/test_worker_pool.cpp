@@ -40,6 +40,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -544,6 +545,70 @@ TEST_CASE("worker_pool with overflow::reject throws weft::rejected from post and
   s = pool.stats();
   CHECK(s.completed == 4);
   CHECK(s.rejected == 3);
+}
+
+// try_push also fails while the worker that claimed the queue's only slot
+// is still moving its task out (a noexcept move, stalled here): the queue
+// has room then, and posts took the failure for a full queue (reject threw,
+// try_post returned false, caller_runs ran the task on its caller). The
+// post now waits that move out. The release comes after a random spin, so
+// that with the old behaviour the post would almost always have been
+// refused first.
+TEST_CASE(
+    "worker_pool: a slot that a worker is still emptying is room, not a full queue, for every "
+    "policy" *
+    doctest::timeout(60)) {
+  std::mt19937_64 rng{20261207};
+  for (const auto policy :
+       {weft::overflow::reject, weft::overflow::caller_runs, weft::overflow::block}) {
+    for (const bool try_post : {true, false}) {
+      CAPTURE(static_cast<int>(policy));
+      CAPTURE(try_post);
+      weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
+      std::atomic<bool> taking{false};
+      std::atomic<bool> taken{false};
+      weft_test::stalling_move payload;
+      payload.arm(4, taking,
+                  taken);  // into the capture, the task, the slot; the 4th: out of the slot
+      std::atomic<int> ran{0};
+      pool.post([held = std::move(payload), &ran] { ran.fetch_add(1); });
+      spin_until([&] { return taking.load(); });
+
+      std::atomic<bool> posting{false};
+      bool queued = false;
+      std::thread::id ran_on;
+      const auto second = [&] {
+        ran_on = std::this_thread::get_id();
+        ran.fetch_add(1);
+      };
+      std::thread producer([&] {
+        posting = true;
+        try {
+          if (try_post) {
+            queued = pool.try_post(second);
+          } else {
+            pool.post(second);
+            queued = true;
+          }
+        } catch (const weft::rejected&) {
+          queued = false;
+        }
+      });
+      spin_until([&] { return posting.load(); });
+      for (auto spins = rng() % 20'000; spins != 0; --spins) weft::detail::cpu_relax();
+      taken = true;
+      const auto producer_id = producer.get_id();
+      producer.join();
+      pool.shutdown();
+      pool.join();
+      CHECK(queued);
+      CHECK(ran.load() == 2);
+      CHECK(ran_on != producer_id);
+      const auto s = pool.stats();
+      CHECK(s.rejected == 0);
+      CHECK(s.completed == 2);
+    }
+  }
 }
 
 TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on the posting thread before post returns" *

@@ -25,12 +25,17 @@
 //    with errc::cancelled or errc::deadline_exceeded).
 //  - The calling thread does not sit idle: it runs calls itself while it
 //    waits, so a fan-out of small calls needs no wake-up round trip.
+//  - A null function pointer, as f or as one of gather's calls, is refused
+//    with std::invalid_argument before any call is made, as go() refuses one.
 //  - On an executor whose pool is shut down they throw weft::rejected and
 //    make no call, even one the calling thread would have made (over an
 //    empty range too). When the pool shuts down while they start their
 //    tasks, the refusal fails the call as a call's exception would: the
 //    calls already started see their token cancelled and are joined, and
 //    weft::rejected is thrown, or the exception of a call that failed first.
+//    A shutdown after that does not fail the call: the helpers shutdown()
+//    leaves queued still run, and the calling thread runs what the helpers
+//    that shutdown_now() drops would have.
 //  - parallel_map and for_each keep at most `limit` calls in flight (by
 //    default one per worker of the executor, plus the caller if the
 //    workers leave it a hardware thread). They do not post a task per
@@ -39,9 +44,10 @@
 //    elements until none is left, so a million elements cost a million
 //    calls, not a million posts. The calling thread starts with every
 //    element; a task with none left steals the back half of what another
-//    has not claimed. A claim takes 1/(2 x limit) of what the claimer holds
-//    (at least one element), so claims are few while much is left and
-//    single elements at the end. Elements of one claim run one after
+//    has not claimed. A claim takes 1/(2n) of what the claimer holds, and
+//    at least one element, n being the limit or, if fewer, the number of
+//    elements: so claims are few while much is left, and single elements
+//    at the end. Elements of one claim run one after
 //    another on one task: an element must not wait for another element.
 //    A helper that the pool starts after the call has returned does
 //    nothing. Their tasks are listed in the registry as "task_group" tasks
@@ -358,16 +364,19 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
   using result = std::remove_cvref_t<decltype(detail::invoke_maybe_with_token(
       std::declval<std::decay_t<F>&>(), std::declval<const cancel_token&>(), std::declval<element>()))>;
   static_assert(!std::is_void_v<result>, "weft::parallel_map: f returns void; use weft::for_each");
+  detail::check_callable(f, "parallel_map");
   auto elements = detail::elements_of(range);
-  // Results of trivially copyable types (numbers, plain structs) are
-  // assigned in place, where assigning is constructing; others are made in
+  // Results of trivially copyable types (numbers, plain structs) that can
+  // be assigned (not a struct with a const member) are assigned in place,
+  // where assigning is constructing; others are made in
   // optionals and moved out after, so a type whose default constructor may
   // throw (or has none) is never default-constructed, and a proxy (as
   // std::vector<bool>::reference), whose assignment writes through it, is
   // never assigned to. Not bools: std::vector<bool> packs them, and
   // neighbours written from two threads would race.
   if constexpr (std::is_trivially_copyable_v<result> &&
-                std::is_nothrow_default_constructible_v<result> && !std::is_same_v<result, bool>) {
+                std::is_nothrow_default_constructible_v<result> &&
+                std::is_trivially_move_assignable_v<result> && !std::is_same_v<result, bool>) {
     std::vector<result> out(elements.size());
     detail::run_indexed(elements.size(), options, site,
                         [results = out.data(), elements = elements.indexer(), &f](
@@ -392,6 +401,7 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
 // Calls f on every element, concurrently.
 template <class Range, class F>
 void for_each(Range&& range, F&& f, const fan_options& options = {}, spawn_site site = spawn_site::current()) {
+  detail::check_callable(f, "for_each");
   auto elements = detail::elements_of(range);
   detail::run_indexed(
       elements.size(), options, site,
@@ -404,6 +414,7 @@ void for_each(Range&& range, F&& f, const fan_options& options = {}, spawn_site 
 // results as a tuple.
 template <class... F>
 auto gather(pool_executor executor, detail::at_call_site<const cancel_token> token, F&&... calls) {
+  (detail::check_callable(calls, "gather"), ...);
   std::tuple<std::optional<decltype(detail::call_for_result(std::declval<std::decay_t<F>&>(),
                                                             std::declval<const cancel_token&>()))>...>
       slots;
@@ -504,6 +515,7 @@ void merge(detail::at_call_site<task_group> group, basic_channel<T, Clock>& out,
 template <class T, class Clock, class F>
 void fan_out(detail::at_call_site<task_group> group, basic_channel<T, Clock>& in, std::size_t workers, F f) {
   if (workers == 0) throw std::invalid_argument("weft::fan_out: workers must be at least 1");
+  detail::check_callable(f, "fan_out");
   auto shared = std::make_shared<F>(std::move(f));
   for (std::size_t i = 0; i < workers; ++i) {
     group.object.go(

@@ -140,8 +140,10 @@ class basic_wait_group {
     return wait_in_queue(nullptr, &due);
   }
 
-  // A snapshot.
-  std::int64_t count() const noexcept { return count_of(state_.load(std::memory_order_relaxed)); }
+  // A snapshot. A zero read here comes after everything the tasks whose
+  // done() brought the count there did (task_group::set_limit relies on
+  // it to free the semaphore they released).
+  std::int64_t count() const noexcept { return count_of(state_.load(std::memory_order_acquire)); }
 
   wait_group_stats stats() const noexcept { return {count(), queue_.size(), name()}; }
 

@@ -34,8 +34,10 @@
 // stats().over_capacity. Waiting there would block the thread that
 // completed the operation: Asio's reactor thread, or the thread behind
 // every weft deadline, while the workers wait for one of them. It is
-// bounded by the Asio work under way; a producer that needs backpressure
-// posts with post().
+// bounded by the Asio work under way, and by the tasks a thread 16 inline
+// runs deep posts into the full queue (above): a task there that posts in
+// a loop grows it for as long as the loop runs. A producer that needs
+// backpressure posts with post() from outside the pool's own tasks.
 //
 // Errors: a task that throws never kills its worker. For submit() the
 // exception reaches the future; for post() it goes to the error handler
@@ -54,7 +56,10 @@
 // either throws weft::rejected or its task is queued before shutdown()
 // returns, and runs before join() returns (on the thread that calls join(),
 // if the workers have already exited; after shutdown_now(), join() drops
-// it). What Asio hands over while join() stops the pool's Asio services is
+// it). A post that found the queue full just before shutdown() and runs its
+// task on the posting thread (caller_runs, or a worker posting into its
+// own pool) may still be running it after join() has returned: it was
+// never queued. What Asio hands over while join() stops the pool's Asio services is
 // destroyed and counted as rejected (see asio/executor.hpp).
 //
 // Threads: the workers start in the constructor and inherit the signal
@@ -66,9 +71,12 @@
 // a pool. The threads weft starts on its own (a clock's timer thread, the
 // registry's clock) block the signals sent to the process.
 //
-// Thread safety: every member may be called concurrently, except that the
-// destructor and join() must not run on one of the pool's own workers (the
-// worker would wait for itself; join() throws std::logic_error).
+// Thread safety: every member may be called concurrently, except the
+// destructor, and join() must not run on one of the pool's own workers (the
+// worker would wait for itself; join() throws std::logic_error). As for any
+// object, the destructor must not run while another thread may still call
+// a member, a producer blocked in post() included: shutdown() wakes those
+// with weft::rejected, and the pool is destroyed once they have returned.
 //
 // Memory ordering: everything before a post() happens-before the task runs.
 //
@@ -626,7 +634,11 @@ class worker_pool {
   }
 
   // Queues `work` (moving it) if there is room, and makes sure a worker is
-  // awake to take it.
+  // awake to take it. False when the queue is full or closed: a push that
+  // fails because a worker that claimed the slot's last task is still
+  // moving it out (a noexcept move) waits for that instead. Taken for
+  // "full", it made a post under overflow::reject throw, try_post return
+  // false and caller_runs run the task on its caller, with room in the queue.
   template <class Origin>
   bool enqueue(detail::task& work, const Origin& origin) noexcept {
     std::uint64_t position = 0;
@@ -635,7 +647,10 @@ class worker_pool {
       id = detail::store_origin(cell.origin, origin);
       if (timed(at)) cell.queued_ns = now_ns();
     };
-    if (!ring_.try_push(work, fill, &position)) return false;
+    for (detail::backoff pause; !ring_.try_push(work, fill, &position);) {
+      if (ring_.closed() || ring_.full()) return false;
+      if (!pause.wait()) std::this_thread::yield();
+    }
     detail::accepted(id);
     if (position % 64 == 0) note_queued(ring_.size());
     // The push claimed its position with a seq_cst compare-and-swap; a
@@ -1194,9 +1209,12 @@ class worker_pool {
         spinning = false;
       }
       // Tasks another worker holds keep this one: their holder may be
-      // blocked on them.
-      if (closed_.load(std::memory_order_acquire) && ring_.size() == 0 && !any_held_or_claiming() &&
-          !has_over_capacity()) {
+      // blocked on them. The ring's own closed bit, not closed_: close()
+      // sets that bit after closed_, and a post that passed check_open()
+      // can still claim a slot in between. A worker that left on closed_
+      // and an empty ring left that task to join(), which gave up on it
+      // while its post was still writing it in.
+      if (ring_.closed() && ring_.size() == 0 && !any_held_or_claiming() && !has_over_capacity()) {
         break;
       }
       park(self);

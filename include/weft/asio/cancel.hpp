@@ -191,17 +191,33 @@ auto async_wait(const cancel_token& token, CompletionToken&& completion_token = 
 //
 // The bridge may be destroyed at any time; a pending emission then finds the
 // signal alive (it is shared) and does nothing harmful.
+//
+// An emission reaches the operation bound to the slot when it runs, and
+// none that runs while nothing is bound: a token cancelled while the
+// coroutine waited on something else, not bound to the slot, emitted into
+// an empty slot, and the operation bound next ran to its end. So slot(),
+// asked once the token is cancelled, posts one more emission; it reaches
+// the operation the slot is then bound to, which starts before the
+// executor runs the emission (in a co_await on that executor, or on a
+// strand of it).
 template <class Executor>
 class cancellation_bridge {
  public:
-  cancellation_bridge(const cancel_token& token, Executor executor,
-                      boost::asio::cancellation_type_t type = boost::asio::cancellation_type::terminal)
-      : shared_(std::make_shared<shared>()), link_(token, emit_later{shared_, std::move(executor), type}) {}
+  cancellation_bridge(
+      const cancel_token& token, Executor executor,
+      boost::asio::cancellation_type_t type = boost::asio::cancellation_type::terminal)
+      : shared_(std::make_shared<shared>()),
+        token_(token),
+        emission_{shared_, std::move(executor), type},
+        link_(token, emission_) {}
 
   cancellation_bridge(const cancellation_bridge&) = delete;
   cancellation_bridge& operator=(const cancellation_bridge&) = delete;
 
-  [[nodiscard]] boost::asio::cancellation_slot slot() { return shared_->signal.slot(); }
+  [[nodiscard]] boost::asio::cancellation_slot slot() {
+    if (token_.cancelled()) emission_();
+    return shared_->signal.slot();
+  }
 
  private:
   struct shared {
@@ -218,6 +234,8 @@ class cancellation_bridge {
   };
 
   std::shared_ptr<shared> shared_;
+  cancel_token token_;
+  emit_later emission_;
   cancel_callback<emit_later> link_;
 };
 

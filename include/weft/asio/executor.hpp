@@ -35,7 +35,10 @@
 //    not happen once the pool is destroyed.
 //  - relationship, allocator: accepted by prefer() and ignored.
 // Work that Asio hands over after the pool is shut down is destroyed and
-// counted in stats().rejected; execute() never throws weft::rejected. Once
+// counted in stats().rejected; execute() never throws weft::rejected. A
+// strand of the pool is the exception: the pool destroys the strand's turn,
+// but the handlers queued in the strand stay there until join() tears the
+// pool's services down (below). Once
 // join() has joined the workers, Asio operations still pending on the
 // pool's context are abandoned and their handlers destroyed, as
 // io_context's destructor does: a coroutine waiting on one is destroyed,

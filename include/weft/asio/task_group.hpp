@@ -44,6 +44,14 @@
 // waiting on the group (weft's service) whose coroutines wait on timers or
 // strands (Asio's) is torn down whole.
 //
+// A group's coroutine suspended when its pool shuts down (on a timer, on
+// I/O) resumes through its strand, whose handlers the shut-down pool
+// leaves queued until join() destroys them: the coroutine ends its task,
+// with weft::rejected, only in join(). So a group.wait() (or the group's
+// destructor) between shutdown() and join() waits for that join, and
+// hangs when it runs on the thread that would call join(). Plain go()
+// tasks and asio::co_spawn onto the pool's own executor do not wait so.
+//
 // Known defects: the pool's join can still hang
 //  - when a coroutine that owns a group runs, or unwinds, on a worker of a
 //    pool that is shutting down while one of the group's coroutines is
@@ -107,6 +115,9 @@ auto async_wait(task_group& group, CompletionToken&& token = {}) {
       [&group, waiting = false](auto& self, boost::system::error_code error = {}) mutable {
         if (!waiting) {
           waiting = true;
+          // async_compose passes on terminal cancellation only, by default;
+          // the wait below stops for any type, as the header says.
+          self.reset_cancellation_state(boost::asio::enable_total_cancellation());
           weft::async_wait(detail::task_group_access::pending(group), std::move(self));
           return;
         }
@@ -312,9 +323,19 @@ struct group_coroutine_completion {
 inline tracked_pool_executor owning_pool_context(const pool_executor& executor) {
   return boost::asio::prefer(executor, boost::asio::execution::outstanding_work.tracked);
 }
+// A strand of a pool keeps its own strand state in the pool's strand
+// service, so its copies must own the pool's context too: the same strand,
+// its executor tracked.
+inline boost::asio::strand<tracked_pool_executor> owning_pool_context(
+    const boost::asio::strand<pool_executor>& executor) {
+  return boost::asio::prefer(executor, boost::asio::execution::outstanding_work.tracked);
+}
 inline boost::asio::any_io_executor owning_pool_context(
     const boost::asio::any_io_executor& executor) {
   if (const auto* pool = executor.target<pool_executor>()) return owning_pool_context(*pool);
+  if (const auto* strand = executor.target<boost::asio::strand<pool_executor>>()) {
+    return owning_pool_context(*strand);
+  }
   return executor;
 }
 template <class Executor>
