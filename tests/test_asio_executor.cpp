@@ -943,9 +943,17 @@ asio::awaitable<void> keep_own_executor(std::optional<asio::any_io_executor>& ke
 // services, so the strand's is still there when the copy goes.
 TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's services until it goes" *
           doctest::timeout(30)) {
-  enum class named { none, pool_executor, any_io_executor, strand, strand_in_any_io_executor };
-  for (const named executor : {named::none, named::pool_executor, named::any_io_executor,
-                               named::strand, named::strand_in_any_io_executor}) {
+  enum class named {
+    none,
+    pool_executor,
+    any_io_executor,
+    strand,
+    strand_in_any_io_executor,
+    strand_of_any_io_executor
+  };
+  for (const named executor :
+       {named::none, named::pool_executor, named::any_io_executor, named::strand,
+        named::strand_in_any_io_executor, named::strand_of_any_io_executor}) {
     CAPTURE(static_cast<int>(executor));
     destruction_witness::destroyed = false;
     std::optional<asio::any_io_executor> kept;
@@ -971,6 +979,10 @@ TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's servic
           break;
         case named::strand_in_any_io_executor:
           weft::co_spawn(group, asio::any_io_executor(asio::make_strand(pool.executor())),
+                         keep_own_executor(kept));
+          break;
+        case named::strand_of_any_io_executor:
+          weft::co_spawn(group, asio::make_strand(asio::any_io_executor(pool.executor())),
                          keep_own_executor(kept));
           break;
       }

@@ -43,7 +43,9 @@
 //  - If the pool shuts down before tasks of the group have started, with
 //    none of the group's runners left on it (shutdown_now() dropped them, or
 //    go() raced shutdown()), those tasks are destroyed unrun and the group
-//    fails with weft::rejected, as go() on that pool would.
+//    fails with weft::rejected, as go() on that pool would; those that a
+//    wait() under way takes first, it runs, as it runs any task it helps
+//    with.
 //
 // result_group<T> is the same with tasks that return a T; wait() returns
 // the results in spawn order.

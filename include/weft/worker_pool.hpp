@@ -72,8 +72,9 @@
 // registry's clock) block the signals sent to the process.
 //
 // Thread safety: every member may be called concurrently, except the
-// destructor, and join() must not run on one of the pool's own workers (the
-// worker would wait for itself; join() throws std::logic_error). As for any
+// destructor; neither the destructor nor join() may run on one of the
+// pool's own workers (the worker would wait for itself; join() throws
+// std::logic_error). As for any
 // object, the destructor must not run while another thread may still call
 // a member, a producer blocked in post() included: shutdown() wakes those
 // with weft::rejected, and the pool is destroyed once they have returned.
@@ -288,8 +289,11 @@ class worker_pool {
     post_task(work, detail::origin_to_make{site, tracked_name_});
   }
 
-  // Queues f if there is room now; never blocks, never runs f here. False
-  // when the queue is full; throws weft::rejected after shutdown.
+  // Queues f if there is room now; never waits for room, never runs f here
+  // (it may wait, spinning, for a worker to finish moving a task out of the
+  // slot f takes: so a task's move constructor must not post into its own
+  // pool). False when the queue is full; throws weft::rejected after
+  // shutdown.
   template <class F>
   [[nodiscard]] bool try_post(F&& f, spawn_site site = spawn_site::current()) {
     detail::task work = make_task(std::forward<F>(f));
@@ -636,7 +640,8 @@ class worker_pool {
   // Queues `work` (moving it) if there is room, and makes sure a worker is
   // awake to take it. False when the queue is full or closed: a push that
   // fails because a worker that claimed the slot's last task is still
-  // moving it out (a noexcept move) waits for that instead. Taken for
+  // moving it out (a noexcept move, a few instructions unless it blocks)
+  // waits for that instead. Taken for
   // "full", it made a post under overflow::reject throw, try_post return
   // false and caller_runs run the task on its caller, with room in the queue.
   template <class Origin>
@@ -761,7 +766,9 @@ class worker_pool {
   }
 
   // What Asio's execute does with a task (see worker_pool_access::execute):
-  // queue it, past a full queue if need be. Never waits.
+  // queue it, past a full queue if need be. Never waits for room (only, as
+  // every post may, for a worker to finish moving a task out of the slot
+  // it takes; see enqueue).
   template <class Origin>
   void execute_task(detail::task& work, const Origin& origin) {
     if (enqueue(work, origin)) return;
@@ -1182,10 +1189,10 @@ class worker_pool {
         // on 2 cores). A claim in flight that this misses is seen below.
         // Tasks held by busy workers are looked for less often: the
         // spinners would share the lines of every worker's held tasks. A
-        // shutdown with nothing queued ends the spin: no post can queue
-        // after the close, and join() waits for the workers to exit (a
-        // post that claimed a slot before it is still found below, after
-        // a full spin rather than a hot loop of short ones).
+        // shutdown with nothing queued ends the spin: join() waits for the
+        // workers to exit, and a post that claims a slot before the ring
+        // closes is still found below (the exit test waits for the ring's
+        // own close), after a full spin rather than a hot loop of short ones.
         std::uint32_t polls = 0;
         bool closing = false;
         for (detail::backoff pause{idle_spin_limit()}; !found && !closing && pause.wait();) {

@@ -185,21 +185,24 @@ auto async_wait(const cancel_token& token, CompletionToken&& completion_token = 
 // Emits an Asio cancellation signal, on `executor`, when a weft token is
 // cancelled. Bind slot() to an Asio operation's handler:
 //
-//   weft::cancellation_bridge bridge{request_token, socket.get_executor()};
+//   weft::cancellation_bridge bridge{request_token, co_await asio::this_coro::executor};
 //   co_await socket.async_read_some(buffer,
 //       asio::bind_cancellation_slot(bridge.slot(), asio::use_awaitable));
 //
 // The bridge may be destroyed at any time; a pending emission then finds the
 // signal alive (it is shared) and does nothing harmful.
 //
-// An emission reaches the operation bound to the slot when it runs, and
-// none that runs while nothing is bound: a token cancelled while the
-// coroutine waited on something else, not bound to the slot, emitted into
-// an empty slot, and the operation bound next ran to its end. So slot(),
-// asked once the token is cancelled, posts one more emission; it reaches
-// the operation the slot is then bound to, which starts before the
-// executor runs the emission (in a co_await on that executor, or on a
-// strand of it).
+// The executor must be the one that runs the operations bound to the
+// slot, serially: the coroutine's strand, or a context run by one thread.
+// An emission then never runs while an operation binds itself to the slot
+// (cancellation_signal is not thread-safe), but one that runs while
+// nothing is bound is lost: a token cancelled while the coroutine waited
+// on something else, not bound to the slot, emitted into an empty slot,
+// and the operation bound next ran to its end. So slot(), asked once the
+// token is cancelled, posts one more emission, which runs after the
+// operation the slot is then bound to has started: every operation bound
+// through the bridge after the cancellation is cancelled (a last write
+// after it needs a slot of its own).
 template <class Executor>
 class cancellation_bridge {
  public:

@@ -330,10 +330,18 @@ inline boost::asio::strand<tracked_pool_executor> owning_pool_context(
     const boost::asio::strand<pool_executor>& executor) {
   return boost::asio::prefer(executor, boost::asio::execution::outstanding_work.tracked);
 }
+inline boost::asio::strand<boost::asio::any_io_executor> owning_pool_context(
+    const boost::asio::strand<boost::asio::any_io_executor>& executor) {
+  if (executor.get_inner_executor().target<pool_executor>() == nullptr) return executor;
+  return boost::asio::prefer(executor, boost::asio::execution::outstanding_work.tracked);
+}
 inline boost::asio::any_io_executor owning_pool_context(
     const boost::asio::any_io_executor& executor) {
   if (const auto* pool = executor.target<pool_executor>()) return owning_pool_context(*pool);
   if (const auto* strand = executor.target<boost::asio::strand<pool_executor>>()) {
+    return owning_pool_context(*strand);
+  }
+  if (const auto* strand = executor.target<boost::asio::strand<boost::asio::any_io_executor>>()) {
     return owning_pool_context(*strand);
   }
   return executor;
