@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "pool_support.hpp"
+#include "support.hpp"
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -93,6 +94,9 @@ TEST_CASE("async_wait(group) completes when the pool was full at go()" * doctest
   weft::task_group group{pool.executor()};
   std::atomic<bool> ran{false};
   std::thread spawner([&] { group.go([&] { ran = true; }); });  // waits for room
+  // Opened once go() waits for room (it must, not return or strand its task).
+  weft_test::spin_until([&] { return pool.stats().waiting_for_room == 1; });
+  CHECK_FALSE(ran.load());
   gate.cancel();
   spawner.join();
   auto waited = weft::async_wait(group, asio::use_future);
@@ -108,6 +112,9 @@ TEST_CASE("task_group: on a full overflow::reject pool, go() waits for room inst
   weft::task_group group{pool.executor()};
   std::atomic<bool> ran{false};
   std::thread spawner([&] { group.go([&] { ran = true; }); });
+  // Opened once go() waits for room (it must, not return or strand its task).
+  weft_test::spin_until([&] { return pool.stats().waiting_for_room == 1; });
+  CHECK_FALSE(ran.load());
   gate.cancel();
   spawner.join();
   auto waited = weft::async_wait(group, asio::use_future);

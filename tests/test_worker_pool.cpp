@@ -704,9 +704,14 @@ TEST_CASE("worker_pool with overflow::block holds producers in post until a work
   CHECK(s.submitted == 3);
   CHECK(s.queued == 2);
   CHECK(s.rejected == 0);
+  // Each producer counts itself once it waits under the queue's lock; one
+  // seen parked may still be asleep on that lock. A count that never
+  // reaches them all fails by the timeout.
+  spin_until([&] { return pool.stats().waiting_for_room == static_cast<std::size_t>(producers); });
 
   g.open();
   for (auto& call : calls) call->join();
+  CHECK(pool.stats().waiting_for_room == 0);
   done.wait();
   for (auto& r : runs) CHECK(r.load() == 1);
   CHECK(ran_off_pool.load() == 0);

@@ -183,6 +183,8 @@ struct worker_pool_stats {
                                    // shut-down pool too)
   std::uint64_t dropped = 0;       // destroyed unrun by shutdown_now()
   std::uint64_t over_capacity = 0;  // Asio work queued past a full queue (see above)
+  std::size_t waiting_for_room = 0;  // producers blocked in post() on a full queue now,
+                                     // past their first short spin
   // Time from queue to start, measured on every 16th queued task: the total
   // is the sampled sum times 16 (an estimate), the max is over the sample.
   std::chrono::nanoseconds total_queue_wait{0};
@@ -442,6 +444,7 @@ class worker_pool {
     add(caller_counters_);
     s.dropped = counters_.dropped.load(std::memory_order_relaxed);
     s.over_capacity = over_capacity_pushed_.load(std::memory_order_relaxed);
+    s.waiting_for_room = room_waiters_.load(std::memory_order_relaxed);
     s.submitted =
         ring_.pushed() + counters_.ran_by_caller.load(std::memory_order_relaxed) + s.over_capacity;
     s.completed = std::min(s.completed, s.submitted);
@@ -902,7 +905,7 @@ class worker_pool {
           return wait_status::closed;
         }
         if (ring_.full()) break;
-        detail::cpu_relax();  // a slot is being freed right now
+        detail::cpu_relax();  // room was made since enqueue() looked
       }
       if (queued) {
         room_waiters_.fetch_sub(1, std::memory_order_relaxed);
