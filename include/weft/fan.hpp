@@ -47,8 +47,8 @@
 //    has not claimed. A claim takes 1/(2n) of what the claimer holds, and
 //    at least one element, n being the limit or, if fewer, the number of
 //    elements: so claims are few while much is left, and single elements
-//    at the end. Elements of one claim run one after
-//    another on one task: an element must not wait for another element.
+//    at the end. Elements of one claim run one after another on one task:
+//    an element must not wait for another element.
 //    A helper that the pool starts after the call has returned does
 //    nothing. Their tasks are listed in the registry as "task_group" tasks
 //    at the line that called them.
@@ -368,9 +368,9 @@ auto parallel_map(Range&& range, F&& f, const fan_options& options = {}, spawn_s
   auto elements = detail::elements_of(range);
   // Results of trivially copyable types (numbers, plain structs) that can
   // be assigned (not a struct with a const member) are assigned in place,
-  // where assigning is constructing; others are made in
-  // optionals and moved out after, so a type whose default constructor may
-  // throw (or has none) is never default-constructed, and a proxy (as
+  // where assigning is constructing; others are made in optionals and
+  // moved out after, so a type whose default constructor may throw (or has
+  // none) is never default-constructed, and a proxy (as
   // std::vector<bool>::reference), whose assignment writes through it, is
   // never assigned to. Not bools: std::vector<bool> packs them, and
   // neighbours written from two threads would race.

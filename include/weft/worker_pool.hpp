@@ -59,8 +59,8 @@
 // it). A post that found the queue full just before shutdown() and runs its
 // task on the posting thread (caller_runs, or a worker posting into its
 // own pool) may still be running it after join() has returned: it was
-// never queued. What Asio hands over while join() stops the pool's Asio services is
-// destroyed and counted as rejected (see asio/executor.hpp).
+// never queued. What Asio hands over while join() stops the pool's Asio
+// services is destroyed and counted as rejected (see asio/executor.hpp).
 //
 // Threads: the workers start in the constructor and inherit the signal
 // mask and CPU affinity of the thread that makes the pool (for
@@ -74,10 +74,10 @@
 // Thread safety: every member may be called concurrently, except the
 // destructor; neither the destructor nor join() may run on one of the
 // pool's own workers (the worker would wait for itself; join() throws
-// std::logic_error). As for any
-// object, the destructor must not run while another thread may still call
-// a member, a producer blocked in post() included: shutdown() wakes those
-// with weft::rejected, and the pool is destroyed once they have returned.
+// std::logic_error). As for any object, the destructor must not run while
+// another thread may still call a member, a producer blocked in post()
+// included: shutdown() wakes those with weft::rejected, and the pool is
+// destroyed once they have returned.
 //
 // Memory ordering: everything before a post() happens-before the task runs.
 //
@@ -644,9 +644,9 @@ class worker_pool {
   // awake to take it. False when the queue is full or closed: a push that
   // fails because a worker that claimed the slot's last task is still
   // moving it out (a noexcept move, a few instructions unless it blocks)
-  // waits for that instead. Taken for
-  // "full", it made a post under overflow::reject throw, try_post return
-  // false and caller_runs run the task on its caller, with room in the queue.
+  // waits for that instead. Taken for "full", it made a post under
+  // overflow::reject throw, try_post return false and caller_runs run the
+  // task on its caller, with room in the queue.
   template <class Origin>
   bool enqueue(detail::task& work, const Origin& origin) noexcept {
     std::uint64_t position = 0;
