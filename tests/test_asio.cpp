@@ -11,8 +11,11 @@
 // waited out.
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
+#include <weft/channel.hpp>
 #include <weft/manual_clock.hpp>
+#include <weft/resource_pool.hpp>
 #include <weft/semaphore.hpp>
+#include <weft/task_group.hpp>
 #include <weft/wait_group.hpp>
 #include <weft/worker_pool.hpp>
 
@@ -293,6 +296,55 @@ TEST_CASE("async_acquire with deferred takes nothing until the operation is laun
   CHECK(result.permit.count() == 2);
   result.permit.release();
   CHECK(sem.available() == 2);
+}
+
+// With no completion token an operation is deferred (Asio 1.81's own
+// default is void: such a call did not compile), so a coroutine may
+// co_await it directly.
+TEST_CASE("every weft async operation called without a token is deferred, and co_await runs it" *
+          doctest::timeout(60)) {
+  asio::io_context io;
+  weft::semaphore sem{1};
+  weft::wait_group pending;
+  weft::channel<int> numbers{1};
+  weft::cancel_source stop;
+  weft::resource_pool<int> connections{{.max_open = 1}, [] { return 42; }, [](int&) {}};
+  weft::worker_pool pool{{.workers = 1}};
+  weft::task_group group{pool.executor()};
+  std::atomic<bool> task_ran{false};
+  group.go([&] { task_ran = true; });
+
+  // Nothing starts before it is launched.
+  auto acquire = weft::async_acquire(sem, 1);
+  CHECK(sem.available() == 1);
+
+  bool finished = false;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto permit = co_await std::move(acquire);
+        CHECK(permit.count() == 1);
+        CHECK(sem.available() == 0);
+        co_await weft::async_wait(pending);  // the count is zero
+        co_await weft::async_send(numbers, 7);
+        CHECK(co_await weft::async_recv(numbers) == std::optional<int>{7});
+        stop.cancel();
+        co_await weft::async_wait(stop.token());
+        // Boost 1.81 cannot co_await an operation that completes with an
+        // exception_ptr and a value (chriskohlhoff/asio#1172): launched
+        // with use_awaitable instead, the deferred operation still works.
+        auto lease = co_await weft::async_acquire(connections)(asio::use_awaitable);
+        CHECK(*lease == 42);
+        co_await weft::async_wait(group);  // rethrows nothing: the task did not fail
+        CHECK(task_ran.load());
+        finished = true;
+      },
+      [](std::exception_ptr error) {
+        if (error) std::rethrow_exception(error);
+      });
+  io.run();
+  CHECK(finished);
+  CHECK(sem.available() == 1);
 }
 
 TEST_CASE("async_acquire with use_future delivers the permit through the future" *

@@ -24,8 +24,8 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <atomic>
@@ -146,7 +146,7 @@ class token_waiter final : public callback_node,
 // through the executor, if it already is), or with weft::errc::cancelled if
 // the wait itself is cancelled through the handler's cancellation slot.
 // A token that can never be cancelled throws std::logic_error.
-template <class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+template <class CompletionToken = boost::asio::deferred_t>
 auto async_wait(const cancel_token& token, CompletionToken&& completion_token = {}) {
   if (!token.can_be_cancelled()) {
     throw std::logic_error(

@@ -27,7 +27,7 @@
 #include <weft/detail/asio_waiter.hpp>
 
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/system_executor.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <memory>
@@ -135,9 +135,9 @@ struct channel_access {
 
 }  // namespace detail
 
-template <class T, class Clock,
-          class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
-auto async_send(basic_channel<T, Clock>& channel, std::type_identity_t<T> value, CompletionToken&& token = {}) {
+template <class T, class Clock, class CompletionToken = boost::asio::deferred_t>
+auto async_send(basic_channel<T, Clock>& channel, std::type_identity_t<T> value,
+                CompletionToken&& token = {}) {
   return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
       [](auto handler, basic_channel<T, Clock>* target, T moved) {
         detail::channel_access<T, Clock>::async_send(*target, std::move(moved), std::move(handler));
@@ -145,8 +145,7 @@ auto async_send(basic_channel<T, Clock>& channel, std::type_identity_t<T> value,
       token, &channel, std::move(value));
 }
 
-template <class T, class Clock,
-          class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+template <class T, class Clock, class CompletionToken = boost::asio::deferred_t>
 auto async_recv(basic_channel<T, Clock>& channel, CompletionToken&& token = {}) {
   return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code, std::optional<T>)>(
       [](auto handler, basic_channel<T, Clock>* target) {

@@ -28,6 +28,7 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
@@ -125,8 +126,7 @@ struct resource_pool_access {
 
 }  // namespace detail
 
-template <class R, class Clock,
-          class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+template <class R, class Clock, class CompletionToken = boost::asio::deferred_t>
 auto async_acquire(basic_resource_pool<R, Clock>& pool, CompletionToken&& token = {}) {
   using lease = typename basic_resource_pool<R, Clock>::lease;
   return boost::asio::async_initiate<CompletionToken, void(std::exception_ptr, lease)>(

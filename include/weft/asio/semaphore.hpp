@@ -22,6 +22,7 @@
 #include <weft/semaphore.hpp>
 
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
 
@@ -119,9 +120,9 @@ struct semaphore_access {
 
 }  // namespace detail
 
-template <class Clock,
-          class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
-auto async_acquire(basic_semaphore<Clock>& semaphore, std::ptrdiff_t n, CompletionToken&& token = {}) {
+template <class Clock, class CompletionToken = boost::asio::deferred_t>
+auto async_acquire(basic_semaphore<Clock>& semaphore, std::ptrdiff_t n,
+                   CompletionToken&& token = {}) {
   detail::semaphore_access::check_weight(semaphore, n);
   using permit = typename basic_semaphore<Clock>::permit;
   return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code, permit)>(

@@ -93,9 +93,9 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/compose.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/strand.hpp>
-#include <boost/asio/system_executor.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/system/system_error.hpp>
 
@@ -109,7 +109,7 @@
 
 namespace weft {
 
-template <class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+template <class CompletionToken = boost::asio::deferred_t>
 auto async_wait(task_group& group, CompletionToken&& token = {}) {
   return boost::asio::async_compose<CompletionToken, void(std::exception_ptr)>(
       [&group, waiting = false](auto& self, boost::system::error_code error = {}) mutable {

@@ -13,7 +13,7 @@
 #include <weft/wait_group.hpp>
 
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/system_executor.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <memory>
@@ -54,8 +54,7 @@ struct wait_group_access {
 
 }  // namespace detail
 
-template <class Clock,
-          class CompletionToken = boost::asio::default_completion_token_t<boost::asio::system_executor>>
+template <class Clock, class CompletionToken = boost::asio::deferred_t>
 auto async_wait(basic_wait_group<Clock>& group, CompletionToken&& token = {}) {
   return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
       [](auto handler, basic_wait_group<Clock>* target) {
