@@ -3,7 +3,7 @@
 // any Asio completion token (use_awaitable, callbacks, deferred, use_future),
 // per-operation cancellation through the handler's cancellation slot, and
 // completion on the handler's associated executor. With no token, an
-// operation is deferred, as Asio's own are from Boost 1.87: it returns an
+// operation is deferred, as Asio's own are from Boost 1.86: it returns an
 // operation to co_await in an awaitable coroutine, or to launch later with
 // a token (`co_await weft::async_acquire(sem, 1)`). Asio 1.81's own default,
 // which weft used before, is void, and a call without a token did not
