@@ -641,12 +641,10 @@ class worker_pool {
   }
 
   // Queues `work` (moving it) if there is room, and makes sure a worker is
-  // awake to take it. False when the queue is full or closed: a push that
-  // fails because a worker that claimed the slot's last task is still
-  // moving it out (a noexcept move, a few instructions unless it blocks)
-  // waits for that instead. Taken for "full", it made a post under
-  // overflow::reject throw, try_post return false and caller_runs run the
-  // task on its caller, with room in the queue.
+  // awake to take it. False when the queue is full or closed; a slot that
+  // a worker is still emptying is waited for (push_unless_full): taken for
+  // "full", it made a post under overflow::reject throw, try_post return
+  // false and caller_runs run the task on its caller, with room in the queue.
   template <class Origin>
   bool enqueue(detail::task& work, const Origin& origin) noexcept {
     std::uint64_t position = 0;
@@ -655,10 +653,7 @@ class worker_pool {
       id = detail::store_origin(cell.origin, origin);
       if (timed(at)) cell.queued_ns = now_ns();
     };
-    for (detail::backoff pause; !ring_.try_push(work, fill, &position);) {
-      if (ring_.closed() || ring_.full()) return false;
-      if (!pause.wait()) std::this_thread::yield();
-    }
+    if (!ring_.push_unless_full(work, fill, &position)) return false;
     detail::accepted(id);
     if (position % 64 == 0) note_queued(ring_.size());
     // The push claimed its position with a seq_cst compare-and-swap; a

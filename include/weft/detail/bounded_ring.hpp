@@ -52,12 +52,15 @@
 // keep 64.
 #pragma once
 
+#include <weft/detail/backoff.hpp>
+
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <thread>
 #include <utility>
 
 namespace weft::detail {
@@ -93,6 +96,19 @@ class bounded_ring {
   // value's position: how many values were pushed before it.
   bool try_push(T& value, std::uint64_t* position = nullptr) noexcept {
     return try_push(value, [](Cell&, std::uint64_t) noexcept {}, position);
+  }
+
+  // try_push that fails only when the ring is full or closed: a push that
+  // finds its slot still held by a consumer that claimed its value (and is
+  // moving it out, a noexcept move) waits for that instead, polling, then
+  // yielding.
+  template <class Fill>
+  bool push_unless_full(T& value, Fill&& fill, std::uint64_t* position = nullptr) noexcept {
+    for (backoff pause; !try_push(value, fill, position);) {
+      if (closed() || full()) return false;
+      if (!pause.wait()) std::this_thread::yield();
+    }
+    return true;
   }
 
   // try_push that calls fill(cell, position) once it owns the slot, before
