@@ -11,6 +11,7 @@
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
+#include <weft/detail/futex.hpp>
 #include <weft/manual_clock.hpp>
 #include <weft/registry.hpp>
 #include <weft/worker_pool.hpp>
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -194,6 +196,90 @@ TEST_CASE(
     released = true;
     receiver.join();
     CHECK(ch.send_until(stalling_move{3}, past) == wait_status::ok);
+  }
+}
+
+// The ring's try_push fails while the receiver that claimed a slot is still
+// moving its value out, and its try_pop while the sender that claimed the
+// oldest value is still moving it in. Behind that claim the other side may
+// already have finished a later operation: here a second receive (a send)
+// has returned, so the channel has room (a value), and try_send (try_recv)
+// used to report it full (empty). They now wait the move out. The stall
+// ends after a random spin, so that with the old behaviour the try would
+// almost always have come first.
+TEST_CASE(
+    "channel: try_send and try_recv wait out a move in flight that a finished operation overtook" *
+    doctest::timeout(60)) {
+  using weft_test::stalling_move;
+  std::mt19937_64 rng{20261207};
+  const auto release_later = [&](std::atomic<bool>& trying, std::atomic<bool>& released) {
+    spin_until([&] { return trying.load(); });
+    for (auto spins = rng() % 20'000; spins != 0; --spins) weft::detail::cpu_relax();
+    released = true;
+  };
+  constexpr int rounds = 20;
+
+  SUBCASE("try_send, while a receiver moves the oldest value out") {
+    for (int round = 0; round < rounds; ++round) {
+      std::atomic<bool> entered{false};
+      std::atomic<bool> released{false};
+      std::atomic<bool> trying{false};
+      weft::channel<stalling_move> ch{2};
+      stalling_move first{1};
+      first.arm(2, entered, released);  // the first move is into the ring, the second out of it
+      REQUIRE(ch.try_send(std::move(first)));
+      REQUIRE(ch.try_send(stalling_move{2}));
+      std::optional<stalling_move> stalled;
+      std::thread receiver([&] { stalled = ch.try_recv(); });
+      spin_until([&] { return entered.load(); });
+      const auto overtaking = ch.try_recv();
+      REQUIRE(overtaking.has_value());
+      CHECK(overtaking->value == 2);
+      bool sent = false;
+      std::thread sender([&] {
+        trying = true;
+        sent = ch.try_send(stalling_move{3});
+      });
+      release_later(trying, released);
+      sender.join();
+      receiver.join();
+      CHECK(sent);
+      REQUIRE(stalled.has_value());
+      CHECK(stalled->value == 1);
+      const auto third = ch.try_recv();
+      REQUIRE(third.has_value());
+      CHECK(third->value == 3);
+    }
+  }
+  SUBCASE("try_recv, while a sender moves the oldest value in") {
+    for (int round = 0; round < rounds; ++round) {
+      std::atomic<bool> entered{false};
+      std::atomic<bool> released{false};
+      std::atomic<bool> trying{false};
+      weft::channel<stalling_move> ch{2};
+      bool first_sent = false;
+      std::thread stalled_sender([&] {
+        stalling_move first{1};
+        first.arm(1, entered, released);
+        first_sent = ch.try_send(std::move(first));
+      });
+      spin_until([&] { return entered.load(); });
+      REQUIRE(ch.try_send(stalling_move{2}));
+      std::optional<stalling_move> got;
+      std::thread receiver([&] {
+        trying = true;
+        got = ch.try_recv();
+      });
+      release_later(trying, released);
+      receiver.join();
+      stalled_sender.join();
+      CHECK(first_sent);
+      REQUIRE(got.has_value());
+      CHECK(got->value == 1);
+      const auto second = ch.try_recv();
+      REQUIRE(second.has_value());
+      CHECK(second->value == 2);
+    }
   }
 }
 

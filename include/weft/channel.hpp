@@ -221,7 +221,11 @@ class basic_channel {
   // ---- send ----
 
   // Sends if there is room now (for a rendezvous channel: if a receiver
-  // waits); never blocks. On false (full or closed) `value` is untouched.
+  // waits); never waits for room. On false (full or closed) `value` is
+  // untouched. It may wait for a receiver that is moving a value out of the
+  // slot this send takes (a noexcept move; longer only if that thread is
+  // preempted there): the channel has room then, as a later receive may
+  // already have returned.
   [[nodiscard]] bool try_send(T&& value) { return try_send_value(value); }
   [[nodiscard]] bool try_send(const T& value) {
     T copy(value);
@@ -255,7 +259,10 @@ class basic_channel {
   // ---- receive ----
 
   // A value if one is ready now (for a rendezvous channel: if a sender
-  // waits); never blocks. Empty when there is none, or closed and drained.
+  // waits); never waits for one. Empty when there is none, or closed and
+  // drained. It may wait for a sender that is moving the oldest value in, as
+  // try_send may wait for a receiver: the channel holds a value then, as a
+  // later send may already have returned.
   std::optional<T> try_recv() {
     std::optional<T> out;
     if (rendezvous()) {
@@ -265,7 +272,7 @@ class basic_channel {
       return out;
     }
     T value;
-    if (!fast_pop(value)) return out;
+    if (!fast_pop(value, claim_in_flight::wait_out)) return out;
     out.emplace(std::move(value));
     return out;
   }
@@ -433,25 +440,35 @@ class basic_channel {
     };
   }
 
+  // What a fast push or pop does on a slot the other side has claimed and
+  // not yet handed over: try_send and try_recv, which report full or empty,
+  // wait that out; the waits fail at once and look again until their
+  // deadline.
+  enum class claim_in_flight { fail, wait_out };
+
   // Pushes and then feeds the receivers that wait, if any. Skips the ring
   // while senders wait, so a queued sender is not overtaken. Queued
   // receivers registered their mark (seq_cst) before they looked at the
   // ring's claim counters, and the push claims its slot with a seq_cst
   // compare-and-swap before it reads the mark, so either the receiver saw
   // the claim (and did not queue) or the push sees its mark.
-  bool fast_push(T& value) noexcept {
+  bool fast_push(T& value, claim_in_flight on_claim = claim_in_flight::fail) noexcept {
     if (senders_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const bool pushed = ring_.try_push(value, waking_hook_if(receivers_waiting_, waking));
+    const auto hook = waking_hook_if(receivers_waiting_, waking);
+    const bool pushed = on_claim == claim_in_flight::wait_out ? ring_.push_unless_full(value, hook)
+                                                              : ring_.try_push(value, hook);
     if (waking) finish_push();
     return pushed;
   }
 
   // Pops and then admits the senders that wait, if any (as fast_push).
-  bool fast_pop(T& value) noexcept {
+  bool fast_pop(T& value, claim_in_flight on_claim = claim_in_flight::fail) noexcept {
     if (receivers_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const bool popped = ring_.try_pop(value, waking_hook_if(senders_waiting_, waking));
+    const auto hook = waking_hook_if(senders_waiting_, waking);
+    const bool popped = on_claim == claim_in_flight::wait_out ? ring_.pop_unless_empty(value, hook)
+                                                              : ring_.try_pop(value, hook);
     if (waking) finish_pop();
     return popped;
   }
@@ -596,7 +613,7 @@ class basic_channel {
       auto lock = receivers_.lock();
       return !ring_.closed() && give_to_receiver(value, done);
     }
-    return fast_push(value);
+    return fast_push(value, claim_in_flight::wait_out);
   }
 
   template <class WaitClock, class Duration>

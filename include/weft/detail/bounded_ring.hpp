@@ -16,10 +16,13 @@
 //
 // try_pop fails both when the ring is empty and when the producer that
 // claimed the next position has not published it yet, and try_push fails
-// while the consumer that claimed a slot's last value is still taking it. A
-// caller that sleeps when the ring looks empty (or full) must decide by the
-// claim counters (claimed_unpopped, full), which move first, and spin while
-// a claim is in flight.
+// while the consumer that claimed a slot's last value is still taking it.
+// Neither failure means empty (or full): another producer may have
+// published a later value, another consumer may have freed a later slot,
+// and both may have returned. A caller that reports empty or full, or
+// sleeps on it, must decide by the claim counters (claimed_unpopped, full),
+// which move first, and spin while a claim is in flight: pop_unless_empty
+// and push_unless_full do.
 //
 // The capacity is exact and may be any positive number.
 //
@@ -140,6 +143,19 @@ class bounded_ring {
   // Moves the oldest value into `out` and returns true, or returns false.
   bool try_pop(T& out) noexcept {
     return try_pop(out, [](const Cell&, std::uint64_t) noexcept {});
+  }
+
+  // try_pop that fails only when no value is pushed or being pushed: a pop
+  // that finds the oldest value's slot claimed by a producer still moving
+  // the value in (a noexcept move) waits for that instead, polling, then
+  // yielding.
+  template <class Take>
+  bool pop_unless_empty(T& out, Take&& take) noexcept {
+    for (backoff pause; !try_pop(out, take);) {
+      if (!claimed_unpopped()) return false;
+      if (!pause.wait()) std::this_thread::yield();
+    }
+    return true;
   }
 
   // try_pop that calls take(cell, position) once it owns the slot and `out`
