@@ -415,27 +415,33 @@ TEST_CASE("channel: deadlines on a manual clock, for buffered and rendezvous cha
   }
 }
 
+// Capacities that find their slots by division (3) and by mask (1, 16).
 TEST_CASE("channel: each producer's values arrive in the order it sent them (FIFO across producers)") {
-  constexpr int producers = 4;
-  constexpr int per_producer = weft_test::under_sanitizer ? 2000 : 20000;
-  weft::channel<std::int64_t> ch{16};
-  std::vector<std::thread> threads;
-  for (int p = 0; p < producers; ++p) {
-    threads.emplace_back([&, p] {
-      for (int i = 0; i < per_producer; ++i) REQUIRE(ch.send(std::int64_t{p} << 32 | i) == wait_status::ok);
-    });
+  for (const std::size_t capacity : {1u, 3u, 16u}) {
+    CAPTURE(capacity);
+    constexpr int producers = 4;
+    constexpr int per_producer = weft_test::under_sanitizer ? 2000 : 20000;
+    weft::channel<std::int64_t> ch{capacity};
+    std::vector<std::thread> threads;
+    for (int p = 0; p < producers; ++p) {
+      threads.emplace_back([&, p] {
+        for (int i = 0; i < per_producer; ++i)
+          REQUIRE(ch.send(std::int64_t{p} << 32 | i) == wait_status::ok);
+      });
+    }
+    std::vector<int> next(producers, 0);
+    std::atomic<int> out_of_order{0};
+    for (int received = 0; received < producers * per_producer; ++received) {
+      const auto value = *ch.recv();
+      const auto producer = static_cast<std::size_t>(value >> 32);
+      if ((value & 0xffffffff) != next[producer]) ++out_of_order;
+      next[producer] = static_cast<int>(value & 0xffffffff) + 1;
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(out_of_order == 0);
+    CHECK(next == std::vector<int>(producers, per_producer));
+    CHECK(ch.stats().sent == producers * per_producer);
   }
-  std::vector<int> next(producers, 0);
-  std::atomic<int> out_of_order{0};
-  for (int received = 0; received < producers * per_producer; ++received) {
-    const auto value = *ch.recv();
-    const auto producer = static_cast<std::size_t>(value >> 32);
-    if ((value & 0xffffffff) != next[producer]) ++out_of_order;
-    next[producer] = static_cast<int>(value & 0xffffffff) + 1;
-  }
-  for (auto& thread : threads) thread.join();
-  CHECK(out_of_order == 0);
-  CHECK(ch.stats().sent == producers * per_producer);
 }
 
 TEST_CASE("channel: many producers and consumers, buffered and rendezvous: every value exactly once") {

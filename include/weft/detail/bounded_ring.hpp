@@ -24,7 +24,8 @@
 // which move first, and spin while a claim is in flight: pop_unless_empty
 // and push_unless_full do.
 //
-// The capacity is exact and may be any positive number.
+// The capacity is exact and may be any positive number; a power of two
+// finds its slots fastest (see slot_at).
 //
 // close() makes every later try_push fail, atomically with respect to
 // claims: it sets a bit in the tail, so a producer's claim either came
@@ -121,7 +122,7 @@ class bounded_ring {
     auto pos = tail_.load(std::memory_order_relaxed);
     for (;;) {
       if ((pos & closed_bit) != 0) return false;
-      slot& s = slots_[pos % capacity_];
+      slot& s = slot_at(pos);
       const auto sequence = s.sequence.load(std::memory_order_acquire);
       const auto lag = static_cast<std::int64_t>(sequence - free_for(pos));
       if (lag == 0) {
@@ -164,7 +165,7 @@ class bounded_ring {
   bool try_pop(T& out, Take&& take) noexcept {
     auto pos = head_.load(std::memory_order_relaxed);
     for (;;) {
-      slot& s = slots_[pos % capacity_];
+      slot& s = slot_at(pos);
       const auto sequence = s.sequence.load(std::memory_order_acquire);
       const auto lag = static_cast<std::int64_t>(sequence - holds(pos));
       if (lag == 0) {
@@ -192,11 +193,11 @@ class bounded_ring {
     for (;;) {
       std::size_t count = 0;
       while (count < max &&
-             slots_[(pos + count) % capacity_].sequence.load(std::memory_order_acquire) == holds(pos + count)) {
+             slot_at(pos + count).sequence.load(std::memory_order_acquire) == holds(pos + count)) {
         ++count;
       }
       if (count == 0) {
-        const auto sequence = slots_[pos % capacity_].sequence.load(std::memory_order_acquire);
+        const auto sequence = slot_at(pos).sequence.load(std::memory_order_acquire);
         if (static_cast<std::int64_t>(sequence - holds(pos)) < 0) return 0;
         pos = head_.load(std::memory_order_relaxed);  // another consumer took it
         continue;
@@ -212,7 +213,7 @@ class bounded_ring {
   // `out`, calls take(cell, position), and frees the slot.
   template <class Take>
   void take_claimed(std::uint64_t position, T& out, Take&& take) noexcept {
-    slot& s = slots_[position % capacity_];
+    slot& s = slot_at(position);
     T* value = std::launder(reinterpret_cast<T*>(s.storage));
     out = std::move(*value);
     value->~T();
@@ -239,7 +240,7 @@ class bounded_ring {
     const auto last = tail_.load(std::memory_order_acquire) & ~closed_bit;
     const auto first = last > capacity_ ? last - capacity_ : 0;
     for (auto pos = first; pos < last; ++pos) {
-      const slot& s = slots_[pos % capacity_];
+      const slot& s = slot_at(pos);
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
       auto copy = read(s.cell);
       if (s.sequence.load(std::memory_order_acquire) != holds(pos)) continue;
@@ -293,7 +294,7 @@ class bounded_ring {
   // now may not show yet.
   bool has_ready() const noexcept {
     const auto pos = head_.load(std::memory_order_relaxed);
-    return slots_[pos % capacity_].sequence.load(std::memory_order_acquire) == holds(pos);
+    return slot_at(pos).sequence.load(std::memory_order_acquire) == holds(pos);
   }
 
  private:
@@ -309,7 +310,19 @@ class bounded_ring {
     [[no_unique_address]] Cell cell;
   };
 
+  // Every push and pop finds its slot by its position modulo the
+  // capacity: a mask for a power of two, else a 64-bit division, which
+  // costs tens of cycles (pool_tiny_tasks at 1 and 2 workers, queue
+  // capacity 1024, ran 2-9% faster with the mask, four interleaved pairs
+  // on 2 cores).
+  slot& slot_at(std::uint64_t position) const noexcept {
+    return slots_[index_mask_ != 0 ? position & index_mask_ : position % capacity_];
+  }
+
   const std::size_t capacity_;
+  // capacity_ - 1 for a power of two above 1, else 0 (a capacity of 1
+  // divides, cheaply).
+  const std::uint64_t index_mask_ = (capacity_ & (capacity_ - 1)) == 0 ? capacity_ - 1 : 0;
   std::unique_ptr<slot[]> slots_;
   alignas(64) std::atomic<std::uint64_t> tail_{0};
   alignas(64) std::atomic<std::uint64_t> head_{0};
