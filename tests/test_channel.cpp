@@ -199,63 +199,65 @@ TEST_CASE(
   }
 }
 
-// The ring's try_push fails while the receiver that claimed a slot is still
-// moving its value out, and its try_pop while the sender that claimed the
-// oldest value is still moving it in. Behind that claim the other side may
-// already have finished a later operation: here a second receive (a send)
-// has returned, so the channel has room (a value), and try_send (try_recv)
-// used to report it full (empty). They now wait the move out. The stall
-// ends after a random spin, so that with the old behaviour the try would
-// almost always have come first.
-TEST_CASE(
-    "channel: try_send and try_recv wait out a move in flight that a finished operation overtook" *
-    doctest::timeout(60)) {
+// try_send and try_recv used to report full (empty) while another thread
+// was in the middle of a hand-off, though a receive (a send) that came
+// after it had already returned, so the channel had room (a value):
+//  - the ring's try_push fails while the receiver that claimed a slot is
+//    still moving its value out, and try_pop while the sender that claimed
+//    the oldest slot is still moving its value in;
+//  - the fast paths defer to queued senders (receivers), whose marks stay up
+//    until the hand-off to them, held up by such a move, is done.
+// They now wait the hand-off out. Each case stalls one move
+// (weft_test::stalling_move) and ends the stall after a random spin, so
+// that with the old behaviour the try would almost always have come first.
+TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished operation overtook" *
+          doctest::timeout(60)) {
   using weft_test::stalling_move;
   std::mt19937_64 rng{20261207};
-  const auto release_later = [&](std::atomic<bool>& trying, std::atomic<bool>& released) {
+  std::atomic<bool> entered{false};
+  std::atomic<bool> released{false};
+  std::atomic<bool> trying{false};
+  // Runs `attempt` on a thread of its own and ends the stall once it has
+  // begun.
+  const auto try_during_stall = [&](auto attempt) {
+    std::thread trier([&] {
+      trying = true;
+      attempt();
+    });
     spin_until([&] { return trying.load(); });
     for (auto spins = rng() % 20'000; spins != 0; --spins) weft::detail::cpu_relax();
     released = true;
+    trier.join();
+  };
+  const auto value_of = [](const std::optional<stalling_move>& got) {
+    return got ? got->value : -1;
   };
   constexpr int rounds = 20;
 
   SUBCASE("try_send, while a receiver moves the oldest value out") {
     for (int round = 0; round < rounds; ++round) {
-      std::atomic<bool> entered{false};
-      std::atomic<bool> released{false};
-      std::atomic<bool> trying{false};
+      entered = released = trying = false;
       weft::channel<stalling_move> ch{2};
       stalling_move first{1};
       first.arm(2, entered, released);  // the first move is into the ring, the second out of it
-      REQUIRE(ch.try_send(std::move(first)));
-      REQUIRE(ch.try_send(stalling_move{2}));
+      CHECK(ch.try_send(std::move(first)));
+      CHECK(ch.try_send(stalling_move{2}));
       std::optional<stalling_move> stalled;
       std::thread receiver([&] { stalled = ch.try_recv(); });
       spin_until([&] { return entered.load(); });
       const auto overtaking = ch.try_recv();
-      REQUIRE(overtaking.has_value());
-      CHECK(overtaking->value == 2);
       bool sent = false;
-      std::thread sender([&] {
-        trying = true;
-        sent = ch.try_send(stalling_move{3});
-      });
-      release_later(trying, released);
-      sender.join();
+      try_during_stall([&] { sent = ch.try_send(stalling_move{3}); });
       receiver.join();
+      CHECK(value_of(overtaking) == 2);
       CHECK(sent);
-      REQUIRE(stalled.has_value());
-      CHECK(stalled->value == 1);
-      const auto third = ch.try_recv();
-      REQUIRE(third.has_value());
-      CHECK(third->value == 3);
+      CHECK(value_of(stalled) == 1);
+      CHECK(value_of(ch.try_recv()) == 3);
     }
   }
   SUBCASE("try_recv, while a sender moves the oldest value in") {
     for (int round = 0; round < rounds; ++round) {
-      std::atomic<bool> entered{false};
-      std::atomic<bool> released{false};
-      std::atomic<bool> trying{false};
+      entered = released = trying = false;
       weft::channel<stalling_move> ch{2};
       bool first_sent = false;
       std::thread stalled_sender([&] {
@@ -264,21 +266,71 @@ TEST_CASE(
         first_sent = ch.try_send(std::move(first));
       });
       spin_until([&] { return entered.load(); });
-      REQUIRE(ch.try_send(stalling_move{2}));
+      const bool overtaking_sent = ch.try_send(stalling_move{2});
       std::optional<stalling_move> got;
-      std::thread receiver([&] {
-        trying = true;
-        got = ch.try_recv();
-      });
-      release_later(trying, released);
-      receiver.join();
+      try_during_stall([&] { got = ch.try_recv(); });
       stalled_sender.join();
+      CHECK(overtaking_sent);
       CHECK(first_sent);
-      REQUIRE(got.has_value());
-      CHECK(got->value == 1);
-      const auto second = ch.try_recv();
-      REQUIRE(second.has_value());
-      CHECK(second->value == 2);
+      CHECK(value_of(got) == 1);
+      CHECK(value_of(ch.try_recv()) == 2);
+    }
+  }
+  SUBCASE("try_send, while room goes to a queued sender") {
+    for (int round = 0; round < rounds; ++round) {
+      entered = released = trying = false;
+      weft::channel<stalling_move> ch{2};
+      stalling_move first{1};
+      first.arm(2, entered, released);
+      CHECK(ch.try_send(std::move(first)));
+      CHECK(ch.try_send(stalling_move{2}));
+      wait_status queued_status = wait_status::closed;
+      std::thread queued_sender([&] { queued_status = ch.send(stalling_move{3}); });
+      wait_for_senders(ch, 1);
+      std::optional<stalling_move> stalled;
+      std::thread receiver([&] { stalled = ch.try_recv(); });
+      spin_until([&] { return entered.load(); });
+      // Its pop admits the queued sender into the room it made, at the
+      // slot the stalled receive still holds, so the queue keeps its mark.
+      const auto overtaking = ch.try_recv();
+      bool sent = false;
+      try_during_stall([&] { sent = ch.try_send(stalling_move{4}); });
+      receiver.join();
+      queued_sender.join();
+      CHECK(value_of(overtaking) == 2);
+      CHECK(sent);
+      CHECK(queued_status == wait_status::ok);
+      CHECK(value_of(stalled) == 1);
+      CHECK(value_of(ch.try_recv()) == 3);
+      CHECK(value_of(ch.try_recv()) == 4);
+    }
+  }
+  SUBCASE("try_recv, while a value goes to a queued receiver") {
+    for (int round = 0; round < rounds; ++round) {
+      entered = released = trying = false;
+      weft::channel<stalling_move> ch{2};
+      std::optional<stalling_move> queued_got;
+      std::thread queued_receiver([&] { queued_got = ch.recv(); });
+      wait_for_receivers(ch, 1);
+      bool first_sent = false;
+      std::thread stalled_sender([&] {
+        stalling_move first{1};
+        first.arm(1, entered, released);
+        first_sent = ch.try_send(std::move(first));
+      });
+      spin_until([&] { return entered.load(); });
+      // Its push feeds the queued receiver, from the slot the stalled send
+      // still holds, so the queue keeps its mark.
+      const bool overtaking_sent = ch.try_send(stalling_move{2});
+      std::optional<stalling_move> got;
+      try_during_stall([&] { got = ch.try_recv(); });
+      stalled_sender.join();
+      queued_receiver.join();
+      CHECK(overtaking_sent);
+      CHECK(first_sent);
+      CHECK(value_of(queued_got) == 1);
+      CHECK(value_of(got) == 2);
+      CHECK_FALSE(ch.try_recv().has_value());
     }
   }
 }

@@ -25,10 +25,18 @@
 //  - A failed send never loses the value: the overloads that take an rvalue
 //    move from it only on success, so the caller still holds it.
 //  - The waiting forms come in the three forms of every weft wait: try_
-//    (never blocks), blocking (as long as it takes, or until a cancel_token,
-//    a duration or a time point), and async in weft/asio.hpp (async_send,
-//    async_recv, with any completion token). Threads and coroutines share
-//    one channel. weft::select (select.hpp) waits on several operations.
+//    (never waits for room or a value), blocking (as long as it takes, or
+//    until a cancel_token, a duration or a time point), and async in
+//    weft/asio.hpp (async_send, async_recv, with any completion token).
+//    Threads and coroutines share one channel. weft::select (select.hpp)
+//    waits on several operations.
+//  - try_send reports full, and try_recv empty, only when that is so at
+//    one moment of the call. They wait out a hand-off another thread is in
+//    the middle of, as Go's try forms wait for a channel's lock: a value
+//    being moved into or out of the slot they need (a move and the
+//    moved-from value's destructor), and room or values being handed to
+//    queued waiters. Without that wait, a try could miss room or a value
+//    that a send or receive which had already returned left behind.
 //  - A task blocked here is listed by the task registry as blocked on
 //    `channel "name" send` or `channel "name" recv`.
 //
@@ -72,6 +80,7 @@
 #include <iterator>
 #include <optional>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -221,11 +230,9 @@ class basic_channel {
   // ---- send ----
 
   // Sends if there is room now (for a rendezvous channel: if a receiver
-  // waits); never waits for room. On false (full or closed) `value` is
-  // untouched. It may wait for a receiver that is moving a value out of the
-  // slot this send takes (a noexcept move; longer only if that thread is
-  // preempted there): the channel has room then, as a later receive may
-  // already have returned.
+  // waits); never waits for room, but may wait out a hand-off in progress
+  // (see the top of this file). On false (full or closed) `value` is
+  // untouched.
   [[nodiscard]] bool try_send(T&& value) { return try_send_value(value); }
   [[nodiscard]] bool try_send(const T& value) {
     T copy(value);
@@ -259,10 +266,9 @@ class basic_channel {
   // ---- receive ----
 
   // A value if one is ready now (for a rendezvous channel: if a sender
-  // waits); never waits for one. Empty when there is none, or closed and
-  // drained. It may wait for a sender that is moving the oldest value in, as
-  // try_send may wait for a receiver: the channel holds a value then, as a
-  // later send may already have returned.
+  // waits); never waits for one, but may wait out a hand-off in progress
+  // (see the top of this file). Empty when there is none, or closed and
+  // drained.
   std::optional<T> try_recv() {
     std::optional<T> out;
     if (rendezvous()) {
@@ -272,7 +278,7 @@ class basic_channel {
       return out;
     }
     T value;
-    if (!fast_pop(value, claim_in_flight::wait_out)) return out;
+    if (!pop_if_ready(value)) return out;
     out.emplace(std::move(value));
     return out;
   }
@@ -440,35 +446,55 @@ class basic_channel {
     };
   }
 
-  // What a fast push or pop does on a slot the other side has claimed and
-  // not yet handed over: try_send and try_recv, which report full or empty,
-  // wait that out; the waits fail at once and look again until their
-  // deadline.
-  enum class claim_in_flight { fail, wait_out };
-
   // Pushes and then feeds the receivers that wait, if any. Skips the ring
   // while senders wait, so a queued sender is not overtaken. Queued
   // receivers registered their mark (seq_cst) before they looked at the
   // ring's claim counters, and the push claims its slot with a seq_cst
   // compare-and-swap before it reads the mark, so either the receiver saw
   // the claim (and did not queue) or the push sees its mark.
-  bool fast_push(T& value, claim_in_flight on_claim = claim_in_flight::fail) noexcept {
+  bool fast_push(T& value) noexcept {
     if (senders_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const auto hook = waking_hook_if(receivers_waiting_, waking);
-    const bool pushed = on_claim == claim_in_flight::wait_out ? ring_.push_unless_full(value, hook)
-                                                              : ring_.try_push(value, hook);
+    const bool pushed = ring_.try_push(value, waking_hook_if(receivers_waiting_, waking));
     if (waking) finish_push();
     return pushed;
   }
 
   // Pops and then admits the senders that wait, if any (as fast_push).
-  bool fast_pop(T& value, claim_in_flight on_claim = claim_in_flight::fail) noexcept {
+  bool fast_pop(T& value) noexcept {
     if (receivers_waiting_.load(std::memory_order_relaxed)) return false;
     bool waking = false;
-    const auto hook = waking_hook_if(senders_waiting_, waking);
-    const bool popped = on_claim == claim_in_flight::wait_out ? ring_.pop_unless_empty(value, hook)
-                                                              : ring_.try_pop(value, hook);
+    const bool popped = ring_.try_pop(value, waking_hook_if(senders_waiting_, waking));
+    if (waking) finish_pop();
+    return popped;
+  }
+
+  // try_send's push: fast_push that fails only when the ring is full or
+  // closed. Where fast_push fails on a hand-off in progress, it waits that
+  // out: room while senders are queued is theirs, and is being given to
+  // them (a pop that made it saw their mark, see fast_push), and a slot
+  // that a receiver claimed is being emptied.
+  bool push_if_room(T& value) noexcept {
+    for (detail::backoff pause; senders_waiting_.load(std::memory_order_seq_cst);) {
+      if (ring_.closed() || ring_.full()) return false;
+      if (!pause.wait()) std::this_thread::yield();
+    }
+    bool waking = false;
+    const bool pushed = ring_.push_unless_full(value, waking_hook_if(receivers_waiting_, waking));
+    if (waking) finish_push();
+    return pushed;
+  }
+
+  // try_recv's pop, as push_if_room: values while receivers are queued are
+  // being fed to them, and a value whose sender claimed its slot is being
+  // moved in.
+  bool pop_if_ready(T& value) noexcept {
+    for (detail::backoff pause; receivers_waiting_.load(std::memory_order_seq_cst);) {
+      if (!ring_.claimed_unpopped()) return false;
+      if (!pause.wait()) std::this_thread::yield();
+    }
+    bool waking = false;
+    const bool popped = ring_.pop_unless_empty(value, waking_hook_if(senders_waiting_, waking));
     if (waking) finish_pop();
     return popped;
   }
@@ -613,7 +639,7 @@ class basic_channel {
       auto lock = receivers_.lock();
       return !ring_.closed() && give_to_receiver(value, done);
     }
-    return fast_push(value, claim_in_flight::wait_out);
+    return push_if_room(value);
   }
 
   template <class WaitClock, class Duration>

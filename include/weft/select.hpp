@@ -22,7 +22,9 @@
 //  - The result names the case that completed and its status: ok, or closed
 //    (its channel was closed). select with a token or deadline may instead
 //    end with cancelled or timeout and no case; try_select (Go's select with
-//    `default`) ends at once with `none` when no case is ready.
+//    `default`) ends with `none` when no case is ready, without waiting for
+//    one (it waits out a hand-off in progress, as a channel's try_recv and
+//    try_send do, see channel.hpp).
 //  - Handlers run on the selecting thread, after every channel's lock is
 //    released; an exception from one propagates out of select.
 //
@@ -341,14 +343,16 @@ select_result run_select(std::tuple<Cases...>& cases, cancel_state* cancel,
         return result;
       }
       // A case in flight (a sender has claimed a slot and not yet
-      // published it) is not ready yet: try_select does not wait for it,
-      // nor does a select past its deadline.
-      if (poll) return {};
+      // published it, a receiver is still emptying the slot a send needs)
+      // is waited out, by try_select too, as channel's try_recv and
+      // try_send do: another operation may have returned after it, leaving
+      // a value or room behind it. A select past its deadline stops.
       if (in_flight) {
         if (deadline != nullptr && Clock::now() >= *deadline) return gave_up();
         if (!pause.wait()) std::this_thread::yield();
         continue;
       }
+      if (poll) return {};
     }
 
     // Parked on every channel; the first to claim `state` wakes us.
