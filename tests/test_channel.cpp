@@ -58,7 +58,8 @@ void wait_for_senders(const Channel& channel, std::size_t count) {
 
 }  // namespace
 
-TEST_CASE("channel: a buffered channel is FIFO, bounded, and try_ forms never block") {
+TEST_CASE(
+    "channel: a buffered channel is FIFO, bounded, and try_ forms never wait for room or a value") {
   weft::channel<int> ch{3};
   CHECK(ch.capacity() == 3);
   CHECK_FALSE(ch.try_recv());
@@ -290,8 +291,9 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
       std::optional<stalling_move> stalled;
       std::thread receiver([&] { stalled = ch.try_recv(); });
       spin_until([&] { return entered.load(); });
-      // Its pop admits the queued sender into the room it made, at the
-      // slot the stalled receive still holds, so the queue keeps its mark.
+      // Its pop tries to admit the queued sender into the room it made, at
+      // the slot the stalled receive still holds, and fails: the queue
+      // keeps its mark.
       const auto overtaking = ch.try_recv();
       bool sent = false;
       try_during_stall([&] { sent = ch.try_send(stalling_move{4}); });
@@ -319,8 +321,8 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
         first_sent = ch.try_send(std::move(first));
       });
       spin_until([&] { return entered.load(); });
-      // Its push feeds the queued receiver, from the slot the stalled send
-      // still holds, so the queue keeps its mark.
+      // Its push tries to feed the queued receiver from the slot the
+      // stalled send still holds, and fails: the queue keeps its mark.
       const bool overtaking_sent = ch.try_send(stalling_move{2});
       std::optional<stalling_move> got;
       try_during_stall([&] { got = ch.try_recv(); });
@@ -467,7 +469,7 @@ TEST_CASE("channel: deadlines on a manual clock, for buffered and rendezvous cha
   }
 }
 
-// Capacities that find their slots by division (3) and by mask (1, 16).
+// Capacities that find their slots by division (1, 3) and by mask (16).
 TEST_CASE("channel: each producer's values arrive in the order it sent them (FIFO across producers)") {
   for (const std::size_t capacity : {1u, 3u, 16u}) {
     CAPTURE(capacity);

@@ -23,8 +23,8 @@
 //    (its channel was closed). select with a token or deadline may instead
 //    end with cancelled or timeout and no case; try_select (Go's select with
 //    `default`) ends with `none` when no case is ready, without waiting for
-//    one (it waits out a hand-off in progress, as a channel's try_recv and
-//    try_send do, see channel.hpp).
+//    one; like a channel's try_recv and try_send (see channel.hpp), it
+//    waits out a value or a slot another thread is moving.
 //  - Handlers run on the selecting thread, after every channel's lock is
 //    released; an exception from one propagates out of select.
 //
@@ -344,7 +344,7 @@ select_result run_select(std::tuple<Cases...>& cases, cancel_state* cancel,
       }
       // A case in flight (a sender has claimed a slot and not yet
       // published it, a receiver is still emptying the slot a send needs)
-      // is waited out, by try_select too, as channel's try_recv and
+      // is waited out, by try_select too, as the channel's try_recv and
       // try_send do: another operation may have returned after it, leaving
       // a value or room behind it. A select past its deadline stops.
       if (in_flight) {

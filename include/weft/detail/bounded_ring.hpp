@@ -281,19 +281,20 @@ class bounded_ring {
   //   claimed_unpopped: a value is pushed, or being pushed, and not popped.
   //   full: every slot holds, or is about to hold, a value.
   //
-  // Each reads first the counter that makes its answer true and then the
-  // other, with an acquire or seq_cst load so that the second read is
-  // later. claimed_unpopped reads the head first: the head never passes the
-  // tail, so a tail equal to the head read before it means the ring was
-  // empty when the tail was read. Read the other way round, a push and a
-  // pop in between made a ring that always held a value look empty (and
-  // full, reading the head first, a ring that always had room look full).
+  // Each reads the two counters in the order that makes its one exact
+  // answer (empty for claimed_unpopped, full for full) hold at one moment:
+  // a move of the counter read second can only turn it to the safe answer.
+  // claimed_unpopped reads the head first: the head never passes the tail,
+  // so a tail equal to the head read before it means the ring was empty
+  // when the tail was read. Read the other way round, a push and a pop in
+  // between made a ring that always held a value look empty (and full,
+  // reading the head first, a ring that always had room look full).
   bool claimed_unpopped() const noexcept {
     const auto popped_count = head_.load(std::memory_order_seq_cst);
     return (tail_.load(std::memory_order_seq_cst) & ~closed_bit) != popped_count;
   }
   bool full() const noexcept {
-    const auto pushed_count = tail_.load(std::memory_order_acquire) & ~closed_bit;
+    const auto pushed_count = tail_.load(std::memory_order_seq_cst) & ~closed_bit;
     // Popped past what this thread saw pushed: room was made meanwhile.
     const auto popped_count = head_.load(std::memory_order_seq_cst);
     return pushed_count >= popped_count && pushed_count - popped_count >= capacity_;
