@@ -379,6 +379,13 @@ class basic_semaphore {
   //   slot_blocked like slot_empty, but waiters are queued: releases go to
   //                the state word, whose releases grant them.
   //   slot_off     never used again.
+  //   slot_draining  a weighted acquire is moving the parked permit into the
+  //                state's count (drain_slot): for those few instructions
+  //                the permit is in neither, so an acquire that meets this
+  //                value waits it out rather than decline a permit that is
+  //                free; the settler, which holds the queue's mutex the
+  //                drainer may need, blocks the slot instead and lets the
+  //                drainer's release grant the permit.
   // A release never touches the semaphore after its store or
   // compare-and-swap has made the permit free, because the acquirer who
   // takes it may destroy the semaphore at once. So no release looks for
@@ -414,11 +421,12 @@ class basic_semaphore {
   static constexpr std::uintptr_t slot_full = 1;
   static constexpr std::uintptr_t slot_blocked = 2;
   static constexpr std::uintptr_t slot_off = 3;
+  static constexpr std::uintptr_t slot_draining = 4;
 
   static std::uintptr_t tag_of(const detail::thread_record* record) noexcept {
     return reinterpret_cast<std::uintptr_t>(record);
   }
-  static bool is_tag(std::uintptr_t slot) noexcept { return slot > slot_off; }
+  static bool is_tag(std::uintptr_t slot) noexcept { return slot > slot_draining; }
 
   static bool folding_due(std::uint64_t state) noexcept {
     return (state & acquisitions_mask) == acquisitions_mask;
@@ -487,14 +495,20 @@ class basic_semaphore {
   bool take_fast(std::uint64_t n) noexcept { return (n == 1 && take_slot()) || try_take(n); }
 
   // Takes the permit parked in the slot, leaving this thread's tag there.
+  // A drain met here, or one that won the permit from under this thread,
+  // is waited out: the permit is then in the count, where the caller looks
+  // next.
   bool take_slot() noexcept {
     auto slot = slot_.load(std::memory_order_relaxed);
-    if (slot != slot_full) return false;
-    detail::thread_record* record = detail::this_thread_record();
-    if (record == nullptr ||
-        !slot_.compare_exchange_strong(slot, tag_of(record), std::memory_order_seq_cst,
-                                       std::memory_order_relaxed)) {
-      return false;
+    for (;;) {
+      if (slot == slot_draining) slot = wait_out_drain();
+      if (slot != slot_full) return false;
+      detail::thread_record* record = detail::this_thread_record();
+      if (record == nullptr) return false;
+      if (slot_.compare_exchange_strong(slot, tag_of(record), std::memory_order_seq_cst,
+                                        std::memory_order_relaxed)) {
+        break;
+      }
     }
     // Only the thread whose tag is in the slot counts here, and the slot is
     // full again only after it releases: the count has one writer at a time.
@@ -539,12 +553,28 @@ class basic_semaphore {
   bool drain_slot() {
     auto full = slot_full;
     if (slot_.load(std::memory_order_relaxed) != full ||
-        !slot_.compare_exchange_strong(full, slot_empty, std::memory_order_acquire,
+        !slot_.compare_exchange_strong(full, slot_draining, std::memory_order_acquire,
                                        std::memory_order_relaxed)) {
       return false;
     }
     release_slow(1, false);  // its fast loop, unchecked, when nobody waits
+    // Released after the count's update, for those who waited this out.
+    // Blocked or off meanwhile by a settler, the slot stays so.
+    auto draining = slot_draining;
+    slot_.compare_exchange_strong(draining, slot_empty, std::memory_order_release,
+                                  std::memory_order_relaxed);
     return true;
+  }
+
+  // Waits until drain_slot has moved the slot's permit into the count, and
+  // returns the slot's value then.
+  std::uintptr_t wait_out_drain() const noexcept {
+    std::uintptr_t slot = slot_draining;
+    detail::spin_until([&] {
+      slot = slot_.load(std::memory_order_acquire);
+      return slot != slot_draining;
+    });
+    return slot;
   }
 
   void release_to_state(std::uint64_t amount) {
@@ -574,6 +604,9 @@ class basic_semaphore {
   // taken from the count first, which changes the acquisition bits: so the
   // state cannot come back to an earlier value unseen in between (but for a
   // wrap of those bits, after 2^23 acquisitions within the three loads).
+  // A permit that drain_slot is moving from the slot into the count is in
+  // neither for those few instructions, and not counted: one low, never one
+  // high, which is the side release_slow's over-release check needs.
   std::uint64_t free_permits() const noexcept {
     for (;;) {
       const auto before = state_.load(std::memory_order_seq_cst);
@@ -590,12 +623,12 @@ class basic_semaphore {
   bool settle_slot() noexcept {
     for (;;) {
       auto slot = slot_.load(std::memory_order_seq_cst);
-      if (slot == slot_full || slot == slot_empty) {
+      if (slot == slot_full || slot == slot_empty || slot == slot_draining) {
         if (!slot_.compare_exchange_strong(slot, slot_blocked, std::memory_order_seq_cst,
                                            std::memory_order_relaxed)) {
           continue;
         }
-        if (slot == slot_empty) return false;
+        if (slot != slot_full) return false;  // a drainer's release will grant its permit
         state_.fetch_add(1, std::memory_order_release);
         return true;
       }
@@ -648,21 +681,36 @@ class basic_semaphore {
     return false;
   }
 
-  // take_fast, and for a weighted request that the state's count cannot meet
-  // alone, the slot's permit moved into the count first. (Moving it cannot
-  // throw: that permit was free.)
+  // take_fast, and where the state's count cannot meet the request alone,
+  // the slot's permit moved into the count first: for a weighted request,
+  // and for one permit on a thread that cannot tag the slot (it has no
+  // record: a thread_local's destructor at thread exit, or out of memory).
+  // (Moving it cannot throw: that permit was free.)
   bool take_any(std::uint64_t n) noexcept {
     if (take_fast(n)) return true;
-    return n > 1 && (state_.load(std::memory_order_relaxed) & count_mask) < n && drain_slot() &&
-           try_take(n);
+    if ((state_.load(std::memory_order_relaxed) & count_mask) >= n) return false;
+    if (n == 1 && detail::this_thread_record_if_any() != nullptr) return false;
+    if (slot_.load(std::memory_order_relaxed) == slot_draining) {
+      wait_out_drain();  // another weighted acquire's drain
+    } else if (!drain_slot()) {
+      return false;
+    }
+    return try_take(n);
   }
 
-  // try_acquire: takes n permits if free and nobody is queued.
+  // try_acquire: takes n permits if free and nobody is queued. A decline
+  // with permits free, nobody queued and no fold due means the state moved
+  // meanwhile (another taker, or a fold): it looks again.
   bool take_now(std::uint64_t n) {
-    if (take_any(n)) return true;
-    if (!folding_due(state_.load(std::memory_order_relaxed))) return false;
-    auto lock = queue_.lock();
-    return take_locked(n);
+    for (;;) {
+      if (take_any(n)) return true;
+      const auto state = state_.load(std::memory_order_relaxed);
+      if (folding_due(state)) {
+        auto lock = queue_.lock();
+        return take_locked(n);
+      }
+      if ((state & waiters_mark) != 0 || (state & count_mask) < n) return false;
+    }
   }
 
   // The holder usually releases within a microsecond on a busy system, far
