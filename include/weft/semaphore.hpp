@@ -28,8 +28,9 @@
 // capacity below 1; a negative n; n greater than the capacity (it could
 // never be granted); releasing more permits than are held (checked against
 // one consistent view of the free permits: an over-release that races
-// another thread's release of one permit can go unseen, as the free count
-// lives in two words).
+// another thread's release of one permit, or a weighted acquire moving a
+// permit between them, can go unseen, as the free count lives in two
+// words).
 //
 // Thread safety: every member may be called concurrently. Destroying the
 // semaphore while a thread waits on it is undefined (checked by WEFT_ASSERT);
@@ -384,8 +385,13 @@ class basic_semaphore {
   //                the permit is in neither, so an acquire that meets this
   //                value waits it out rather than decline a permit that is
   //                free; the settler, which holds the queue's mutex the
-  //                drainer may need, blocks the slot instead and lets the
-  //                drainer's release grant the permit.
+  //                drainer may need, blocks the slot instead (the permit
+  //                reaches the count, or through the queue the waiters).
+  //                One interleaving still hides a permit for a moment: a
+  //                drainer delayed before its last step while the slot is
+  //                blocked, unblocked, refilled and drained by another
+  //                finds that drain's mark and clears it early; nothing is
+  //                lost.
   // A release never touches the semaphore after its store or
   // compare-and-swap has made the permit free, because the acquirer who
   // takes it may destroy the semaphore at once. So no release looks for
@@ -499,7 +505,9 @@ class basic_semaphore {
   // is waited out: the permit is then in the count, where the caller looks
   // next.
   bool take_slot() noexcept {
-    auto slot = slot_.load(std::memory_order_relaxed);
+    // Acquire: an empty slot that a drain left must show its permit in the
+    // count, which the caller reads next.
+    auto slot = slot_.load(std::memory_order_acquire);
     for (;;) {
       if (slot == slot_draining) slot = wait_out_drain();
       if (slot != slot_full) return false;
@@ -628,7 +636,7 @@ class basic_semaphore {
                                            std::memory_order_relaxed)) {
           continue;
         }
-        if (slot != slot_full) return false;  // a drainer's release will grant its permit
+        if (slot != slot_full) return false;  // a drainer's permit goes to the count or the queue
         state_.fetch_add(1, std::memory_order_release);
         return true;
       }
@@ -698,18 +706,29 @@ class basic_semaphore {
     return try_take(n);
   }
 
-  // try_acquire: takes n permits if free and nobody is queued. A decline
-  // with permits free, nobody queued and no fold due means the state moved
-  // meanwhile (another taker, or a fold): it looks again.
+  // try_acquire: takes n permits if free and nobody is queued. It declines
+  // only on a state and a slot read at one moment (the state read again
+  // after the slot) that cannot meet n, or with waiters queued: take_any
+  // looked at the slot before the count, and a permit may have come to the
+  // slot in between. Any other decline means the state moved meanwhile
+  // (another taker, or a fold), and it looks again.
   bool take_now(std::uint64_t n) {
     for (;;) {
       if (take_any(n)) return true;
-      const auto state = state_.load(std::memory_order_relaxed);
+      auto state = state_.load(std::memory_order_seq_cst);
       if (folding_due(state)) {
-        auto lock = queue_.lock();
-        return take_locked(n);
+        {
+          auto lock = queue_.lock();
+          if (take_locked(n)) return true;  // and folds
+        }
+        state = state_.load(std::memory_order_seq_cst);
       }
-      if ((state & waiters_mark) != 0 || (state & count_mask) < n) return false;
+      if ((state & waiters_mark) != 0) return false;
+      if ((state & count_mask) >= n) continue;
+      const auto slot = slot_.load(std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) != state) continue;
+      if (slot == slot_draining || (slot == slot_full && (state & count_mask) + 1 >= n)) continue;
+      return false;
     }
   }
 
