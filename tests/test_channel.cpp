@@ -233,16 +233,31 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
   const auto value_of = [](const std::optional<stalling_move>& got) {
     return got ? got->value : -1;
   };
+  // Buffers 1, which stalls on its way out of the ring, and then 2.
+  const auto send_one_that_stalls_when_taken = [&](weft::channel<stalling_move>& ch) {
+    stalling_move first{1};
+    first.arm(2, entered, released);  // the first move is into the ring, the second out of it
+    CHECK(ch.try_send(std::move(first)));
+    CHECK(ch.try_send(stalling_move{2}));
+  };
+  // A thread that sends 1 and stalls on its way into the ring; returns once
+  // it has.
+  const auto send_stalled_on_a_thread = [&](weft::channel<stalling_move>& ch, bool& sent) {
+    std::thread sender([&ch, &sent, &entered, &released] {
+      stalling_move first{1};
+      first.arm(1, entered, released);
+      sent = ch.try_send(std::move(first));
+    });
+    spin_until([&] { return entered.load(); });
+    return sender;
+  };
   constexpr int rounds = 20;
 
   SUBCASE("try_send, while a receiver moves the oldest value out") {
     for (int round = 0; round < rounds; ++round) {
       entered = released = trying = false;
       weft::channel<stalling_move> ch{2};
-      stalling_move first{1};
-      first.arm(2, entered, released);  // the first move is into the ring, the second out of it
-      CHECK(ch.try_send(std::move(first)));
-      CHECK(ch.try_send(stalling_move{2}));
+      send_one_that_stalls_when_taken(ch);
       std::optional<stalling_move> stalled;
       std::thread receiver([&] { stalled = ch.try_recv(); });
       spin_until([&] { return entered.load(); });
@@ -261,12 +276,7 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
       entered = released = trying = false;
       weft::channel<stalling_move> ch{2};
       bool first_sent = false;
-      std::thread stalled_sender([&] {
-        stalling_move first{1};
-        first.arm(1, entered, released);
-        first_sent = ch.try_send(std::move(first));
-      });
-      spin_until([&] { return entered.load(); });
+      std::thread stalled_sender = send_stalled_on_a_thread(ch, first_sent);
       const bool overtaking_sent = ch.try_send(stalling_move{2});
       std::optional<stalling_move> got;
       try_during_stall([&] { got = ch.try_recv(); });
@@ -281,10 +291,7 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
     for (int round = 0; round < rounds; ++round) {
       entered = released = trying = false;
       weft::channel<stalling_move> ch{2};
-      stalling_move first{1};
-      first.arm(2, entered, released);
-      CHECK(ch.try_send(std::move(first)));
-      CHECK(ch.try_send(stalling_move{2}));
+      send_one_that_stalls_when_taken(ch);
       wait_status queued_status = wait_status::closed;
       std::thread queued_sender([&] { queued_status = ch.send(stalling_move{3}); });
       wait_for_senders(ch, 1);
@@ -315,12 +322,7 @@ TEST_CASE("channel: try_send and try_recv wait out a hand-off that a finished op
       std::thread queued_receiver([&] { queued_got = ch.recv(); });
       wait_for_receivers(ch, 1);
       bool first_sent = false;
-      std::thread stalled_sender([&] {
-        stalling_move first{1};
-        first.arm(1, entered, released);
-        first_sent = ch.try_send(std::move(first));
-      });
-      spin_until([&] { return entered.load(); });
+      std::thread stalled_sender = send_stalled_on_a_thread(ch, first_sent);
       // Its push tries to feed the queued receiver from the slot the
       // stalled send still holds, and fails: the queue keeps its mark.
       const bool overtaking_sent = ch.try_send(stalling_move{2});
