@@ -380,18 +380,18 @@ class basic_semaphore {
   //   slot_blocked like slot_empty, but waiters are queued: releases go to
   //                the state word, whose releases grant them.
   //   slot_off     never used again.
-  //   slot_draining  a weighted acquire is moving the parked permit into the
-  //                state's count (drain_slot): for those few instructions
-  //                the permit is in neither, so an acquire that meets this
-  //                value waits it out rather than decline a permit that is
-  //                free; the settler, which holds the queue's mutex the
-  //                drainer may need, blocks the slot instead (the permit
-  //                reaches the count, or through the queue the waiters).
-  //                One interleaving still hides a permit for a moment: a
-  //                drainer delayed before its last step while the slot is
-  //                blocked, unblocked, refilled and drained by another
-  //                finds that drain's mark and clears it early; nothing is
-  //                lost.
+  //   a drain mark  a weighted acquire is moving the parked permit into
+  //                the state's count (drain_slot): for those few
+  //                instructions the permit is in neither, so an acquire
+  //                that meets a mark waits it out rather than decline a
+  //                permit that is free; the settler, which holds the
+  //                queue's mutex the drainer may need, blocks the slot
+  //                instead (the permit reaches the count, or through the
+  //                queue the waiters). Each drain has a mark of its own, an
+  //                odd value no other drain in progress can have: a drainer
+  //                delayed before its last step, while the slot was
+  //                blocked, unblocked, refilled and drained by another,
+  //                must not clear that later drain's mark.
   // A release never touches the semaphore after its store or
   // compare-and-swap has made the permit free, because the acquirer who
   // takes it may destroy the semaphore at once. So no release looks for
@@ -427,12 +427,18 @@ class basic_semaphore {
   static constexpr std::uintptr_t slot_full = 1;
   static constexpr std::uintptr_t slot_blocked = 2;
   static constexpr std::uintptr_t slot_off = 3;
-  static constexpr std::uintptr_t slot_draining = 4;
 
+  // Tags are the addresses of thread records, which are 64-byte aligned.
+  // A drain mark is the address of a word on the drainer's stack, which no
+  // other live thread's stack holds, with its low bit set.
   static std::uintptr_t tag_of(const detail::thread_record* record) noexcept {
     return reinterpret_cast<std::uintptr_t>(record);
   }
-  static bool is_tag(std::uintptr_t slot) noexcept { return slot > slot_draining; }
+  static_assert(alignof(detail::thread_record) >= 2 && alignof(std::uintptr_t) >= 2);
+  static bool is_tag(std::uintptr_t slot) noexcept { return slot > slot_off && (slot & 1) == 0; }
+  static bool is_drain_mark(std::uintptr_t slot) noexcept {
+    return slot > slot_off && (slot & 1) != 0;
+  }
 
   static bool folding_due(std::uint64_t state) noexcept {
     return (state & acquisitions_mask) == acquisitions_mask;
@@ -503,13 +509,14 @@ class basic_semaphore {
   // Takes the permit parked in the slot, leaving this thread's tag there.
   // A drain met here, or one that won the permit from under this thread,
   // is waited out: the permit is then in the count, where the caller looks
-  // next.
+  // next, unless a settler blocked the slot for queued waiters, who come
+  // first.
   bool take_slot() noexcept {
     // Acquire: an empty slot that a drain left must show its permit in the
     // count, which the caller reads next.
     auto slot = slot_.load(std::memory_order_acquire);
     for (;;) {
-      if (slot == slot_draining) slot = wait_out_drain();
+      if (is_drain_mark(slot)) slot = wait_out_drain();
       if (slot != slot_full) return false;
       detail::thread_record* record = detail::this_thread_record();
       if (record == nullptr) return false;
@@ -559,28 +566,33 @@ class basic_semaphore {
   // racing another release have gone unseen, this acquirer is not the one
   // to report it.
   bool drain_slot() {
+    // Not const: a compiler may put a const one in read-only data, shared.
+    std::uintptr_t mark_site = 0;
+    const auto mark = reinterpret_cast<std::uintptr_t>(&mark_site) | 1;
     auto full = slot_full;
     if (slot_.load(std::memory_order_relaxed) != full ||
-        !slot_.compare_exchange_strong(full, slot_draining, std::memory_order_acquire,
+        !slot_.compare_exchange_strong(full, mark, std::memory_order_acquire,
                                        std::memory_order_relaxed)) {
       return false;
     }
     release_slow(1, false);  // its fast loop, unchecked, when nobody waits
     // Released after the count's update, for those who waited this out.
-    // Blocked or off meanwhile by a settler, the slot stays so.
-    auto draining = slot_draining;
+    // Blocked or off meanwhile by a settler, the slot stays so, and refilled
+    // since, it holds no mark of this drain's.
+    auto draining = mark;
     slot_.compare_exchange_strong(draining, slot_empty, std::memory_order_release,
                                   std::memory_order_relaxed);
     return true;
   }
 
-  // Waits until drain_slot has moved the slot's permit into the count, and
+  // Waits until the slot holds no drain's mark (its permit is in the count,
+  // or a settler blocked the slot and queued waiters come first), and
   // returns the slot's value then.
   std::uintptr_t wait_out_drain() const noexcept {
-    std::uintptr_t slot = slot_draining;
+    std::uintptr_t slot = slot_off;
     detail::spin_until([&] {
       slot = slot_.load(std::memory_order_acquire);
-      return slot != slot_draining;
+      return !is_drain_mark(slot);
     });
     return slot;
   }
@@ -631,7 +643,7 @@ class basic_semaphore {
   bool settle_slot() noexcept {
     for (;;) {
       auto slot = slot_.load(std::memory_order_seq_cst);
-      if (slot == slot_full || slot == slot_empty || slot == slot_draining) {
+      if (slot == slot_full || slot == slot_empty || is_drain_mark(slot)) {
         if (!slot_.compare_exchange_strong(slot, slot_blocked, std::memory_order_seq_cst,
                                            std::memory_order_relaxed)) {
           continue;
@@ -698,7 +710,7 @@ class basic_semaphore {
     if (take_fast(n)) return true;
     if ((state_.load(std::memory_order_relaxed) & count_mask) >= n) return false;
     if (n == 1 && detail::this_thread_record_if_any() != nullptr) return false;
-    if (slot_.load(std::memory_order_relaxed) == slot_draining) {
+    if (is_drain_mark(slot_.load(std::memory_order_relaxed))) {
       wait_out_drain();  // another weighted acquire's drain
     } else if (!drain_slot()) {
       return false;
@@ -727,7 +739,7 @@ class basic_semaphore {
       if ((state & count_mask) >= n) continue;
       const auto slot = slot_.load(std::memory_order_seq_cst);
       if (state_.load(std::memory_order_seq_cst) != state) continue;
-      if (slot == slot_draining || (slot == slot_full && (state & count_mask) + 1 >= n)) continue;
+      if (is_drain_mark(slot) || (slot == slot_full && (state & count_mask) + 1 >= n)) continue;
       return false;
     }
   }
