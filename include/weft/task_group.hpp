@@ -405,6 +405,10 @@ class task_group {
     // that a task moved from it into the ring meanwhile is seen twice (which
     // snapshots allow), never missed.
     void collect(std::vector<detail::task_record>& out) const override {
+      // A spare core stays a source, but holds no task: its group joined
+      // them all before letting go. Skipping it spares each snapshot a lock
+      // and a walk of the ring's slots per spare.
+      if (refs.load(std::memory_order_acquire) == 0) return;
       {
         std::lock_guard guard(overflow_mutex);
         for (std::size_t i = overflow_head; i < overflow.size(); ++i) detail::add_queued(out, overflow[i].origin);

@@ -605,13 +605,11 @@ inline void remove_source(const task_source& source) noexcept {
   std::erase(core.sources, &source);
 }
 
-// Every live task: queued ones from the sources, then running ones from the
-// threads (see the invariants above). A task may appear twice.
-inline std::vector<task_record> collect_records() {
-  std::vector<task_record> out;
-  registry_core& core = registry_core::get();
-  std::lock_guard guard(core.mutex);
-  for (const task_source* source : core.sources) source->collect(out);
+// Appends the tasks running (or blocked) on the registered threads, read
+// from their frames (see the invariants above). The caller holds
+// core.mutex. Costs a few loads per live thread and per frame in use;
+// collect_records() also walks every slot of every registered queue.
+inline void collect_running(const registry_core& core, std::vector<task_record>& out) {
   for (const thread_tasks* tasks = core.threads; tasks != nullptr; tasks = tasks->next) {
     const auto depth = tasks->depth.load(std::memory_order_acquire);
     for (std::uint32_t i = 0; i < depth; ++i) {
@@ -635,6 +633,16 @@ inline std::vector<task_record> collect_records() {
       }
     }
   }
+}
+
+// Every live task: queued ones from the sources, then running ones from the
+// threads (see the invariants above). A task may appear twice.
+inline std::vector<task_record> collect_records() {
+  std::vector<task_record> out;
+  registry_core& core = registry_core::get();
+  std::lock_guard guard(core.mutex);
+  for (const task_source* source : core.sources) source->collect(out);
+  collect_running(core, out);
   return out;
 }
 
