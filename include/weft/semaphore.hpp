@@ -618,23 +618,32 @@ class basic_semaphore {
            (after == capacity && slot_.load(std::memory_order_relaxed) != slot_full);
   }
 
-  // The free permits at one moment: the state's count and the slot, read
-  // between two equal reads of the state. Only a permit moving from the
-  // count to the slot could make that sum count one twice, and it must be
-  // taken from the count first, which changes the acquisition bits: so the
-  // state cannot come back to an earlier value unseen in between (but for a
-  // wrap of those bits, after 2^23 acquisitions within the three loads).
-  // A permit that drain_slot is moving from the slot into the count is in
+  struct state_and_slot {
+    std::uint64_t state;
+    std::uintptr_t slot;
+  };
+
+  // The state word and the slot at one moment: the slot read between two
+  // equal reads of the state. Only a permit moving from the count to the
+  // slot could make the two count one twice, and it must be taken from the
+  // count first, which changes the acquisition bits: so the state cannot
+  // come back to an earlier value unseen in between (but for a wrap of
+  // those bits, after 2^23 acquisitions within the three loads).
+  state_and_slot read_at_one_moment() const noexcept {
+    for (;;) {
+      const auto state = state_.load(std::memory_order_seq_cst);
+      const auto slot = slot_.load(std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) == state) return {state, slot};
+    }
+  }
+
+  // The free permits at one moment: the state's count and the slot's. A
+  // permit that drain_slot is moving from the slot into the count is in
   // neither for those few instructions, and not counted: one low, never one
   // high, which is the side release_slow's over-release check needs.
   std::uint64_t free_permits() const noexcept {
-    for (;;) {
-      const auto before = state_.load(std::memory_order_seq_cst);
-      const auto slot = slot_.load(std::memory_order_seq_cst);
-      if (state_.load(std::memory_order_seq_cst) == before) {
-        return (before & count_mask) + (slot == slot_full ? 1 : 0);
-      }
-    }
+    const auto [state, slot] = read_at_one_moment();
+    return (state & count_mask) + (slot == slot_full ? 1 : 0);
   }
 
   // With the queue's mutex held, by the acquirer that has just set the
@@ -719,27 +728,26 @@ class basic_semaphore {
   }
 
   // try_acquire: takes n permits if free and nobody is queued. It declines
-  // only on a state and a slot read at one moment (the state read again
-  // after the slot) that cannot meet n, or with waiters queued: take_any
-  // looked at the slot before the count, and a permit may have come to the
-  // slot in between. Any other decline means the state moved meanwhile
-  // (another taker, or a fold), and it looks again.
+  // only on a state and a slot read at one moment that cannot meet n, or
+  // with waiters queued: take_any looked at the slot before the count, and
+  // a permit may have come to the slot in between. Any other decline means
+  // the state moved meanwhile (another taker, or a fold), and it looks
+  // again.
   bool take_now(std::uint64_t n) {
     for (;;) {
       if (take_any(n)) return true;
-      auto state = state_.load(std::memory_order_seq_cst);
-      if (folding_due(state)) {
+      auto now = read_at_one_moment();
+      if (folding_due(now.state)) {
         {
           auto lock = queue_.lock();
           if (take_locked(n)) return true;  // and folds
         }
-        state = state_.load(std::memory_order_seq_cst);
+        now = read_at_one_moment();
       }
-      if ((state & waiters_mark) != 0) return false;
-      if ((state & count_mask) >= n) continue;
-      const auto slot = slot_.load(std::memory_order_seq_cst);
-      if (state_.load(std::memory_order_seq_cst) != state) continue;
-      if (is_drain_mark(slot) || (slot == slot_full && (state & count_mask) + 1 >= n)) continue;
+      if ((now.state & waiters_mark) != 0) return false;
+      const auto count = now.state & count_mask;
+      if (count >= n || is_drain_mark(now.slot) || (now.slot == slot_full && count + 1 >= n))
+        continue;
       return false;
     }
   }
