@@ -165,6 +165,27 @@ TEST_CASE("task_group: wait joins every task and succeeds when none throws" * do
   }
 }
 
+// A runner that runs out of tasks waits a moment for the next before it
+// reports the ones it ran, and only a wait() cuts that short. Here nothing
+// joins: the test thread blocks on the group's count itself, as
+// async_wait() does, and would wait for good if a report needed a joiner.
+TEST_CASE("task_group: runners report every finished task with no wait() under way" *
+          doctest::timeout(30)) {
+  for (const std::size_t workers : {1u, 2u, 4u}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers}};
+    weft::task_group group{pool.executor()};
+    std::atomic<int> ran{0};
+    for (int round = 1; round <= 50; ++round) {
+      for (int i = 0; i < 500; ++i) group.go([&] { ran.fetch_add(1, std::memory_order_relaxed); });
+      weft::detail::task_group_access::pending(group).wait();
+      CHECK(ran.load() == 500 * round);
+      CHECK(group.in_flight() == 0);
+    }
+    group.wait();
+  }
+}
+
 TEST_CASE("task_group: an exception in any position is rethrown by wait, every time" * doctest::timeout(30)) {
   // Which of 10 tasks throw: the first, one in the middle, the last, all.
   const std::vector<std::vector<int>> throwers{{0}, {5}, {9}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}};

@@ -27,8 +27,10 @@
 //   awake workers leave a hardware thread to spare (otherwise it polls
 //   WEFT_SPIN_LIMIT times: its core may be the one a producer needs); and
 //   how many times a thread whose fan-out has no calls left polls for its
-//   helpers to finish theirs. Both wait for something that is usually on
-//   its way: the next task of a busy producer, a helper's last call. A yield
+//   helpers to finish theirs; and half as many times a task group's runner
+//   that has run out of the group's tasks polls for the next one before it
+//   gives up its worker. All wait for something that is usually on its way:
+//   the next task of a busy producer, a helper's last call. A yield
 //   is a system call, 1.2 us on the 2-vCPU VM the benchmarks run on, and a
 //   task posted while the worker is inside one waits until it returns; a
 //   pause takes 20 ns there, so 16 polls ended long before a back-to-back

@@ -73,7 +73,9 @@
 // pushes the task into the ring (captures up to four pointers kept inline,
 // no allocation; three for a result_group's task); it posts a runner to the
 // pool only while fewer runners than workers are out, and each runner takes
-// tasks until none is left, publishing completions in batches.
+// tasks until none is left, publishing completions in batches; it waits a
+// moment for the next task before it leaves (WEFT_WORKER_SPIN_LIMIT / 2
+// polls, about 1.2 us, cut short by a wait()).
 // So a task costs about three atomic read-modify-writes, and a thousand tasks
 // cost a few posts. If the pool is full and no runner is out, go() waits for
 // room, whatever the pool's overflow policy: a group never leaves its tasks
@@ -578,16 +580,18 @@ class task_group {
       detail::running_scope running;
       for (;;) {
         std::int64_t finished = 0;
-        while (pop(work, running)) {
-          run(work);
-          running.stop();
-          // Completions are published in batches; wait() needs them all,
-          // and every runner publishes before it stops.
-          if (++finished == 32) {
-            pending.add(-finished);
-            finished = 0;
+        do {
+          while (pop(work, running)) {
+            run(work);
+            running.stop();
+            // Completions are published in batches; wait() needs them all,
+            // and every runner publishes before it stops.
+            if (++finished == 32) {
+              pending.add(-finished);
+              finished = 0;
+            }
           }
-        }
+        } while (next_task_soon());
         if (finished != 0) pending.add(-finished);
         // Seq_cst on both sides (see start()): either go() sees this runner
         // gone and posts another, or this runner sees the new task.
@@ -599,6 +603,30 @@ class task_group {
         } while (!runners.compare_exchange_weak(out, out + 1, std::memory_order_relaxed));
       }
     }
+
+    // Whether a task arrives within a moment, for a runner that found
+    // none: it waits that long before it publishes its completions and
+    // gives up its count. A runner that keeps up with its spawner finds the
+    // ring empty after almost every task, and each time it left it wrote
+    // the pending count and the runner count, and read the ring's tail:
+    // lines that the spawner's next go() writes. 1,000 tiny tasks on 2
+    // cores: go() took 86 ns with runners out (32 ns with none), and the
+    // group ran 10.7M tasks/s; 13.0-14.2M/s with this wait. A join() under
+    // way ends the wait at once, so that the completions it waits for are
+    // not held back; an async_wait() may see them up to one wait late.
+    bool next_task_soon() const noexcept {
+      for (int polls = 0; polls < next_task_polls; ++polls) {
+        if (unstarted.has_ready()) return true;
+        if (overflow_size.load(std::memory_order_relaxed) != 0) return true;
+        if (joining.load(std::memory_order_relaxed)) return false;
+        detail::cpu_relax();
+      }
+      return false;
+    }
+    // About 1.2 us of pause instructions on the 2-core AMD machine (see
+    // finish_polls). Runs of 1,000 tiny tasks, on 2 cores: 12.9M tasks/s
+    // with 16 polls, 13.0-14.2M with 32 or 64, 11.8-12.1M with 128.
+    static constexpr int next_task_polls = WEFT_WORKER_SPIN_LIMIT / 2;
 
     std::atomic<std::uint32_t> refs{1};
     std::uint64_t id = 0;  // this group's, never reused
@@ -614,6 +642,7 @@ class task_group {
     std::size_t max_runners;
     std::atomic<std::size_t> runners{0};
     std::atomic<int> waiters_parked{0};  // read by every start(), beside runners
+    std::atomic<bool> joining{false};    // while a join() runs; see next_task_soon
     detail::spin_mutex waiter_mutex;
     std::optional<cancel_source> waiter_wake;  // under waiter_mutex
 
@@ -740,6 +769,7 @@ class task_group {
     detail::task work;
     detail::running_scope running;
     detail::pool_teardown* teardown = detail::current_pool_teardown;
+    core_->joining.store(true, std::memory_order_relaxed);
     while (core_->pending.count() != 0) {
       // The tasks run here are counted off in one subtraction, before the
       // count is read again.
@@ -760,6 +790,7 @@ class task_group {
       }
       park();
     }
+    core_->joining.store(false, std::memory_order_relaxed);
     core_->pending.wait();  // the count is zero: one acquire load, after which the tasks' writes are visible
   }
 
