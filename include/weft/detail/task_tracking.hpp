@@ -37,7 +37,10 @@
 //    empty frame or, whole, the task that just ended (as if it had read
 //    before the end). A blocked_scope rewrites the state, blocked-on and
 //    time of a frame whose id stays, under the frame's own version, odd
-//    while it writes.
+//    while it writes. A reader that finds the frame mid-rewrite at each of
+//    64 tries still lists the task (its origin is whole, by the id), as
+//    running on nothing since a time one of the rewrites stored: a task is
+//    never left out because its thread was busy blocking and waking.
 //  - A task moves from a queue to a frame before its slot is freed (or
 //    before the overflow lock is released), and a snapshot reads the queues
 //    before the threads: a task that moves while a snapshot runs may be seen
@@ -548,11 +551,16 @@ class blocked_scope {
     // wait_group it waits on.
     if (top.state.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(tracked_state::blocked)) return;
     frame_ = &top;
+    // The clock before the rewrite, not inside it: a read may wake or start
+    // the ticker (a system call), and a snapshot that meets the frame
+    // mid-rewrite at every try lists the task without its state (see
+    // collect_running).
+    const auto now = registry_clock.now_ns();
     rewrite(*frame_, [&](task_frame& frame) {
       frame.state.store(static_cast<std::uint8_t>(tracked_state::blocked), std::memory_order_release);
       frame.blocked_kind.store(kind, std::memory_order_release);
       frame.blocked_name.store(name, std::memory_order_release);
-      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
+      frame.since_ns.store(now, std::memory_order_release);
     });
   }
 
@@ -561,11 +569,12 @@ class blocked_scope {
 
   ~blocked_scope() {
     if (frame_ == nullptr) return;
+    const auto now = registry_clock.now_ns();
     rewrite(*frame_, [&](task_frame& frame) {
       frame.state.store(static_cast<std::uint8_t>(tracked_state::running), std::memory_order_release);
       frame.blocked_kind.store(nullptr, std::memory_order_release);
       frame.blocked_name.store(nullptr, std::memory_order_release);
-      frame.since_ns.store(registry_clock.now_ns(), std::memory_order_release);
+      frame.since_ns.store(now, std::memory_order_release);
     });
   }
 
@@ -614,23 +623,35 @@ inline void collect_running(const registry_core& core, std::vector<task_record>&
     const auto depth = tasks->depth.load(std::memory_order_acquire);
     for (std::uint32_t i = 0; i < depth; ++i) {
       const task_frame& frame = tasks->frames[i];
-      for (int attempt = 0; attempt < 64; ++attempt) {
+      // A copy whose version held is exact. A thread that blocks and
+      // wakes back to back can keep every try failing that test; after 64,
+      // the task is still listed, from the last copy whose id held, as
+      // running on nothing since the time read then: one of the states it
+      // was in during the reads. (A reader that dropped the task there made
+      // a leak_check report, later, a task live before it began.)
+      task_record record;
+      bool whole = false;
+      bool listed = false;
+      for (int attempt = 0; attempt < 64 && !whole; ++attempt) {
         const auto before = frame.version.load(std::memory_order_acquire);
-        if (before % 2 != 0) continue;
-        task_record record;
-        record.origin = frame.origin.load();
-        if (record.origin.id == 0) break;
-        record.state = static_cast<tracked_state>(frame.state.load(std::memory_order_acquire));
-        record.blocked_kind = frame.blocked_kind.load(std::memory_order_acquire);
-        record.blocked_name = frame.blocked_name.load(std::memory_order_acquire);
-        record.since_ns = frame.since_ns.load(std::memory_order_acquire);
-        if (frame.version.load(std::memory_order_acquire) != before ||
-            frame.origin.id.load(std::memory_order_acquire) != record.origin.id) {
-          continue;
+        task_record copy;
+        copy.origin = frame.origin.load();
+        if (copy.origin.id == 0) break;
+        copy.state = static_cast<tracked_state>(frame.state.load(std::memory_order_acquire));
+        copy.blocked_kind = frame.blocked_kind.load(std::memory_order_acquire);
+        copy.blocked_name = frame.blocked_name.load(std::memory_order_acquire);
+        copy.since_ns = frame.since_ns.load(std::memory_order_acquire);
+        if (frame.origin.id.load(std::memory_order_acquire) != copy.origin.id) continue;
+        whole = before % 2 == 0 && frame.version.load(std::memory_order_acquire) == before;
+        if (!whole) {
+          copy.state = tracked_state::running;
+          copy.blocked_kind = nullptr;
+          copy.blocked_name = nullptr;
         }
-        out.push_back(record);
-        break;
+        record = copy;
+        listed = true;
       }
+      if (listed) out.push_back(record);
     }
   }
 }
