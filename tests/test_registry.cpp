@@ -702,10 +702,11 @@ TEST_CASE("registry: spawning, running and finishing race freely with snapshot, 
 // A task that blocks rewrites its record (state, what blocks it, since
 // when) under a version that readers check, and again when it runs on. A
 // snapshot that gave up on a record it kept finding mid-rewrite left the
-// task out, and a leak_check taken then reported it later as started in its
-// scope. Eight tasks on as many workers flip between blocked and running
-// without pause, more threads than cores, so that writers are preempted
-// mid-rewrite too; every snapshot must list all eight.
+// task out (2,000 snapshots of 2,000 here), and a leak_check taken then
+// would report it later as started in its scope. Eight tasks on as many
+// workers flip between blocked and running without pause, more threads
+// than cores, so that writers are preempted mid-rewrite too; every
+// snapshot must list all eight.
 TEST_CASE(
     "registry: a snapshot lists every running task, also one whose thread is rewriting its record" *
     doctest::timeout(120)) {

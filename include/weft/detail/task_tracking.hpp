@@ -627,8 +627,8 @@ inline void collect_running(const registry_core& core, std::vector<task_record>&
       // wakes back to back can keep every try failing that test; after 64,
       // the task is still listed, from the last copy whose id held, as
       // running on nothing since the time read then: one of the states it
-      // was in during the reads. (A reader that dropped the task there made
-      // a leak_check report, later, a task live before it began.)
+      // was in during the reads. (A reader that dropped the task there
+      // could make a leak_check report, later, a task live before it began.)
       task_record record;
       bool whole = false;
       bool listed = false;
