@@ -39,8 +39,8 @@
 //    time of a frame whose id stays, under the frame's own version, odd
 //    while it writes. A reader that finds the frame mid-rewrite at each of
 //    64 tries still lists the task (its origin is whole, by the id), as
-//    running on nothing since a time one of the rewrites stored: a task is
-//    never left out because its thread was busy blocking and waking.
+//    running on nothing since a time its record held during the reads: a
+//    task is never left out because its thread was busy blocking and waking.
 //  - A task moves from a queue to a frame before its slot is freed (or
 //    before the overflow lock is released), and a snapshot reads the queues
 //    before the threads: a task that moves while a snapshot runs may be seen
