@@ -546,17 +546,18 @@ TEST_CASE(
   // this loop ran past its limit.
   const auto read_frames = [] {
     std::vector<weft::detail::task_record> out;
+    const auto now_ns = weft::detail::registry_clock.now_ns();
     weft::detail::registry_core& core = weft::detail::registry_core::get();
     const std::lock_guard guard(core.mutex);
-    weft::detail::collect_running(core, out);
+    weft::detail::collect_running(core, now_ns, out);
     return out;
   };
   // Runs until this thread has read enough records of it, or, once it has
-  // read a few thousand, for two seconds at most: when a read kept nothing
-  // of a frame it met mid-rewrite, from 3 to 500 reads found one record
-  // whole, as the two threads happened to be scheduled. (A frame met
-  // mid-rewrite at every try now gives its task as running on nothing,
-  // which holds its own.)
+  // read a few thousand, for two seconds at most: how many reads find a
+  // record whole depends on how the two threads happen to be scheduled
+  // (one in 3 to one in 500, when reads met mid-rewrite kept nothing). A
+  // record met mid-rewrite at every try is kept as running on nothing,
+  // which holds its own.
   const std::uint64_t enough = weft_test::under_sanitizer ? 20'000 : 200'000;
   const std::uint64_t a_few = 2'000;
   const auto give_up_after = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -711,9 +712,10 @@ TEST_CASE(
     "registry: a snapshot lists every running task, also one whose thread is rewriting its record" *
     doctest::timeout(120)) {
   constexpr int flippers = 8;
-  weft::worker_pool pool{{.workers = flippers, .name = "flipping"}};
+  // Before the pool, which joins its workers as it is destroyed: they read both.
   std::atomic<bool> stop{false};
   std::latch started(flippers);
+  weft::worker_pool pool{{.workers = flippers, .name = "flipping"}};
   for (int i = 0; i < flippers; ++i) {
     pool.post([&] {
       started.count_down();

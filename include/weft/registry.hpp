@@ -34,7 +34,7 @@
 //    A task that starts or ends while it is taken may be left out; a task
 //    that moves from its queue to a thread is listed once; a running task
 //    whose thread was blocking or waking at each of the snapshot's reads of
-//    its record (64) is listed as running on nothing.
+//    its record (64) is listed as running on nothing, since the snapshot.
 //  - Times are steady_clock's, read from a copy that a thread of weft's
 //    refreshes every 4 ms while tasks are spawned (detail/tick_clock.hpp),
 //    so a time may be up to a tick early (an age up to 4 ms long); ages

@@ -39,8 +39,9 @@
 //    time of a frame whose id stays, under the frame's own version, odd
 //    while it writes. A reader that finds the frame mid-rewrite at each of
 //    64 tries still lists the task (its origin is whole, by the id), as
-//    running on nothing since a time its record held during the reads: a
-//    task is never left out because its thread was busy blocking and waking.
+//    running on nothing since the snapshot: a task is never left out
+//    because its thread was preempted in a rewrite or busy blocking and
+//    waking.
 //  - A task moves from a queue to a frame before its slot is freed (or
 //    before the overflow lock is released), and a snapshot reads the queues
 //    before the threads: a task that moves while a snapshot runs may be seen
@@ -618,17 +619,20 @@ inline void remove_source(const task_source& source) noexcept {
 // from their frames (see the invariants above). The caller holds
 // core.mutex. Costs a few loads per live thread and per frame in use;
 // collect_records() also walks every slot of every registered queue.
-inline void collect_running(const registry_core& core, std::vector<task_record>& out) {
+inline void collect_running(const registry_core& core, std::int64_t now_ns,
+                            std::vector<task_record>& out) {
   for (const thread_tasks* tasks = core.threads; tasks != nullptr; tasks = tasks->next) {
     const auto depth = tasks->depth.load(std::memory_order_acquire);
     for (std::uint32_t i = 0; i < depth; ++i) {
       const task_frame& frame = tasks->frames[i];
-      // A copy whose version held is exact. A thread that blocks and
-      // wakes back to back can keep every try failing that test; after 64,
-      // the task is still listed, from the last copy whose id held, as
-      // running on nothing since the time read then: one of the states it
-      // was in during the reads. (A reader that dropped the task there
-      // could make a leak_check report, later, a task live before it began.)
+      // A copy whose version held is exact. A thread preempted inside a
+      // rewrite, or one that blocks and wakes back to back, can fail that
+      // test at every try; after 64 the task is still listed, from the last
+      // copy whose id held (a reader that dropped it could make a
+      // leak_check report, later, a task live before it began). Its state
+      // is then unknown: it is listed as running on nothing since the
+      // snapshot, not with a time read mid-rewrite, which could be when it
+      // blocked and would give a running task the age of its wait.
       task_record record;
       bool whole = false;
       bool listed = false;
@@ -647,6 +651,7 @@ inline void collect_running(const registry_core& core, std::vector<task_record>&
           copy.state = tracked_state::running;
           copy.blocked_kind = nullptr;
           copy.blocked_name = nullptr;
+          copy.since_ns = now_ns;
         }
         record = copy;
         listed = true;
@@ -660,10 +665,12 @@ inline void collect_running(const registry_core& core, std::vector<task_record>&
 // threads (see the invariants above). A task may appear twice.
 inline std::vector<task_record> collect_records() {
   std::vector<task_record> out;
+  // Before the mutex: a read of the clock may start its ticker thread.
+  const auto now_ns = registry_clock.now_ns();
   registry_core& core = registry_core::get();
   std::lock_guard guard(core.mutex);
   for (const task_source* source : core.sources) source->collect(out);
-  collect_running(core, out);
+  collect_running(core, now_ns, out);
   return out;
 }
 
