@@ -38,14 +38,12 @@ fi
 
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
-for exe in "${benchmarks[@]}"; do
-  cp "$exe" "$bundle/bin/"
-  # The C library and its loader stay the other machine's own: they must
-  # match its kernel interface, and newer ones run older programs.
-  ldd "$exe" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' |
-    grep -Ev '/(libc|libm|libdl|libpthread|librt|ld-linux[^/]*)\.so' |
-    while read -r library; do cp -L "$library" "$bundle/lib/"; done
-done
+cp "${benchmarks[@]}" "$bundle/bin/"
+# The C library and its loader stay the other machine's own: they must
+# match its kernel interface, and newer ones run older programs.
+ldd "${benchmarks[@]}" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
+  grep -Ev '/(libc|libm|libdl|libpthread|librt|ld-linux[^/]*)\.so' |
+  while read -r library; do cp -L "$library" "$bundle/lib/"; done
 
 cat >"$bundle/run.sh" <<'EOF'
 #!/usr/bin/env bash

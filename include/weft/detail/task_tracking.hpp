@@ -633,9 +633,8 @@ inline void collect_running(const registry_core& core, std::int64_t now_ns,
       // is then unknown: it is listed as running on nothing since the
       // snapshot, not with a time read mid-rewrite, which could be when it
       // blocked and would give a running task the age of its wait.
-      task_record record;
+      task_record record;  // id 0 until a copy's id held
       bool whole = false;
-      bool listed = false;
       for (int attempt = 0; attempt < 64 && !whole; ++attempt) {
         const auto before = frame.version.load(std::memory_order_acquire);
         task_record copy;
@@ -654,9 +653,8 @@ inline void collect_running(const registry_core& core, std::int64_t now_ns,
           copy.since_ns = now_ns;
         }
         record = copy;
-        listed = true;
       }
-      if (listed) out.push_back(record);
+      if (record.origin.id != 0) out.push_back(record);
     }
   }
 }
