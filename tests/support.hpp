@@ -2,6 +2,8 @@
 // Helpers shared by weft's tests.
 #pragma once
 
+#include <weft/wait_status.hpp>
+
 #include <unistd.h>
 
 #include <atomic>
@@ -17,6 +19,14 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include <doctest/doctest.h>
+
+namespace weft {
+// Lets doctest print a wait_status by name (found by argument-dependent
+// lookup).
+inline doctest::String toString(wait_status status) { return to_string(status); }
+}  // namespace weft
 
 namespace weft_test {
 
@@ -46,6 +56,9 @@ inline constexpr bool under_tsan = false;
 inline constexpr bool under_tsan = false;
 #endif
 
+// Thread counts for concurrent cases, the same on every machine.
+inline constexpr int fixed_thread_counts[] = {1, 2, 3, 8, 16};
+
 // The types every clock declares, for a test's own clock, which derives
 // from clock_types<itself> and adds is_steady and now().
 template <class Clock, class Duration = std::chrono::nanoseconds>
@@ -62,6 +75,36 @@ template <class Condition>
 void spin_until(Condition condition) {
   while (!condition()) std::this_thread::yield();
 }
+
+// Yields until `condition` holds. The 30 s bound only turns a lost wake-up
+// into a failure instead of a hang; no test relies on it for timing.
+template <class Condition>
+[[nodiscard]] bool eventually(Condition&& condition) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds{30};
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+template <class Semaphore>
+[[nodiscard]] bool waiters_reach(const Semaphore& sem, std::size_t count) {
+  return eventually([&] { return sem.stats().waiters == count; });
+}
+
+// Calls in flight now (between enter() and leave()), and the most there
+// ever were: the peak a test checks a concurrency limit against.
+struct high_water {
+  std::atomic<int> now{0};
+  std::atomic<int> most{0};
+  void enter() {
+    const int n = now.fetch_add(1) + 1;
+    for (int seen = most.load(); n > seen && !most.compare_exchange_weak(seen, n);) {
+    }
+  }
+  void leave() { now.fetch_sub(1); }
+};
 
 // A deadline on `Clock` a thousand years on, in seconds: a unit coarser
 // than the clock's, so converting it to the clock's without saturating

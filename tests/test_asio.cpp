@@ -43,38 +43,18 @@
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 
-namespace weft {
-// Lets doctest print a wait_status by name (found by argument-dependent
-// lookup). Internal linkage, so other test files may have their own.
-[[maybe_unused]] static doctest::String toString(wait_status status) { return to_string(status); }
-}  // namespace weft
-
 namespace {
 
 using error_code = boost::system::error_code;
 
+using weft_test::eventually;
 using weft_test::io_threads;
 using weft_test::under_sanitizer;
+using weft_test::waiters_reach;
 
 int more_than_cores() {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::max(16, 2 * cores + 1);
-}
-
-// Yields until `condition` holds. The 30 s bound only turns a lost wake-up
-// into a failure instead of a hang; no test relies on it for timing.
-template <class Condition>
-[[nodiscard]] bool eventually(Condition&& condition) {
-  const auto give_up = std::chrono::steady_clock::now() + 30s;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() > give_up) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
-[[nodiscard]] bool waiters_reach(const weft::semaphore& sem, std::size_t count) {
-  return eventually([&] { return sem.stats().waiters == count; });
 }
 
 bool is_cancelled(const error_code& ec) {
@@ -101,7 +81,7 @@ auto store_into(acquire_result& result) {
 }
 
 // Who got permits, in grant order, keeping the permits until dropped.
-class grant_log {
+class granted_permits {
  public:
   void record(int who, weft::permit permit) {
     std::lock_guard lock(mutex_);
@@ -604,7 +584,7 @@ TEST_CASE("threads and coroutines on one semaphore are granted in the order they
     sem.acquire(capacity);
     asio::io_context io;
     io_threads runner{io, 1};
-    grant_log log;
+    granted_permits log;
     std::vector<std::thread> threads;
 
     // Thread, coroutine, thread, coroutine, ...: each queues before the next starts.

@@ -51,6 +51,8 @@ namespace {
 
 using error_code = boost::system::error_code;
 
+using weft_test::gate;
+
 // Counts live objects, so a test can tell a coroutine frame was destroyed.
 struct frame_marker {
   frame_marker() { ++live; }
@@ -58,16 +60,6 @@ struct frame_marker {
   frame_marker& operator=(const frame_marker&) = delete;
   ~frame_marker() { --live; }
   static inline std::atomic<int> live{0};
-};
-
-// Opened once by the test; tasks block on it through a copy of `closed`, so
-// the gate may be destroyed while one is leaving wait(). (A cancel token,
-// not a std::shared_future: libc++'s reference count for the future's state
-// is in the uninstrumented runtime, and TSan then reports its free.)
-struct gate {
-  weft::cancel_source source;
-  weft::cancel_token closed = source.token();
-  void open() { source.cancel(); }
 };
 
 std::string message_of(const std::exception_ptr& error) {
@@ -83,7 +75,7 @@ std::string message_of(const std::exception_ptr& error) {
 
 // A 0 ms timer (it expires at once), then x * 2; also says whether it ran
 // on `pool` after the timer.
-asio::awaitable<std::pair<int, bool>> double_after_timer(weft::worker_pool& pool, int x) {
+asio::awaitable<std::pair<int, bool>> double_after_timer_on(weft::worker_pool& pool, int x) {
   frame_marker marker;
   asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
   co_await timer.async_wait(asio::use_awaitable);
@@ -481,14 +473,16 @@ TEST_CASE("asio executor: co_spawn with use_future runs a coroutine with a timer
           doctest::timeout(30)) {
   {
     weft::worker_pool pool{{.workers = 2}};
-    auto result = asio::co_spawn(pool.executor(), double_after_timer(pool, 21), asio::use_future);
+    auto result =
+        asio::co_spawn(pool.executor(), double_after_timer_on(pool, 21), asio::use_future);
     const auto [value, on_pool] = result.get();
     CHECK(value == 42);
     CHECK(on_pool);
     // Many at once.
     std::vector<std::future<std::pair<int, bool>>> results;
     for (int i = 0; i < 50; ++i) {
-      results.push_back(asio::co_spawn(pool.executor(), double_after_timer(pool, i), asio::use_future));
+      results.push_back(
+          asio::co_spawn(pool.executor(), double_after_timer_on(pool, i), asio::use_future));
     }
     for (int i = 0; i < 50; ++i) {
       const auto [v, p] = results[static_cast<std::size_t>(i)].get();
@@ -509,7 +503,8 @@ TEST_CASE("asio executor: any_io_executor converts from pool.executor() and stil
   std::promise<bool> ran_on_pool;
   asio::post(any, [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
   CHECK(ran_on_pool.get_future().get());
-  CHECK(asio::co_spawn(any, double_after_timer(pool, 5), asio::use_future).get() == std::pair{10, true});
+  CHECK(asio::co_spawn(any, double_after_timer_on(pool, 5), asio::use_future).get() ==
+        std::pair{10, true});
   // A timer made directly from the converted executor.
   asio::steady_timer timer{any, 0ms};
   std::promise<error_code> waited;
@@ -526,7 +521,8 @@ TEST_CASE("asio executor: a pool destroyed after its coroutines finished frees t
       weft::worker_pool pool{{.workers = 2}};
       std::vector<std::future<std::pair<int, bool>>> results;
       for (int i = 0; i < 10; ++i) {
-        results.push_back(asio::co_spawn(pool.executor(), double_after_timer(pool, i), asio::use_future));
+        results.push_back(
+            asio::co_spawn(pool.executor(), double_after_timer_on(pool, i), asio::use_future));
       }
       weft::task_group group{pool.executor()};
       std::atomic<int> done{0};
@@ -802,6 +798,8 @@ TEST_CASE("asio task_group: a coroutine waiting as its pool is joined ends with 
   CHECK_THROWS_AS(group.wait(), weft::rejected);
 }
 
+namespace {
+
 // Owns a group whose coroutine waits on a timer, and waits for the group
 // without blocking. `child_ended_first` records whether the child's frame
 // was gone when the group's destructor returned.
@@ -818,6 +816,8 @@ asio::awaitable<void> wait_for_group_of_one(weft::worker_pool& pool, std::latch&
   weft::co_spawn(group, wait_a_day(started, never_set));
   co_await weft::async_wait(group, asio::use_awaitable);
 }
+
+}  // namespace
 
 // The join destroys the parent's frame (its wait on the group is weft's
 // Asio service, made after the timer's and so shut down before them), and
@@ -840,6 +840,8 @@ TEST_CASE(
   CHECK(frame_marker::live.load() == 0);
   CHECK(child_ended_first);
 }
+
+namespace {
 
 // What a parent coroutine lends its group's coroutines: alive until the
 // parent's frame goes, after the group's destructor has returned.
@@ -895,6 +897,8 @@ asio::awaitable<void> lend_state_then_wait_a_day(weft::worker_pool& pool, asio::
   asio::post(co_await asio::this_coro::executor, [&suspended] { suspended.release(); });
   co_await timer.async_wait(asio::use_awaitable);
 }
+
+}  // namespace
 
 // The join destroys the parent's frame while its group's coroutine awaits
 // work on another io_context that still runs, and uses what the parent
@@ -995,6 +999,8 @@ TEST_CASE("asio task_group: a group coroutine's executor keeps the pool's servic
   }
 }
 
+namespace {
+
 // Runs without suspending until `opened` is cancelled, then returns or
 // throws.
 asio::awaitable<void> finish_when_opened(std::latch& started, weft::cancel_token opened,
@@ -1005,6 +1011,8 @@ asio::awaitable<void> finish_when_opened(std::latch& started, weft::cancel_token
   if (throws) throw std::runtime_error("its own error");
   co_return;
 }
+
+}  // namespace
 
 // A coroutine that finishes as its pool shuts down reports its own
 // outcome. Its end was left to the completion handler, which Asio's entry

@@ -52,10 +52,9 @@ using weft::wait_status;
 
 namespace {
 
+using weft_test::fixed_thread_counts;
 using weft_test::spin_until;
 using weft_test::under_sanitizer;
-
-constexpr int thread_counts[] = {1, 2, 3, 8, 16};
 
 // Like spin_until, but polls without giving up the core (a yield now and
 // then, in case the other thread needs it): for lockstep races whose windows
@@ -231,7 +230,7 @@ TEST_CASE("a moved-from token is a token that is never cancelled" * doctest::tim
 
 TEST_CASE("exactly one of many concurrent cancels wins and its cause is kept" * doctest::timeout(60)) {
   const int rounds = under_sanitizer ? 50 : 500;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     for (int round = 0; round < rounds; ++round) {
       weft::cancel_source source;
@@ -1264,7 +1263,7 @@ TEST_CASE("wait returns ok at once on a token that is already cancelled" * docte
 }
 
 TEST_CASE("wait returns ok when another thread cancels" * doctest::timeout(60)) {
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     weft::cancel_source source;
     const auto token = source.token();
@@ -1518,7 +1517,7 @@ TEST_CASE("registrations racing a cancel each run exactly once or are removed be
           doctest::timeout(180)) {
   const int rounds = under_sanitizer ? 8 : 40;
   const int per_thread = under_sanitizer ? 100 : 300;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     for (int round = 0; round < rounds; ++round) {
       weft::cancel_source source;
@@ -1587,7 +1586,7 @@ TEST_CASE("children made and destroyed while the parent is cancelled are all can
           doctest::timeout(180)) {
   const int rounds = under_sanitizer ? 8 : 40;
   const int per_thread = under_sanitizer ? 100 : 300;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     for (int round = 0; round < rounds; ++round) {
       weft::cancel_source parent;

@@ -33,7 +33,7 @@ namespace asio = boost::asio;
 
 // Holds a pool's workers inside tasks until released, so a queue fills
 // deterministically.
-struct gate {
+struct future_gate {
   std::promise<void> opened;
   std::shared_future<void> open_future = opened.get_future().share();
   void wait() const { open_future.wait(); }
@@ -42,7 +42,7 @@ struct gate {
 
 // Occupies every worker of `pool` with a task blocked on `g`; returns once
 // all of them are running.
-void occupy(weft::worker_pool& pool, const gate& g) {
+void occupy_every_worker(weft::worker_pool& pool, const future_gate& g) {
   std::latch running{static_cast<std::ptrdiff_t>(pool.size())};
   for (std::size_t i = 0; i < pool.size(); ++i) {
     // A copy of the future: the test may destroy the gate while a worker
@@ -99,8 +99,8 @@ TEST_CASE("worker_pool: submit returns values, void, and exceptions through the 
 
 TEST_CASE("worker_pool: overflow::reject throws weft::rejected and try_post declines") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::reject}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   pool.post([] {});
   pool.post([] {});
   CHECK_THROWS_AS(pool.post([] {}), weft::rejected);
@@ -114,8 +114,8 @@ TEST_CASE("worker_pool: overflow::reject throws weft::rejected and try_post decl
 
 TEST_CASE("worker_pool: overflow::caller_runs runs the task on the posting thread") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::caller_runs}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   pool.post([] {});
   std::thread::id ran_on;
   pool.post([&] { ran_on = std::this_thread::get_id(); });
@@ -125,8 +125,8 @@ TEST_CASE("worker_pool: overflow::caller_runs runs the task on the posting threa
 
 TEST_CASE("worker_pool: overflow::block makes the producer wait for room (backpressure)") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   pool.post([] {});
   // The queue is full and stays full until the gate opens, so post() must
   // block, reject, or run the task here; it may only block.
@@ -144,8 +144,8 @@ TEST_CASE("worker_pool: overflow::block makes the producer wait for room (backpr
 
 TEST_CASE("worker_pool: post with a token gives up when the token is cancelled") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   pool.post([] {});
   weft::cancel_source already;
   already.cancel();
@@ -201,8 +201,8 @@ TEST_CASE("worker_pool: the default error handler counts a failure and keeps the
 
 TEST_CASE("worker_pool: shutdown drains the queue, then posting throws weft::rejected") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 16}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   std::atomic<int> ran{0};
   for (int i = 0; i < 10; ++i) pool.post([&] { ran++; });
   pool.shutdown();
@@ -220,8 +220,8 @@ TEST_CASE("worker_pool: shutdown drains the queue, then posting throws weft::rej
 
 TEST_CASE("worker_pool: shutdown_now drops what is queued, destroys it, and says how many") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 16}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   auto destroyed = std::make_shared<std::atomic<int>>(0);
   struct counted {
     std::shared_ptr<std::atomic<int>> destroyed;
@@ -243,8 +243,8 @@ TEST_CASE("worker_pool: shutdown_now drops what is queued, destroys it, and says
 
 TEST_CASE("worker_pool: shutdown wakes producers blocked on a full queue with weft::rejected") {
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
-  gate g;
-  occupy(pool, g);
+  future_gate g;
+  occupy_every_worker(pool, g);
   pool.post([] {});
   std::promise<bool> rejected;
   std::thread producer([&] {
@@ -358,7 +358,7 @@ TEST_CASE("task_group: set_limit is never exceeded and try_go declines when full
   group.set_limit(2);
   std::atomic<int> in_flight{0};
   std::atomic<int> high_water{0};
-  gate g;
+  future_gate g;
   std::latch both_running{2};
   for (int i = 0; i < 2; ++i) {
     group.go([&] {

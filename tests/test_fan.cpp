@@ -46,19 +46,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using weft_test::high_water;
 using weft_test::spin_until;
-
-// Calls in flight now, and the most there ever were.
-struct high_water {
-  std::atomic<int> now{0};
-  std::atomic<int> most{0};
-  void enter() {
-    const int n = now.fetch_add(1) + 1;
-    for (int seen = most.load(); n > seen && !most.compare_exchange_weak(seen, n);) {
-    }
-  }
-  void leave() { now.fetch_sub(1); }
-};
 
 std::error_code code_of(const std::exception_ptr& error) {
   try {

@@ -43,7 +43,7 @@ struct tracked {
 
 using tracked_pool = weft::object_pool<tracked>;
 
-tracked_pool make_pool(std::atomic<int>& live, weft::object_pool_options options = {}) {
+tracked_pool make_tracked_pool(std::atomic<int>& live, weft::object_pool_options options = {}) {
   return tracked_pool{[&live] { return std::make_unique<tracked>(live); }, [](tracked& t) { ++t.resets; }, options};
 }
 
@@ -121,7 +121,7 @@ TEST_CASE("object_pool: a reset that returns false keeps an oversized object out
 
 TEST_CASE("object_pool: an object goes back when an exception unwinds its handle's scope") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live);
+  auto pool = make_tracked_pool(live);
   CHECK_THROWS_AS(
       [&] {
         auto h = pool.get();
@@ -149,7 +149,7 @@ TEST_CASE("object_pool: bad input is reported at once") {
 
 TEST_CASE("object_pool: at most max_cached_per_thread + max_shared are retained, the rest are destroyed") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live, {.max_cached_per_thread = 4, .max_shared = 6});
+  auto pool = make_tracked_pool(live, {.max_cached_per_thread = 4, .max_shared = 6});
   {
     std::vector<tracked_pool::handle> out;
     for (int i = 0; i < 20; ++i) out.push_back(pool.get());
@@ -170,7 +170,7 @@ TEST_CASE("object_pool: at most max_cached_per_thread + max_shared are retained,
 
 TEST_CASE("object_pool: max_shared 0 keeps only the per-thread cache") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live, {.max_cached_per_thread = 2, .max_shared = 0});
+  auto pool = make_tracked_pool(live, {.max_cached_per_thread = 2, .max_shared = 0});
   {
     std::vector<tracked_pool::handle> out;
     for (int i = 0; i < 5; ++i) out.push_back(pool.get());
@@ -181,7 +181,7 @@ TEST_CASE("object_pool: max_shared 0 keeps only the per-thread cache") {
 
 TEST_CASE("object_pool: trim drops the stash and the caller's cache at once") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live, {.max_cached_per_thread = 4, .max_shared = 16});
+  auto pool = make_tracked_pool(live, {.max_cached_per_thread = 4, .max_shared = 16});
   {
     std::vector<tracked_pool::handle> out;
     for (int i = 0; i < 8; ++i) out.push_back(pool.get());
@@ -195,7 +195,7 @@ TEST_CASE("object_pool: trim drops the stash and the caller's cache at once") {
 
 TEST_CASE("object_pool: another thread empties its cache at its next use after a trim") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live, {.max_cached_per_thread = 4, .max_shared = 0});
+  auto pool = make_tracked_pool(live, {.max_cached_per_thread = 4, .max_shared = 0});
   { auto here = pool.get(); }  // cached by this thread
   std::latch cached{1};
   std::latch trimmed{1};
@@ -224,7 +224,7 @@ TEST_CASE("object_pool: another thread empties its cache at its next use after a
 
 TEST_CASE("object_pool: a thread that exits gives its cache back") {
   std::atomic<int> live{0};
-  auto pool = make_pool(live, {.max_cached_per_thread = 8, .max_shared = 64});
+  auto pool = make_tracked_pool(live, {.max_cached_per_thread = 8, .max_shared = 64});
   std::thread worker{[&] {
     std::vector<tracked_pool::handle> out;
     for (int i = 0; i < 6; ++i) out.push_back(pool.get());
@@ -243,7 +243,7 @@ TEST_CASE("object_pool: handles may outlive the pool, on this thread and on othe
   std::latch pool_gone{1};
   std::thread other;
   {
-    std::unique_ptr<tracked_pool> pool{new tracked_pool(make_pool(live))};
+    std::unique_ptr<tracked_pool> pool{new tracked_pool(make_tracked_pool(live))};
     auto kept_here = pool->get();
     other = std::thread{[&, h = pool->get()]() mutable {
       holding.count_down();
@@ -335,7 +335,7 @@ TEST_CASE("object_pool: another thread's cache of a destroyed pool is freed when
     std::latch pool_gone{1};
     std::thread other;
     {
-      auto pool = make_pool(live);
+      auto pool = make_tracked_pool(live);
       other = std::thread{[&] {
         { auto a = pool.get(), b = pool.get(); }  // both cached by this thread
         cached.count_down();
@@ -355,9 +355,9 @@ TEST_CASE("object_pool: another thread's cache of a destroyed pool is freed when
     std::latch swept{1};
     std::latch checked{1};
     std::thread other;
-    auto second = make_pool(live);
+    auto second = make_tracked_pool(live);
     {
-      auto pool = make_pool(live);
+      auto pool = make_tracked_pool(live);
       other = std::thread{[&] {
         { auto a = pool.get(); }
         cached.count_down();
@@ -381,7 +381,7 @@ TEST_CASE("object_pool: another thread's cache of a destroyed pool is freed when
     std::latch checked{1};
     std::thread other;
     {
-      auto pool = make_pool(live);
+      auto pool = make_tracked_pool(live);
       other = std::thread{[&, late = pool.get()]() mutable {
         { auto a = pool.get(); }
         cached.count_down();
@@ -404,7 +404,7 @@ TEST_CASE("object_pool: release takes an object out for good, put adopts one") {
   std::atomic<int> live{0};
   std::unique_ptr<tracked> taken;
   {
-    auto pool = make_pool(live);
+    auto pool = make_tracked_pool(live);
     taken = pool.get().release();
     REQUIRE(taken != nullptr);
     CHECK(pool.stats().retained == 0);
@@ -427,7 +427,7 @@ TEST_CASE("object_pool: a handle released after the pool is gone is still the ca
   std::atomic<int> live{0};
   tracked_pool::handle outliving;
   {
-    auto pool = make_pool(live);
+    auto pool = make_tracked_pool(live);
     outliving = pool.get();
   }
   auto mine = outliving.release();
@@ -442,7 +442,7 @@ TEST_CASE("object_pool: under concurrent use no object is handed to two users, a
   std::atomic<int> live{0};
   std::atomic<int> double_use{0};
   {
-    auto pool = make_pool(live, {.max_cached_per_thread = 4, .max_shared = 8});
+    auto pool = make_tracked_pool(live, {.max_cached_per_thread = 4, .max_shared = 8});
     // Handles cross threads through this exchange, so puts happen on other
     // threads than the gets.
     std::mutex exchange_mutex;

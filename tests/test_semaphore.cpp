@@ -35,41 +35,20 @@
 
 using namespace std::chrono_literals;
 
-namespace weft {
-// Lets doctest print a wait_status by name (found by argument-dependent
-// lookup). Internal linkage, so other test files may have their own.
-[[maybe_unused]] static doctest::String toString(wait_status status) { return to_string(status); }
-}  // namespace weft
-
 namespace {
 
 using weft::wait_status;
 using manual_semaphore = weft::basic_semaphore<weft::manual_clock>;
 
+using weft_test::eventually;
 using weft_test::under_sanitizer;
+using weft_test::waiters_reach;
 
 // The thread counts that concurrent cases run over: 1, 2, 3, 8, and more
 // than the cores.
 std::vector<int> thread_counts() {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return {1, 2, 3, 8, std::max(16, 2 * cores + 1)};
-}
-
-// Yields until `condition` holds. The 30 s bound only turns a lost wake-up
-// into a failure instead of a hang; no test relies on it for timing.
-template <class Condition>
-[[nodiscard]] bool eventually(Condition&& condition) {
-  const auto give_up = std::chrono::steady_clock::now() + 30s;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() > give_up) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
-template <class Semaphore>
-[[nodiscard]] bool waiters_reach(const Semaphore& sem, std::size_t count) {
-  return eventually([&] { return sem.stats().waiters == count; });
 }
 
 [[nodiscard]] bool pending_timers_reach(std::size_t count) {

@@ -39,12 +39,15 @@
 
 #include <doctest/doctest.h>
 
+#include "pool_support.hpp"
 #include "support.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
+using weft_test::gate;
+using weft_test::high_water;
 using weft_test::spin_until;
 
 // An exception that counts its live copies, so a test can tell that every
@@ -63,16 +66,6 @@ class counted_error : public std::runtime_error {
   int id_;
 };
 
-// Opened once by the test; tasks block on it through a copy of `closed`, so
-// the gate may be destroyed while one is leaving wait(). (A cancel token,
-// not a std::shared_future: libc++'s reference count for the future's state
-// is in the uninstrumented runtime, and TSan then reports its free.)
-struct gate {
-  weft::cancel_source source;
-  weft::cancel_token closed = source.token();
-  void open() { source.cancel(); }
-};
-
 // Occupies `count` workers of `pool` with tasks blocked on `g`; returns once
 // they all run.
 void occupy(weft::worker_pool& pool, std::size_t count, const gate& g) {
@@ -85,18 +78,6 @@ void occupy(weft::worker_pool& pool, std::size_t count, const gate& g) {
   }
   running.wait();
 }
-
-// Tasks in flight now, and the most there ever were.
-struct high_water {
-  std::atomic<int> now{0};
-  std::atomic<int> most{0};
-  void enter() {
-    const int n = now.fetch_add(1) + 1;
-    for (int seen = most.load(); n > seen && !most.compare_exchange_weak(seen, n);) {
-    }
-  }
-  void leave() { now.fetch_sub(1); }
-};
 
 // Runs `wait` and returns the id of the counted_error it threw (-1 if it
 // threw nothing, -2 for anything else).
@@ -113,11 +94,11 @@ int thrown_id(Wait&& wait) {
 }
 
 // A result type that counts its live objects.
-struct counted {
-  explicit counted(int v) : value(v) { ++live; }
-  counted(counted&& other) noexcept : value(other.value) { ++live; }
-  counted& operator=(counted&&) = delete;
-  ~counted() { --live; }
+struct counted_result {
+  explicit counted_result(int v) : value(v) { ++live; }
+  counted_result(counted_result&& other) noexcept : value(other.value) { ++live; }
+  counted_result& operator=(counted_result&&) = delete;
+  ~counted_result() { --live; }
   int value;
   static inline std::atomic<int> live{0};
 };
@@ -939,16 +920,16 @@ TEST_CASE("result_group: a task declined by try_go leaves no hole in the results
 TEST_CASE("result_group: an exception is rethrown and every result is still destroyed" * doctest::timeout(30)) {
   {
     weft::worker_pool pool{{.workers = 2}};
-    weft::result_group<counted> group{pool.executor()};
+    weft::result_group<counted_result> group{pool.executor()};
     for (int i = 0; i < 20; ++i) {
       group.go([i] {
         if (i == 10) throw counted_error(i);
-        return counted(i);
+        return counted_result(i);
       });
     }
     CHECK(thrown_id([&] { group.wait(); }) == 10);
   }
-  CHECK(counted::live.load() == 0);
+  CHECK(counted_result::live.load() == 0);
   CHECK(counted_error::live.load() == 0);
 }
 

@@ -35,10 +35,9 @@ using weft::wait_status;
 
 namespace {
 
+using weft_test::fixed_thread_counts;
 using weft_test::spin_until;
 using weft_test::under_sanitizer;
-
-constexpr int thread_counts[] = {1, 2, 3, 8, 16};
 
 template <class Group>
 void wait_for_waiters(const Group& group, std::size_t count) {
@@ -100,7 +99,7 @@ TEST_CASE("add and done move the count" * doctest::timeout(30)) {
 }
 
 TEST_CASE("wait returns once every task has called done" * doctest::timeout(60)) {
-  for (const int tasks : thread_counts) {
+  for (const int tasks : fixed_thread_counts) {
     CAPTURE(tasks);
     weft::wait_group group;
     std::atomic<int> finished{0};
@@ -482,7 +481,7 @@ TEST_CASE("a waiter that began before the count reached zero is released even if
 TEST_CASE("many threads calling done concurrently release every waiter" * doctest::timeout(120)) {
   const int rounds = under_sanitizer ? 20 : 200;
   constexpr int waiters = 4;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     for (int round = 0; round < rounds; ++round) {
       weft::wait_group group;
@@ -526,7 +525,7 @@ TEST_CASE("many threads calling done concurrently release every waiter" * doctes
 
 TEST_CASE("add and done racing from many threads keep the count balanced" * doctest::timeout(120)) {
   const int per_thread = under_sanitizer ? 2000 : 20000;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     weft::wait_group group;
     std::barrier start(threads + 1);
@@ -558,7 +557,7 @@ TEST_CASE("what tasks wrote before done() is visible after wait() returns" * doc
   // Plain, non-atomic writes: ThreadSanitizer reports a race if wait() does
   // not order them before the reads.
   const int rounds = under_sanitizer ? 20 : 200;
-  for (const int threads : thread_counts) {
+  for (const int threads : fixed_thread_counts) {
     CAPTURE(threads);
     for (int round = 0; round < rounds; ++round) {
       weft::wait_group group;

@@ -55,12 +55,6 @@
 
 using namespace std::chrono_literals;
 
-namespace weft {
-// Lets doctest print a wait_status by name (internal linkage: other test
-// files have their own).
-[[maybe_unused]] static doctest::String toString(wait_status status) { return to_string(status); }
-}  // namespace weft
-
 namespace {
 
 using weft::wait_status;
@@ -77,7 +71,7 @@ std::vector<std::size_t> worker_counts() {
 // before the pool in every test, so it outlives the workers that wait on it
 // (a gate on a std::shared_future would be freed through libc++'s shared
 // count, which ThreadSanitizer does not see).
-struct gate {
+struct atomic_gate {
   std::atomic<std::size_t> held{0};
   std::atomic<bool> opened{false};
   void wait() const { opened.wait(false); }
@@ -90,7 +84,7 @@ struct gate {
 // Occupies every worker of `pool` with a task that waits on `g`; returns
 // once all of them are running (so the queue is empty and stays so until
 // the test posts).
-void hold_all_workers(weft::worker_pool& pool, gate& g) {
+void hold_all_workers(weft::worker_pool& pool, atomic_gate& g) {
   const std::size_t before = g.held.load();
   for (std::size_t i = 0; i < pool.size(); ++i) {
     pool.post([&g] {
@@ -354,7 +348,7 @@ TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 t
 TEST_CASE("worker_pool: a task that a worker claimed behind one that blocks is run by a free worker" *
           doctest::timeout(60)) {
   constexpr int rounds = 20;
-  std::array<gate, rounds> gates;  // outlive the pool's workers
+  std::array<atomic_gate, rounds> gates;  // outlive the pool's workers
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 256}};
   for (auto& round_gate : gates) {
     hold_all_workers(pool, round_gate);
@@ -509,7 +503,7 @@ TEST_CASE("worker_pool runs tasks with captures larger than the inline buffer an
 
 TEST_CASE("worker_pool with overflow::reject throws weft::rejected from post and try_post returns false when full" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 3, .on_full = weft::overflow::reject, .name = "rej"}};
   hold_all_workers(pool, g);
   std::atomic<int> ran{0};
@@ -613,7 +607,7 @@ TEST_CASE(
 
 TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on the posting thread before post returns" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::caller_runs}};
   hold_all_workers(pool, g);
   std::atomic<int> queued_ran{0};
@@ -673,7 +667,7 @@ TEST_CASE("worker_pool with overflow::caller_runs runs the overflowing task on t
 
 TEST_CASE("worker_pool with overflow::block holds producers in post until a worker frees a slot" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
   hold_all_workers(pool, g);
   weft::wait_group done;
@@ -728,7 +722,7 @@ TEST_CASE("worker_pool with overflow::block holds producers in post until a work
 
 TEST_CASE("worker_pool post with a pre-cancelled token queues nothing and destroys the task (PITFALLS: gkit PR#134)" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   weft::cancel_source source;
   source.cancel();
@@ -764,7 +758,7 @@ TEST_CASE("worker_pool post with a token cancelled while it waits for room retur
           doctest::timeout(60)) {
   for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
-    gate g;  // outlives the pool's workers
+    atomic_gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
     hold_all_workers(pool, g);
     pool.post([] {});
@@ -803,7 +797,7 @@ TEST_CASE("worker_pool post with a token returns ok once a slot frees, whatever 
           doctest::timeout(60)) {
   for (const auto policy : {weft::overflow::block, weft::overflow::reject, weft::overflow::caller_runs}) {
     CAPTURE(static_cast<int>(policy));
-    gate g;  // outlives the pool's workers
+    atomic_gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = policy}};
     hold_all_workers(pool, g);
     pool.post([] {});
@@ -826,7 +820,7 @@ TEST_CASE("worker_pool post with a token returns ok once a slot frees, whatever 
 
 TEST_CASE("worker_pool post with a deadline token returns timeout when the deadline passes while it waits" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1}};
   hold_all_workers(pool, g);
   pool.post([] {});
@@ -919,7 +913,7 @@ TEST_CASE(
   SUBCASE("on the pool's only worker, under overflow::block") {
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::block}};
     post_chain tasks{pool};
-    gate g;
+    atomic_gate g;
     pool.post([&] {
       g.held.fetch_add(1);
       g.wait();
@@ -936,7 +930,7 @@ TEST_CASE(
     weft::worker_pool pool{
         {.workers = 1, .queue_capacity = 1, .on_full = weft::overflow::caller_runs}};
     post_chain tasks{pool};
-    gate g;
+    atomic_gate g;
     hold_all_workers(pool, g);
     pool.post([] {});
     tasks.step(chain);  // the tasks it no longer runs itself wait past the full queue
@@ -1116,7 +1110,7 @@ TEST_CASE("worker_pool: the error handler is one object, called for every error"
 
 TEST_CASE("worker_pool shutdown returns at once, still runs queued tasks, then every post form throws weft::rejected" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 8, .name = "closing"}};
   hold_all_workers(pool, g);
   std::atomic<int> ran{0};
@@ -1154,7 +1148,7 @@ TEST_CASE("worker_pool shutdown returns at once, still runs queued tasks, then e
 
 TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them before returning, and counts them" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 8}};
   CHECK(run_on(pool, [] { return 0; }) == 0);
   std::atomic<bool> running_finished{false};
@@ -1200,8 +1194,8 @@ TEST_CASE("worker_pool shutdown_now drops the queued tasks unrun, destroys them 
 TEST_CASE("worker_pool shutdown_now drops and counts the tasks that workers claimed and hold, and the registry "
           "lists them as queued until then" *
           doctest::timeout(60)) {
-  gate first_gate;   // outlives the pool's workers
-  gate blocker_gate;
+  atomic_gate first_gate;  // outlives the pool's workers
+  atomic_gate blocker_gate;
   const std::string name = "held-drop";
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 512, .name = name}};
   hold_all_workers(pool, first_gate);
@@ -1261,7 +1255,7 @@ TEST_CASE("worker_pool destructor runs every task queued before destruction" * d
   instances inst;
   std::atomic<int> ran{0};
   {
-    gate g;  // outlives the pool's workers
+    atomic_gate g;  // outlives the pool's workers
     auto pool = std::make_unique<weft::worker_pool>(weft::worker_pool_options{.workers = 1, .queue_capacity = 8});
     weft::worker_pool* raw = pool.get();
     hold_all_workers(*pool, g);
@@ -1284,7 +1278,7 @@ TEST_CASE("worker_pool shutdown wakes producers blocked on a full queue with wef
           doctest::timeout(60)) {
   for (const bool now : {false, true}) {
     CAPTURE(now);
-    gate g;  // outlives the pool's workers
+    atomic_gate g;  // outlives the pool's workers
     weft::worker_pool pool{{.workers = 1, .queue_capacity = 2, .on_full = weft::overflow::block}};
     hold_all_workers(pool, g);
     std::atomic<int> queued_ran{0};
@@ -1428,7 +1422,7 @@ TEST_CASE("worker_pool executor posts to its pool, knows when it runs there, and
 TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued, peak, submitted, completed, "
           "rejected" *
           doctest::timeout(60)) {
-  gate g;  // outlives the pool's workers
+  atomic_gate g;  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 2, .queue_capacity = 4, .on_full = weft::overflow::reject}};
   hold_all_workers(pool, g);
   auto s = pool.stats();
@@ -1478,8 +1472,8 @@ TEST_CASE("worker_pool stats are exact in a deterministic scenario: busy, queued
 TEST_CASE("worker_pool: peak_queued never reads below a queued count stats() reported" *
           doctest::timeout(60)) {
   constexpr std::size_t capacity = 8;
-  gate first;
-  gate second;
+  atomic_gate first;
+  atomic_gate second;
   weft::worker_pool pool{
       {.workers = 1, .queue_capacity = capacity, .on_full = weft::overflow::reject}};
   hold_all_workers(pool, first);

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: BSL-1.0
 // What the weft_stress scenario files share: how long and how widely a
-// scenario runs (a time budget per configuration, a cap on every loop, and
-// thread counts above the core count, all scaled by --scale N), and the
-// cancel sources their chaos threads cancel.
+// scenario runs (a time budget per configuration or a count of rounds, a cap
+// on every loop, and thread counts above the core count, all scaled by
+// --scale N), the spins and the hash their random gaps and choices come
+// from, and the cancel sources their chaos threads cancel.
 #pragma once
 
 #include <weft/cancel.hpp>
+#include <weft/detail/futex.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -33,6 +35,30 @@ inline std::chrono::steady_clock::duration run_budget() {
 // every loop ends even if the clock misbehaves.
 inline std::uint64_t iteration_cap(std::uint64_t per_scale) {
   return per_scale * std::min<std::uint64_t>(scale(), 1000);
+}
+
+// `normal` rounds, a quarter as many (at least one) under sanitizers, which
+// run everything several times slower, times the scale (at most 100): for the
+// scenarios that count rounds rather than run for a time.
+inline int rounds(int normal) {
+  const int base = under_sanitizer ? std::max(1, normal / 4) : normal;
+  return base * static_cast<int>(std::min<std::uint64_t>(scale(), 100));
+}
+
+// A gap without a sleep: other threads move on, and workers go idle, at
+// moments that vary with the count.
+inline void spin_for(std::uint64_t iterations) {
+  for (std::uint64_t i = 0; i < iterations; ++i) weft::detail::cpu_relax();
+}
+
+// splitmix64's finaliser: a random-looking choice made where no thread's
+// generator is at hand, or that must depend on a value and the seed, not on
+// the thread that makes it.
+inline std::uint64_t mix(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15u;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9u;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebu;
+  return x ^ (x >> 31);
 }
 
 // More threads than cores, always.

@@ -231,8 +231,8 @@ struct shape {
 
 namespace {
 
-struct semaphore_scenario {
-  semaphore_scenario(std::ptrdiff_t capacity, std::uint64_t seed)
+struct async_semaphore_scenario {
+  async_semaphore_scenario(std::ptrdiff_t capacity, std::uint64_t seed)
       : sem(capacity), held(capacity), chaos(4) {
     (void)seed;
   }
@@ -323,7 +323,7 @@ TEST_CASE(
 
     asio::io_context io;
     op_table ops;
-    semaphore_scenario sc{capacity, seed};
+    async_semaphore_scenario sc{capacity, seed};
     std::atomic<bool> stop{false};
     std::mutex futures_mutex;
     std::vector<std::pair<std::ptrdiff_t, std::future<weft::permit>>> futures;
@@ -481,11 +481,11 @@ TEST_CASE(
 
 namespace {
 
-struct connection {
+struct numbered_connection {
   int id = 0;
 };
 
-using pool_type = weft::resource_pool<connection>;
+using pool_type = weft::resource_pool<numbered_connection>;
 
 }  // namespace
 
@@ -513,9 +513,9 @@ TEST_CASE(
         weft::resource_pool_options{.max_open = max_open, .max_idle = max_idle},
         [&] {
           if (fail_next.fetch_add(1) % 13 == 12) throw std::runtime_error("open failed");
-          return connection{++opened};
+          return numbered_connection{++opened};
         },
-        [&](connection&) { ++closed; });
+        [&](numbered_connection&) { ++closed; });
 
     asio::io_context io;
     op_table ops;
@@ -655,17 +655,19 @@ namespace {
 
 // A value that knows its id and counts live instances, so a leak or a
 // double destruction shows; a moved-from item has id 0.
-struct item {
-  item() noexcept { live.fetch_add(1); }
-  explicit item(std::uint64_t i) noexcept : id(i) { live.fetch_add(1); }
-  item(item&& other) noexcept : id(std::exchange(other.id, 0)) { live.fetch_add(1); }
-  item& operator=(item&& other) noexcept {
+struct counted_item {
+  counted_item() noexcept { live.fetch_add(1); }
+  explicit counted_item(std::uint64_t i) noexcept : id(i) { live.fetch_add(1); }
+  counted_item(counted_item&& other) noexcept : id(std::exchange(other.id, 0)) {
+    live.fetch_add(1);
+  }
+  counted_item& operator=(counted_item&& other) noexcept {
     id = std::exchange(other.id, 0);
     return *this;
   }
-  item(const item&) = delete;
-  item& operator=(const item&) = delete;
-  ~item() { live.fetch_sub(1); }
+  counted_item(const counted_item&) = delete;
+  counted_item& operator=(const counted_item&) = delete;
+  ~counted_item() { live.fetch_sub(1); }
   std::uint64_t id = 0;
   static inline std::atomic<long> live{0};
 };
@@ -738,7 +740,7 @@ TEST_CASE(
       asio::io_context io;
       op_table ops;
       ledger book;
-      std::optional<weft::channel<item>> ch;
+      std::optional<weft::channel<counted_item>> ch;
       ch.emplace(capacity);
       chaos_sources chaos{4};
       std::atomic<std::uint64_t> outstanding{0};  // async operations and consumers not yet finished
@@ -750,7 +752,7 @@ TEST_CASE(
       const auto until = std::chrono::steady_clock::now() + run_budget() / 2;
 
       // A receive's checks (on its strand or thread); false once closed.
-      const auto on_recv = [&](error_code ec, std::optional<item>& value) {
+      const auto on_recv = [&](error_code ec, std::optional<counted_item>& value) {
         if (!ec) {
           if (!value || value->id == 0) bad.fetch_add(1);
           if (value) book.received(value->id);
@@ -788,17 +790,18 @@ TEST_CASE(
       op_record& chain_op = ops.make(io);
       outstanding.fetch_add(1);
       callbacks.next = [&] {
-        weft::async_recv(*ch, asio::bind_cancellation_slot(
-                                  chain_op.signal.slot(),
-                                  asio::bind_executor(chain_op.strand,
-                                                      [&](error_code ec, std::optional<item> v) {
-                                                        if (on_recv(ec, v)) {
-                                                          callbacks.next();
-                                                        } else {
-                                                          chain_op.calls.fetch_add(1);
-                                                          outstanding.fetch_sub(1);
-                                                        }
-                                                      })));
+        weft::async_recv(*ch,
+                         asio::bind_cancellation_slot(
+                             chain_op.signal.slot(),
+                             asio::bind_executor(chain_op.strand,
+                                                 [&](error_code ec, std::optional<counted_item> v) {
+                                                   if (on_recv(ec, v)) {
+                                                     callbacks.next();
+                                                   } else {
+                                                     chain_op.calls.fetch_add(1);
+                                                     outstanding.fetch_sub(1);
+                                                   }
+                                                 })));
       };
       asio::post(chain_op.strand, [&] { callbacks.next(); });
       // ...and a plain thread on a chaos token.
@@ -826,7 +829,7 @@ TEST_CASE(
           if (room && action < 3) {
             op_record& op = ops.make(io);
             outstanding.fetch_add(1);
-            asio::post(op.strand, [&, id, value = item{id}]() mutable {
+            asio::post(op.strand, [&, id, value = counted_item{id}]() mutable {
               weft::async_send(
                   *ch, std::move(value),
                   asio::bind_cancellation_slot(
@@ -848,7 +851,7 @@ TEST_CASE(
                   for (int k = 0; k < burst; ++k) {
                     const std::uint64_t v = id + static_cast<std::uint64_t>(k);
                     auto [ec] = co_await weft::async_send(
-                        *ch, item{v},
+                        *ch, counted_item{v},
                         asio::bind_cancellation_slot(op.signal.slot(),
                                                      asio::as_tuple(asio::use_awaitable)));
                     if (ec && ec != weft::errc::closed && !is_cancelled(ec)) bad.fetch_add(1);
@@ -861,7 +864,7 @@ TEST_CASE(
           } else if (action < 6) {
             ops.emit_random(rng);
           } else {
-            item value{id};
+            counted_item value{id};
             const auto status = ch->send(std::move(value), chaos.token(rng()));
             if ((status == weft::wait_status::ok) != (value.id == 0))
               bad.fetch_add(1);  // moved from only on success
@@ -905,7 +908,7 @@ TEST_CASE(
       CHECK(ops.count_not_called(1) == 0);
       ch.reset();
     }
-    CHECK(item::live.load() == 0);
+    CHECK(counted_item::live.load() == 0);
   }
 }
 
@@ -1212,7 +1215,7 @@ TEST_CASE(
     ++rounds;
     const std::ptrdiff_t capacity = 1 + static_cast<std::ptrdiff_t>(rng() % 4);
     weft::semaphore sem{capacity};
-    weft::channel<item> ch{rng() % 2 == 0 ? 0u : 2u};
+    weft::channel<counted_item> ch{rng() % 2 == 0 ? 0u : 2u};
     weft::wait_group group;
     group.add(1);
     weft::cancel_source source;
@@ -1251,7 +1254,7 @@ TEST_CASE(
           case 1: {
             const std::uint64_t id = ++next_id;
             weft::async_send(
-                ch, item{id},
+                ch, counted_item{id},
                 asio::bind_executor(*io, [&, id, once, m = std::move(mark)](error_code ec) {
                   if (once->fetch_add(1) != 0) bad.fetch_add(1);
                   book.sent(id, !ec);
@@ -1260,11 +1263,11 @@ TEST_CASE(
           }
           case 2:
             weft::async_recv(
-                ch, asio::bind_executor(
-                        *io, [&, once, m = std::move(mark)](error_code ec, std::optional<item> v) {
-                          if (once->fetch_add(1) != 0) bad.fetch_add(1);
-                          if (!ec && v) book.received(v->id);
-                        }));
+                ch, asio::bind_executor(*io, [&, once, m = std::move(mark)](
+                                                 error_code ec, std::optional<counted_item> v) {
+                  if (once->fetch_add(1) != 0) bad.fetch_add(1);
+                  if (!ec && v) book.received(v->id);
+                }));
             break;
           case 3:
             weft::async_wait(group,
@@ -1288,7 +1291,7 @@ TEST_CASE(
         sem.release(taken);
         if (local() % 2 == 0) group.done();
         if (local() % 2 == 0) source.cancel();
-        item value{(round << 20) | 0xFFFFF};
+        counted_item value{(round << 20) | 0xFFFFF};
         if (ch.try_send(std::move(value))) book.sent((round << 20) | 0xFFFFF, true);
         if (auto got = ch.try_recv()) book.received(got->id);
       });
@@ -1326,7 +1329,7 @@ TEST_CASE(
   CHECK(rounds > 0);
   CHECK(bad.load() == 0);
   CHECK(handlers_alive.load() == 0);
-  CHECK(item::live.load() == 0);
+  CHECK(counted_item::live.load() == 0);
 }
 
 TEST_CASE(

@@ -21,19 +21,14 @@
 
 #include <doctest/doctest.h>
 
-#include "seed.hpp"
 #include "../support.hpp"
+#include "scenario.hpp"
+#include "seed.hpp"
 
 namespace {
 
-int rounds(int normal) {
-  const int base = weft_test::under_sanitizer ? normal / 4 : normal;
-  return base * static_cast<int>(std::min<std::uint64_t>(weft_test::scale(), 100));
-}
-
-void spin_for(std::uint32_t iterations) {
-  for (std::uint32_t i = 0; i < iterations; ++i) weft::detail::cpu_relax();
-}
+using weft_test::rounds;
+using weft_test::spin_for;
 
 }  // namespace
 
@@ -58,7 +53,7 @@ TEST_CASE("stress: worker_pool sleep/notify race: bursts with random gaps, every
           } catch (const weft::rejected&) {
             refused.fetch_add(1, std::memory_order_relaxed);
           }
-          if (local() % 8 == 0) spin_for(static_cast<std::uint32_t>(local() % 4000));
+          if (local() % 8 == 0) spin_for(local() % 4000);
         }
       });
     }
@@ -97,7 +92,7 @@ TEST_CASE("stress: worker_pool shutdown and shutdown_now racing producers lose n
         }
       });
     }
-    spin_for(static_cast<std::uint32_t>(rng() % 20000));
+    spin_for(rng() % 20000);
     std::size_t dropped = 0;
     if (now) {
       dropped = pool.shutdown_now();
@@ -139,7 +134,7 @@ TEST_CASE(
       pool.join();
     });
     weft_test::spin_until([&] { return pool.is_shutdown(); });
-    spin_for(static_cast<std::uint32_t>(rng() % 20000));
+    spin_for(rng() % 20000);
     publish = true;
     producer.join();
     stopper.join();

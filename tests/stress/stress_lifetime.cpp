@@ -36,7 +36,6 @@
 // once, so that threads are preempted in the middle of their calls.
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
-#include <weft/detail/futex.hpp>
 #include <weft/object_pool.hpp>
 #include <weft/resource_pool.hpp>
 #include <weft/select.hpp>
@@ -71,6 +70,7 @@ namespace {
 
 using weft_test::iteration_cap;
 using weft_test::run_budget;
+using weft_test::spin_for;
 using weft_test::under_tsan;
 
 using rng_type = std::mt19937_64;
@@ -83,10 +83,6 @@ std::chrono::steady_clock::time_point far_deadline() {
   return std::chrono::steady_clock::now() + 1h;
 }
 
-void spin(std::uint64_t times) {
-  for (std::uint64_t i = 0; i < times; ++i) weft::detail::cpu_relax();
-}
-
 // The pause before a releasing call: none, a short or long spin, a few
 // yields, or until `queued()` says the waiter is in the queue (bounded: it
 // may never queue) and then a little more, so that it may go to sleep.
@@ -96,17 +92,17 @@ void jitter(rng_type& rng, Queued queued) {
     case 0:
       break;
     case 1:
-      spin(pick(rng, 64));
+      spin_for(pick(rng, 64));
       break;
     case 2:
-      spin(pick(rng, 4096));
+      spin_for(pick(rng, 4096));
       break;
     case 3:
       for (auto n = pick(rng, 4) + 1; n != 0; --n) std::this_thread::yield();
       break;
     default:
       for (int i = 0; i < 2000 && !queued(); ++i) std::this_thread::yield();
-      spin(pick(rng, 2048));
+      spin_for(pick(rng, 2048));
       for (auto n = pick(rng, 3); n != 0; --n) std::this_thread::yield();
       break;
   }
@@ -358,7 +354,7 @@ TEST_CASE("semaphore destroyed by the waiter its release let through" * doctest:
 
 // ------------------------------------------------------------------ channel
 
-using item = std::unique_ptr<std::uint64_t>;
+using boxed_value = std::unique_ptr<std::uint64_t>;
 
 struct channel_scenario {
   enum mode_kind {
@@ -369,8 +365,8 @@ struct channel_scenario {
     mode_count
   };
   struct lane {
-    std::unique_ptr<weft::channel<item>> ch;
-    weft::channel<item>* target = nullptr;
+    std::unique_ptr<weft::channel<boxed_value>> ch;
+    weft::channel<boxed_value>* target = nullptr;
     std::size_t capacity = 0;
     int mode = owner_receives;
     int owner_form = 0;
@@ -388,7 +384,7 @@ struct channel_scenario {
   void make(lane& l, rng_type& rng) {
     static constexpr std::size_t capacities[] = {0, 1, 2, 4};
     l.capacity = capacities[pick(rng, 4)];
-    l.ch = std::make_unique<weft::channel<item>>(l.capacity);
+    l.ch = std::make_unique<weft::channel<boxed_value>>(l.capacity);
     l.target = l.ch.get();
     l.mode = static_cast<int>(pick(rng, mode_count));
     l.tag = rng() | 1;
@@ -417,9 +413,9 @@ struct channel_scenario {
   void setup(int, lane&, rng_type&) {}
 
   // The owner's receive, in one of its forms.
-  std::optional<item> receive(lane& l, rng_type& rng, weft::wait_status& status) {
+  std::optional<boxed_value> receive(lane& l, rng_type& rng, weft::wait_status& status) {
     auto& ch = *l.ch;
-    std::optional<item> got;
+    std::optional<boxed_value> got;
     switch (l.owner_form) {
       case 0:
         got = ch.recv();
@@ -447,15 +443,16 @@ struct channel_scenario {
         break;
       }
       case 4: {
-        auto r =
-            weft::select(weft::on_recv(ch, [&](std::optional<item> v) { got = std::move(v); }));
+        auto r = weft::select(
+            weft::on_recv(ch, [&](std::optional<boxed_value> v) { got = std::move(v); }));
         status = r.status;
         if (status == weft::wait_status::ok && !got) status = weft::wait_status::closed;
         break;
       }
       case 5: {
-        auto r = weft::select(
-            l.never.token(), weft::on_recv(ch, [&](std::optional<item> v) { got = std::move(v); }));
+        auto r = weft::select(l.never.token(), weft::on_recv(ch, [&](std::optional<boxed_value> v) {
+                                got = std::move(v);
+                              }));
         status = r.status;
         if (status == weft::wait_status::ok && !got) status = weft::wait_status::closed;
         break;
@@ -475,7 +472,7 @@ struct channel_scenario {
     return got;
   }
 
-  weft::wait_status send(lane& l, rng_type& rng, item& value) {
+  weft::wait_status send(lane& l, rng_type& rng, boxed_value& value) {
     auto& ch = *l.ch;
     switch (l.owner_form) {
       case 0:
@@ -563,7 +560,7 @@ struct channel_scenario {
         }
         broken.expect(status == weft::wait_status::ok, "channel: B's send did not end ok");
       } else {
-        std::optional<item> got;
+        std::optional<boxed_value> got;
         switch (l.releaser_form) {
           case 0:
             got = ch->recv();
@@ -582,7 +579,7 @@ struct channel_scenario {
           case 4:
           case 5:
             (void)weft::select(
-                weft::on_recv(*ch, [&](std::optional<item> v) { got = std::move(v); }));
+                weft::on_recv(*ch, [&](std::optional<boxed_value> v) { got = std::move(v); }));
             break;
           default:
             while (!(got = ch->try_recv())) {
@@ -599,7 +596,7 @@ struct channel_scenario {
       // A receiver that gives up quickly; if it took B's value after all,
       // it passes it on to the owner.
       auto* ch = l.target;
-      std::optional<item> got;
+      std::optional<boxed_value> got;
       if (coin(rng)) {
         got = std::move(ch->recv_for(std::chrono::microseconds{pick(rng, 200)})).value();
       } else {
@@ -629,9 +626,9 @@ TEST_CASE("channel destroyed by the waiter a send, receive or close let through"
 // of its own) or closes it; the owner destroys both.
 struct select_scenario {
   struct lane {
-    std::unique_ptr<weft::channel<item>> first;
-    std::unique_ptr<weft::channel<item>> second;
-    weft::channel<item>* target = nullptr;
+    std::unique_ptr<weft::channel<boxed_value>> first;
+    std::unique_ptr<weft::channel<boxed_value>> second;
+    weft::channel<boxed_value>* target = nullptr;
     std::size_t which = 0;
     bool closes = false;
     int owner_form = 0;
@@ -642,8 +639,8 @@ struct select_scenario {
   faults broken;
 
   void make(lane& l, rng_type& rng) {
-    l.first = std::make_unique<weft::channel<item>>(pick(rng, 3));
-    l.second = std::make_unique<weft::channel<item>>(pick(rng, 3));
+    l.first = std::make_unique<weft::channel<boxed_value>>(pick(rng, 3));
+    l.second = std::make_unique<weft::channel<boxed_value>>(pick(rng, 3));
     l.which = pick(rng, 2);
     l.closes = coin(rng, 4);
     l.owner_form = static_cast<int>(pick(rng, 3));
@@ -657,9 +654,9 @@ struct select_scenario {
 
   void act(int role, lane& l, rng_type& rng) {
     if (role == owner) {
-      std::optional<item> got;
+      std::optional<boxed_value> got;
       bool handled = false;
-      const auto handler = [&](std::optional<item> v) {
+      const auto handler = [&](std::optional<boxed_value> v) {
         got = std::move(v);
         handled = true;
       };
@@ -1050,7 +1047,7 @@ struct worker_pool_scenario {
     switch (l.form) {
       case 0: {
         auto result = pool.submit([this, spins = pick(rng, 2048)] {
-          spin(spins);
+          spin_for(spins);
           ran.fetch_add(1);
           return 7;
         });
@@ -1062,7 +1059,7 @@ struct worker_pool_scenario {
         weft::wait_group done;
         done.add(1);
         pool.post([&done, this, spins = pick(rng, 2048)] {
-          spin(spins);
+          spin_for(spins);
           ran.fetch_add(1);
           done.done();
         });
@@ -1106,17 +1103,17 @@ TEST_CASE("worker_pool destroyed as soon as a task signalled its owner" * doctes
 // Brief: no wait here, but the same race: B returns an object (a handle's
 // destructor) while the owner destroys the pool, which the header allows.
 // Every object made is destroyed by the end.
-struct counted {
+struct counted_object {
   static inline std::atomic<std::int64_t> alive{0};
-  counted() { alive.fetch_add(1); }
-  counted(const counted&) = delete;
-  counted& operator=(const counted&) = delete;
-  ~counted() { alive.fetch_sub(1); }
+  counted_object() { alive.fetch_add(1); }
+  counted_object(const counted_object&) = delete;
+  counted_object& operator=(const counted_object&) = delete;
+  ~counted_object() { alive.fetch_sub(1); }
   std::uint64_t payload = 0;
 };
 
 struct object_pool_scenario {
-  using pool_type = weft::object_pool<counted>;
+  using pool_type = weft::object_pool<counted_object>;
   struct lane {
     std::unique_ptr<pool_type> pool;
     std::optional<pool_type::handle> held;  // B's
@@ -1160,7 +1157,7 @@ struct object_pool_scenario {
 TEST_CASE("object_pool destroyed while another thread returns a handle" * doctest::timeout(120)) {
   run_scenario<object_pool_scenario>("object_pool", 2, 200'000, 0x0b1eu);
   // Threads that kept caches of destroyed pools have exited: nothing is left.
-  CHECK(counted::alive.load() == 0);
+  CHECK(counted_object::alive.load() == 0);
 }
 
 }  // namespace

@@ -68,21 +68,13 @@ using namespace std::chrono_literals;
 namespace {
 
 using weft_test::iteration_cap;
+using weft_test::mix;
 using weft_test::run_budget;
 using weft_test::under_tsan;
 
 // No count in these scenarios comes near this; a counter past it has wrapped
 // or was read torn.
 constexpr std::uint64_t sane_count = std::uint64_t{1} << 40;
-
-// splitmix64's finaliser: the hash every "random" decision inside a
-// function is made from, so that it depends on the item, not on the thread.
-std::uint64_t mix(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15u;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9u;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebu;
-  return x ^ (x >> 31);
-}
 
 // Uneven work: a spin of a length hashed from `h`, and a yield on one call in
 // eight, so functions finish out of order and threads interleave.
@@ -296,7 +288,7 @@ cancel_mode random_cancel_mode(std::mt19937_64& rng) {
   }
 }
 
-cause_kind random_cause(std::mt19937_64& rng) {
+cause_kind random_cause_kind(std::mt19937_64& rng) {
   switch (rng() % 3) {
     case 0:
       return cause_kind::marker;
@@ -853,7 +845,7 @@ pipeline_plan random_plan(std::mt19937_64& rng, std::uint64_t id, bool faults, b
     plan.cancel = random_cancel_mode(rng);
     if (plan.cancel == cancel_mode::none) plan.cancel = cancel_mode::other_thread;
   }
-  plan.cause = random_cause(rng);
+  plan.cause = random_cause_kind(rng);
   plan.cancel_at = rng() % (plan.items * (plan.steps.size() + 2) + 1);
   plan.cancel_spins = random_spins(rng);
   plan.deadline = random_deadline(rng);
@@ -1315,7 +1307,7 @@ fan_plan random_fan_plan(std::mt19937_64& rng, std::uint64_t id, bool gathers, b
     }
   }
   if (cancels) plan.cancel = random_cancel_mode(rng);
-  plan.cause = random_cause(rng);
+  plan.cause = random_cause_kind(rng);
   plan.cancel_at = rng() % (2 * plan.count + 1);
   plan.cancel_spins = random_spins(rng);
   plan.deadline = random_deadline(rng);

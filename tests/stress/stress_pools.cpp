@@ -52,6 +52,7 @@ namespace {
 using weft_test::chaos_sources;
 
 using weft_test::iteration_cap;
+using weft_test::mix;
 using weft_test::run_budget;
 using weft_test::thread_counts;
 
@@ -60,13 +61,6 @@ using steady = std::chrono::steady_clock;
 // A random choice made inside a callback the pool runs (open, validate,
 // reset), where no thread's generator is at hand: the n-th draw of a
 // sequence that depends only on the seed.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15u;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9u;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebu;
-  return x ^ (x >> 31);
-}
-
 class draws {
  public:
   explicit draws(std::uint64_t seed) : seed_(seed) {}

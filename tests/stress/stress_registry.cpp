@@ -73,7 +73,7 @@ site make_site(std::string name, std::string blocked_on,
 
 // Everything wrong found in records, counted by kind; a failure prints the
 // first example of each.
-class findings {
+class record_findings {
  public:
   void note(const std::string& kind, const weft::task_info& task) {
     std::lock_guard lock(mutex_);
@@ -140,7 +140,7 @@ TEST_CASE("registry records stay whole, complete and counted while tasks churn" 
   const std::uint64_t spawned_before = weft::registry::spawned_total();
   const std::uint64_t live_before = weft::registry::live_count();
   std::atomic<std::uint64_t> accepted{0};
-  findings found;
+  record_findings found;
 
   // Checks one record against its site; returns the site, or null.
   const auto check_record = [&](const weft::task_info& task) -> const site* {

@@ -93,31 +93,31 @@ using weft_test::under_tsan;
 
 std::atomic<long> g_live_items{0};
 
-struct item {
+struct tracked_item {
   static constexpr std::int64_t none = -1;
   std::int64_t id = none;
 
-  item() noexcept { g_live_items.fetch_add(1, std::memory_order_relaxed); }
-  explicit item(std::int64_t value) noexcept : id(value) {
+  tracked_item() noexcept { g_live_items.fetch_add(1, std::memory_order_relaxed); }
+  explicit tracked_item(std::int64_t value) noexcept : id(value) {
     g_live_items.fetch_add(1, std::memory_order_relaxed);
   }
-  item(item&& other) noexcept : id(other.id) {
+  tracked_item(tracked_item&& other) noexcept : id(other.id) {
     other.id = none;
     g_live_items.fetch_add(1, std::memory_order_relaxed);
   }
-  item& operator=(item&& other) noexcept {
+  tracked_item& operator=(tracked_item&& other) noexcept {
     if (this != &other) {
       id = other.id;
       other.id = none;
     }
     return *this;
   }
-  item(const item&) = delete;
-  item& operator=(const item&) = delete;
-  ~item() { g_live_items.fetch_sub(1, std::memory_order_relaxed); }
+  tracked_item(const tracked_item&) = delete;
+  tracked_item& operator=(const tracked_item&) = delete;
+  ~tracked_item() { g_live_items.fetch_sub(1, std::memory_order_relaxed); }
 };
 
-using chan = weft::channel<item>;
+using chan = weft::channel<tracked_item>;
 
 const char* name_of(wait_status status) {
   switch (status) {
@@ -218,7 +218,7 @@ class stats_checker {
 struct select_probe {
   int fired = -1;
   int fires = 0;
-  std::optional<item> got;
+  std::optional<tracked_item> got;
   void fire(int index) noexcept {
     fired = index;
     ++fires;
@@ -229,8 +229,8 @@ struct select_probe {
 struct case_info {
   bool send = false;
   int channel = 0;
-  item* value = nullptr;         // send cases: the caller's value
-  std::int64_t id = item::none;  // its id before the select
+  tracked_item* value = nullptr;         // send cases: the caller's value
+  std::int64_t id = tracked_item::none;  // its id before the select
 };
 
 enum class form { unbounded, token, deadline, poll };
@@ -357,11 +357,11 @@ void run_mesh(int threads) {
     const auto fresh = [&] {
       if (static_cast<std::size_t>(next) >= stride) {
         found.add("test bug: a thread ran out of ids");
-        return item{base};
+        return tracked_item{base};
       }
       const std::int64_t id = base + next++;
       round_state.payload[static_cast<std::size_t>(id)] = 7 * id + 1;
-      return item{id};
+      return tracked_item{id};
     };
     const auto any_channel = [&] { return static_cast<int>(rng() % mesh_channels); };
     const auto buffered_channel = [&] { return buffered[rng() % buffered.size()]; };
@@ -373,17 +373,17 @@ void run_mesh(int threads) {
       int sends = send_quota[t];
       int recvs = recv_quota[t];
       next = 0;  // ids restart each round
-      std::array<item, 2> pending;
+      std::array<tracked_item, 2> pending;
       for (auto& value : pending) value = fresh();
 
-      const auto record_sent = [&](const item& value_before, int c) {
+      const auto record_sent = [&](const tracked_item& value_before, int c) {
         const auto index = static_cast<std::size_t>(value_before.id);
         if (round_state.sent_on[index].exchange(c) != -1)
           found.add("a value was reported sent twice");
         total_sent[static_cast<std::size_t>(c)].fetch_add(1, std::memory_order_relaxed);
         --sends;
       };
-      const auto record_received = [&](const item& value, int c) {
+      const auto record_received = [&](const tracked_item& value, int c) {
         if (value.id < 0 || static_cast<std::size_t>(value.id) >= round_state.received.size()) {
           found.add("received a value nobody made: id " + std::to_string(value.id));
           return;
@@ -399,12 +399,12 @@ void run_mesh(int threads) {
 
       const auto recv_case = [&](select_probe& probe, int k, int c) {
         return weft::on_recv(*channels[static_cast<std::size_t>(c)],
-                             [&probe, k](std::optional<item> value) {
+                             [&probe, k](std::optional<tracked_item> value) {
                                probe.fire(k);
                                probe.got = std::move(value);
                              });
       };
-      const auto send_case = [&](select_probe& probe, int k, int c, item& value) {
+      const auto send_case = [&](select_probe& probe, int k, int c, tracked_item& value) {
         return weft::on_send(*channels[static_cast<std::size_t>(c)], value,
                              [&probe, k] { probe.fire(k); });
       };
@@ -462,10 +462,10 @@ void run_mesh(int threads) {
           const auto& info = infos[k];
           if (k == static_cast<int>(result.index)) {
             if (info.send) {
-              if (info.value->id != item::none) {
+              if (info.value->id != tracked_item::none) {
                 found.add("a select reported a send case taken but its value was not moved");
               } else {
-                record_sent(item{info.id}, info.channel);
+                record_sent(tracked_item{info.id}, info.channel);
               }
             } else if (!probe.got) {
               found.add("a receive case completed without a value on an open channel");
@@ -479,7 +479,7 @@ void run_mesh(int threads) {
       };
       const auto refill = [&] {
         for (auto& value : pending) {
-          if (value.id == item::none && sends > 0) value = fresh();
+          if (value.id == tracked_item::none && sends > 0) value = fresh();
         }
       };
       const auto bounded_form = [&] {
@@ -567,12 +567,12 @@ void run_mesh(int threads) {
               const std::int64_t id = pending[0].id;
               const auto status =
                   channels[static_cast<std::size_t>(a)]->send(std::move(pending[0]));
-              if (status != wait_status::ok || pending[0].id != item::none) {
+              if (status != wait_status::ok || pending[0].id != tracked_item::none) {
                 found.add(std::string("an unbounded send on an open channel ended ") +
                           name_of(status) +
                           (pending[0].id == id ? " (value kept)" : " (value moved)"));
               } else {
-                record_sent(item{id}, a);
+                record_sent(tracked_item{id}, a);
               }
             }
           }
@@ -648,9 +648,9 @@ void run_mesh(int threads) {
               dog.note(t, "try_send");
               status = ch.try_send(std::move(pending[0])) ? wait_status::ok : wait_status::timeout;
             }
-            const bool moved = pending[0].id == item::none;
+            const bool moved = pending[0].id == tracked_item::none;
             if (status == wait_status::ok && moved) {
-              record_sent(item{id}, c);
+              record_sent(tracked_item{id}, c);
             } else if (status == wait_status::ok || moved || status == wait_status::closed) {
               found.add(std::string("a bounded send ended ") + name_of(status) + " and " +
                         (moved ? "moved" : "kept") + " its value");
@@ -720,7 +720,7 @@ void run_mesh(int threads) {
       CHECK(s.received == total_received[c].load());
       // The "someone waits" marks must follow the (now empty) queues: a
       // ring with room takes a try_send, and gives it back to a try_recv.
-      item probe{-100 - static_cast<std::int64_t>(c)};
+      tracked_item probe{-100 - static_cast<std::int64_t>(c)};
       const bool taken = ch.try_send(std::move(probe));
       if (ch.capacity() == 0) {
         CHECK_FALSE(taken);
@@ -793,7 +793,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
                             print_channel("idle channel", idle);
                           });
 
-  const auto record_received = [&](const item& value, const char* how, bool ended_before,
+  const auto record_received = [&](const tracked_item& value, const char* how, bool ended_before,
                                    bool close_done_before, bool looked_closed_before) {
     if (value.id < 0 || static_cast<std::size_t>(value.id) >= received.size()) {
       found.add(std::string(how) + " received a value nobody made");
@@ -824,22 +824,22 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
     const auto base = static_cast<std::int64_t>(t * stride);
     std::int64_t next = 0;
     const auto fresh = [&] {
-      if (static_cast<std::size_t>(next) + 1 >= stride) return item{base + next};
-      return item{base + next++};
+      if (static_cast<std::size_t>(next) + 1 >= stride) return tracked_item{base + next};
+      return tracked_item{base + next++};
     };
     const auto exhausted = [&] { return static_cast<std::size_t>(next) + 4 >= stride; };
     const auto micros = [&] { return std::chrono::microseconds(rng() % 200); };
     const int role = roles[t];
-    std::array<item, 2> pending{fresh(), fresh()};
+    std::array<tracked_item, 2> pending{fresh(), fresh()};
     bool send_done = role == 1;
     bool recv_done = role == 0;
     go.arrive_and_wait();
 
     // The checks of a send's outcome; true when the thread saw `closed`.
-    const auto after_send = [&](wait_status status, item& value, std::int64_t id,
+    const auto after_send = [&](wait_status status, tracked_item& value, std::int64_t id,
                                 bool close_done_before, bool looked_closed_before,
                                 const char* how) {
-      const bool moved = value.id == item::none;
+      const bool moved = value.id == tracked_item::none;
       if (status == wait_status::ok) {
         if (!moved) found.add(std::string(how) + " reported ok and kept its value");
         if (close_done_before)
@@ -879,7 +879,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
                     : which == 1 ? "select: send and receive on the closing channel, token"
                                  : "try_select: send and receive on the closing channel");
         auto send = weft::on_send(main_ch, pending[0], [&probe] { probe.fire(0); });
-        auto recv = weft::on_recv(main_ch, [&probe](std::optional<item> value) {
+        auto recv = weft::on_recv(main_ch, [&probe](std::optional<tracked_item> value) {
           probe.fire(1);
           probe.got = std::move(value);
         });
@@ -945,9 +945,9 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
             dog.note(
                 t, how = "select: send on the closing channel, receive on the idle one, unbounded");
             select_probe probe;
-            const auto result =
-                weft::select(weft::on_send(main_ch, pending[0], [&probe] { probe.fire(0); }),
-                             weft::on_recv(idle, [&probe](std::optional<item>) { probe.fire(1); }));
+            const auto result = weft::select(
+                weft::on_send(main_ch, pending[0], [&probe] { probe.fire(0); }),
+                weft::on_recv(idle, [&probe](std::optional<tracked_item>) { probe.fire(1); }));
             if (result.index != 0) found.add("an idle channel's receive case completed");
             if (probe.fires != (result.status == wait_status::ok ? 1 : 0)) {
               found.add("a send case's handler ran on failure, or not on success");
@@ -994,7 +994,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
             select_probe probe;
             const auto result = weft::try_select(
                 weft::on_send(main_ch, pending[0], [&probe] { probe.fire(0); }),
-                weft::on_recv(idle, [&probe](std::optional<item>) { probe.fire(1); }));
+                weft::on_recv(idle, [&probe](std::optional<tracked_item>) { probe.fire(1); }));
             if (result.index == 1) found.add("an idle channel's receive case completed");
             status =
                 result.index == weft::select_result::none ? wait_status::timeout : result.status;
@@ -1006,7 +1006,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
       }
       // role 1: receive.
       const unsigned which = static_cast<unsigned>(rng() % 7);
-      std::optional<item> got;
+      std::optional<tracked_item> got;
       bool ended = false;
       const char* how = "a receive";
       switch (which) {
@@ -1038,13 +1038,13 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
         case 4: {
           dog.note(t, how = "select: receive on the closing and the idle channel, unbounded");
           select_probe probe;
-          const auto result =
-              weft::select(weft::on_recv(main_ch,
-                                         [&probe](std::optional<item> value) {
-                                           probe.fire(0);
-                                           probe.got = std::move(value);
-                                         }),
-                           weft::on_recv(idle, [&probe](std::optional<item>) { probe.fire(1); }));
+          const auto result = weft::select(
+              weft::on_recv(main_ch,
+                            [&probe](std::optional<tracked_item> value) {
+                              probe.fire(0);
+                              probe.got = std::move(value);
+                            }),
+              weft::on_recv(idle, [&probe](std::optional<tracked_item>) { probe.fire(1); }));
           if (result.index != 0 || probe.fires != 1)
             found.add("select over closing and idle: wrong case or handlers");
           ended = result.status == wait_status::closed;
@@ -1059,7 +1059,7 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
                                        : "select_for: receive twice on the closing channel");
           select_probe probe;
           const auto handler = [&probe](int k) {
-            return [&probe, k](std::optional<item> value) {
+            return [&probe, k](std::optional<tracked_item> value) {
               probe.fire(k);
               probe.got = std::move(value);
             };
@@ -1090,11 +1090,11 @@ close_round_result run_close_round(int threads, std::size_t capacity, std::uint6
           select_probe probe;
           const auto result = weft::try_select(
               weft::on_recv(main_ch,
-                            [&probe](std::optional<item> value) {
+                            [&probe](std::optional<tracked_item> value) {
                               probe.fire(0);
                               probe.got = std::move(value);
                             }),
-              weft::on_recv(idle, [&probe](std::optional<item>) { probe.fire(1); }));
+              weft::on_recv(idle, [&probe](std::optional<tracked_item>) { probe.fire(1); }));
           if (result.index == 1) found.add("an idle channel's receive case completed");
           if (result.index == 0) {
             ended = result.status == wait_status::closed;
@@ -1291,10 +1291,10 @@ struct race_round {
   std::chrono::microseconds deadline{0};
 
   // The values, by owner. Ids: W's 1 and 2, M's 3 and 4, fillers 5 and 6.
-  std::array<item, 2> waiter_values;
-  std::array<item, 2> matcher_values;
-  std::optional<item> waiter_got;
-  std::vector<item> matcher_got;
+  std::array<tracked_item, 2> waiter_values;
+  std::array<tracked_item, 2> matcher_values;
+  std::optional<tracked_item> waiter_got;
+  std::vector<tracked_item> matcher_got;
   weft::select_result waiter_result;
   wait_status waiter_status = wait_status::ok;
   int waiter_fires = 0;
@@ -1346,7 +1346,7 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
       const auto& token = r.token;
       select_probe probe;
       const auto recv_handler = [&probe](int k) {
-        return [&probe, k](std::optional<item> value) {
+        return [&probe, k](std::optional<tracked_item> value) {
           probe.fire(k);
           probe.got = std::move(value);
         };
@@ -1420,7 +1420,7 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
         weft_test::spin_until([&] { return parked() || waiter_returned.load(); });
       fire.store(true);
       dog.note(1, "matcher: matching");
-      const auto give = [&](chan& ch, item& value) { (void)ch.try_send(std::move(value)); };
+      const auto give = [&](chan& ch, tracked_item& value) { (void)ch.try_send(std::move(value)); };
       const auto take = [&](chan& ch) {
         if (auto value = ch.try_recv()) r.matcher_got.push_back(std::move(*value));
       };
@@ -1502,7 +1502,7 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
       auto ch = std::make_unique<chan>(capacity);
       if (for_send && capacity != 0) {
         for (std::size_t i = 0; i < capacity; ++i) {
-          if (!ch->try_send(item{filler_base + static_cast<std::int64_t>(i)})) {
+          if (!ch->try_send(tracked_item{filler_base + static_cast<std::int64_t>(i)})) {
             found.add("test bug: a filler did not fit");
           }
         }
@@ -1531,8 +1531,8 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
     r.matcher_first = rng() % 2 == 0;
     r.both_sides_send = rng() % 2 == 0;
     r.deadline = std::chrono::microseconds(rng() % 60);
-    r.waiter_values = {item{1}, item{2}};
-    r.matcher_values = {item{3}, item{4}};
+    r.waiter_values = {tracked_item{1}, tracked_item{2}};
+    r.matcher_values = {tracked_item{3}, tracked_item{4}};
     r.waiter_got.reset();
     r.matcher_got.clear();
     r.waiter_result = {};
@@ -1554,8 +1554,8 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
     // Every value in exactly one place.
     std::array<int, 9> places{};
     std::string where;
-    const auto place = [&](const item& value, const char* what) {
-      if (value.id == item::none) return;
+    const auto place = [&](const tracked_item& value, const char* what) {
+      if (value.id == tracked_item::none) return;
       if (value.id < 1 || value.id > 8) {
         found.add(std::string("a value with an id nobody made, in ") + what);
         return;
@@ -1618,14 +1618,14 @@ void run_cancel_races(std::uint64_t seed, std::chrono::steady_clock::duration bu
                   std::to_string(index) + " but ran " + std::to_string(r.waiter_fires) +
                   " handlers");
       }
-      const bool sent0 = r.waiter_values[0].id == item::none;
-      const bool sent1 = r.waiter_values[1].id == item::none;
+      const bool sent0 = r.waiter_values[0].id == tracked_item::none;
+      const bool sent1 = r.waiter_values[1].id == tracked_item::none;
       if (sent0 + sent1 + r.waiter_got.has_value() != 1) {
         found.add(std::string(name_of(r.kind)) + ": a select had " +
                   std::to_string(sent0 + sent1 + r.waiter_got.has_value()) + " effects");
       }
     } else {
-      const bool effect = r.waiter_got.has_value() || r.waiter_values[0].id == item::none;
+      const bool effect = r.waiter_got.has_value() || r.waiter_values[0].id == tracked_item::none;
       if (!effect) found.add(std::string(name_of(r.kind)) + ": ok but nothing moved");
     }
     r.a.reset();
@@ -1677,7 +1677,7 @@ void run_rendezvous_close_window(std::uint64_t seed, std::chrono::steady_clock::
         begin.arrive_and_wait();
         if (quit.load()) break;
         dog.note(who, "sender: blocked in send until close()");
-        item value{s};
+        tracked_item value{s};
         if (ch->send(std::move(value)) == wait_status::ok) sent.fetch_add(1);
         done.fetch_add(1);
         dog.note(who, "sender: at the end-of-round barrier");
@@ -1696,8 +1696,8 @@ void run_rendezvous_close_window(std::uint64_t seed, std::chrono::steady_clock::
         dog.note(who, "receiver: receiving after closed()");
         if (use_select.load()) {
           bool got = false;
-          (void)weft::try_select(
-              weft::on_recv(*ch, [&](std::optional<item> value) { got = value.has_value(); }));
+          (void)weft::try_select(weft::on_recv(
+              *ch, [&](std::optional<tracked_item> value) { got = value.has_value(); }));
           if (got) taken.fetch_add(1);
         } else if (ch->try_recv()) {
           taken.fetch_add(1);

@@ -43,14 +43,8 @@
 
 namespace {
 
-int rounds(int normal) {
-  const int base = weft_test::under_sanitizer ? std::max(1, normal / 4) : normal;
-  return base * static_cast<int>(std::min<std::uint64_t>(weft_test::scale(), 100));
-}
-
-void spin_for(std::uint32_t iterations) {
-  for (std::uint32_t i = 0; i < iterations; ++i) weft::detail::cpu_relax();
-}
+using weft_test::rounds;
+using weft_test::spin_for;
 
 // An exception that counts its live copies.
 class counted_error : public std::runtime_error {
@@ -116,7 +110,7 @@ TEST_CASE("stress: task_group random trees with failures, cancellations, nested 
                now > seen && !state.most_in_limit.compare_exchange_weak(seen, now);) {
           }
         }
-        spin_for(static_cast<std::uint32_t>(local() % 200));
+        spin_for(local() % 200);
         if (depth < max_depth) {
           const int children = static_cast<int>(local() % 4);
           for (int c = 0; c < children; ++c) {
@@ -243,7 +237,7 @@ TEST_CASE("stress: task_group destroyed at a random point never leaves a task ru
           left.fetch_add(1);
         });
       }
-      spin_for(static_cast<std::uint32_t>(rng() % 2000));
+      spin_for(rng() % 2000);
       if (unwind) throw std::runtime_error("unwinding");
     } catch (const std::runtime_error&) {
     }

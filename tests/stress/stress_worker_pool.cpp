@@ -46,8 +46,9 @@ using weft_test::chaos_sources;
 
 using weft_test::under_sanitizer;
 
-// `normal` rounds, half as many under sanitizers, times --scale.
-int rounds(int normal) {
+// `normal` rounds, half as many under sanitizers (weft_test::rounds keeps a
+// quarter), times --scale (at most 1000).
+int rounds_halved_under_sanitizers(int normal) {
   const int base = under_sanitizer ? std::max(1, normal / 2) : normal;
   return base * static_cast<int>(std::min<std::uint64_t>(weft_test::scale(), 1000));
 }
@@ -81,8 +82,11 @@ const char* policy_name(weft::overflow policy) {
   return "?";
 }
 
-void spin_for(std::uint64_t iterations) {
-  for (std::uint64_t i = 0; i < iterations; ++i) std::atomic_signal_fence(std::memory_order_seq_cst);
+// A compiler barrier an iteration, not weft_test::spin_for's pause: the gap
+// lengths here are counted in these much shorter steps.
+void spin_signal_fences(std::uint64_t iterations) {
+  for (std::uint64_t i = 0; i < iterations; ++i)
+    std::atomic_signal_fence(std::memory_order_seq_cst);
 }
 
 // A gap between bursts: usually short, sometimes long enough for the workers
@@ -106,7 +110,7 @@ class chaos_thread {
           std::mt19937_64 rng{seed};
           for (int i = 0; i < 2'000'000 && !stop_.load(std::memory_order_relaxed); ++i) {
             sources.cancel_and_replace(rng());
-            spin_for(rng() % 20'000);
+            spin_signal_fences(rng() % 20'000);
           }
         }) {}
   chaos_thread(const chaos_thread&) = delete;
@@ -153,26 +157,26 @@ struct outcomes {
   std::atomic<std::uint64_t> cancelled{0};  // post(f, token) gave up
 };
 
-enum class form { post, try_post, post_token, submit };
+enum class entry_point { post, try_post, post_token, submit };
 
 // Hands `task` to `pool` through one of the four entry points and records
 // the outcome. Returns true when the pool accepted it.
 template <class Task>
-bool attempt(weft::worker_pool& pool, form how, Task&& task, const weft::cancel_token& token,
+bool attempt(weft::worker_pool& pool, entry_point how, Task&& task, const weft::cancel_token& token,
              outcomes& out, weft_test::future_sink& futures) {
   out.attempts.fetch_add(1, std::memory_order_relaxed);
   try {
     switch (how) {
-      case form::post:
+      case entry_point::post:
         pool.post(std::forward<Task>(task));
         break;
-      case form::try_post:
+      case entry_point::try_post:
         if (!pool.try_post(std::forward<Task>(task))) {
           out.declined.fetch_add(1, std::memory_order_relaxed);
           return false;
         }
         break;
-      case form::post_token: {
+      case entry_point::post_token: {
         const auto status = pool.post(std::forward<Task>(task), token);
         if (status != weft::wait_status::ok) {
           out.cancelled.fetch_add(1, std::memory_order_relaxed);
@@ -180,7 +184,7 @@ bool attempt(weft::worker_pool& pool, form how, Task&& task, const weft::cancel_
         }
         break;
       }
-      case form::submit: {
+      case entry_point::submit: {
         // Nobody reads the future: its task still runs, its exception stays in it.
         futures.keep(pool.submit(std::forward<Task>(task)));
         break;
@@ -194,17 +198,18 @@ bool attempt(weft::worker_pool& pool, form how, Task&& task, const weft::cancel_
   return true;
 }
 
-form random_form(std::uint64_t r) { return static_cast<form>(r % 4); }
+entry_point random_entry_point(std::uint64_t r) { return static_cast<entry_point>(r % 4); }
 
 }  // namespace
 
-TEST_CASE("worker_pool stress: every task runs exactly once under bursty producers, random pools and policies "
-          "(PITFALLS: worker sleep/notify race, cppcoro#114, BS#93, mc#173)" *
-          doctest::timeout(300)) {
+TEST_CASE(
+    "worker_pool stress: every task runs exactly once under bursty producers, random pools and "
+    "policies (PITFALLS: worker sleep/notify race, cppcoro#114, BS#93, mc#173)" *
+    doctest::timeout(300)) {
   const std::uint64_t seed = weft_test::seed();
   INFO("replay with --seed " << seed);
   std::mt19937_64 setup{seed ^ 0x9e3779b97f4a7c15u};
-  const int round_count = rounds(40);
+  const int round_count = rounds_halved_under_sanitizers(40);
   const int per_producer = under_sanitizer ? 80 : 200;
 
   for (int round = 0; round < round_count; ++round) {
@@ -239,7 +244,7 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
       const auto post_child = [&](std::size_t parent) {
         const std::size_t id = parents + parent;
         done.add(1);
-        const form how = random_form(parent * 0x9e3779b97f4a7c15u >> 7);
+        const entry_point how = random_entry_point(parent * 0x9e3779b97f4a7c15u >> 7);
         const bool ok = attempt(
             pool, how,
             [&, id] {
@@ -269,9 +274,9 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
               const std::uint64_t work = rng() % 4 == 0 ? rng() % 500 : 0;
               done.add(1);
               const bool ok = attempt(
-                  pool, random_form(rng()),
+                  pool, random_entry_point(rng()),
                   [&, id, throws, nest, work] {
-                    spin_for(work);
+                    spin_signal_fences(work);
                     hits[id].fetch_add(1, std::memory_order_relaxed);
                     if (nest) post_child(id);  // before done(): the count never touches zero early
                     if (throws) throwing_ran.fetch_add(1, std::memory_order_relaxed);
@@ -285,7 +290,7 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
                 done.done();
               }
             }
-            spin_for(random_gap(rng));
+            spin_signal_fences(random_gap(rng));
           }
         });
       }
@@ -332,13 +337,14 @@ TEST_CASE("worker_pool stress: every task runs exactly once under bursty produce
   }
 }
 
-TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every attempt is run once, rejected, "
-          "declined, cancelled or dropped, and every task object is destroyed" *
-          doctest::timeout(300)) {
+TEST_CASE(
+    "worker_pool stress: shutdown or shutdown_now racing producers: every attempt is run once, "
+    "rejected, declined, cancelled or dropped, and every task object is destroyed" *
+    doctest::timeout(300)) {
   const std::uint64_t seed = weft_test::seed();
   INFO("replay with --seed " << seed);
   std::mt19937_64 setup{seed ^ 0x5bd1e995u};
-  const int round_count = rounds(40);
+  const int round_count = rounds_halved_under_sanitizers(40);
   const int per_producer = under_sanitizer ? 100 : 300;
 
   for (int round = 0; round < round_count; ++round) {
@@ -385,15 +391,15 @@ TEST_CASE("worker_pool stress: shutdown or shutdown_now racing producers: every 
                 static_cast<std::size_t>(p) * static_cast<std::size_t>(per_producer) + static_cast<std::size_t>(i);
             const std::uint64_t work = rng() % 4 == 0 ? rng() % 300 : 0;
             const bool ok = attempt(
-                pool, random_form(rng()),
+                pool, random_entry_point(rng()),
                 [&hits, id, work, c = counted{inst}] {
-                  spin_for(work);
+                  spin_signal_fences(work);
                   hits[id].fetch_add(1, std::memory_order_relaxed);
                 },
                 chaos.token(rng()), out, futures);
             if (ok) accepted[id].store(1, std::memory_order_relaxed);
             if (!ok && pool.is_shutdown() && ++refused_after_shutdown >= 8) break;
-            if (rng() % 16 == 0) spin_for(random_gap(rng));
+            if (rng() % 16 == 0) spin_signal_fences(random_gap(rng));
           }
           producers_left.fetch_sub(1);
         });
@@ -556,7 +562,7 @@ TEST_CASE(
 TEST_CASE("worker_pool stress: tasks that block for good never strand the queued tasks behind them" *
           doctest::timeout(240)) {
   std::mt19937_64 rng{weft_test::seed() + 11};
-  const int total_rounds = rounds(400);
+  const int total_rounds = rounds_halved_under_sanitizers(400);
   for (int round = 0; round < total_rounds; ++round) {
     constexpr int workers = 4;
     constexpr int tasks = 20;
