@@ -10,16 +10,6 @@
 
 namespace weft_test {
 
-// Opened once by the test; tasks block on it through a copy of `closed`, so
-// the gate may be destroyed while one is leaving wait(). (A cancel token,
-// not a std::shared_future: libc++'s reference count for the future's state
-// is in the uninstrumented runtime, and TSan then reports its free.)
-struct gate {
-  weft::cancel_source source;
-  weft::cancel_token closed = source.token();
-  void open() { source.cancel(); }
-};
-
 // Holds the only worker of `pool` in a task until `released` is cancelled,
 // and returns once the worker runs that task; then fills the first `queued`
 // slots of the queue with tasks that do nothing. What the test posts next

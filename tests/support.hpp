@@ -2,6 +2,8 @@
 // Helpers shared by weft's tests.
 #pragma once
 
+#include <weft/cancel.hpp>
+#include <weft/semaphore.hpp>
 #include <weft/wait_status.hpp>
 
 #include <unistd.h>
@@ -88,9 +90,61 @@ template <class Condition>
   return true;
 }
 
+// Whether exactly `count` acquires wait on `sem`, within eventually()'s
+// bound.
 template <class Semaphore>
 [[nodiscard]] bool waiters_reach(const Semaphore& sem, std::size_t count) {
   return eventually([&] { return sem.stats().waiters == count; });
+}
+
+// Who got permits, in the order they were granted, with the permits they
+// hold until the test drops them.
+template <class Semaphore = weft::semaphore>
+class grant_log {
+ public:
+  void record(int who, typename Semaphore::permit permit = {}) {
+    std::lock_guard lock(mutex_);
+    order_.push_back(who);
+    permits_.push_back(std::move(permit));
+  }
+  std::vector<int> order() const {
+    std::lock_guard lock(mutex_);
+    return order_;
+  }
+  std::size_t size() const {
+    std::lock_guard lock(mutex_);
+    return order_.size();
+  }
+  // Takes the permits of the grant at `index` out of the log.
+  typename Semaphore::permit take(std::size_t index) {
+    std::lock_guard lock(mutex_);
+    return std::move(permits_.at(index));
+  }
+  void drop_permits() {
+    std::lock_guard lock(mutex_);
+    permits_.clear();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<int> order_;
+  std::vector<typename Semaphore::permit> permits_;
+};
+
+// Opened once by the test; tasks block on it through a copy of `closed`, so
+// the gate may be destroyed while one is leaving wait(). (A cancel token,
+// not a std::shared_future: libc++'s reference count for the future's state
+// is in the uninstrumented runtime, and TSan then reports its free.)
+struct gate {
+  weft::cancel_source source;
+  weft::cancel_token closed = source.token();
+  void open() { source.cancel(); }
+};
+
+// How many cancel callbacks are registered on `token`: a waiter parked
+// with the token holds one, and none are left once every waiter returned.
+inline std::size_t callbacks_on(const weft::cancel_token& token) {
+  return weft::detail::state_of(token)->callback_count();
 }
 
 // Calls in flight now (between enter() and leave()), and the most there

@@ -48,6 +48,7 @@ namespace {
 using error_code = boost::system::error_code;
 
 using weft_test::eventually;
+using weft_test::grant_log;
 using weft_test::io_threads;
 using weft_test::under_sanitizer;
 using weft_test::waiters_reach;
@@ -79,33 +80,6 @@ auto store_into(acquire_result& result) {
     result.permit = std::move(permit);
   };
 }
-
-// Who got permits, in grant order, keeping the permits until dropped.
-class granted_permits {
- public:
-  void record(int who, weft::permit permit) {
-    std::lock_guard lock(mutex_);
-    order_.push_back(who);
-    permits_.push_back(std::move(permit));
-  }
-  std::vector<int> order() const {
-    std::lock_guard lock(mutex_);
-    return order_;
-  }
-  std::size_t size() const {
-    std::lock_guard lock(mutex_);
-    return order_.size();
-  }
-  void drop_permits() {
-    std::lock_guard lock(mutex_);
-    permits_.clear();
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::vector<int> order_;
-  std::vector<weft::permit> permits_;
-};
 
 }  // namespace
 
@@ -584,7 +558,7 @@ TEST_CASE("threads and coroutines on one semaphore are granted in the order they
     sem.acquire(capacity);
     asio::io_context io;
     io_threads runner{io, 1};
-    granted_permits log;
+    grant_log<> log;
     std::vector<std::thread> threads;
 
     // Thread, coroutine, thread, coroutine, ...: each queues before the next starts.

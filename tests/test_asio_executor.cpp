@@ -75,7 +75,8 @@ std::string message_of(const std::exception_ptr& error) {
 
 // A 0 ms timer (it expires at once), then x * 2; also says whether it ran
 // on `pool` after the timer.
-asio::awaitable<std::pair<int, bool>> double_after_timer_on(weft::worker_pool& pool, int x) {
+asio::awaitable<std::pair<int, bool>> double_after_timer_checking_pool(weft::worker_pool& pool,
+                                                                       int x) {
   frame_marker marker;
   asio::steady_timer timer{co_await asio::this_coro::executor, 0ms};
   co_await timer.async_wait(asio::use_awaitable);
@@ -473,16 +474,16 @@ TEST_CASE("asio executor: co_spawn with use_future runs a coroutine with a timer
           doctest::timeout(30)) {
   {
     weft::worker_pool pool{{.workers = 2}};
-    auto result =
-        asio::co_spawn(pool.executor(), double_after_timer_on(pool, 21), asio::use_future);
+    auto result = asio::co_spawn(pool.executor(), double_after_timer_checking_pool(pool, 21),
+                                 asio::use_future);
     const auto [value, on_pool] = result.get();
     CHECK(value == 42);
     CHECK(on_pool);
     // Many at once.
     std::vector<std::future<std::pair<int, bool>>> results;
     for (int i = 0; i < 50; ++i) {
-      results.push_back(
-          asio::co_spawn(pool.executor(), double_after_timer_on(pool, i), asio::use_future));
+      results.push_back(asio::co_spawn(pool.executor(), double_after_timer_checking_pool(pool, i),
+                                       asio::use_future));
     }
     for (int i = 0; i < 50; ++i) {
       const auto [v, p] = results[static_cast<std::size_t>(i)].get();
@@ -503,7 +504,7 @@ TEST_CASE("asio executor: any_io_executor converts from pool.executor() and stil
   std::promise<bool> ran_on_pool;
   asio::post(any, [&] { ran_on_pool.set_value(pool.running_in_this_thread()); });
   CHECK(ran_on_pool.get_future().get());
-  CHECK(asio::co_spawn(any, double_after_timer_on(pool, 5), asio::use_future).get() ==
+  CHECK(asio::co_spawn(any, double_after_timer_checking_pool(pool, 5), asio::use_future).get() ==
         std::pair{10, true});
   // A timer made directly from the converted executor.
   asio::steady_timer timer{any, 0ms};
@@ -521,8 +522,8 @@ TEST_CASE("asio executor: a pool destroyed after its coroutines finished frees t
       weft::worker_pool pool{{.workers = 2}};
       std::vector<std::future<std::pair<int, bool>>> results;
       for (int i = 0; i < 10; ++i) {
-        results.push_back(
-            asio::co_spawn(pool.executor(), double_after_timer_on(pool, i), asio::use_future));
+        results.push_back(asio::co_spawn(pool.executor(), double_after_timer_checking_pool(pool, i),
+                                         asio::use_future));
       }
       weft::task_group group{pool.executor()};
       std::atomic<int> done{0};

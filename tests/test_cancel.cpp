@@ -52,6 +52,7 @@ using weft::wait_status;
 
 namespace {
 
+using weft_test::callbacks_on;
 using weft_test::fixed_thread_counts;
 using weft_test::spin_until;
 using weft_test::under_sanitizer;
@@ -70,10 +71,6 @@ void busy_wait_until(Condition condition) {
 // clock, i.e. until a thread has really begun its timed wait.
 void wait_for_manual_timers(std::size_t baseline, std::size_t count = 1) {
   spin_until([&] { return manual_clock::pending_timers() >= baseline + count; });
-}
-
-std::size_t callback_count(const weft::cancel_token& token) {
-  return weft::detail::state_of(token)->callback_count();
 }
 
 struct test_error : std::runtime_error {
@@ -298,7 +295,7 @@ TEST_CASE("a child of an already cancelled token is born cancelled with the pare
   auto child = parent.token().child();
   CHECK(child.cancelled());
   CHECK(child.token().cause().code() == std::errc::permission_denied);
-  CHECK(callback_count(parent.token()) == 0);
+  CHECK(callbacks_on(parent.token()) == 0);
 }
 
 TEST_CASE("cancelling a child never cancels its parent or its siblings" * doctest::timeout(30)) {
@@ -335,15 +332,15 @@ TEST_CASE("a child keeps its parent's state alive" * doctest::timeout(30)) {
 TEST_CASE("destroying a child detaches it from its parent" * doctest::timeout(60)) {
   weft::cancel_source parent;
   const auto token = parent.token();
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
   {
     auto child = token.child();
-    CHECK(callback_count(token) == 1);
+    CHECK(callbacks_on(token) == 1);
     auto child_copy = child;
     auto child_token = child.token();
-    CHECK(callback_count(token) == 1);
+    CHECK(callbacks_on(token) == 1);
   }
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
 
   // The failsafe-go#134 / concourse#5099 leak: a long-lived parent with many
   // short-lived children must not accumulate them.
@@ -351,7 +348,7 @@ TEST_CASE("destroying a child detaches it from its parent" * doctest::timeout(60
     auto child = token.child();
     auto grandchild = child.token().child();
   }
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
   CHECK_FALSE(parent.cancelled());
 }
 
@@ -362,7 +359,7 @@ TEST_CASE("destroying an on_cancel registration removes it from the token's list
   for (int i = 0; i < 1'000'000; ++i) {
     auto registration = weft::on_cancel(token, [&runs] { ++runs; });
   }
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
   source.cancel();
   CHECK(runs == 0);
 }
@@ -393,7 +390,7 @@ TEST_CASE("on_cancel runs the callback at once when the token is already cancell
   });
   CHECK(runs == 1);
   CHECK(ran_on == caller);
-  CHECK(callback_count(source.token()) == 0);
+  CHECK(callbacks_on(source.token()) == 0);
 }
 
 TEST_CASE("on_cancel callbacks run on the cancelling thread, in registration order, exactly once" * doctest::timeout(30)) {
@@ -408,7 +405,7 @@ TEST_CASE("on_cancel callbacks run on the cancelling thread, in registration ord
           threads.push_back(std::this_thread::get_id());
         })));
   }
-  CHECK(callback_count(source.token()) == 10);
+  CHECK(callbacks_on(source.token()) == 10);
 
   std::thread::id canceller_id;
   std::thread canceller([&] {
@@ -424,7 +421,7 @@ TEST_CASE("on_cancel callbacks run on the cancelling thread, in registration ord
     CHECK(order[static_cast<std::size_t>(i)] == i);
     CHECK(threads[static_cast<std::size_t>(i)] == canceller_id);
   }
-  CHECK(callback_count(source.token()) == 0);
+  CHECK(callbacks_on(source.token()) == 0);
   registrations.clear();
   CHECK(order.size() == 10);
 }
@@ -616,7 +613,7 @@ TEST_CASE("weft holds no lock of its own while a callback runs (cppcoro#221, cpp
     CHECK_FALSE(source.cancel());
     auto child = token.child();
     CHECK(child.cancelled());
-    (void)callback_count(token);
+    (void)callbacks_on(token);
     other_thread_done.count_down();
   });
   other.join();
@@ -641,7 +638,7 @@ TEST_CASE("a callback may drop the last handles to its own token" * doctest::tim
   CHECK(ran);
   CHECK_FALSE(child.has_value());
   CHECK_FALSE(registration.has_value());
-  CHECK(callback_count(parent.token()) == 0);
+  CHECK(callbacks_on(parent.token()) == 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -793,7 +790,7 @@ TEST_CASE("destroying deadline sources removes their timers" * doctest::timeout(
     auto source = weft::with_timeout<manual_clock>(parent.token(), std::chrono::seconds{i + 1});
   }
   CHECK(manual_clock::pending_timers() == timers_before);
-  CHECK(callback_count(parent.token()) == 0);
+  CHECK(callbacks_on(parent.token()) == 0);
 }
 
 TEST_CASE("a deadline source destroyed before its deadline never fires" * doctest::timeout(30)) {
@@ -1276,11 +1273,11 @@ TEST_CASE("wait returns ok when another thread cancels" * doctest::timeout(60)) 
       });
     }
     // Every waiter has registered its wake-up: they really are waiting.
-    spin_until([&] { return callback_count(token) == static_cast<std::size_t>(threads); });
+    spin_until([&] { return callbacks_on(token) == static_cast<std::size_t>(threads); });
     source.cancel();
     for (auto& t : waiters) t.join();
     CHECK(ok.load() == threads);
-    CHECK(callback_count(token) == 0);
+    CHECK(callbacks_on(token) == 0);
   }
 }
 
@@ -1290,7 +1287,7 @@ TEST_CASE("a waiter is woken by its parent's cancellation" * doctest::timeout(30
   const auto token = child.token();
   wait_status status = wait_status::closed;
   std::thread waiter([&] { status = token.wait(); });
-  spin_until([&] { return callback_count(token) == 1; });
+  spin_until([&] { return callbacks_on(token) == 1; });
   parent.cancel();
   waiter.join();
   CHECK(status == wait_status::ok);
@@ -1313,7 +1310,7 @@ TEST_CASE("wait_until on a manual clock times out when the clock passes the dead
   CHECK(member == wait_status::timeout);
   CHECK(free_function == wait_status::timeout);  // deadline already past: at once
   CHECK_FALSE(token.cancelled());
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
   CHECK(manual_clock::pending_timers() == timers_before);
 }
 
@@ -1325,7 +1322,7 @@ TEST_CASE("wait_until on a manual clock returns ok when cancelled before the dea
   wait_status status = wait_status::closed;
   std::thread waiter([&] { status = token.wait_until(deadline); });
   wait_for_manual_timers(timers_before);
-  spin_until([&] { return callback_count(token) == 1; });
+  spin_until([&] { return callbacks_on(token) == 1; });
   manual_clock::advance(4s);  // not yet
   source.cancel();
   waiter.join();
@@ -1352,7 +1349,7 @@ TEST_CASE("wait_for and wait_until with a deadline already past time out at once
   CHECK(token.wait_for(-1s) == wait_status::timeout);
   CHECK(token.wait_until(manual_clock::now()) == wait_status::timeout);
   CHECK(token.wait_until(std::chrono::steady_clock::now() - 1s) == wait_status::timeout);
-  CHECK(callback_count(token) == 0);
+  CHECK(callbacks_on(token) == 0);
 }
 
 TEST_CASE("wait_for with a timeout too long for the clock waits until the token is cancelled" *
@@ -1365,7 +1362,7 @@ TEST_CASE("wait_for with a timeout too long for the clock waits until the token 
     status = token.wait_for(std::chrono::hours::max());
     returned = true;
   });
-  spin_until([&] { return callback_count(token) == 1 || returned.load(); });
+  spin_until([&] { return callbacks_on(token) == 1 || returned.load(); });
   CHECK_FALSE(returned.load());  // it waits instead of timing out at once
   source.cancel();
   waiter.join();
@@ -1377,7 +1374,7 @@ TEST_CASE("a wait on a deadline token ends with ok when the deadline fires" * do
   const auto token = source.token();
   wait_status status = wait_status::closed;
   std::thread waiter([&] { status = token.wait(); });
-  spin_until([&] { return callback_count(token) == 1; });
+  spin_until([&] { return callbacks_on(token) == 1; });
   manual_clock::advance(3s);
   waiter.join();
   CHECK(status == wait_status::ok);
@@ -1495,7 +1492,7 @@ TEST_CASE("a jthread's stop request cancels a weft wait" * doctest::timeout(30))
       status = source.token().wait();
     });
     spin_until([&] { return waiting.load(); });
-    spin_until([&] { return callback_count(*token) == 1; });
+    spin_until([&] { return callbacks_on(*token) == 1; });
   }  // ~jthread: request_stop() and join()
   CHECK(status == wait_status::ok);
 }
@@ -1577,7 +1574,7 @@ TEST_CASE("registrations racing a cancel each run exactly once or are removed be
         }
       }
       CHECK(ran + removed_unrun == threads * per_thread);
-      CHECK(callback_count(token) == 0);
+      CHECK(callbacks_on(token) == 0);
     }
   }
 }
@@ -1616,7 +1613,7 @@ TEST_CASE("children made and destroyed while the parent is cancelled are all can
       cancel_returned.store(true);
       for (auto& w : workers) w.join();
       CHECK(failures.load() == 0);
-      CHECK(callback_count(token) == 0);
+      CHECK(callbacks_on(token) == 0);
     }
   }
 }

@@ -41,6 +41,7 @@ using weft::wait_status;
 using manual_semaphore = weft::basic_semaphore<weft::manual_clock>;
 
 using weft_test::eventually;
+using weft_test::grant_log;
 using weft_test::under_sanitizer;
 using weft_test::waiters_reach;
 
@@ -54,40 +55,6 @@ std::vector<int> thread_counts() {
 [[nodiscard]] bool pending_timers_reach(std::size_t count) {
   return eventually([&] { return weft::manual_clock::pending_timers() == count; });
 }
-
-// Who got permits, in the order they were granted, with the permits they
-// hold until the test drops them.
-template <class Semaphore = weft::semaphore>
-class grant_log {
- public:
-  void record(int who, typename Semaphore::permit permit = {}) {
-    std::lock_guard lock(mutex_);
-    order_.push_back(who);
-    permits_.push_back(std::move(permit));
-  }
-  std::vector<int> order() const {
-    std::lock_guard lock(mutex_);
-    return order_;
-  }
-  std::size_t size() const {
-    std::lock_guard lock(mutex_);
-    return order_.size();
-  }
-  // Takes the permits of the grant at `index` out of the log.
-  typename Semaphore::permit take(std::size_t index) {
-    std::lock_guard lock(mutex_);
-    return std::move(permits_.at(index));
-  }
-  void drop_permits() {
-    std::lock_guard lock(mutex_);
-    permits_.clear();
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::vector<int> order_;
-  std::vector<typename Semaphore::permit> permits_;
-};
 
 }  // namespace
 

@@ -39,7 +39,6 @@
 
 #include <doctest/doctest.h>
 
-#include "pool_support.hpp"
 #include "support.hpp"
 
 using namespace std::chrono_literals;

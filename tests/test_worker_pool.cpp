@@ -58,6 +58,7 @@ using namespace std::chrono_literals;
 namespace {
 
 using weft::wait_status;
+using weft_test::callbacks_on;
 using weft_test::spin_until;
 using weft_test::under_sanitizer;
 
@@ -163,12 +164,6 @@ class blocking_call {
   std::atomic<bool> returned_{false};
   weft::worker_pool runner_;
 };
-
-// How many cancel callbacks are registered on `token`: a producer parked in
-// post(f, token) holds one.
-std::size_t callbacks_on(const weft::cancel_token& token) {
-  return weft::detail::state_of(token)->callback_count();
-}
 
 // Waits until `pool` has finished (completed counted, busy flag cleared)
 // `completed` tasks. Counters move right after the task body returns, so a

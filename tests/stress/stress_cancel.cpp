@@ -1442,3 +1442,5 @@ TEST_CASE("wait_group rejects a count below zero or above 2^32 - 1 and leaves it
   MESSAGE("rounds: " << rounds);
   STRESS_CHECK_LOG(log);
 }
+
+#undef STRESS_CHECK_LOG

@@ -18,7 +18,6 @@
 #include <weft/task_group.hpp>
 #include <weft/worker_pool.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
