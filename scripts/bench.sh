@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: BSL-1.0
 #
 # Builds the `bench` preset (Release, g++), runs every benchmark executable
-# with 3 repetitions (aggregates only; an executable built in variants runs
-# in alternating rounds with them, see below), keeps the raw JSON under
+# with 3 repetitions (interleaved, aggregates only; an executable built in
+# variants runs in alternating rounds with them, see below), keeps the raw JSON under
 # build/bench/, and prints one table of weft vs. its alternatives
 # (scripts/bench_report.py, also written to build/bench/report.md). See
 # benchmarks/README.md.
@@ -37,10 +37,18 @@ rm -f "$out"/*.json "$out/report.md"
 echo "bench.sh: ${#benchmarks[@]} benchmark executables on $(nproc) cores ($(uname -n)), $(date -u '+%Y-%m-%d %H:%M UTC')"
 failed=()
 # One run of an executable: 3 repetitions, aggregates only, JSON to $2.
+# The repetitions of all its benchmarks run in a random order (Google
+# Benchmark's random interleaving), not each benchmark's three back to
+# back: this host has windows of tens of seconds in which weft's pool runs
+# at half speed while a mutex pool does not, and a ratio must not depend on
+# which rows such a window happened to fall on. Four sequential runs of
+# pool_tiny_tasks gave weft 2.33-6.95x the mutex+condvar pool at 2 workers
+# (two below 3x); four interleaved runs between them gave 4.46-10.8x.
 run_benchmark() {
   local exe=$1 json=$2
   shift 2
   "$exe" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+    --benchmark_enable_random_interleaving=true \
     --benchmark_out_format=json --benchmark_out="$json" "$@"
 }
 # `<exe>__<variant>` is <exe> built another way (registry_bench__no_registry:

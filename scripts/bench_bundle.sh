@@ -14,8 +14,8 @@
 #   and back here:
 #     python3 scripts/bench_report.py RESULTS
 #
-# run.sh runs each executable once with 3 repetitions (aggregates only), as
-# bench.sh does, and writes RESULTS/<name>.json, plus RESULTS/machine.txt
+# run.sh runs each executable once with 3 repetitions (aggregates only,
+# interleaved), as bench.sh does, and writes RESULTS/<name>.json, plus RESULTS/machine.txt
 # (CPU count and model). Unlike bench.sh it runs an executable and its
 # __variant builds one after the other, not in alternating rounds.
 set -euo pipefail
@@ -64,6 +64,7 @@ for exe in "$here"/bin/*; do
   name=$(basename "$exe")
   echo "=== $name ==="
   LD_LIBRARY_PATH="$here/lib" "$exe" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+    --benchmark_enable_random_interleaving=true \
     --benchmark_out_format=json --benchmark_out="$results/$name.json" "$@" || failed+=("$name")
 done
 if ((${#failed[@]})); then
