@@ -117,7 +117,14 @@ def load(directory: Path) -> tuple[list[Result], list[dict], list[str]]:
         context["_file"] = path.name
         contexts.append(context)
         suite = suite_name(path)
-        for entry in data.get("benchmarks", []):
+        # Interleaved repetitions (bench.sh) come out in a random order:
+        # the registration order keeps the table's rows where the source
+        # put them. An older file without these fields keeps its own order.
+        entries = sorted(
+            data.get("benchmarks", []),
+            key=lambda e: (e.get("family_index", 0), e.get("per_family_instance_index", 0)),
+        )
+        for entry in entries:
             run_name = entry.get("run_name") or entry.get("name", "?")
             threads = entry.get("threads")
             workload, impl = split_name(run_name, threads)
