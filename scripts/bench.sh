@@ -3,10 +3,10 @@
 #
 # Builds the `bench` preset (Release, g++), runs every benchmark executable
 # with 3 repetitions (interleaved, aggregates only; an executable built in
-# variants runs in alternating rounds with them, see below), keeps the raw JSON under
-# build/bench/, and prints one table of weft vs. its alternatives
-# (scripts/bench_report.py, also written to build/bench/report.md). See
-# benchmarks/README.md.
+# variants runs in alternating rounds with them, see below), keeps the raw
+# JSON under build/bench/, and prints one table of weft vs. its
+# alternatives (scripts/bench_report.py, also written to
+# build/bench/report.md). See benchmarks/README.md.
 #
 # Usage: scripts/bench.sh [Google Benchmark flags...]
 #   e.g. scripts/bench.sh --benchmark_filter=semaphore

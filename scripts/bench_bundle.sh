@@ -15,9 +15,10 @@
 #     python3 scripts/bench_report.py RESULTS
 #
 # run.sh runs each executable once with 3 repetitions (aggregates only,
-# interleaved), as bench.sh does, and writes RESULTS/<name>.json, plus RESULTS/machine.txt
-# (CPU count and model). Unlike bench.sh it runs an executable and its
-# __variant builds one after the other, not in alternating rounds.
+# interleaved), as bench.sh does, and writes RESULTS/<name>.json, plus
+# RESULTS/machine.txt (CPU count and model). Unlike bench.sh it runs an
+# executable and its __variant builds one after the other, not in
+# alternating rounds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
