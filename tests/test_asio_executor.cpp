@@ -15,6 +15,7 @@
 #include <weft/asio.hpp>
 #include <weft/cancel.hpp>
 #include <weft/channel.hpp>
+#include <weft/detail/futex.hpp>
 #include <weft/registry.hpp>
 #include <weft/semaphore.hpp>
 #include <weft/task_group.hpp>
@@ -30,6 +31,7 @@
 #include <latch>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -707,6 +709,79 @@ TEST_CASE("asio task_group: cancelling a group whose pool is full and held retur
       CHECK_NOTHROW(group.wait());
     }
     CHECK(frame_marker::live.load() == 0);
+  }
+}
+
+// A cancellation that comes once co_spawn has counted the coroutine in the
+// group, but before the coroutine has started or armed its timer, must not
+// be lost (asio PR#1756: register the cancel handler before starting the
+// child): Asio's co_spawn ignores a signal emitted before its entry point
+// runs the body, and a lost one leaves the coroutine on its day-long timer
+// and the group's wait with it. At once from this thread, the cancel comes
+// after co_spawn queued the start on the strand; from another thread after
+// a random spin, it also comes inside co_spawn, its emission queued before
+// the start (without the coroutine's own check of the token at its start,
+// that round waited for good).
+TEST_CASE("asio task_group: a cancellation in a coroutine's launch window is never lost" *
+          doctest::timeout(120)) {
+  constexpr int rounds = 200;
+  std::mt19937 random{20261207};
+  for (const std::size_t workers : {std::size_t{1}, std::size_t{4}}) {
+    CAPTURE(workers);
+    weft::worker_pool pool{{.workers = workers}};
+    for (const bool from_other_thread : {false, true}) {
+      CAPTURE(from_other_thread);
+      for (int round = 0; round < rounds; ++round) {
+        CAPTURE(round);
+        std::latch started{1};  // counted down by the coroutine; nobody waits on it
+        std::promise<error_code> ended;
+        auto ended_future = ended.get_future();
+        weft::task_group group{pool.executor()};
+        // The canceller spins, ready, while co_spawn runs: its random spin
+        // then sets where the cancel lands, not how long it took to start.
+        std::latch canceller_ready{1};
+        std::atomic<bool> go{false};
+        std::thread canceller;
+        if (from_other_thread) {
+          canceller = std::thread([&group, &canceller_ready, &go, spins = random() % 4096] {
+            canceller_ready.count_down();
+            weft_test::spin_until([&go] { return go.load(); });
+            for (auto left = spins; left != 0; --left) weft::detail::cpu_relax();
+            group.cancel();
+          });
+          canceller_ready.wait();
+          go = true;
+        }
+        weft::co_spawn(group, wait_a_day(started, ended));
+        if (from_other_thread) {
+          canceller.join();
+        } else {
+          group.cancel();
+        }
+        const bool joined = weft_test::eventually([&group] { return group.in_flight() == 0; });
+        if (!joined) {
+          // The cancellation was lost: the join destroys the waiting
+          // coroutine, so the group can be destroyed and the test fail.
+          pool.shutdown();
+          pool.join();
+        }
+        REQUIRE(joined);
+        try {
+          group.wait();
+          // The timer was armed when the cancellation reached it.
+          REQUIRE(ended_future.wait_for(0s) == std::future_status::ready);
+          CHECK(ended_future.get() == asio::error::operation_aborted);
+        } catch (const boost::system::system_error& e) {
+          // It came before the start: the coroutine's first co_await threw.
+          CHECK(e.code() == asio::error::operation_aborted);
+        } catch (const std::system_error& e) {
+          // It came before co_spawn counted the coroutine, which never started.
+          CHECK(from_other_thread);
+          CHECK(e.code() == weft::errc::cancelled);
+        }
+        CHECK(frame_marker::live.load() == 0);
+      }
+    }
   }
 }
 

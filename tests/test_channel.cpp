@@ -500,6 +500,93 @@ TEST_CASE("channel: each producer's values arrive in the order it sent them (FIF
   }
 }
 
+// mc#52: per-producer sub-queues pass the test above but not this one, where each send
+// completes before the next, on another thread, begins: one FIFO for every producer.
+TEST_CASE(
+    "channel: sends completed one after another on different threads are received in that order" *
+    doctest::timeout(60)) {
+  for (const std::size_t capacity : {0u, 1u, 3u, 16u}) {
+    CAPTURE(capacity);
+    constexpr int producers = 4;
+    constexpr int values = 300;
+    weft::channel<int> ch{capacity};
+    // The value whose send may start now: a producer passes the turn on
+    // only once its send has returned.
+    std::atomic<int> turn{0};
+    std::atomic<bool> turn_never_came{false};
+    // A buffered channel's values are taken from a full ring, which then
+    // holds values of every producer (a receiver that keeps up would find
+    // one value at a time, in any design).
+    bool never_full = false;
+    std::vector<int> received;
+    std::thread receiver([&] {
+      const auto full_or_all_sent = [&] { return ch.size() == capacity || turn.load() == values; };
+      for (;;) {
+        if (!never_full && !weft_test::eventually(full_or_all_sent)) never_full = true;
+        auto value = ch.recv();
+        if (!value) break;
+        received.push_back(*value);
+      }
+    });
+    std::vector<std::thread> threads;
+    for (int first = 0; first < producers; ++first) {
+      threads.emplace_back([&, first] {
+        for (int value = first; value < values; value += producers) {
+          if (!weft_test::eventually([&] { return turn.load() == value; })) {
+            turn_never_came = true;
+            return;
+          }
+          CHECK(ch.send(int{value}) == wait_status::ok);
+          turn.store(value + 1);
+        }
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    ch.close();
+    receiver.join();
+    CHECK_FALSE(turn_never_came.load());
+    CHECK_FALSE(never_full);
+    std::size_t in_order = 0;
+    while (in_order < received.size() && received[in_order] == static_cast<int>(in_order))
+      ++in_order;
+    CHECK(in_order == static_cast<std::size_t>(values));
+    CHECK(received.size() == static_cast<std::size_t>(values));
+  }
+}
+
+// Queued senders must be admitted (buffered) or taken (rendezvous) oldest first: a LIFO
+// or racing wake-up would let a later send complete, and its value arrive, first.
+TEST_CASE(
+    "channel: senders blocked on a full or rendezvous channel are served in the order they queued" *
+    doctest::timeout(60)) {
+  for (const std::size_t capacity : {1u, 0u}) {
+    CAPTURE(capacity);
+    constexpr int senders = 4;
+    weft::channel<int> ch{capacity};
+    std::vector<int> expected;
+    if (capacity == 1) {
+      REQUIRE(ch.send(100) == wait_status::ok);
+      expected.push_back(100);
+    }
+    std::vector<std::thread> threads;
+    bool all_queued = true;
+    for (int index = 0; index < senders && all_queued; ++index) {
+      threads.emplace_back([&ch, index] { CHECK(ch.send(int{index}) == wait_status::ok); });
+      expected.push_back(index);
+      const auto queued = static_cast<std::size_t>(index + 1);
+      all_queued = weft_test::eventually([&] { return ch.stats().waiting_senders == queued; });
+    }
+    CHECK(all_queued);
+    std::vector<int> received;
+    if (all_queued) {
+      for (std::size_t i = 0; i < expected.size(); ++i) received.push_back(*ch.recv());
+    }
+    ch.close();  // lets the senders go if they never all queued
+    for (auto& thread : threads) thread.join();
+    CHECK(received == expected);
+  }
+}
+
 TEST_CASE("channel: many producers and consumers, buffered and rendezvous: every value exactly once") {
   for (std::size_t capacity : {0u, 1u, 7u, 64u}) {
     CAPTURE(capacity);

@@ -25,11 +25,13 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <future>
 #include <latch>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -759,6 +761,67 @@ TEST_CASE("task_group: groups nested in tasks of a one-worker pool, three deep, 
   CHECK(leaves.load() == 27);
 }
 
+// stdexec#1909: stopping a scope from nested work that a helping wait runs inline. The nested wait
+// must skip the rest and report it (not run it, not skip it silently, not hang), and the outer wait
+// must see it.
+TEST_CASE(
+    "task_group: a nested group's wait on the only worker stops its tasks when the outer group is "
+    "cancelled or one throws" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  std::latch a_running{1};
+  std::thread::id a_thread;
+  std::thread::id b_thread;
+  std::atomic<bool> c_ran{false};
+  std::exception_ptr inner_threw;
+  weft::task_group outer{pool.executor()};
+  // A keeps what its nested wait threw for the test thread to check, and rethrows it so that the
+  // outer wait shows whether the failure got out.
+  const auto start_a = [&](std::function<void()> b) {
+    outer.go([&, b] {
+      a_running.count_down();
+      a_thread = std::this_thread::get_id();
+      weft::task_group inner{pool.executor(), outer.token()};
+      inner.go([&] {
+        b_thread = std::this_thread::get_id();
+        b();
+      });
+      inner.go([&] { c_ran = true; });
+      try {
+        inner.wait();
+      } catch (...) {
+        inner_threw = std::current_exception();
+        throw;
+      }
+    });
+    // The test thread stays out of the outer group until A runs: A then holds the only worker, so
+    // nobody but A's wait runs B and C, one after the other.
+    a_running.wait();
+  };
+
+  SUBCASE("B cancels the outer group") {
+    start_a([&] { outer.cancel(); });
+    CHECK(thrown_code(outer) == weft::errc::cancelled);
+    REQUIRE(inner_threw != nullptr);
+    std::error_code inner_code;
+    try {
+      std::rethrow_exception(inner_threw);
+    } catch (const std::system_error& e) {
+      inner_code = e.code();
+    } catch (...) {
+    }
+    CHECK(inner_code == weft::errc::cancelled);
+  }
+  SUBCASE("B throws") {
+    start_a([] { throw std::runtime_error("nested failure"); });
+    CHECK_THROWS_WITH_AS(outer.wait(), "nested failure", std::runtime_error);
+    REQUIRE(inner_threw != nullptr);
+    CHECK_THROWS_WITH_AS(std::rethrow_exception(inner_threw), "nested failure", std::runtime_error);
+  }
+  CHECK(b_thread == a_thread);
+  CHECK_FALSE(c_ran.load());
+}
+
 // ---------------------------------------------------------------------------
 // Destruction.
 
@@ -827,6 +890,24 @@ TEST_CASE("task_group: destroyed without wait, it joins, destroyed after wait, i
   }
   CHECK(without_wait.cancelled());
   CHECK(finished.load() == 2);
+}
+
+// tf#479: a task's exception that no wait() delivered must be written out when the group is
+// destroyed, not lost silently.
+TEST_CASE(
+    "task_group: a task's exception that no wait delivered is written to stderr when the group is "
+    "destroyed" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 1}};
+  std::optional<weft::task_group> group{std::in_place, pool.executor()};
+  const weft::cancel_token group_token = group->token();
+  group->go([] { throw std::runtime_error("x"); });
+  // The failure cancels the token. Destroyed before that, the group would cancel the task itself.
+  REQUIRE(weft_test::eventually([&] { return group_token.cancelled(); }));
+  weft_test::stderr_capture captured;
+  group.reset();
+  CHECK(captured.text() ==
+        "weft::task_group: destroyed without wait(); a task's exception was lost: x\n");
 }
 
 TEST_CASE("task_group: go on a shut-down pool throws weft::rejected and leaves the group clean" *

@@ -45,6 +45,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -1042,10 +1043,15 @@ TEST_CASE("worker_pool: a posted task that throws does not kill its worker, the 
   CHECK(run_on(pool, [] { return 1; }) == 1);
 }
 
-TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted and the worker lives" *
-          doctest::timeout(60)) {
-  // The default handler writes one line to stderr per failure.
+// tf#479: with no handler set, a posted task's exception must still be reported (one line on stderr
+// naming the pool and the exception), not lost silently, and must not kill the worker.
+TEST_CASE(
+    "worker_pool: with no handler set a throwing task (std or not) is counted and written to "
+    "stderr and "
+    "the worker lives" *
+    doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 1, .name = "default-handler"}};
+  weft_test::stderr_capture captured;
   pool.post([] { throw std::runtime_error("expected in this test: default handler"); });
   pool.post([] { throw 42; });
   CHECK(run_on(pool, [] { return 2; }) == 2);
@@ -1060,8 +1066,15 @@ TEST_CASE("worker_pool: with no handler, a throwing task (std or not) is counted
   pool.post([] { throw std::logic_error("expected in this test: handler reset"); });
   CHECK(run_on(pool, [] { return 3; }) == 3);
   wait_for_completed(pool, 5);
+  const std::string written = captured.text();
   CHECK(calls.load() == 0);
   CHECK(pool.stats().failed == 3);
+  // One line per failure, in order; the one worker reported each before it ran the next task.
+  const std::string line_start = "weft::worker_pool \"default-handler\": a posted task threw ";
+  CHECK(written == line_start + typeid(std::runtime_error).name() +
+                       ": expected in this test: default handler\n" + line_start +
+                       "a non-standard exception\n" + line_start + typeid(std::logic_error).name() +
+                       ": expected in this test: handler reset\n");
 }
 
 // The handler's exception used to replace the task's, which was lost.
