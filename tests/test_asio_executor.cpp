@@ -772,7 +772,7 @@ TEST_CASE("asio task_group: a cancellation in a coroutine's launch window is nev
           REQUIRE(ended_future.wait_for(0s) == std::future_status::ready);
           CHECK(ended_future.get() == asio::error::operation_aborted);
         } catch (const boost::system::system_error& e) {
-          // It came before the start: the coroutine's first co_await threw.
+          // It came before the start: weft's wrapper threw at its co_await of the body.
           CHECK(e.code() == asio::error::operation_aborted);
         } catch (const std::system_error& e) {
           // It came before co_spawn counted the coroutine, which never started.

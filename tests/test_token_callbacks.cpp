@@ -177,7 +177,7 @@ TEST_CASE("rendezvous channel send and recv with a long-lived token leave no cal
       const bool parked = token_callbacks_park_then_release(
           [&] { received = channel.recv(token).value(); },
           [&] { return channel.stats().waiting_receivers == 1 && callbacks_on(token) == 1; },
-          [&] { sent = channel.send(int{round}); });
+          [&] { sent = channel.send_for(int{round}, std::chrono::seconds{30}); });
       REQUIRE(parked);
       REQUIRE(sent == wait_status::ok);
       REQUIRE(received == round);
@@ -193,7 +193,7 @@ TEST_CASE("rendezvous channel send and recv with a long-lived token leave no cal
       const bool parked = token_callbacks_park_then_release(
           [&] { status = channel.send(int{round}, token); },
           [&] { return channel.stats().waiting_senders == 1 && callbacks_on(token) == 1; },
-          [&] { received = channel.recv(); });
+          [&] { received = channel.recv_for(std::chrono::seconds{30}).value(); });
       REQUIRE(parked);
       REQUIRE(status == wait_status::ok);
       REQUIRE(received == round);
@@ -372,7 +372,7 @@ TEST_CASE("fan-outs under a long-lived token leave no callback on it" * doctest:
     }
   }
 
-  SUBCASE("gather_for, whose deadline is a child of the token too") {
+  SUBCASE("gather_for whose deadline is a child of the token too") {
     for (int round = 0; round < token_callbacks_quick_rounds; ++round) {
       CAPTURE(round);
       const auto [number] = weft::gather_for(1h, token, [round] { return round; });

@@ -1047,8 +1047,7 @@ TEST_CASE("worker_pool: a posted task that throws does not kill its worker, the 
 // naming the pool and the exception), not lost silently, and must not kill the worker.
 TEST_CASE(
     "worker_pool: with no handler set a throwing task (std or not) is counted and written to "
-    "stderr and "
-    "the worker lives" *
+    "stderr and the worker lives" *
     doctest::timeout(60)) {
   weft::worker_pool pool{{.workers = 1, .name = "default-handler"}};
   weft_test::stderr_capture captured;

@@ -29,6 +29,10 @@
 //    returns at once (std::stop_callback's rule).
 //  - Destroying a child detaches it from its parent: a parent's callback list
 //    does not grow with children that are gone.
+//  - A weft wait, fan-out or group given a token registers on it at most
+//    once, only while it waits (a group: while it lives), and removes that
+//    registration before it returns (a group: when it is destroyed), so a
+//    long-lived server or request token's callback list does not grow.
 //  - A deadline fires on time without polling: a lazily started internal
 //    thread per clock type runs the timers and is joined at exit, once the
 //    worker pools have joined theirs (a task waiting on a deadline as its

@@ -18,6 +18,10 @@
 //    rendezvous: a send completes only when a receiver takes the value.
 //  - Values are received in the order their sends completed (one FIFO for
 //    every producer), each exactly once.
+//  - Waiters are served in the order they queued: blocked senders are let
+//    into the ring (capacity 0: taken by a receiver), and blocked receivers
+//    given values, oldest first, and a send or receive that has not queued
+//    never passes one that has.
 //  - close() is idempotent. Values already in the channel are still
 //    received; then every recv reports the end of the stream (an empty
 //    optional, or wait_status::closed). Blocked and later sends fail with
