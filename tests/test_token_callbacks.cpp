@@ -53,16 +53,22 @@ bool token_callbacks_park_then_release(Operation operation, Parked parked, Relea
   return was_parked;
 }
 
+// Each case's operations share one token of a source that is never
+// cancelled, as a service's requests share its server token.
+struct long_lived_token_fixture {
+  weft::cancel_source server;
+  const weft::cancel_token token = server.token();
+};
+
 }  // namespace
 
 // A semaphore acquire with a request token must drop its registration both
 // on the fast path and after a queued wait that a release ended.
-TEST_CASE("semaphore acquire with a long-lived token leaves no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "semaphore acquire with a long-lived token leaves no callback on it" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::semaphore sem{2};
 
   SUBCASE("granted at once") {
@@ -104,12 +110,11 @@ TEST_CASE("semaphore acquire with a long-lived token leaves no callback on it" *
 
 // Buffered channel sends and receives, immediate or queued, must each take
 // their registration away when they complete.
-TEST_CASE("buffered channel send and recv with a long-lived token leave no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "buffered channel send and recv with a long-lived token leave no callback on it" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::channel<int> channel{1};
 
   SUBCASE("room and a value already there") {
@@ -161,12 +166,12 @@ TEST_CASE("buffered channel send and recv with a long-lived token leave no callb
 
 // A rendezvous channel queues both sides in one queue, a path of its own;
 // its waits must unregister as the buffered ones do.
-TEST_CASE("rendezvous channel send and recv with a long-lived token leave no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(
+    long_lived_token_fixture,
+    "rendezvous channel send and recv with a long-lived token leave no callback on it" *
+        doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::channel<int> channel{0};
 
   SUBCASE("recv that waits for a sender") {
@@ -204,12 +209,11 @@ TEST_CASE("rendezvous channel send and recv with a long-lived token leave no cal
 
 // select parks on every channel and registers on the token itself; a case
 // that completes must take that registration away.
-TEST_CASE("select with a long-lived token leaves no callback on it once a case completes" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "select with a long-lived token leaves no callback on it once a case completes" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::channel<int> idle{1};
   weft::channel<int> busy{1};
   for (int round = 0; round < token_callbacks_parked_rounds; ++round) {
@@ -235,12 +239,11 @@ TEST_CASE("select with a long-lived token leaves no callback on it once a case c
 
 // A pool acquire with the request's token, the usual way to take a
 // connection in a service, must not pin a registration per checkout.
-TEST_CASE("resource_pool acquire with a long-lived token leaves no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "resource_pool acquire with a long-lived token leaves no callback on it" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   std::atomic<int> opened{0};
   weft::resource_pool<int> pool{{.max_open = 1, .name = "token_callbacks"},
                                 [&opened] { return opened.fetch_add(1) + 1; },
@@ -282,11 +285,11 @@ TEST_CASE("resource_pool acquire with a long-lived token leaves no callback on i
 // A group's token is a child of its parent, so it holds one registration on
 // the parent while the group lives; group states are reused, and a reused
 // one must neither keep that child nor hand it to the next group.
-TEST_CASE("task_group with a long-lived parent token holds one callback on it only while it lives" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(
+    long_lived_token_fixture,
+    "task_group with a long-lived parent token holds one callback on it only while it lives" *
+        doctest::timeout(120)) {
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::worker_pool pool{{.workers = 2, .name = "token_callbacks"}};
   std::atomic<int> ran{0};
   for (int round = 0; round < token_callbacks_quick_rounds; ++round) {
@@ -324,11 +327,11 @@ TEST_CASE("task_group with a long-lived parent token holds one callback on it on
 // parallel_map, for_each and gather make a child of the caller's token per
 // call and keep their shared state for the next call: the child must go
 // with the call, even when a late helper still holds the state.
-TEST_CASE("fan-outs under a long-lived token leave no callback on it" * doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "fan-outs under a long-lived token leave no callback on it" *
+                      doctest::timeout(120)) {
   using weft_test::callbacks_on;
   using namespace std::chrono_literals;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::worker_pool pool{{.workers = 2, .name = "token_callbacks"}};
   std::vector<int> input(32);
   std::iota(input.begin(), input.end(), 0);
@@ -385,12 +388,11 @@ TEST_CASE("fan-outs under a long-lived token leave no callback on it" * doctest:
 // post(f, token) on a full queue waits for room on the caller's token; once
 // the task is queued the registration must be gone (test_worker_pool.cpp
 // checks it only after a cancelled wait).
-TEST_CASE("worker_pool post with a long-lived token leaves no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "worker_pool post with a long-lived token leaves no callback on it" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   std::atomic<int> ran{0};  // outlives the pool's workers
   weft::worker_pool pool{{.workers = 1, .queue_capacity = 1, .name = "token_callbacks"}};
 
@@ -424,12 +426,11 @@ TEST_CASE("worker_pool post with a long-lived token leaves no callback on it" *
 
 // wait_group::wait(token) parks on the group's queue with the token; the
 // done() that releases it must leave the token as it found it.
-TEST_CASE("wait_group wait with a long-lived token leaves no callback on it" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(long_lived_token_fixture,
+                  "wait_group wait with a long-lived token leaves no callback on it" *
+                      doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::wait_group group;
 
   SUBCASE("a zero count") {
@@ -462,13 +463,13 @@ TEST_CASE("wait_group wait with a long-lived token leaves no callback on it" *
 // waiters' registrations; each must take out its own, in whatever order
 // they finish, and leave the others (a middle unlink is the easy one to get
 // wrong).
-TEST_CASE("waiters parked on one long-lived token at once each remove only their own callback" *
-          doctest::timeout(120)) {
+TEST_CASE_FIXTURE(
+    long_lived_token_fixture,
+    "waiters parked on one long-lived token at once each remove only their own callback" *
+        doctest::timeout(120)) {
   using weft::wait_status;
   using weft_test::callbacks_on;
   using weft_test::eventually;
-  weft::cancel_source server;  // never cancelled
-  const weft::cancel_token token = server.token();
   weft::semaphore sem{1};
   weft::channel<int> channel{1};
   weft::wait_group group;
