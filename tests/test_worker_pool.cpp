@@ -339,7 +339,7 @@ TEST_CASE("worker_pool runs every posted task exactly once, on a worker, for 1 t
 // not started. Here the first of a pair waits until the second has run: if
 // one worker holds both, only another worker taking the second from it lets
 // the first finish. The pair sits behind 64 tasks that workers, let go at
-// once from a gate, take in runs of up to 8, so most rounds put both in one
+// once from a gate, take in runs of up to 16, so most rounds put both in one
 // run (a round that does not still passes).
 TEST_CASE("worker_pool: a task that a worker claimed behind one that blocks is run by a free worker" *
           doctest::timeout(60)) {

@@ -300,6 +300,18 @@ class bounded_ring {
     return pushed_count >= popped_count && pushed_count - popped_count >= capacity_;
   }
 
+  // True when the `count` (1 to the capacity) positions from the tail on
+  // are free, judged by the last one's slot alone: for a producer waiting
+  // for room, which polls a line it is about to write anyway. size() reads
+  // the head, and each consumer's claim then has to take the head's line
+  // back. Several consumers free their slots in any order, so a slot before
+  // the last may still be held: a push waits for it (push_unless_full).
+  bool has_room_for(std::size_t count) const noexcept {
+    const auto last = (tail_.load(std::memory_order_relaxed) & ~closed_bit) + count - 1;
+    const auto sequence = slot_at(last).sequence.load(std::memory_order_acquire);
+    return static_cast<std::int64_t>(sequence - free_for(last)) >= 0;
+  }
+
   // True when a value is published at the head; a value being pushed right
   // now may not show yet.
   bool has_ready() const noexcept {
