@@ -32,10 +32,20 @@ if ((${#benchmarks[@]} == 0)); then
 fi
 
 # Results of an earlier run would mix into the report.
-rm -f "$out"/*.json "$out/report.md"
+rm -f "$out"/*.json "$out/report.md" "$out/host.txt"
+
+# How long a cache line takes between two CPUs, at the start and at the
+# end: on a shared VM it moves by 4x within minutes, and weft's pool with
+# it (benchmarks/cache_line_probe.cpp). The report prints both.
+note_host() {
+  if [[ -x $out/benchmarks/cache_line_probe ]]; then
+    echo "$1 $("$out/benchmarks/cache_line_probe")" >>"$out/host.txt"
+  fi
+}
 
 echo "bench.sh: ${#benchmarks[@]} benchmark executables on $(nproc) cores ($(uname -n)), $(date -u '+%Y-%m-%d %H:%M UTC')"
 failed=()
+note_host start
 # One run of an executable: 3 repetitions, aggregates only, JSON to $2.
 # The repetitions of all its benchmarks run in a random order (Google
 # Benchmark's random interleaving), not each benchmark's three back to
@@ -81,6 +91,7 @@ for exe in "${benchmarks[@]}"; do
   done
 done
 
+note_host end
 echo
 python3 scripts/bench_report.py "$out"
 

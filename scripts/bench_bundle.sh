@@ -16,7 +16,8 @@
 #
 # run.sh runs each executable once with 3 repetitions (aggregates only,
 # interleaved), as bench.sh does, and writes RESULTS/<name>.json, plus
-# RESULTS/machine.txt (CPU count and model). Unlike bench.sh it runs an
+# RESULTS/machine.txt (CPU count and model) and RESULTS/host.txt (a cache
+# line's time between two CPUs, before and after). Unlike bench.sh it runs an
 # executable and its __variant builds one after the other, not in
 # alternating rounds.
 set -euo pipefail
@@ -40,6 +41,7 @@ fi
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
 cp "${benchmarks[@]}" "$bundle/bin/"
+cp build/bench/benchmarks/cache_line_probe "$bundle/"
 # The C library and its loader stay the other machine's own: they must
 # match its kernel interface, and newer ones run older programs.
 ldd "${benchmarks[@]}" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
@@ -60,6 +62,7 @@ mkdir -p "$results"
   grep -m1 'model name' /proc/cpuinfo || true
   date -u '+%Y-%m-%d %H:%M UTC'
 } >"$results/machine.txt"
+echo "start $(LD_LIBRARY_PATH="$here/lib" "$here/cache_line_probe")" >"$results/host.txt"
 failed=()
 for exe in "$here"/bin/*; do
   name=$(basename "$exe")
@@ -68,6 +71,7 @@ for exe in "$here"/bin/*; do
     --benchmark_enable_random_interleaving=true \
     --benchmark_out_format=json --benchmark_out="$results/$name.json" "$@" || failed+=("$name")
 done
+echo "end $(LD_LIBRARY_PATH="$here/lib" "$here/cache_line_probe")" >>"$results/host.txt"
 if ((${#failed[@]})); then
   echo "run.sh: these benchmark executables failed: ${failed[*]}" >&2
   exit 1

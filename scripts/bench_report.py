@@ -8,6 +8,8 @@ Usage: bench_report.py [DIR]   (default: build/bench)
 
 Reads DIR/*.json (one file per benchmark executable, written by
 scripts/bench.sh), prints the table as Markdown, and writes DIR/report.md.
+DIR/host.txt, when there, holds cache_line_probe's lines from the start and
+the end of the run, and the header shows them.
 
 Benchmark names follow `<workload>/<impl>[/<args>][/<Google Benchmark
 suffixes>]`: `<impl>` is `weft` for weft and anything else for an
@@ -214,7 +216,7 @@ def ratio(weft: Result | None, other: Result | None) -> str:
     return f"{r:.2g}x"
 
 
-def header(contexts: list[dict]) -> list[str]:
+def header(contexts: list[dict], host: list[str]) -> list[str]:
     if not contexts:
         return ["# weft benchmarks", "", "No benchmark results found."]
     c = contexts[0]
@@ -229,7 +231,7 @@ def header(contexts: list[dict]) -> list[str]:
         f"- machine: {c.get('host_name', '?')}, {cpus} CPUs"
         + (f" @ {mhz} MHz" if mhz else "")
         + (", CPU frequency scaling ON (numbers are less stable)" if scaling else ""),
-    ]
+    ] + host
     if load:
         lines.append("- load average at start: " + ", ".join(f"{x:.2f}" for x in load))
     build = c.get("library_build_type")
@@ -291,13 +293,37 @@ def table(results: list[Result]) -> tuple[list[str], bool]:
     return [fmt(rows[0]), sep] + [fmt(r) for r in rows[1:]], any_per_iteration
 
 
+def host_lines(directory: Path) -> list[str]:
+    """The cache line's one-way time between two CPUs at each probe, from
+    lines like `start one_way_ns=46.2 cpus=0,1`."""
+    path = directory / "host.txt"
+    if not path.is_file():
+        return []
+    times = []
+    cpus = None
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        values = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+        one_way = values.get("one_way_ns", "none")
+        measured = "not measured" if one_way == "none" else f"{one_way} ns"
+        times.append(f"{measured} at the {fields[0]}")
+        cpus = values.get("cpus", cpus)
+    if not times:
+        return []
+    between = f"CPUs {cpus.replace(',', ' and ')}" if cpus else "two CPUs"
+    return [f"- a cache line between {between}, one way: " + ", ".join(times)
+            + " (a shared VM moves between such states; benchmarks/README.md, Method)"]
+
+
 def main(argv: list[str]) -> int:
     directory = Path(argv[1]) if len(argv) > 1 else Path("build/bench")
     if not directory.is_dir():
         print(f"bench_report: no directory {directory}", file=sys.stderr)
         return 2
     results, contexts, problems = load(directory)
-    lines = header(contexts)
+    lines = header(contexts, host_lines(directory))
     if results:
         rows, any_per_iteration = table(results)
         lines += [""] + rows
