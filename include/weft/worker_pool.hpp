@@ -91,8 +91,12 @@
 // first wakes the next one only if more is queued, so adding workers does
 // not make producers pay for more wake-ups. Workers take a deep queue in
 // runs (one compare-and-swap on its head per run, see claim), so adding
-// workers does not add a fight for the head on every task either. Queue
-// wait is timed on one task in 16 (two clock reads each would cost a
+// workers does not add a fight for the head on every task either. A post
+// that waits for room (overflow::block, or a post with a token) spins and
+// yields for a while, until a quarter of the queue (at most 256 slots) is
+// free, so that it writes well behind the slots the workers are emptying
+// (see wait_for_room); after that it parks and takes the first slot freed.
+// Queue wait is timed on one task in 16 (two clock reads each would cost a
 // quarter of the throughput).
 //
 // Example:
@@ -864,18 +868,21 @@ class worker_pool {
   // worker frees a slot, the token is cancelled, or the pool shuts down
   // (closed).
   wait_status wait_for_room(detail::task& work, const detail::task_origin& origin, detail::cancel_state* cancel) {
-    // While it spins, the producer waits for a few free slots, not one: a
+    // While it spins, the producer waits for many free slots, not one: a
     // producer that takes each slot as the worker frees it pulls that slot's
     // cache line back and forth once per task (measured with tracking off,
     // 2 cores: 17.6M tiny tasks/s at 1 worker before this wait, 26-31M
-    // after). It watches the last of those slots, not the queue's size:
-    // reading the head's line made each worker's next claim take that line
-    // back (2 cores with a cache line 180 ns from core to core: 17.9 ->
-    // 22.4M tiny tasks/s at 1 worker, 18.6 -> 21.3M at 2, medians of 19
-    // runs alternating with the old code; 1.05x and 1.02x where a line
-    // takes 45 ns). The queue stays exact: the locked wait below takes any
-    // one slot.
-    const std::size_t slack = std::min<std::size_t>(32, (options_.queue_capacity + 3) / 4);
+    // after). Waiting for a quarter of the queue, up to 256 slots, keeps
+    // its writes that far behind the worker's claims (2 cores with a cache
+    // line 180 ns from core to core, against a wait for 32: 22.9 -> 33.3M
+    // tiny tasks/s at 1 worker, 22.5 -> 26.6M at 2, 28.9 -> 29.3M at 16,
+    // medians of 13-16 runs alternating with the old code; 1.06x, 1.03x and
+    // 1.01x where a line takes 45 ns). It watches the last of those slots,
+    // not the queue's size: reading the head's line made each worker's
+    // next claim take that line back (17.9 -> 22.4M tiny tasks/s at 1
+    // worker, 18.6 -> 21.3M at 2, in the same slow state of the host). The
+    // queue stays exact: the locked wait below takes any one slot.
+    const std::size_t slack = std::min<std::size_t>(256, (options_.queue_capacity + 3) / 4);
     const auto give_up = detail::give_up_check(cancel);
     for (detail::backoff pause; pause.wait();) {
       // A shutdown comes before a stop, as in the queued wait below: post
