@@ -776,11 +776,12 @@ class basic_channel {
     return status;
   }
 
-  // A result that holds `value`, moved once: recv_result's constructor
-  // takes its T by value, which moves it twice. Built with that
-  // constructor, recv_value also made GCC 12 at -O3 report a dangling
-  // pointer to its local T (a false positive, seen with the stress tests'
-  // tracked_item, whose move constructor writes to its source).
+  // A result that holds `value`, moved once: made empty (failed(ok) holds
+  // no value) and the value emplaced. recv_result's constructor takes its T
+  // by value, which moves it twice. Built with that constructor, recv_value
+  // also made GCC 12 at -O3 report a dangling pointer to its local T (a
+  // false positive, seen with the stress tests' tracked_item, whose move
+  // constructor writes to its source).
   static recv_result<T> received(T& value) {
     auto result = recv_result<T>::failed(wait_status::ok);
     result.value().emplace(std::move(value));
