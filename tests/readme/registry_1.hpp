@@ -2,7 +2,6 @@
 // README.md, registry, first block: reading the registry, as statements.
 #pragma once
 
-#include <iostream>
 #include <sstream>
 
 inline std::ostringstream out;
