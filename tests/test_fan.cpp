@@ -951,6 +951,41 @@ TEST_CASE("for_each: the first failure stops the rest, with limit 1, after exact
   CHECK(seen.back() == 49);
 }
 
+TEST_CASE(
+    "for_each: a call that cancels the caller's token stops the next element of its own claim" *
+    doctest::timeout(30)) {
+  weft::worker_pool pool{{.workers = 2}};
+  std::vector<int> input(100);
+  std::iota(input.begin(), input.end(), 0);
+  // Limit 1: the calling thread runs every element, in order, from claims
+  // of many; the check between two elements of one claim is what stops it.
+  for (const int last : {0, 49, 98, 99}) {
+    CAPTURE(last);
+    weft::cancel_source request;
+    std::vector<int> seen;
+    auto run = [&] {
+      weft::for_each(input,
+                     [&](int x) {
+                       seen.push_back(x);
+                       if (x == last) request.cancel(std::make_error_code(std::errc::timed_out));
+                     },
+                     {.limit = 1, .token = request.token(), .executor = pool.executor()});
+    };
+    if (last == 99) {
+      run();  // every element ran, so nothing was skipped to report
+    } else {
+      try {
+        run();
+        FAIL("for_each skipped elements and did not say why");
+      } catch (const std::system_error& error) {
+        CHECK(error.code() == std::errc::timed_out);
+      }
+    }
+    REQUIRE(seen.size() == static_cast<std::size_t>(last) + 1);
+    CHECK(seen.back() == last);
+  }
+}
+
 TEST_CASE("merge forwards every input into one channel and closes it when all inputs are drained") {
   weft::worker_pool pool{{.workers = 4}};
   weft::channel<int> a{4};

@@ -216,12 +216,20 @@ void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) 
       // come back (16 calls of 170 ns on 2 cores: the caller's calls took
       // 300 ns each while a helper ran).
       Body body = call.body;
-      for (fan_core::unit_range units{}; !token.cancelled() && core.claim(lane, units);) {
+      // The run's token always has a state (see reusable_source). Checked
+      // through a local reference, and counted once per claim, the loop
+      // keeps the captures in registers. Checked through the token (its
+      // state's pointer, then the flag) and counted per call, GCC reloaded
+      // both captures and the pointer after every check: a map over
+      // 100,000 one-multiply elements ran 2.2G/s, 0.67x tbb::parallel_for,
+      // against 3.5G/s and 0.94x now (fan_bench on 2 vCPUs, medians of six
+      // alternating rounds).
+      const cancel_state& state = *state_of(token);
+      for (fan_core::unit_range units{}; !state.cancelled() && core.claim(lane, units);) {
         const auto elements = core.elements_of(units);
-        for (auto i = elements.first; i < elements.last && !token.cancelled(); ++i) {
-          body(i, token);
-          ++calls;
-        }
+        auto i = elements.first;
+        for (; i < elements.last && !state.cancelled(); ++i) body(i, token);
+        calls += i - elements.first;
       }
     } catch (...) {
       core.fail(std::current_exception());
