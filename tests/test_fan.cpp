@@ -957,8 +957,11 @@ TEST_CASE(
   weft::worker_pool pool{{.workers = 2}};
   std::vector<int> input(100);
   std::iota(input.begin(), input.end(), 0);
-  // Limit 1: the calling thread runs every element, in order, from claims
-  // of many; the check between two elements of one claim is what stops it.
+  // Limit 1: the calling thread runs every element, in order, the first
+  // claim taking half of them ([0, 50)). A cancel at 0 is stopped by the
+  // check between two elements of one claim; at 49 and 98, which end their
+  // claims, by the check before the next claim; at 99 nothing is left to
+  // skip, so nothing is thrown.
   for (const int last : {0, 49, 98, 99}) {
     CAPTURE(last);
     weft::cancel_source request;

@@ -40,6 +40,8 @@ class reusable_source {
 
   // Handed to the run's tasks by reference: a copy per task would be two
   // read-modify-writes on the token's count, a line every task shares.
+  // Between renew() and release() it always has a state (a source's token
+  // does), which the run's tasks may read directly.
   const cancel_token& token() const noexcept { return token_; }
 
   void cancel() noexcept { source_->cancel(); }
