@@ -952,7 +952,7 @@ TEST_CASE("for_each: the first failure stops the rest, with limit 1, after exact
 }
 
 TEST_CASE(
-    "for_each: a call that cancels the caller's token stops the next element of its own claim" *
+    "for_each: no element starts after a call cancels the caller's token, in its claim or after" *
     doctest::timeout(30)) {
   weft::worker_pool pool{{.workers = 2}};
   std::vector<int> input(100);
