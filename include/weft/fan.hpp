@@ -217,7 +217,7 @@ void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) 
       // come back (16 calls of 170 ns on 2 cores: the caller's calls took
       // 300 ns each while a helper ran).
       Body body = call.body;
-      // The flag is read through a reference to the token's state held
+      // The flag is read through a pointer to the token's state held
       // here, so that GCC keeps the body's captures in registers. Read
       // through the token (a null test, the state's pointer, then the
       // flag), it reloaded the pointer and parallel_map's result and
@@ -225,11 +225,11 @@ void run_fan_lane(fan_core& core, std::size_t lane, const fan_call<Body>& call) 
       // one-multiply elements ran 2.2G/s, 0.72x tbb::parallel_for, where
       // this loop runs 2.6G/s, 1.01x (fan_bench on 2 vCPUs, medians of six
       // alternating rounds).
-      WEFT_ASSERT(state_of(token) != nullptr);  // see reusable_source::token()
-      const cancel_state& state = *state_of(token);
-      for (fan_core::unit_range units{}; !state.cancelled() && core.claim(lane, units);) {
+      const cancel_state* const state = state_of(token);
+      WEFT_ASSERT(state != nullptr);  // see reusable_source::token()
+      for (fan_core::unit_range units{}; !state->cancelled() && core.claim(lane, units);) {
         const auto elements = core.elements_of(units);
-        for (auto i = elements.first; i < elements.last && !state.cancelled(); ++i) {
+        for (auto i = elements.first; i < elements.last && !state->cancelled(); ++i) {
           body(i, token);
           ++calls;
         }
